@@ -1,0 +1,101 @@
+"""Building blocks shared by every model family: norms, rotary embeddings, MLPs, the local kernel.
+
+The attention kernel is a separate module held in `attention.kernel` so that context
+parallelism can replace it without the model knowing; `LocalAttentionKernel` is the default.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Llama, DeepSeek); F.rms_norm picks the fused kernel."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables indexed by *global* token positions, so a context-parallel shard rotates its
+    tokens exactly as the unsplit sequence would."""
+
+    def __init__(self, dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.max_seq_len = max_seq_len
+        self.theta = theta
+        self.register_buffer("cos", torch.empty(max_seq_len, dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.cos.is_meta:
+            return
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim))
+        t = torch.arange(self.max_seq_len, dtype=torch.float64)
+        freqs = torch.outer(t, inv_freq)
+        self.cos.copy_(freqs.cos().to(self.cos.dtype))
+        self.sin.copy_(freqs.sin().to(self.sin.dtype))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate the last dim of x (B, H, S, D) by the angles of `positions` (S,)."""
+        cos = self.cos[positions].to(x.dtype)
+        sin = self.sin[positions].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return out.flatten(-2)
+
+
+class LocalAttentionKernel(nn.Module):
+    """Causal attention of a whole, unsplit sequence through SDPA (flash/efficient on GPU).
+
+    q: (B, Hq, S, D), k: (B, Hkv, S, D), v: (B, Hkv, S, Dv); Hq a multiple of Hkv (GQA).
+    `positions` are unused here: the local sequence is contiguous from its first token.
+    """
+
+    causal = True
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                              scale=getattr(self, "scale", None))
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP used by Llama and by DeepSeek's dense layers and experts."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def init_linear_weights(module: nn.Module, std: float) -> None:
+    """Deterministic normal init for every Linear/Embedding below `module`."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if getattr(sub, "bias", None) is not None:
+                nn.init.zeros_(sub.bias)
+        elif hasattr(sub, "reset_parameters") and isinstance(sub, (RMSNorm, RotaryEmbedding)):
+            sub.reset_parameters()

@@ -1,0 +1,77 @@
+"""Run a function on N gloo processes on the CPU and collect what each rank returns.
+
+Parity tests compare those results with one process on the same global batch.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - report any failure to the parent test
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 240.0) -> list[Any]:
+    """Spawn `world_size` processes running fn(rank, world_size, *args); return results by rank.
+
+    `fn` must be a module-level function (it is pickled). Results must be picklable (move
+    tensors to CPU and detach them).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    for _ in range(world_size):
+        try:
+            rank, status, payload = queue.get(timeout=timeout)
+        except Exception:  # queue.Empty: a worker hung or died without reporting
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"distributed workers did not finish within {timeout}s")
+        if status == "ok":
+            results[rank] = payload
+        else:
+            errors.append(f"rank {rank}:\n{payload}")
+    for p in procs:
+        p.join(timeout)
+    if errors:
+        raise AssertionError("distributed worker failed:\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, name: str = "") -> None:
+    """Relative error of the whole tensor (norm of difference / norm of reference) below rtol."""
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    denom = expected.norm().clamp_min(1e-12)
+    err = (actual - expected).norm() / denom
+    assert err < rtol, f"{name}: relative error {err:.3e} >= {rtol:.0e}"
