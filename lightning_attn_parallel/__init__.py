@@ -1,5 +1,14 @@
-"""lightning-attn-parallel: attention-aware parallelism for PyTorch Lightning."""
-from .models import ModelConfig, build_model
-from .plan import ParallelPlan, PlanError
+"""lightning-attn-parallel: attention-aware parallelism for PyTorch Lightning.
 
-__all__ = ["ModelConfig", "ParallelPlan", "PlanError", "build_model"]
+Importing the package registers the strategy name, so `Trainer(strategy="attn_hybrid")` works
+(Lightning has no entry point for strategy names: the import must come before the Trainer).
+"""
+from .models import ModelConfig, build_model
+from .module import CausalLMModule
+from .plan import ParallelPlan, PlanError
+from .strategy import AttnHybridStrategy, register
+
+register()
+
+__all__ = ["AttnHybridStrategy", "CausalLMModule", "ModelConfig", "ParallelPlan", "PlanError",
+           "build_model", "register"]

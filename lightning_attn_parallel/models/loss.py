@@ -5,7 +5,7 @@ Returns the *sum* of token losses and the token count so callers can average ove
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +14,15 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight)
+def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: Callable) -> torch.Tensor:
+    logits = head(hidden)
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def cross_entropy_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+def cross_entropy_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                      targets: torch.Tensor,
                       chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of losses, number of counted tokens) of `hidden @ head_weight.T` against `targets`.
+    """(sum of losses, number of counted tokens) of `head(hidden)` (the LM head) against `targets`.
 
     With `chunk_tokens`, the tokens are processed in chunks whose logits are recomputed in the
     backward pass (torch.utils.checkpoint), so only one chunk's logits exist at a time: for a
@@ -31,10 +32,10 @@ def cross_entropy_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: 
     targets = targets.reshape(-1)
     count = (targets != IGNORE_INDEX).sum()
     if not chunk_tokens or hidden.shape[0] <= chunk_tokens:
-        return _chunk_loss_sum(hidden, head_weight, targets), count
+        return _chunk_loss_sum(hidden, targets, head), count
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss_sum, hidden[start:end], head_weight,
-                                   targets[start:end], use_reentrant=False)
+        total = total + checkpoint(_chunk_loss_sum, hidden[start:end], targets[start:end], head,
+                                   use_reentrant=False)
     return total, count

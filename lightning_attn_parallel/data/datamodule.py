@@ -1,0 +1,176 @@
+"""Token datasets, a resumable data-parallel sampler and the LightningDataModule.
+
+Samples are windows of seq_len + 1 tokens cut from one memory-mapped token file (uint8 bytes of
+the embedded corpus, or uint16/uint32 .bin files for real datasets). A sample index may carry a
+length, `(index, length)`, so one batch can be shorter than another: that is how mixed-length
+data exercises the sequence-length-aware context-parallel switch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .corpus import build_embedded_corpus
+
+TOKEN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
+
+
+def open_tokens(path: Union[str, Path], dtype: str = "uint16") -> np.ndarray:
+    """Memory-map a token file; a clear error names a missing file or an unknown dtype."""
+    path = Path(path)
+    if dtype not in TOKEN_DTYPES:
+        raise ValueError(f"data.dtype={dtype!r} is unknown: use one of {', '.join(TOKEN_DTYPES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist: check data.train_path/"
+                                "data.val_path, or use data.source=embedded")
+    return np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r")
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of `seq_len + 1` tokens: input_ids and next-token labels."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"data.seq_len={seq_len} is longer than the data ({len(tokens)} tokens): "
+                             "use a shorter seq_len or more data")
+        self.tokens = tokens
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def __getitem__(self, item: Union[int, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        index, length = item if isinstance(item, tuple) else (item, self.seq_len)
+        start = index * self.seq_len
+        window = torch.from_numpy(np.asarray(self.tokens[start: start + length + 1], dtype=np.int64))
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler (so Lightning does not replace it) over data-parallel ranks that can
+    skip the samples already consumed in this epoch: a resumed run sees exactly the batches an
+    uninterrupted run would. With `lengths`, each batch draws one length from that list."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, batch_size: int,
+                 shuffle: bool = True, seed: int = 0, lengths: Optional[Sequence[int]] = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=True)
+        self.batch_size = batch_size
+        self.lengths = list(lengths) if lengths else None
+        self.skip_batches = 0
+
+    def __iter__(self) -> Iterator:
+        indices = list(super().__iter__())
+        usable = len(indices) - len(indices) % self.batch_size
+        gen = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+        for b in range(usable // self.batch_size):
+            length = None
+            if self.lengths:  # same draw on every rank: all ranks of a step share one mode
+                length = self.lengths[int(torch.randint(len(self.lengths), (1,), generator=gen))]
+            if b < self.skip_batches:
+                continue
+            for i in indices[b * self.batch_size: (b + 1) * self.batch_size]:
+                yield i if length is None else (i, length)
+        self.skip_batches = 0
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.batch_size) * self.batch_size
+
+
+class LMDataModule(L.LightningDataModule):
+    """Causal-LM data: the embedded corpus (default) or memory-mapped token files."""
+
+    def __init__(self, source: str = "embedded", seq_len: int = 256, micro_batch_size: int = 8,
+                 train_path: Optional[str] = None, val_path: Optional[str] = None,
+                 dtype: str = "uint16", cache_dir: str = "~/.cache/lightning_attn_parallel",
+                 val_fraction: float = 0.05, num_workers: int = 0, seed: int = 1234,
+                 lengths: Optional[Sequence[int]] = None, max_bytes: Optional[int] = None) -> None:
+        super().__init__()
+        if source not in ("embedded", "tokens"):
+            raise ValueError(f"data.source={source!r} is unknown: use 'embedded' or 'tokens'")
+        if source == "tokens":
+            if not train_path:
+                raise ValueError("data.source=tokens needs data.train_path (a uint16/uint32 .bin token file)")
+            open_tokens(train_path, dtype)  # fail now, before any process group starts
+            if val_path:
+                open_tokens(val_path, dtype)
+        if seq_len < 1 or micro_batch_size < 1:
+            raise ValueError(f"data.seq_len={seq_len} and data.micro_batch_size={micro_batch_size} "
+                             "must both be >= 1")
+        if lengths and max(lengths) > seq_len:
+            raise ValueError(f"data.lengths={list(lengths)} has a length above data.seq_len={seq_len}: "
+                             "raise seq_len to the longest length")
+        self.source, self.seq_len, self.micro_batch_size = source, seq_len, micro_batch_size
+        self.train_path, self.val_path, self.dtype = train_path, val_path, dtype
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        self.lengths = list(lengths) if lengths else None
+        self.max_bytes = max_bytes
+        self.train_set: Optional[TokenWindows] = None
+        self.val_set: Optional[TokenWindows] = None
+        self._sampler: Optional[ResumableSampler] = None
+
+    @property
+    def vocab_size(self) -> Optional[int]:
+        return 256 if self.source == "embedded" else None
+
+    def prepare_data(self) -> None:
+        if self.source == "embedded":
+            self._corpus_path()
+
+    def _corpus_path(self) -> Path:
+        kwargs = {"max_bytes": self.max_bytes} if self.max_bytes else {}
+        return build_embedded_corpus(self.cache_dir, **kwargs)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.source == "embedded":
+            tokens = open_tokens(self._corpus_path(), "uint8")
+            split = int(len(tokens) * (1 - self.val_fraction))
+            train, val = tokens[:split], tokens[split:]
+        else:
+            train = open_tokens(self.train_path, self.dtype)
+            val = open_tokens(self.val_path, self.dtype) if self.val_path else train[-(self.seq_len + 1) * 64:]
+        self.train_set = TokenWindows(train, self.seq_len)
+        self.val_set = TokenWindows(val, self.seq_len)
+
+    def _replicas(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+        return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+
+    def train_dataloader(self) -> DataLoader:
+        replicas, rank = self._replicas()
+        sampler = ResumableSampler(self.train_set, replicas, rank, self.micro_batch_size,
+                                   shuffle=True, seed=self.seed, lengths=self.lengths)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+            sampler.skip_batches = _batches_done_this_epoch(trainer)
+        self._sampler = sampler
+        return DataLoader(self.train_set, batch_size=self.micro_batch_size, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=True,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        replicas, rank = self._replicas()
+        sampler = ResumableSampler(self.val_set, replicas, rank, self.micro_batch_size, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.micro_batch_size, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=True)
+
+
+def _batches_done_this_epoch(trainer: L.Trainer) -> int:
+    """Batches of the current epoch that a resumed run has already trained on."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return int(progress.completed) if trainer.ckpt_path else 0
+
+
+__all__ = ["LMDataModule", "TokenWindows", "ResumableSampler", "open_tokens"]

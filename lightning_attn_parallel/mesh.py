@@ -1,0 +1,156 @@
+"""Device meshes and process groups for a ParallelPlan.
+
+Dense layers live on the mesh (dp_replicate, dp_shard, cp, tp), tp innermost so a tensor-parallel
+group sits on consecutive ranks of one node. Experts live on (edp, ep), a second view of the same
+ranks (Megatron-Core's "MoE parallel folding"), so the expert layout is independent of the
+attention layout. Gradient groups and the node/local split for hierarchical all-reduce are made
+here too, so that every rank creates every group in the same order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .plan import ParallelPlan
+
+DENSE_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+EXPERT_DIMS = ("edp", "ep")
+
+
+@dataclass
+class ReductionGroup:
+    """A process group over which some gradients are reduced, with its node split.
+
+    `scale` multiplies the summed gradient (1/size for a plain average; expert gradients use
+    1/(dense data-parallel size) because each expert already sums the tokens of its EP group).
+    `intra`/`inter` exist when the group spans nodes: the ranks of this group on my node, and the
+    ranks of this group that have my local index on the other nodes.
+    """
+
+    name: str
+    group: Optional[dist.ProcessGroup]
+    ranks: list[int]
+    scale: float
+    intra: Optional[dist.ProcessGroup] = None
+    inter: Optional[dist.ProcessGroup] = None
+    intra_size: int = 1
+    inter_size: int = 1
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.inter_size > 1
+
+
+def groups_along(layout: torch.Tensor, dims: Sequence[int]) -> list[list[int]]:
+    """All rank lists obtained by varying `dims` of a rank layout and fixing the others."""
+    keep = [d for d in range(layout.ndim) if d not in dims]
+    moved = layout.permute(*keep, *dims).reshape(-1, int(torch.tensor([layout.shape[d] for d in dims]).prod()))
+    return [row.tolist() for row in moved]
+
+
+def new_groups(partition: list[list[int]], backend: Optional[str] = None) -> Optional[dist.ProcessGroup]:
+    """Create one process group per rank list (collectively, same order on all ranks); return mine."""
+    mine = None
+    rank = dist.get_rank()
+    for ranks in partition:
+        group = dist.new_group(ranks, backend=backend)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def node_split(ranks: list[int], ranks_per_node: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(per-node lists, per-local-index lists) of a group's ranks; ranks on a node are consecutive."""
+    by_node: dict[int, list[int]] = {}
+    for r in ranks:
+        by_node.setdefault(r // ranks_per_node, []).append(r)
+    nodes = list(by_node.values())
+    width = len(nodes[0])
+    if any(len(n) != width for n in nodes):
+        return [ranks], [[r] for r in ranks]  # ragged split: no hierarchy possible
+    by_local = [[n[i] for n in nodes] for i in range(width)]
+    return nodes, by_local
+
+
+def make_reduction_groups(partition: list[list[int]], name: str, scale: float,
+                          ranks_per_node: int, backend: Optional[str] = None) -> ReductionGroup:
+    """Build the groups of a partition and, where a group spans nodes, its intra/inter-node
+    subgroups for the hierarchical all-reduce. Every partition has the same shape, so every rank
+    takes the same branches and creates the same groups in the same order."""
+    rank = dist.get_rank()
+    mine = next(r for r in partition if rank in r)
+    group = new_groups(partition, backend) if len(mine) > 1 else None
+    my_nodes, _ = node_split(mine, ranks_per_node)
+    result = ReductionGroup(name=name, group=group, ranks=mine, scale=scale)
+    if len(my_nodes) > 1 and len(my_nodes[0]) > 1:
+        splits = [node_split(ranks, ranks_per_node) for ranks in partition]
+        result.intra = new_groups([n for nodes, _ in splits for n in nodes], backend)
+        result.inter = new_groups([l for _, locs in splits for l in locs], backend)
+        result.intra_size, result.inter_size = len(my_nodes[0]), len(my_nodes)
+    return result
+
+
+@dataclass
+class ParallelMeshes:
+    plan: ParallelPlan
+    dense: DeviceMesh
+    expert: Optional[DeviceMesh]
+    dense_grads: ReductionGroup
+    expert_grads: Optional[ReductionGroup]
+    ranks_per_node: int
+    extra: dict = field(default_factory=dict)
+
+    def coordinate(self, dim: str) -> int:
+        return self.dense.get_local_rank(dim)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coordinate("dp_replicate") * self.plan.dp_shard + self.coordinate("dp_shard")
+
+    @property
+    def dp_size(self) -> int:
+        return self.plan.dp
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        if dim in DENSE_DIMS:
+            return self.dense.get_group(dim)
+        assert self.expert is not None, "this plan has no expert mesh"
+        return self.expert.get_group(dim)
+
+    def submesh(self, *dims: str) -> DeviceMesh:
+        return self.dense[dims] if len(dims) > 1 else self.dense[dims[0]]
+
+
+def build_meshes(plan: ParallelPlan, device_type: str, ranks_per_node: int,
+                 with_experts: bool = False) -> ParallelMeshes:
+    """Create every mesh and gradient group of `plan` (a resolved plan) on this world."""
+    world = dist.get_world_size()
+    assert plan.world_size == world, "resolve the plan against the world size first"
+    dense = init_device_mesh(device_type, (plan.dp_replicate, plan.dp_shard, plan.cp, plan.tp),
+                             mesh_dim_names=DENSE_DIMS)
+    layout = dense.mesh
+    # Dense gradients are averaged over every rank that holds a different part of the data:
+    # dp_replicate x dp_shard x cp (TP ranks hold the same tokens). FSDP handles dp_shard itself,
+    # so the replicated reducer only ever sees this group when dp_shard == 1.
+    dense_partition = groups_along(layout, (0, 1, 2))
+    dense_grads = make_reduction_groups(dense_partition, "dense", 1.0 / len(dense_partition[0]),
+                                        ranks_per_node)
+    expert = None
+    expert_grads = None
+    if with_experts:
+        expert = init_device_mesh(device_type, (world // plan.ep, plan.ep), mesh_dim_names=EXPERT_DIMS)
+        dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
+        edp_partition = groups_along(expert.mesh, (0,))
+        # Each expert already sums the tokens of its whole EP group, so the edp sum is scaled by
+        # the dense data-parallel size, not by edp (the same rule as Megatron-Core's experts).
+        expert_grads = make_reduction_groups(edp_partition, "expert", 1.0 / dense_dp, ranks_per_node)
+    return ParallelMeshes(plan=plan, dense=dense, expert=expert, dense_grads=dense_grads,
+                          expert_grads=expert_grads, ranks_per_node=ranks_per_node)

@@ -1,0 +1,415 @@
+"""DeepSeek-style decoder: multi-head latent attention (MLA) and the DeepSeekMoE layer.
+
+MLA (DeepSeek-V2, arXiv:2405.04434) compresses keys and values into a small latent and adds a
+decoupled rotary part shared by all heads; here it is computed in its training form (latent
+expanded to per-head keys and values) so that any attention kernel, local or context parallel,
+can run it. The MoE layer (DeepSeekMoE, arXiv:2401.06066) combines always-on shared experts with
+many fine-grained routed experts; routing follows V2 (softmax, group-limited top-k, sequence-wise
+balance loss) or V3 (arXiv:2412.19437: sigmoid scores, normalised top-k weights and the
+auxiliary-loss-free selection bias), chosen by ModelConfig fields.
+
+The MoE layer never moves tokens itself: it calls `self.dispatcher`, which expert parallelism
+replaces with an all-to-all dispatcher. Routed experts are stacked weights (E, ...) so that they
+can be sliced across ranks and multiplied with one grouped GEMM.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import LocalAttentionKernel, RMSNorm, RotaryEmbedding, SwiGLU
+from .llama import CausalTransformer, GroupedQueryAttention, TransformerBlock
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-head latent attention
+# --------------------------------------------------------------------------------------------
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA in its training form: q, k, v of shape (B, H, S, nope+rope) / (B, H, S, v_head_dim).
+
+    Projections whose output is per head (wq or wq_b, wkv_b) and the output projection wo can be
+    split by heads for tensor parallelism; the down-projections (wq_a, wkv_a) and the latent norms
+    stay replicated. Reshapes use -1 for the head count for that reason.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        q_out = cfg.n_heads * self.qk_dim
+        if cfg.q_lora_rank is None:
+            self.wq = nn.Linear(cfg.d_model, q_out, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        self.wkv_a = nn.Linear(cfg.d_model, cfg.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.d_model, bias=False)
+        self.rope = RotaryEmbedding(self.rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.kernel: nn.Module = LocalAttentionKernel()
+        # The published scale is 1/sqrt(qk head dim); v has another width, so set it explicitly.
+        self.kernel.scale = self.qk_dim ** -0.5
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "wq"):
+            return self.wq(x)
+        return self.wq_b(self.q_norm(self.wq_a(x)))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self._queries(x).view(b, s, -1, self.qk_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(b, s, -1, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        # One rotary key per token, shared by every head (the "decoupled" RoPE of MLA).
+        k_rope = self.rope(k_rope.view(b, 1, s, self.rope_dim), positions)
+        q = torch.cat([q_nope, self.rope(q_rope, positions)], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
+        out = self.kernel(q, k, v, positions)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# Routing
+# --------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Scores every routed expert and picks top-k per token, without ever dropping a token.
+
+    `expert_bias` (the auxiliary-loss-free balancing of DeepSeek-V3) shifts which experts are
+    *selected* but never the weights their outputs get, so balancing does not distort the
+    function the layer computes. Scores are computed in fp32 even under autocast: a bf16 softmax
+    over hundreds of experts makes near-ties in the top-k arbitrary.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.moe_top_k
+        self.score_func = cfg.score_func
+        self.n_groups = cfg.n_expert_groups
+        self.topk_groups = cfg.topk_groups
+        self.scaling = cfg.routed_scaling_factor
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.d_model, cfg.n_routed_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
+
+    def scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(T, E) fp32 affinities: softmax (V2) or independent sigmoids (V3)."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            logits = F.linear(tokens.float(), self.gate.weight.float())
+        return logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+
+    @torch.no_grad()
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """(T, k) expert indices from the biased scores, limited to the best `topk_groups` groups.
+
+        A group's score is its best expert for softmax routing (V2's group-limited greedy) and the
+        sum of its best two for sigmoid routing (V3), where single outliers are less telling.
+        """
+        biased = scores + self.expert_bias
+        if self.topk_groups < self.n_groups:
+            grouped = biased.view(biased.shape[0], self.n_groups, -1)
+            if self.score_func == "sigmoid":
+                group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            else:
+                group_score = grouped.amax(dim=-1)
+            keep = group_score.topk(self.topk_groups, dim=-1).indices
+            allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            biased = grouped.masked_fill(~allowed.unsqueeze(-1), float("-inf")).flatten(1)
+        return biased.topk(self.top_k, dim=-1).indices
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices (T, k), combine weights (T, k) fp32, scores (T, E) fp32) for tokens (T, D)."""
+        scores = self.scores(tokens)
+        indices = self.select(scores)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return indices, weights * self.scaling, scores
+
+
+def sequence_balance_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """DeepSeek's expert-level balance loss, per sequence and then averaged over sequences.
+
+    probs (B, S, E): routing probabilities summing to one per token; indices (B, S, k).
+    For each sequence: sum_i f_i * P_i with f_i = E / (k S) * (tokens choosing i) and P_i the mean
+    probability of i; a perfectly even router scores 1. Per sequence (not per batch), so that the
+    value does not depend on how a batch is split across data-parallel ranks.
+    """
+    b, s, k = indices.shape
+    counts = torch.zeros(b, n_experts, device=probs.device, dtype=probs.dtype)
+    counts.scatter_add_(1, indices.reshape(b, s * k), torch.ones(b, s * k, device=probs.device,
+                                                                 dtype=probs.dtype))
+    fraction = counts * (n_experts / (k * s))
+    return (fraction * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Routed experts and the local dispatcher
+# --------------------------------------------------------------------------------------------
+
+_GROUPED_MM_FAILED = False
+
+
+def _grouped_mm_dtype(x: torch.Tensor, experts: "RoutedExperts") -> Optional[torch.dtype]:
+    """bf16 when `torch._grouped_mm` can run these rows on this GPU; None means loop instead.
+
+    Its signature is `_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None)` (torch 2.8
+    through 2.13); CUDA needs bf16 operands whose rows are 16-byte aligned.
+    """
+    if _GROUPED_MM_FAILED or not x.is_cuda or x.shape[0] == 0 or not hasattr(torch, "_grouped_mm"):
+        return None
+    autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    if not (autocast_bf16 or x.dtype == torch.bfloat16):
+        return None
+    if experts.w1.shape[1] % 8 or experts.w1.shape[2] % 8:
+        return None
+    return torch.bfloat16
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                   w2: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Every expert's SwiGLU in three grouped GEMMs; rows of x are grouped by expert by `counts`."""
+    offs = counts.cumsum(0).to(torch.int32)
+    x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
+    hidden = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+    return torch._grouped_mm(hidden, w2, offs=offs)
+
+
+def looped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                  w2: torch.Tensor) -> torch.Tensor:
+    """Reference path: one SwiGLU per expert. Experts without rows still run on an empty slice so
+    every expert weight gets a (zero) gradient and hook-driven gradient reducers never wait."""
+    outs = [(F.silu(rows @ w1[e]) * (rows @ w3[e])) @ w2[e]
+            for e, rows in enumerate(x.split(counts.tolist()))]
+    return torch.cat(outs)
+
+
+class RoutedExperts(nn.Module):
+    """Fine-grained experts as stacked weights: w1, w3 (E, D, F) and w2 (E, F, D).
+
+    `n_experts` is the model's total; after expert parallelism this module holds only `n_local`
+    of them. `active_fraction` tells the FLOP counter that a token uses top_k of them.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, top_k: int, init_std: float) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.active_fraction = top_k / n_experts
+        self.init_std = init_std
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.reset_parameters()
+
+    @property
+    def n_local(self) -> int:
+        return self.w1.shape[0]
+
+    def reset_parameters(self) -> None:
+        if self.w1.is_meta:
+            return
+        for w in (self.w1, self.w3, self.w2):
+            nn.init.normal_(w, mean=0.0, std=self.init_std)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, D) with rows grouped by local expert, `counts` (n_local,) rows per expert."""
+        global _GROUPED_MM_FAILED
+        dtype = _grouped_mm_dtype(x, self)
+        if dtype is not None:
+            try:
+                return grouped_swiglu(x, counts, self.w1, self.w3, self.w2, dtype)
+            except RuntimeError as err:  # e.g. a GPU generation the kernel does not support
+                _GROUPED_MM_FAILED = True
+                warnings.warn(f"torch._grouped_mm failed ({err}); running experts one by one")
+        return looped_swiglu(x, counts, self.w1, self.w3, self.w2)
+
+
+def sort_by_expert(expert_indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, counts) for the (token, slot) pairs of expert_indices (T, k).
+
+    `order` lists the flattened pairs grouped by expert (stable, so tokens keep their order
+    within an expert); the pair's token is order // k. `counts` (n_experts,) sizes the groups.
+    """
+    flat = expert_indices.reshape(-1)
+    return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=n_experts)
+
+
+def combine(sorted_out: torch.Tensor, order: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+    """Undo `sort_by_expert` and sum each token's k expert outputs with their router weights."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    t, k = expert_weights.shape
+    per_slot = sorted_out[inverse].view(t, k, -1)
+    return (per_slot * expert_weights.unsqueeze(-1).to(per_slot.dtype)).sum(dim=1)
+
+
+class LocalDispatcher(nn.Module):
+    """Runs every routed expert on this rank (no expert parallelism)."""
+
+    def forward(self, tokens: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
+                experts: RoutedExperts) -> torch.Tensor:
+        order, counts = sort_by_expert(expert_indices, experts.n_local)
+        out = experts(tokens[order // expert_indices.shape[1]], counts)
+        return combine(out, order, expert_weights)
+
+
+# --------------------------------------------------------------------------------------------
+# The MoE layer
+# --------------------------------------------------------------------------------------------
+
+
+class DeepSeekMoE(nn.Module):
+    """Shared experts plus top-k routed experts; the `ffn` of MoE blocks.
+
+    After each forward: `aux_loss` holds the balance loss (in the graph, already multiplied by
+    aux_loss_coef; None when the coefficient is 0) for the training step to add, and
+    `tokens_per_expert` the latest routing counts for monitoring. Counts also accumulate until
+    `update_bias()` applies the auxiliary-loss-free update once per optimizer step.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.aux_loss_coef = cfg.aux_loss_coef
+        self.bias_update_speed = cfg.bias_update_speed
+        self.router = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_dim,
+                                     cfg.moe_top_k, cfg.init_std)
+        self.shared_experts = (SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_ffn_dim)
+                               if cfg.n_shared_experts > 0 else None)
+        self.dispatcher: nn.Module = LocalDispatcher()
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.register_buffer("load_since_update", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.aux_loss: Optional[torch.Tensor] = None
+
+    def reset_parameters(self) -> None:
+        """Zero the routing state (after meta-device materialisation it holds garbage)."""
+        for buf in (self.router.expert_bias, self.tokens_per_expert, self.load_since_update):
+            if not buf.is_meta:
+                buf.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        tokens = x.reshape(-1, d)
+        indices, weights, scores = self.router(tokens)
+        self._record_load(indices)
+        self.aux_loss = self._balance_loss(scores, indices, b, s)
+        out = self.dispatcher(tokens, indices, weights, self.experts)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        return out.view(b, s, d)
+
+    @torch.no_grad()
+    def _record_load(self, indices: torch.Tensor) -> None:
+        counts = torch.bincount(indices.reshape(-1), minlength=self.n_experts).to(self.tokens_per_expert)
+        self.tokens_per_expert.copy_(counts)
+        if self.training:
+            self.load_since_update += counts
+
+    def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, b: int, s: int) -> Optional[torch.Tensor]:
+        if self.aux_loss_coef <= 0:
+            return None
+        probs = scores if self.router.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+        loss = sequence_balance_loss(probs.view(b, s, -1), indices.view(b, s, -1), self.n_experts)
+        return self.aux_loss_coef * loss
+
+    @torch.no_grad()
+    def update_bias(self, load: Optional[torch.Tensor] = None) -> None:
+        """Nudge under-loaded experts up and over-loaded ones down by bias_update_speed.
+
+        `load` (E,) defaults to the counts accumulated since the last call; pass a load summed
+        over data-parallel ranks (see update_moe_biases) so every replica moves identically.
+        """
+        load = self.load_since_update if load is None else load.to(self.load_since_update)
+        if self.bias_update_speed > 0:
+            self.router.expert_bias += self.bias_update_speed * torch.sign(load.mean() - load)
+        self.load_since_update.zero_()
+
+
+def moe_layers(model: nn.Module) -> list[tuple[int, DeepSeekMoE]]:
+    """(block index, MoE layer) for every MoE block of a CausalTransformer."""
+    return [(i, block.ffn) for i, block in enumerate(model.blocks) if isinstance(block.ffn, DeepSeekMoE)]
+
+
+def collect_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the balance losses of the latest forward (a 0-d zero when there are none)."""
+    losses = [layer.aux_loss for _, layer in moe_layers(model) if layer.aux_loss is not None]
+    if not losses:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.stack(losses).sum()
+
+
+def update_moe_biases(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Apply the auxiliary-loss-free bias update to every MoE layer; call after optimizer.step().
+
+    When torch.distributed is initialised the accumulated loads of all layers are summed over
+    `group` (default: every rank) in one all-reduce, so replicas of the router stay identical.
+    Ranks that see the same tokens (tensor parallel peers) only scale the load, which leaves
+    sign(mean - load) unchanged.
+    """
+    layers = [layer for _, layer in moe_layers(model)]
+    if not layers:
+        return
+    loads = torch.stack([layer.load_since_update for layer in layers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads, group=group)
+    for layer, load in zip(layers, loads):
+        layer.update_bias(load)
+
+
+def moe_load_stats(model: nn.Module) -> dict[str, float]:
+    """Per MoE layer: max and mean tokens per expert of the latest forward, their ratio
+    (1.0 is perfect balance) and the balance loss."""
+    stats: dict[str, float] = {}
+    for i, layer in moe_layers(model):
+        load = layer.tokens_per_expert.float()
+        mean = load.mean().item()
+        stats[f"moe/layer{i}/max_load"] = load.max().item()
+        stats[f"moe/layer{i}/mean_load"] = mean
+        stats[f"moe/layer{i}/imbalance"] = load.max().item() / mean if mean > 0 else 0.0
+        if layer.aux_loss is not None:
+            stats[f"moe/layer{i}/aux_loss"] = layer.aux_loss.detach().item()
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def _attention(cfg: ModelConfig) -> nn.Module:
+    return MultiHeadLatentAttention(cfg) if cfg.attention == "mla" else GroupedQueryAttention(cfg)
+
+
+def _ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    return DeepSeekMoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+
+def build_deepseek(cfg: ModelConfig) -> CausalTransformer:
+    """DeepSeek-V2/V3-style (MLA) or DeepSeekMoE-style (attention="gqa") decoder."""
+    blocks = [TransformerBlock(cfg, _attention(cfg), _ffn(cfg, i)) for i in range(cfg.n_layers)]
+    return CausalTransformer(cfg, blocks)
+
+
+__all__ = [
+    "MultiHeadLatentAttention", "Router", "RoutedExperts", "LocalDispatcher", "DeepSeekMoE",
+    "build_deepseek", "collect_aux_loss", "moe_load_stats", "update_moe_biases", "moe_layers",
+    "sequence_balance_loss", "sort_by_expert", "combine", "grouped_swiglu", "looped_swiglu",
+]

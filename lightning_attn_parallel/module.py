@@ -1,0 +1,113 @@
+"""The causal-LM LightningModule: builds a model from the zoo, computes the loss, optimizes.
+
+It never touches parallelism: the strategy hands it batches already laid out for this rank
+(under context parallelism: a sequence shard with its global positions, the token count to divide
+by and the scale that makes averaging over dp x cp exact).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+from torch import nn
+
+from .models import ModelConfig, build_model
+from .models.loss import cross_entropy_sum
+
+
+def _moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    losses = [m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+    return torch.stack(losses).sum() if losses else None
+
+
+class CausalLMModule(L.LightningModule):
+    """Next-token prediction with AdamW (fused on GPU) and a warm-up + cosine schedule."""
+
+    def __init__(self, model: Union[ModelConfig, dict], lr: float = 3e-4, min_lr_ratio: float = 0.1,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int = 20, total_steps: Optional[int] = None,
+                 loss_chunk_tokens: Optional[int] = None) -> None:
+        super().__init__()
+        self.model_config = model if isinstance(model, ModelConfig) else ModelConfig(**model)
+        self.save_hyperparameters({"model": asdict(self.model_config), "lr": lr, "min_lr_ratio": min_lr_ratio,
+                                   "weight_decay": weight_decay, "betas": tuple(betas),
+                                   "warmup_steps": warmup_steps, "total_steps": total_steps,
+                                   "loss_chunk_tokens": loss_chunk_tokens})
+        self.model: Optional[nn.Module] = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = build_model(self.model_config)
+
+    # ------------------------------------------------------------------ loss
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to differentiate, mean token loss of the whole step to log)."""
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        if input_ids.shape[1] > self.model_config.max_seq_len * batch.get("cp_size", 1):
+            raise ValueError(f"batch sequence length {input_ids.shape[1]} exceeds the model's "
+                             f"max_seq_len={self.model_config.max_seq_len}: raise model.max_seq_len or "
+                             "lower data.seq_len")
+        hidden = self.model(input_ids, batch.get("positions"))
+        loss_sum, count = cross_entropy_sum(hidden, self.model.output, labels,
+                                            self.hparams.loss_chunk_tokens)
+        denom = batch.get("num_tokens", count).clamp_min(1)
+        mean = loss_sum / denom
+        loss = mean * batch.get("loss_scale", 1.0)
+        aux = _moe_aux_loss(self.model)
+        if aux is not None:
+            loss = loss + aux
+        reported = mean.detach()
+        group = batch.get("loss_group")
+        if group is not None:  # sequence shards: each holds part of the token sum
+            reported = reported.clone()
+            torch.distributed.all_reduce(reported, group=group)
+        return loss, reported
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, reported = self._loss(batch)
+        self.log("train/loss", reported, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        _, reported = self._loss(batch)
+        self.log("val/loss", reported, prog_bar=True, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for module in self.model.modules():  # auxiliary-loss-free MoE balancing (DeepSeek-V3)
+            update = getattr(module, "update_bias", None)
+            if callable(update):
+                update()
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = next(self.model.parameters()).is_cuda
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                      fused=fused or None)
+        total = self.hparams.total_steps or self.trainer.estimated_stepping_batches
+        warmup = min(self.hparams.warmup_steps, max(1, int(total) // 10))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, int(total),
+                                                                               self.hparams.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _warmup_cosine(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,154 @@
+"""Apply a ParallelPlan to a LightningModule, in order, and describe the result.
+
+Order matters: tensor parallelism rewrites projections into DTensors, expert parallelism keeps
+this rank's experts, context parallelism swaps attention kernels, activation checkpointing wraps
+forwards, compile fuses each block, and data parallelism comes last because it must see the final
+parameters (FSDP2 shards them; the GradientReducer lays their gradients into buckets).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..mesh import ParallelMeshes
+from ..plan import ParallelPlan, PlanError
+from .activation_checkpointing import apply_activation_checkpointing
+from .collectives import LinkModel
+from .gradient_reducer import GradientReducer, broadcast_parameters
+
+
+@dataclass
+class ParallelizeResult:
+    reducer: Optional[GradientReducer]
+    fully_sharded: bool
+    context_parallel: Optional[object]
+    table: str
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _is_expert_param(name: str) -> bool:
+    return ".experts." in f".{name}."
+
+
+def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
+                meshes: ParallelMeshes, precision: str, links: LinkModel,
+                ranks_per_node: int) -> ParallelizeResult:
+    """Apply every parallelism of `plan` to `module` (whose protocol model is `transformer`)."""
+    needs_protocol = plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.activation_checkpointing != "none"
+    if transformer is None and needs_protocol:
+        raise PlanError(
+            f"{plan.describe()} with activation_checkpointing={plan.activation_checkpointing!r} needs "
+            "a model with `blocks` whose items have `attention` (the model protocol); this "
+            "LightningModule has none. Use data parallelism only (tp=cp=ep=1) or build the model "
+            "from lightning_attn_parallel.models")
+    cfg = getattr(transformer, "config", None)
+    if cfg is not None:
+        plan.check_model(cfg)
+    context_parallel = None
+    if plan.tp > 1:
+        from .tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(transformer, meshes.submesh("tp"), sequence_parallel=plan.sequence_parallel)
+    if plan.ep > 1:
+        from .expert_parallel import apply_expert_parallel
+
+        meshes_with_experts(meshes)
+        apply_expert_parallel(transformer, meshes.group("ep"))
+    if plan.cp > 1:
+        from .context_parallel import apply_context_parallel
+        from .cp_batch import ContextParallelBatcher
+
+        apply_context_parallel(transformer, meshes.group("cp"), kernel=plan.cp_kernel,
+                               load_balance=plan.cp_load_balance)
+        context_parallel = ContextParallelBatcher(transformer, meshes, plan)
+    if transformer is not None:
+        apply_activation_checkpointing(transformer, plan.activation_checkpointing, plan.ac_every_n)
+        if plan.compile:
+            for block in transformer.blocks:
+                block.compile()
+    reducer = None
+    if plan.dp_shard > 1:
+        from .fully_sharded import apply_fully_sharded, mixed_precision_for
+
+        dims = ("dp_replicate", "dp_shard") if plan.dp_replicate > 1 else ("dp_shard",)
+        apply_fully_sharded(transformer if transformer is not None else module,
+                            meshes.submesh(*dims), **mixed_precision_for(precision))
+    else:
+        reducer = _build_reducer(module, plan, meshes, links)
+    return ParallelizeResult(reducer=reducer, fully_sharded=plan.dp_shard > 1,
+                             context_parallel=context_parallel,
+                             table=layer_table(transformer, plan, meshes, reducer))
+
+
+def meshes_with_experts(meshes: ParallelMeshes) -> None:
+    """Create the expert mesh on demand (every rank reaches this at the same point)."""
+    if meshes.expert is not None:
+        return
+    from ..mesh import EXPERT_DIMS, groups_along, make_reduction_groups
+    from torch.distributed.device_mesh import init_device_mesh
+
+    plan = meshes.plan
+    meshes.expert = init_device_mesh(meshes.dense.device_type, (plan.world_size // plan.ep, plan.ep),
+                                     mesh_dim_names=EXPERT_DIMS)
+    dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
+    # Each expert already sums its EP group's tokens, so the edp sum is scaled by the dense
+    # data-parallel size (Megatron-Core's rule for expert gradients).
+    meshes.expert_grads = make_reduction_groups(groups_along(meshes.expert.mesh, (0,)), "expert",
+                                                1.0 / dense_dp, meshes.ranks_per_node)
+
+
+def _build_reducer(module: nn.Module, plan: ParallelPlan, meshes: ParallelMeshes,
+                   links: LinkModel) -> GradientReducer:
+    dense, experts = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (experts if plan.ep > 1 and _is_expert_param(name) else dense).append(p)
+    groups = [(dense, meshes.dense_grads)]
+    if experts:
+        groups.append((experts, meshes.expert_grads))
+    for params, group in groups:
+        broadcast_parameters(params, group)
+    return GradientReducer(groups, bucket_mb=plan.bucket_mb, hierarchical=plan.hierarchical, links=links)
+
+
+def layer_table(transformer: Optional[nn.Module], plan: ParallelPlan, meshes: ParallelMeshes,
+                reducer: Optional[GradientReducer]) -> str:
+    """A compact start-up table: the mesh, and which degrees each layer type uses."""
+    dp_mode = "FSDP2" if plan.dp_shard > 1 and plan.dp_replicate == 1 else (
+        "HSDP" if plan.dp_shard > 1 else "replicated")
+    grads = meshes.dense_grads
+    hier = ""
+    if reducer is not None and reducer.buckets:
+        n_h = sum(b.hierarchical for b in reducer.buckets)
+        hier = f", {len(reducer.buckets)} buckets ({n_h} hierarchical)"
+    rows = [
+        f"attn_hybrid mesh: world {plan.world_size} = dp_replicate {plan.dp_replicate} x dp_shard "
+        f"{plan.dp_shard} x cp {plan.cp} x tp {plan.tp}; experts: edp {plan.world_size // plan.ep} x ep {plan.ep}; "
+        f"{meshes.ranks_per_node} ranks/node",
+        f"{'layer type':<14}{'data':<46}{'tensor':<10}{'context':<22}{'experts':<10}",
+    ]
+    cp_desc = f"cp {plan.cp} ({plan.cp_kernel})" if plan.cp > 1 else "-"
+    if plan.cp > 1 and plan.cp_min_seq_len:
+        cp_desc += f" if S>={plan.cp_min_seq_len}"
+    data_desc = f"{dp_mode} over {grads.size}{hier}" if dp_mode == "replicated" else f"{dp_mode} {plan.dp}"
+    types = {"attention"}
+    if transformer is not None:
+        types |= {"moe" if hasattr(b.ffn, "experts") else "mlp" for b in transformer.blocks}
+    for layer in sorted(types):
+        tensor = f"tp {plan.tp}" if plan.tp > 1 and (layer != "moe") else "-"
+        context = cp_desc if layer == "attention" else "-"
+        experts = f"ep {plan.ep}" if layer == "moe" and plan.ep > 1 else "-"
+        data = data_desc if layer != "moe" or plan.ep == 1 else f"edp {plan.world_size // plan.ep}"
+        rows.append(f"{layer:<14}{data:<46}{tensor:<10}{context:<22}{experts:<10}")
+    rows.append(f"activation checkpointing: {plan.activation_checkpointing}"
+                + (f" every {plan.ac_every_n}" if plan.ac_every_n > 1 else ""))
+    return "\n".join(rows)

@@ -1,0 +1,233 @@
+"""Context parallelism: the sequence is split across the ranks of a CP group, attention stays exact.
+
+The model is untouched: `apply_context_parallel` swaps each block's `attention.kernel` for a
+`ContextParallelAttention`, which keeps the original kernel for batches that run
+batch-parallel on the CP ranks instead (`set_context_parallel_active`).
+
+Layout. With load balancing (head-tail, or "zig-zag") the sequence is cut into 2*cp chunks
+and rank r holds chunks r and 2*cp-1-r, so every rank does the same causal work; without it,
+rank r holds the r-th of cp contiguous pieces. Lengths must divide evenly: the data pipeline
+pads (or packs) to a multiple of 2*cp (cp without load balancing) rather than this module
+padding silently, because padding changes which tokens count in the loss.
+
+torch.distributed.tensor.experimental.context_parallel exists, but it does not run on gloo/CPU
+(so it could not be tested against a single process in CI) and it patches SDPA globally rather
+than filling the model's kernel slot; so the kernels are written here (cp_kernels.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models.layers import LocalAttentionKernel
+from ..plan import CP_KERNELS
+from .cp_kernels import (BlockPlan, allgather_attention, check_ulysses_heads, ring_attention,
+                         ring_block_plan, ulysses_attention)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+
+def _check_divisible(seq_len: int, cp_size: int, load_balance: bool) -> None:
+    multiple = 2 * cp_size if load_balance else cp_size
+    if seq_len % multiple:
+        how = f"2 x cp={cp_size} with load balancing" if load_balance else f"cp={cp_size}"
+        raise ValueError(
+            f"sequence length {seq_len} does not split evenly over context parallelism "
+            f"({how}): pad or pack sequences to a multiple of {multiple}")
+
+
+def context_parallel_chunks(seq_len: int, cp_rank: int, cp_size: int,
+                            load_balance: bool) -> list[tuple[int, int]]:
+    """Global [start, stop) token ranges held by `cp_rank`, in local order."""
+    _check_divisible(seq_len, cp_size, load_balance)
+    if not load_balance:
+        size = seq_len // cp_size
+        return [(cp_rank * size, (cp_rank + 1) * size)]
+    size = seq_len // (2 * cp_size)
+    tail = 2 * cp_size - 1 - cp_rank
+    return [(cp_rank * size, (cp_rank + 1) * size), (tail * size, (tail + 1) * size)]
+
+
+def shard_for_context_parallel(tensor: torch.Tensor, dim: int, cp_rank: int, cp_size: int,
+                               load_balance: bool) -> torch.Tensor:
+    """This rank's part of `tensor` along its sequence dim `dim`."""
+    chunks = context_parallel_chunks(tensor.shape[dim], cp_rank, cp_size, load_balance)
+    return torch.cat([tensor.narrow(dim, start, stop - start) for start, stop in chunks], dim=dim)
+
+
+def context_parallel_positions(seq_len: int, cp_rank: int, cp_size: int, load_balance: bool,
+                               device: Optional[torch.device] = None) -> torch.Tensor:
+    """Global positions (LongTensor) of this rank's tokens, for RoPE and masks."""
+    chunks = context_parallel_chunks(seq_len, cp_rank, cp_size, load_balance)
+    return torch.cat([torch.arange(start, stop, device=device) for start, stop in chunks])
+
+
+def gather_from_context_parallel(shards: Sequence[torch.Tensor], dim: int,
+                                 load_balance: bool) -> torch.Tensor:
+    """Reassemble the full tensor from every rank's shard (in rank order): the inverse of
+    `shard_for_context_parallel`, for full-sequence logits and tests."""
+    cp_size = len(shards)
+    seq_len = sum(shard.shape[dim] for shard in shards)
+    pieces = []
+    for rank, shard in enumerate(shards):
+        chunks = context_parallel_chunks(seq_len, rank, cp_size, load_balance)
+        parts = shard.split([stop - start for start, stop in chunks], dim=dim)
+        pieces += [(start, part) for (start, _), part in zip(chunks, parts)]
+    return torch.cat([part for _, part in sorted(pieces, key=lambda p: p[0])], dim=dim)
+
+
+@dataclass
+class _Layout:
+    """Everything the kernels need about one local length, built once per (length, device)."""
+
+    positions: list[torch.Tensor]  # per rank
+    allgather_mask: torch.Tensor  # local queries x keys in rank order
+    ring_plans: list[Optional[BlockPlan]]  # per source rank, for the local queries
+    ulysses_order: Optional[tuple[torch.Tensor, torch.Tensor]]  # rank order <-> position order
+
+
+def _build_layout(local_len: int, rank: int, cp_size: int, load_balance: bool,
+                  device: torch.device) -> _Layout:
+    if load_balance and local_len % 2:
+        raise ValueError(
+            f"local sequence length {local_len} is odd, so it cannot hold the two load-balanced "
+            f"chunks: shard with shard_for_context_parallel(load_balance=True) from a sequence "
+            f"padded to a multiple of {2 * cp_size}")
+    seq_len = local_len * cp_size
+    chunks = [context_parallel_chunks(seq_len, r, cp_size, load_balance) for r in range(cp_size)]
+    positions = [context_parallel_positions(seq_len, r, cp_size, load_balance, device)
+                 for r in range(cp_size)]
+    gathered = torch.cat(positions)
+    order = None
+    if load_balance and cp_size > 1:
+        to_natural = torch.argsort(gathered)
+        order = (to_natural, torch.argsort(to_natural))
+    return _Layout(
+        positions=positions,
+        allgather_mask=positions[rank][:, None] >= gathered[None, :],
+        ring_plans=[ring_block_plan(chunks[rank], chunks[src]) for src in range(cp_size)],
+        ulysses_order=order,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel
+
+
+class ContextParallelAttention(nn.Module):
+    """Causal attention kernel for a sequence sharded over `group` with
+    `shard_for_context_parallel(..., load_balance)`.
+
+    Same call as the local kernel: q (B, Hq, S_local, Dqk), k (B, Hkv, S_local, Dqk),
+    v (B, Hkv, S_local, Dv) -> (B, Hq, S_local, Dv), exactly the local rows of causal attention
+    over the whole sequence. The `positions` argument is not read while active: the layout fixes
+    every rank's positions, and deriving them locally spares a collective and a host sync per
+    layer (the causal mask depends only on the order of positions, so an offset is harmless).
+
+    `active=False` runs `local_kernel` on the local data as it is, for batches that run
+    batch-parallel on the CP ranks.
+    """
+
+    causal = True
+
+    def __init__(self, group: Optional[dist.ProcessGroup], kernel: str = "allgather",
+                 load_balance: bool = True, scale: Optional[float] = None,
+                 local_kernel: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        _check_kernel(kernel)
+        if local_kernel is None:
+            local_kernel = LocalAttentionKernel()
+            local_kernel.scale = scale
+        self.group = group
+        self.kernel = kernel
+        self.load_balance = load_balance
+        self.scale = scale
+        self.local_kernel = local_kernel
+        self.active = True
+        self._layouts: dict[tuple[int, torch.device], _Layout] = {}
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel!r}, load_balance={self.load_balance}, active={self.active}"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.active:
+            return self.local_kernel(q, k, v, positions)
+        layout = self._layout(q.shape[2], q.device)
+        if self.kernel == "allgather":
+            return allgather_attention(q, k, v, layout.allgather_mask, self.scale, self.group)
+        if self.kernel == "ring":
+            return ring_attention(q, k, v, layout.ring_plans, layout.positions, self.scale, self.group)
+        return ulysses_attention(q, k, v, layout.ulysses_order, self.scale, self.group)
+
+    def _layout(self, local_len: int, device: torch.device) -> _Layout:
+        key = (local_len, device)
+        if key not in self._layouts:
+            rank, size = dist.get_rank(self.group), dist.get_world_size(self.group)
+            self._layouts[key] = _build_layout(local_len, rank, size, self.load_balance, device)
+        return self._layouts[key]
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in CP_KERNELS:
+        raise ValueError(f"context-parallel kernel {kernel!r} is unknown: use one of {CP_KERNELS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# applying it to a model
+
+
+def apply_context_parallel(model: nn.Module, group: Optional[dist.ProcessGroup],
+                           kernel: str = "allgather", load_balance: bool = True) -> nn.Module:
+    """Swap every block's attention kernel for a ContextParallelAttention over `group`.
+
+    The old kernel (and its softmax `scale`) is kept inside, so a batch can switch back to it;
+    applying twice re-wraps the original kernel rather than nesting.
+    """
+    _check_kernel(kernel)
+    for block in model.blocks:
+        old = block.attention.kernel
+        if isinstance(old, ContextParallelAttention):
+            old = old.local_kernel
+        block.attention.kernel = ContextParallelAttention(
+            group, kernel, load_balance, scale=getattr(old, "scale", None), local_kernel=old)
+    return model
+
+
+def set_context_parallel_active(model: nn.Module, active: bool) -> None:
+    """Per batch: True runs attention context-parallel (the batch is sharded along the
+    sequence); False runs the local kernel (each CP rank holds whole, shorter sequences)."""
+    for module in model.modules():
+        if isinstance(module, ContextParallelAttention):
+            module.active = active
+
+
+def validate_cp(cp: int, kernel: str, n_heads: int, seq_len: int, max_seq_len: int,
+                load_balance: bool = True) -> None:
+    """Fail before any process group starts, naming the bad value and the fix.
+
+    `n_heads` is the number of query heads each CP rank sees (per tensor-parallel rank).
+    """
+    if cp < 1:
+        raise ValueError(f"context parallel degree cp={cp} is invalid: it must be at least 1")
+    _check_kernel(kernel)
+    if kernel == "ulysses":
+        check_ulysses_heads(n_heads, cp)
+    if seq_len > max_seq_len:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds the model's max_seq_len={max_seq_len}: shorten "
+            f"the sequences or raise model.max_seq_len")
+    _check_divisible(seq_len, cp, load_balance)
+
+
+__all__ = [
+    "ContextParallelAttention", "apply_context_parallel", "set_context_parallel_active",
+    "shard_for_context_parallel", "context_parallel_positions", "context_parallel_chunks",
+    "gather_from_context_parallel", "validate_cp",
+]

@@ -1,0 +1,361 @@
+"""AttnHybridStrategy: the Lightning glue that builds meshes and applies the parallelisms.
+
+Everything model-specific lives in parallel/ (one function per parallelism) and models/; this file
+only decides the order: tensor parallel -> expert parallel -> context parallel -> activation
+checkpointing -> compile -> data parallel (GradientReducer, or FSDP2/HSDP when dp_shard > 1).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Generator, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor, nn
+
+from .mesh import ParallelMeshes, build_meshes
+from .parallel.activation_checkpointing import apply_activation_checkpointing
+from .parallel.gradient_reducer import GradientReducer, broadcast_parameters
+from .parallel.collectives import LinkModel
+from .plan import ParallelPlan, PlanError, as_plan
+
+
+def find_transformer(module: nn.Module) -> Optional[nn.Module]:
+    """The sub-module that follows the model protocol (has `blocks` whose items have
+    `attention`), or None for an arbitrary user model (which then gets data parallelism only)."""
+    for sub in module.modules():
+        blocks = getattr(sub, "blocks", None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) and hasattr(blocks[0], "attention"):
+            return sub
+    return None
+
+
+class AttnHybridStrategy(ParallelStrategy):
+    """Attention-aware hybrid parallelism for Lightning: `Trainer(strategy="attn_hybrid")`.
+
+    Args:
+        plan: a ParallelPlan, a dict of its fields, "auto" or None (auto: the planner chooses).
+        save_distributed_checkpoint: sharded checkpoints (a folder, loadable under another plan)
+            when parameters are sharded; replicated plans always write one file.
+        process_group_backend: "nccl" on CUDA and "gloo" on CPU unless given.
+    """
+
+    strategy_name = "attn_hybrid"
+
+    def __init__(self, plan: Union[ParallelPlan, dict, str, None] = None,
+                 accelerator=None, parallel_devices: Optional[list[torch.device]] = None,
+                 cluster_environment=None, checkpoint_io=None, precision_plugin=None,
+                 process_group_backend: Optional[str] = None,
+                 timeout: Optional[timedelta] = default_pg_timeout,
+                 save_distributed_checkpoint: bool = True) -> None:
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin)
+        self._requested_plan = as_plan(plan)
+        self.plan: Optional[ParallelPlan] = None
+        self.meshes: Optional[ParallelMeshes] = None
+        self.gradient_reducer: Optional[GradientReducer] = None
+        self.fully_sharded = False
+        self.num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._save_distributed_checkpoint = save_distributed_checkpoint
+        self._parallelized = False
+
+    # ------------------------------------------------------------------ processes
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def ranks_per_node(self) -> int:
+        declared = self._requested_plan.ranks_per_node
+        return declared or max(self.num_processes, 1)
+
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """DP ranks split the data; TP and CP ranks of one DP rank see the same samples."""
+        if self.meshes is None:
+            return {"num_replicas": self.world_size, "rank": self.global_rank}
+        return {"num_replicas": self.meshes.dp_size, "rank": self.meshes.dp_rank}
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes,
+                                                       self.num_nodes)
+
+    def setup_environment(self) -> None:
+        self._requested_plan_checked()
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type == "cuda":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        self.plan = self._resolve_plan()
+        self.meshes = build_meshes(self.plan, self.root_device.type, self.ranks_per_node)
+        if self.lightning_module is not None:
+            self.lightning_module._device_mesh = self.meshes.dense
+
+    def _requested_plan_checked(self) -> None:
+        """Fail before any process group starts when the degrees cannot fit the world."""
+        plan = self._requested_plan
+        if not plan.is_auto:
+            plan.resolve(self.num_nodes * self.num_processes)
+
+    def _resolve_plan(self) -> ParallelPlan:
+        plan = self._requested_plan
+        if plan.is_auto:
+            plan = self._auto_plan()
+        return plan.resolve(self.world_size)
+
+    def _auto_plan(self) -> ParallelPlan:
+        """Ask the planner when the module describes its model; plain data parallelism otherwise."""
+        module = self.lightning_module
+        model_cfg = getattr(module, "model_config", None)
+        if model_cfg is None:
+            rank_zero_info("attn_hybrid: no model config to plan from; using data parallelism over "
+                           f"{self.world_size} ranks")
+            return ParallelPlan()
+        from .planning.auto import auto_plan_for_strategy
+
+        plan, reason = auto_plan_for_strategy(model_cfg, self, module)
+        rank_zero_info(f"attn_hybrid: auto plan {plan.describe()}: {reason}")
+        return plan
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    # ------------------------------------------------------------------ model set-up
+    def setup(self, trainer: Trainer) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if not self._parallelized:
+            self._parallelize(self.lightning_module)
+            self._parallelized = True
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._reset_optimizers_and_schedulers()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        self._share_inf_checks()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def _parallelize(self, module: LightningModule) -> None:
+        from .parallel.apply import parallelize
+
+        assert self.plan is not None and self.meshes is not None
+        result = parallelize(module, find_transformer(module), self.plan, self.meshes,
+                             precision=str(self.precision_plugin.precision),
+                             links=LinkModel(inter_bw=self.plan.inter_node_gbps * 1e9,
+                                             intra_bw=self.plan.intra_node_gbps * 1e9),
+                             ranks_per_node=self.ranks_per_node)
+        self.gradient_reducer = result.reducer
+        self.fully_sharded = result.fully_sharded
+        self.context_parallel = result.context_parallel
+        if self.global_rank == 0:
+            print(result.table, flush=True)
+
+    def _share_inf_checks(self) -> None:
+        """16-mixed: agree on inf/NaN across ranks so every rank skips the same steps (sharded
+        gradients see only part of the inf checks). torch's ShardedGradScaler does exactly that."""
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is None or not isinstance(scaler, torch.amp.GradScaler):
+            return
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        if not isinstance(scaler, ShardedGradScaler):
+            self.precision_plugin.scaler = ShardedGradScaler(
+                device=self.root_device.type, init_scale=scaler.get_scale() if scaler.is_enabled() else 2.0**16,
+                process_group=dist.group.WORLD)
+
+    # ------------------------------------------------------------------ training step
+    def training_step(self, *args: Any, **kwargs: Any):
+        if getattr(self, "context_parallel", None) is not None and args:
+            args = (self.context_parallel.prepare_batch(args[0]),) + tuple(args[1:])
+        return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any):
+        if getattr(self, "context_parallel", None) is not None and args:
+            args = (self.context_parallel.prepare_batch(args[0]),) + tuple(args[1:])
+        return super().validation_step(*args, **kwargs)
+
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        if self.gradient_reducer is not None:
+            self.gradient_reducer.prepare_for_backward()
+
+    def post_backward(self, closure_loss: Tensor) -> None:
+        if self.gradient_reducer is not None:
+            self.gradient_reducer.finish()
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Micro-batches that only accumulate send nothing: no all-reduce, no reduce-scatter."""
+        reducer = self.gradient_reducer
+        if reducer is not None:
+            reducer.sync_enabled = False
+        if self.fully_sharded:
+            from .parallel.fully_sharded import set_gradient_sync
+
+            set_gradient_sync(self.model, False)
+        try:
+            yield
+        finally:
+            if reducer is not None:
+                reducer.sync_enabled = True
+            if self.fully_sharded:
+                from .parallel.fully_sharded import set_gradient_sync
+
+                set_gradient_sync(self.model, True)
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self, name: Optional[str] = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src)
+        return holder[0]
+
+    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None,
+               reduce_op: Optional[Union[dist.ReduceOp, str]] = "mean") -> Tensor:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    def teardown(self) -> None:
+        if self.gradient_reducer is not None:
+            self.gradient_reducer.remove_hooks()
+        super().teardown()
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def _sharded_state(self) -> bool:
+        return self.plan is not None and (self.fully_sharded or self.plan.tp > 1 or self.plan.ep > 1)
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return not self._sharded_state
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if not self._sharded_state:
+            return super().lightning_module_state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        if not self._sharded_state:
+            return super().optimizer_state(optimizer)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, optimizer, options=options)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        """Write to a temporary name and rename, so an interrupted save never destroys the last
+        good checkpoint. Sharded plans write a torch.distributed.checkpoint folder."""
+        path = Path(self.broadcast(str(filepath)))
+        if self._sharded_state and self._save_distributed_checkpoint:
+            from .checkpoint import save_lightning_checkpoint
+
+            save_lightning_checkpoint(path, checkpoint, is_rank_zero=self.is_global_zero)
+            self.barrier()
+            return
+        if self.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_dir():
+            from .checkpoint import load_lightning_checkpoint
+
+            return load_lightning_checkpoint(path, self.model, self.optimizers)
+        from .checkpoint import read_checkpoint_file
+
+        return read_checkpoint_file(path)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if "state_dict" not in checkpoint:
+            return  # a sharded checkpoint was loaded in place by load_checkpoint
+        if self._sharded_state:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, checkpoint["state_dict"],
+                                 options=StateDictOptions(full_state_dict=True, strict=strict))
+            return
+        super().load_model_state_dict(checkpoint, strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if "optimizer_states" not in checkpoint or self._sharded_state:
+            return
+        super().load_optimizer_state_dict(checkpoint)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls,
+                                   description="Attention-aware hybrid data/tensor/context/expert parallelism")
+
+
+def register() -> None:
+    """Make `Trainer(strategy="attn_hybrid")` resolve (importing the package calls this)."""
+    if AttnHybridStrategy.strategy_name not in StrategyRegistry:
+        AttnHybridStrategy.register_strategies(StrategyRegistry)
