@@ -4,6 +4,7 @@ Parity tests compare those results with one process on the same global batch.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -27,7 +28,11 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Serialise to bytes: tensors put on a torch queue are shared through file descriptors
+        # that vanish when this process exits.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - report any failure to the parent test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -58,7 +63,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 p.kill()
             raise AssertionError(f"distributed workers did not finish within {timeout}s")
         if status == "ok":
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank}:\n{payload}")
     for p in procs:

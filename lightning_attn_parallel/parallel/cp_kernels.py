@@ -300,7 +300,7 @@ class _RingAttention(torch.autograd.Function):
             grads_arriving = ring.shift(dkv)
             if kv_arriving is not None:
                 kv = kv_arriving()
-        dk, dv = _unpack(grads_arriving(), [k.shape, v.shape])  # one more hop: back to the owner
+        dk, dv = _unpack(dkv, [k.shape, v.shape])  # one more hop: back to the owner
         dq = dq5.reshape(q.shape)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 

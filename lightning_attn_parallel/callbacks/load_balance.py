@@ -1,0 +1,110 @@
+"""How evenly the work is spread over ranks: busy time, tokens and attention FLOPs per rank.
+
+Only rank 0 reaches W&B, so every rank's figures are gathered when the window closes and
+logged as balance/<quantity>/rank<r>, with the imbalance (max - min) / mean and the efficiency
+min / max of each quantity.
+
+Busy time is the window's wall time less the exposed (not overlapped) communication time that
+the strategy's gradient reducer reports: a fast rank spends the difference waiting for the slow
+one inside the gradient collective, and counting that wait would make every rank look equally
+slow. Collectives inside the forward pass (tensor or context parallelism) are not reported by
+the reducer, so under those plans tokens and attention FLOPs are the sharper signal.
+
+Attention FLOPs per rank use the model's attention term at the full sequence length times the
+rank's tokens, divided by tp (tensor parallelism splits the heads), so variable-length batches
+and causal context-parallel layouts show up as FLOP imbalance even when step times are equal.
+
+For MoE models, `models.deepseek.moe_load_stats(model)` gives the per-layer expert load; the
+maximum over ranks of each figure is logged under balance/moe/.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional, Sequence
+
+import lightning as L
+from torch import nn
+
+from . import metrics as m
+from .accounting import batch_tokens, global_seq_len, gradient_reducer, tensor_parallel_degree
+from .base import WindowedMetrics
+from .distributed import gather_rows
+from ..models.flops import attention_flops_per_token
+
+
+def spread(values: Sequence[float]) -> tuple[float, float]:
+    """(imbalance, efficiency) = ((max - min) / mean, min / max); (0, 1) when all are zero."""
+    high, low = max(values), min(values)
+    mean = sum(values) / len(values)
+    if high <= 0:
+        return 0.0, 1.0
+    return (high - low) / mean, low / high
+
+
+def balance_metrics(per_rank: dict[str, Sequence[float]]) -> dict[str, float]:
+    """Per-rank values, imbalance and efficiency of each quantity (keyed by metric prefix)."""
+    out: dict[str, float] = {}
+    for prefix, values in per_rank.items():
+        for rank, value in enumerate(values):
+            out[m.per_rank(prefix, rank)] = value
+        out[m.imbalance(prefix)], out[m.efficiency(prefix)] = spread(values)
+    return out
+
+
+def _moe_load_stats() -> Optional[Callable[[nn.Module], dict[str, float]]]:
+    """The MoE statistics function if the DeepSeek model family provides one."""
+    try:
+        module = importlib.import_module("lightning_attn_parallel.models.deepseek")
+    except ImportError:
+        return None
+    return getattr(module, "moe_load_stats", None)
+
+
+class LoadBalanceCallback(WindowedMetrics):
+    """Logs per-rank busy time per step, tokens per step and attention TFLOP per step."""
+
+    def __init__(self, log_every_n_steps: Optional[int] = None) -> None:
+        super().__init__(log_every_n_steps)
+        self._moe_stats: Optional[Callable[[nn.Module], dict[str, float]]] = None
+        self._tokens = 0.0
+        self._attention_flops = 0.0
+        self._exposed_s = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        config = getattr(pl_module.model, "config", None)
+        self._moe_stats = _moe_load_stats() if getattr(config, "is_moe", False) else None
+
+    def start_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._tokens = 0.0
+        self._attention_flops = 0.0
+        self._exposed_s = 0.0
+
+    def micro_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        input_ids = batch_tokens(batch)
+        tokens = input_ids.numel()
+        per_token = attention_flops_per_token(pl_module.model.config,
+                                              global_seq_len(pl_module, input_ids))
+        self._tokens += tokens
+        self._attention_flops += tokens * per_token / tensor_parallel_degree(trainer)
+
+    def optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reducer = gradient_reducer(trainer)
+        if reducer is not None:
+            self._exposed_s += float(reducer.comm_stats().get("exposed_comm_time_s", 0.0))
+
+    def window_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                       steps: int) -> dict[str, float]:
+        busy = max(self.timer.elapsed_s() - self._exposed_s, 0.0)
+        local = [busy / steps, self._tokens / steps, self._attention_flops / steps / 1e12]
+        moe_keys: list[str] = []
+        if self._moe_stats is not None:
+            stats = self._moe_stats(pl_module.model)
+            moe_keys = sorted(stats)
+            local += [float(stats[key]) for key in moe_keys]
+        rows = gather_rows(local)
+        out = balance_metrics({prefix: [row[i] for row in rows]
+                               for i, prefix in enumerate(m.BALANCE_QUANTITIES)})
+        for j, key in enumerate(moe_keys, start=len(m.BALANCE_QUANTITIES)):
+            out[m.moe(key)] = max(row[j] for row in rows)
+        return out

@@ -1,0 +1,123 @@
+"""Sharded data parallelism with FSDP2 (`fully_shard`), HSDP, and mesh-aware gradient clipping.
+
+One `fully_shard` unit per block plus one at the root (embedding, final norm, LM head): each
+block's parameters are all-gathered just before it runs and freed after, which bounds the
+memory of unsharded parameters to about one block. A 2-D data mesh (dp_replicate, dp_shard)
+gives HSDP: parameters sharded inside each dp_shard group and replicated across groups, with
+gradients reduce-scattered inside the group and all-reduced across groups.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+
+
+def apply_fully_sharded(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Optional[torch.dtype] = None,
+                        reduce_dtype: Optional[torch.dtype] = None, reshard_after_forward: bool = True,
+                        cpu_offload: bool = False) -> nn.Module:
+    """Shard `model` over `dp_mesh` (1-D: FSDP; 2-D (dp_replicate, dp_shard): HSDP).
+
+    Apply last, after tensor parallelism and activation checkpointing. With tensor parallelism,
+    `dp_mesh` must be a sub-mesh of the same parent mesh as the TP mesh, so the parameters
+    become 2-D DTensors. `param_dtype` is the compute dtype (None keeps the parameters' own,
+    e.g. fp32), `reduce_dtype` the gradient-reduction dtype; sharded master weights stay in the
+    parameters' dtype. The optimizer must be created after this call (it sees the sharded
+    parameters). `mixed_precision_for(precision)` gives both dtypes for a Lightning precision.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    kwargs = dict(mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
+    for block in model.blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root's parameters (LM head, final norm) are needed again right at the start of the
+    # backward pass, so freeing them after the forward would only add an all-gather.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Turn gradient reduction on for the last micro-batch of a step, off for the others.
+
+    Off: FSDP2 keeps accumulating unsharded gradients locally and sends nothing (neither the
+    reduce-scatter nor, under HSDP, the all-reduce across replicas). On: the next backward
+    reduces everything accumulated so far. Costs the memory of unsharded gradients while off.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(enabled, recurse=False)
+            module.set_requires_all_reduce(enabled, recurse=False)
+
+
+def mixed_precision_for(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2 policy for a Lightning precision string.
+
+    "-mixed": fp32 sharded master weights, low-precision compute (the all-gathered copy),
+    fp32 gradient reduction so summing many ranks loses nothing. "-true": the parameters
+    themselves are already in that dtype (Lightning converts the module), so FSDP casts
+    nothing and reduces in that dtype too.
+    """
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    if precision in PRECISIONS:
+        return MixedPrecisionPolicy()
+    raise ValueError(f"precision={precision!r} is not supported with sharded data parallelism: "
+                     f"use one of {', '.join(PRECISIONS)}")
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
+                    norm_type: float = 2.0) -> torch.Tensor:
+    """Clip gradients by the norm of all of them together, across every shard and TP rank.
+
+    `torch.nn.utils.clip_grad_norm_` handles DTensors of one mesh but fails on a mix (e.g.
+    TP x FSDP parameters on a 2-D mesh beside FSDP-only ones on the data mesh, or experts on
+    their own mesh). Here gradients are grouped by mesh, each group's norm is made global with
+    `full_tensor()`, and the groups are combined. Plain tensors are taken as replicated, so
+    their local norm is already global; a parameter sharded without DTensor would need its
+    own reduction. Returns the total norm as a plain 0-dim tensor, equal on every rank.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    group_norms = [_group_norm(group, norm_type) for group in _group_by_mesh(grads).values()]
+    device = group_norms[0].device
+    stacked = torch.stack([n.to(device) for n in group_norms])
+    total = torch.linalg.vector_norm(stacked, norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g  # same storage under no_grad
+        local.mul_(coef.to(local.device))
+    return total
+
+
+def _group_by_mesh(grads: list[torch.Tensor]) -> dict[Optional[DeviceMesh], list[torch.Tensor]]:
+    groups: dict[Optional[DeviceMesh], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    return groups
+
+
+def _group_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    norm = torch.nn.utils.get_total_norm(grads, norm_type)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.float()
+
+
+__all__ = ["apply_fully_sharded", "set_gradient_sync",
+           "mixed_precision_for", "clip_grad_norm_", "PRECISIONS"]

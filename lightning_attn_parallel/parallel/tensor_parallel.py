@@ -1,0 +1,280 @@
+"""Tensor parallelism of attention heads and dense MLPs through DTensor `parallelize_module`.
+
+Layout (Megatron-style, written with DTensor styles):
+- GQA attention: wq/wk/wv column-parallel (each rank owns n_heads/tp query heads and the KV
+  heads they read), wo row-parallel. The attention kernel receives plain local tensors of the
+  local heads, so any kernel (local SDPA, context-parallel) works unchanged.
+- SwiGLU: w1/w3 column-parallel, w2 row-parallel.
+- Token embedding: row-parallel over the vocabulary (exact: each rank looks up the ids it owns
+  and the partial rows are summed). The LM head stays replicated so the caller's loss
+  (`models.loss.cross_entropy_sum(hidden, model.output.weight, ...)`) runs unchanged on a plain
+  hidden state and weight; with tied embeddings both stay replicated so they remain one tensor.
+- Norms: replicated; with `sequence_parallel=True` they run on sequence shards
+  (`SequenceParallel`) and the residual stream between blocks is sharded along the sequence.
+
+Whatever the mode, the model's output (final hidden states) is a plain tensor of the whole
+sequence, identical on every TP rank.
+
+Modules the plan does not know are handled through a registry keyed by module class
+(`register_tensor_parallel_handler`); a class without a handler (e.g. MLA attention or an MoE
+ffn until someone registers one) is left replicated: it runs on the full sequence on every TP
+rank, with its input gathered and its output re-sharded when sequence parallelism is on.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from ..models.layers import SwiGLU
+from ..models.llama import GroupedQueryAttention
+
+TensorParallelHandler = Callable[[nn.Module, DeviceMesh, bool], None]
+"""handler(slot_module, tp_mesh, sequence_parallel) parallelizes a block's `attention` or `ffn`.
+
+Contract for the slot's first positional input and its output:
+- sequence_parallel=False: input and output are plain (B, S, D) tensors of the full sequence,
+  identical on every TP rank;
+- sequence_parallel=True: the input is a DTensor sharded on dim 1 (the sequence) over tp_mesh;
+  the output must be a plain tensor of this rank's sequence shard (B, S/tp, D).
+"""
+
+_HANDLERS: dict[type, TensorParallelHandler] = {}
+
+
+def register_tensor_parallel_handler(module_cls: type, handler: TensorParallelHandler) -> None:
+    """Teach `apply_tensor_parallel` how to split a block's attention or ffn of `module_cls`.
+
+    Lookup follows the class's MRO, so a subclass inherits its parent's handler.
+    """
+    _HANDLERS[module_cls] = handler
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
+                          sequence_parallel: bool = False) -> nn.Module:
+    """Split `model` (the block protocol: `tok_embeddings`, `blocks`, `norm`, `output`) over tp_mesh.
+
+    Apply before activation checkpointing and data parallelism (FSDP2 composes with the DTensor
+    parameters this creates when both meshes come from one parent mesh). All ranks must hold
+    identical weights beforehand (same seed, or a loaded checkpoint).
+
+    Gradients: sharded parameters get sharded DTensor gradients. Replicated DTensor parameters
+    (sequence-parallel norms, replicated KV projections) produce partial sums that a hook turns
+    into full gradients after each backward. Parameters left as plain tensors (see
+    `tp_replicated_parameters`) only ever meet replicated activations, so their gradients come
+    out identical on every TP rank: the caller needs no reduction over tp, only its usual
+    data-parallel one.
+    """
+    tp = tp_mesh.size()
+    if tp == 1:
+        return model
+    _check_heads(model, tp)
+    _parallelize_embedding(model, tp_mesh, sequence_parallel)
+    for block in model.blocks:
+        for norm_name, slot_name in (("attention_norm", "attention"), ("ffn_norm", "ffn")):
+            if sequence_parallel:
+                parallelize_module(getattr(block, norm_name), tp_mesh, SequenceParallel())
+            slot = getattr(block, slot_name)
+            _handler_for(slot)(slot, tp_mesh, sequence_parallel)
+    if sequence_parallel:
+        parallelize_module(model.norm, tp_mesh, SequenceParallel())
+        model.norm.register_forward_hook(lambda mod, args, out: _as_full_local(out, tp_mesh))
+        model.register_forward_pre_hook(_sequence_length_check(tp))
+    _finish_replicated_grads(model)
+    return model
+
+
+def tp_replicated_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter tensor parallelism left as a plain tensor.
+
+    Each TP rank holds a full copy and, because all the activations these parameters touch are
+    replicated over tp, computes the same full gradient: no reduction over tp is needed.
+    Strategies use the list to treat them like any data-parallel parameter.
+    """
+    return [(name, p) for name, p in model.named_parameters() if not isinstance(p, DTensor)]
+
+
+# ---------------------------------------------------------------------------- validation
+def _check_heads(model: nn.Module, tp: int) -> None:
+    """Fail before touching the model when a head count cannot be split tp ways."""
+    for module in model.modules():
+        if isinstance(module, GroupedQueryAttention):
+            n_heads, n_kv = _head_counts(module)
+            if n_heads % tp:
+                raise ValueError(
+                    f"tensor parallelism tp={tp} does not divide n_heads={n_heads}: choose tp "
+                    f"among {_divisors(n_heads)}")
+            if n_kv % tp and tp % n_kv:
+                raise ValueError(
+                    f"tensor parallelism tp={tp} with n_kv_heads={n_kv}: tp must divide "
+                    f"n_kv_heads (KV heads sharded) or be a multiple of it (KV heads replicated); "
+                    f"choose tp among {[d for d in _divisors(n_heads) if n_kv % d == 0 or d % n_kv == 0]}")
+
+
+def _head_counts(attn: GroupedQueryAttention) -> tuple[int, int]:
+    return attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _sequence_length_check(tp: int) -> Callable:
+    """Sequence parallelism keeps equal shards per rank: the length must divide by tp."""
+
+    def check(module: nn.Module, args: tuple) -> None:
+        seq_len = args[0].shape[1]
+        if seq_len % tp:
+            raise ValueError(f"sequence parallelism needs the sequence length ({seq_len}) to be a "
+                             f"multiple of tp={tp}: pad or crop the batch, or set "
+                             "sequence_parallel=False")
+
+    return check
+
+
+# ---------------------------------------------------------------------------- handlers
+def _handler_for(module: nn.Module) -> TensorParallelHandler:
+    for cls in type(module).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    return _replicate_slot
+
+
+def _attention_handler(attn: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    tp = mesh.size()
+    n_heads, n_kv = _head_counts(attn)
+    if n_kv % tp == 0:
+        kv_style: ParallelStyle = ColwiseParallel()
+    else:  # tp is a multiple of n_kv: every rank's query heads read exactly one KV head
+        kv_head = mesh.get_local_rank() * (n_heads // tp) // (n_heads // n_kv)
+        kv_style = _SelectKVHead(kv_head * attn.head_dim, (kv_head + 1) * attn.head_dim)
+    out_layout = Shard(1) if sequence_parallel else Replicate()
+    parallelize_module(attn, mesh, {
+        "wq": ColwiseParallel(), "wk": kv_style, "wv": kv_style,
+        "wo": RowwiseParallel(output_layouts=out_layout),
+    })
+    _share_replicated_input(attn, mesh)
+
+
+def _mlp_handler(mlp: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    out_layout = Shard(1) if sequence_parallel else Replicate()
+    parallelize_module(mlp, mesh, {
+        "w1": ColwiseParallel(), "w3": ColwiseParallel(),
+        "w2": RowwiseParallel(output_layouts=out_layout),
+    })
+    _share_replicated_input(mlp, mesh)
+
+
+def _replicate_slot(module: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Default for unknown modules: run them whole on every TP rank."""
+    if sequence_parallel:
+        _on_first_arg(module, lambda x: _as_full_local(x, mesh))
+        module.register_forward_hook(lambda mod, args, out: _keep_sequence_shard(out, mesh))
+
+
+def _share_replicated_input(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Give the slot's column-parallel projections one shared replicated DTensor input.
+
+    Sharing it means the input gradient is reduced once (one all-reduce, or one reduce-scatter
+    under sequence parallelism) instead of once per projection.
+    """
+    _on_first_arg(module, lambda x: _as_replicated(x, mesh))
+
+
+register_tensor_parallel_handler(GroupedQueryAttention, _attention_handler)
+register_tensor_parallel_handler(SwiGLU, _mlp_handler)
+
+
+def _parallelize_embedding(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    if model.output.weight is model.tok_embeddings.weight:
+        if sequence_parallel:  # replicated lookup, then keep this rank's sequence shard
+            model.tok_embeddings.register_forward_hook(
+                lambda mod, args, out: _keep_sequence_shard(out, mesh))
+        return
+    out_layout = Shard(1) if sequence_parallel else Replicate()
+    parallelize_module(model.tok_embeddings, mesh,
+                       RowwiseParallel(input_layouts=Replicate(), output_layouts=out_layout))
+
+
+# ---------------------------------------------------------------------------- layout hooks
+def _on_first_arg(module: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    module.register_forward_pre_hook(lambda mod, args: (convert(args[0]), *args[1:]))
+
+
+def _as_replicated(x: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """A replicated DTensor view of x (gathering sequence shards when x is sharded)."""
+    if isinstance(x, DTensor):
+        return x.redistribute(mesh, [Replicate()])
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+
+
+def _as_full_local(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """A plain tensor of the whole sequence (gathering sequence shards when x is sharded)."""
+    return x.redistribute(mesh, [Replicate()]).to_local() if isinstance(x, DTensor) else x
+
+
+def _keep_sequence_shard(out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """This rank's sequence shard of a replicated plain tensor (its gradient is gathered back)."""
+    full = DTensor.from_local(out, mesh, [Replicate()], run_check=False)
+    return full.redistribute(mesh, [Shard(1)]).to_local()
+
+
+class _SelectKVHead(ParallelStyle):
+    """A KV projection replicated on every TP rank, of which each rank keeps one head.
+
+    Used when tp exceeds n_kv_heads: the weight stays whole (a Replicate DTensor, so
+    checkpoints and optimizers see one logical tensor) and the columns of the KV head read by
+    this rank's query heads are sliced off the output. Each rank's gradient covers only its
+    head's rows, hence the Partial gradient placement, summed over tp by the hook that
+    `apply_tensor_parallel` installs.
+    """
+
+    def __init__(self, start: int, stop: int) -> None:
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            replicated = distribute_tensor(param.detach(), device_mesh, [Replicate()])
+            module.register_parameter(name, nn.Parameter(replicated, param.requires_grad))
+
+        def select(mod: nn.Module, args: tuple, out: DTensor) -> torch.Tensor:
+            return out.to_local(grad_placements=[Partial()])[..., self.start:self.stop]
+
+        _on_first_arg(module, lambda x: _as_replicated(x, device_mesh))
+        module.register_forward_hook(select)
+        return module
+
+
+# ---------------------------------------------------------------------------- gradients
+def _finish_replicated_grads(model: nn.Module) -> None:
+    """Sum Partial gradients of replicated DTensor parameters right after they accumulate.
+
+    Left Partial, every optimizer op touching the gradient would reduce it again (DTensor
+    redistributes lazily) and plain-tensor consumers (`grad.to_local()`) would read a partial
+    sum. The tensors involved are small (norm weights, KV projections), so reducing them on
+    every micro-batch costs little. FSDP2 replaces these parameters and does the same itself.
+    """
+    for param in model.parameters():
+        if isinstance(param, DTensor) and all(p.is_replicate() for p in param.placements):
+            param.register_post_accumulate_grad_hook(_reduce_partial_grad)
+
+
+def _reduce_partial_grad(param: torch.Tensor) -> None:
+    grad = param.grad
+    if isinstance(grad, DTensor) and grad.placements != param.placements:
+        param.grad = grad.redistribute(param.device_mesh, param.placements)
+
+
+__all__ = ["apply_tensor_parallel", "register_tensor_parallel_handler", "tp_replicated_parameters",
+           "TensorParallelHandler"]

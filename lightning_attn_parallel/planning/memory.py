@@ -1,0 +1,406 @@
+"""Memory per GPU of one plan, as parameters, gradients, optimizer state, activations,
+communication buffers and a fixed CUDA overhead.
+
+Precision accounting (bytes per parameter held by one rank, before sharding):
+
+- "bf16-mixed" / "16-mixed" (Lightning autocast): fp32 parameters (4), fp32 gradients (4), AdamW
+  exp_avg and exp_avg_sq in fp32 (8). With replicated parameters, autocast's bf16 copy of each
+  weight lives from its forward use until its backward (2 more, in the parameters column).
+  Under FSDP2 the MixedPrecisionPolicy all-gathers bf16 units instead: they are counted as
+  communication buffers, and the parameter column holds only the fp32 shard. 16 (+2) in all.
+- "bf16-true" / "16-true": bf16 parameters (2), gradients (2) and AdamW states (2 x 2): there
+  is no fp32 master copy. 8 in all.
+- "32-true": 4 + 4 + 8 = 16.
+
+Gradients are counted once: the replicated reducer's flat buckets are the gradients. FSDP keeps
+sharded gradients; while accumulating with gradient sync off it also keeps the unsharded ones.
+
+Activations follow what autograd saves in this package's modules (not a generic formula): eager
+autocast saves one bf16 cast of a norm output per consuming matmul, GQA keys and values are saved
+after expansion to all query heads, SDPA saves q, k, v, out and the fp32 log-sum-exp (flash
+kernels: no sequence-squared term), SwiGLU saves both projections, the SiLU output and the
+product. torch.compile fuses casts and pointwise ops, so it saves fewer tensors.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from math import ceil
+from typing import Optional
+
+from ..models.config import ModelConfig
+from ..plan import ParallelPlan, PlanError
+from .calibration import DEFAULT_CALIBRATION, Calibration
+from .counts import ParamCounts, parameter_counts
+from .hardware import GIB, GpuSpec
+
+MIB = 1024 ** 2
+
+
+# ------------------------------------------------------------------------- precision
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """Byte widths of everything a precision setting decides."""
+
+    name: str
+    param_bytes: int  # stored (master) parameters
+    grad_bytes: int
+    state_bytes: int  # each AdamW state
+    compute_bytes: int  # matmul inputs/outputs
+    residual_bytes: int  # residual stream and norm outputs
+    autocast: bool  # casts on the fly: weight copies and per-consumer input casts
+
+
+PRECISIONS = {
+    "bf16-mixed": PrecisionSpec("bf16-mixed", 4, 4, 4, 2, 4, True),
+    "16-mixed": PrecisionSpec("16-mixed", 4, 4, 4, 2, 4, True),
+    "bf16-true": PrecisionSpec("bf16-true", 2, 2, 2, 2, 2, False),
+    "16-true": PrecisionSpec("16-true", 2, 2, 2, 2, 2, False),
+    "32-true": PrecisionSpec("32-true", 4, 4, 4, 4, 4, False),
+}
+_ALIASES = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true", "32-true": "32-true"}
+
+
+def precision_spec(precision: object) -> PrecisionSpec:
+    """Accept Lightning's precision spellings ("bf16-mixed", "bf16", 16, "32", ...)."""
+    key = _ALIASES.get(str(precision), str(precision))
+    if key not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported by the planner: use one of "
+                         f"{', '.join(PRECISIONS)}")
+    return PRECISIONS[key]
+
+
+# ------------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU at the peak (the start of the backward pass) of one plan."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    comm: float
+    overhead: float
+    capacity: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.comm + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    @property
+    def headroom(self) -> float:
+        return self.capacity - self.total
+
+    def gib(self) -> dict[str, float]:
+        keys = ("params", "grads", "optimizer", "activations", "comm", "overhead", "total", "capacity")
+        return {k: getattr(self, k) / GIB for k in keys}
+
+    def describe(self) -> str:
+        g = self.gib()
+        return (f"{g['total']:.1f} GiB (params {g['params']:.1f}, grads {g['grads']:.1f}, optimizer "
+                f"{g['optimizer']:.1f}, activations {g['activations']:.1f}, comm {g['comm']:.1f}, "
+                f"CUDA overhead {g['overhead']:.1f}) of {g['capacity']:.1f} GiB")
+
+
+# ------------------------------------------------------------------------- sharding
+@dataclass(frozen=True)
+class LocalParams:
+    """Parameters on one rank: after tp/ep splits (`dense`, `experts`) and the data-parallel
+    shard degrees that divide them further under FSDP."""
+
+    dense: float
+    experts: float
+    dense_shard: int
+    expert_shard: int
+
+    @property
+    def unsharded(self) -> float:
+        return self.dense + self.experts
+
+    @property
+    def sharded(self) -> float:
+        return self.dense / self.dense_shard + self.experts / self.expert_shard
+
+
+def expert_shard_degree(plan: ParallelPlan) -> int:
+    """FSDP degree of the routed experts: the expert-data-parallel ranks inside the shard domain.
+
+    Experts live on a second view of the ranks, (edp, ep) with ep innermost; when the dense
+    parameters are sharded over dp_shard, each expert is sharded over the edp ranks that share
+    the dense shard domain, dp_shard x cp x tp / ep of them.
+    """
+    domain = plan.dp_shard * plan.cp * plan.tp
+    if not plan.sharded or domain % plan.ep or domain < plan.ep:
+        return 1
+    return domain // plan.ep
+
+
+def local_params(counts: ParamCounts, plan: ParallelPlan) -> LocalParams:
+    dense = counts.tp_sharded / plan.tp + counts.replicated
+    experts = counts.experts / plan.ep
+    return LocalParams(dense, experts, plan.dp_shard, expert_shard_degree(plan))
+
+
+def largest_unit(counts: ParamCounts, plan: ParallelPlan) -> float:
+    """Parameters of the largest FSDP unit on one rank (a block, the embedding or the head)."""
+    block = max((b.local(plan.tp, plan.ep) for b in counts.block_kinds), default=0.0)
+    return max(block, counts.embedding, counts.head)
+
+
+def _state_bytes(local: LocalParams, plan: ParallelPlan, p: PrecisionSpec,
+                 grad_accum: int, buffers: int) -> tuple[float, float, float]:
+    """(parameters, gradients, optimizer) bytes."""
+    if plan.sharded:
+        params = local.sharded * p.param_bytes
+        grads = local.sharded * p.grad_bytes
+        if grad_accum > 1:  # no reduce-scatter while accumulating: unsharded grads persist
+            grads += local.unsharded * p.grad_bytes
+    else:
+        params = local.unsharded * (p.param_bytes + (p.compute_bytes if p.autocast else 0))
+        grads = local.unsharded * p.grad_bytes
+    optimizer = 2 * p.state_bytes * (local.sharded if plan.sharded else local.unsharded)
+    return params + buffers * p.param_bytes, grads, optimizer
+
+
+# ------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class _Sublayer:
+    """Bytes per token saved by one pre-norm sublayer (attention or FFN) on one rank."""
+
+    norm_input: float  # the residual stream saved by the pre-norm
+    body: float  # everything saved inside the sublayer, matmul-input casts included
+    selective: float  # what selective checkpointing keeps: matmul and attention outputs
+    checkpoint_input: float  # the sublayer's input when only the sublayer is checkpointed
+
+    @property
+    def full(self) -> float:
+        return self.norm_input + self.body
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The widths the activation formulas need, already divided by tensor parallelism."""
+
+    cfg: ModelConfig
+    p: PrecisionSpec
+    tp: int
+    cp: int
+    sequence_parallel: bool
+    compiled: bool
+    cp_allgather: bool
+
+    @property
+    def a(self) -> int:
+        return self.p.compute_bytes
+
+    @property
+    def r(self) -> int:
+        return self.p.residual_bytes
+
+    @property
+    def d_norm(self) -> float:
+        """Residual-stream width per rank: sequence parallelism splits it over tp."""
+        return self.cfg.d_model / (self.tp if self.sequence_parallel else 1)
+
+    def matmul_inputs(self, consumers: int) -> float:
+        """Saved copies of a norm output feeding `consumers` matmuls (eager autocast casts once
+        per matmul; gathered to full width under sequence parallelism)."""
+        copies = consumers if (self.p.autocast and not self.compiled) else 1
+        return copies * self.a * self.cfg.d_model
+
+    def swiglu_inner(self, hidden: float) -> float:
+        """w1 and w3 outputs, SiLU output and the product (compiled: only the projections)."""
+        return (2 if self.compiled else 4) * self.a * hidden
+
+
+def _gqa(s: _Shape) -> _Sublayer:
+    cfg, a = s.cfg, s.a
+    heads = cfg.n_heads / s.tp
+    q = heads * cfg.head_dim
+    kv = cfg.n_kv_heads / s.tp * cfg.head_dim
+    # q after RoPE, k and v expanded to all query heads, SDPA output, the reshaped copy for wo
+    head_tensors = (4 if s.compiled else 5) * a * q + 4 * heads
+    if s.cp_allgather:  # the gathered keys and values of the whole sequence are saved
+        head_tensors += (s.cp - 1) * 2 * a * q
+    body = s.matmul_inputs(3) + head_tensors
+    selective = a * (q + 2 * kv) + a * q + 4 * heads + a * s.d_norm
+    return _Sublayer(s.r * s.d_norm, body, selective, s.r * s.d_norm)
+
+
+def _mla(s: _Shape) -> _Sublayer:
+    cfg, a = s.cfg, s.a
+    heads = cfg.n_heads / s.tp
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    v = cfg.v_head_dim
+    c = 2 if s.p.autocast else a
+    q_latent = (a + c) * cfg.q_lora_rank if cfg.q_lora_rank else 0.0
+    kv_latent = a * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + c * cfg.kv_lora_rank
+    kv_up = a * heads * (cfg.qk_nope_head_dim + v)
+    head_tensors = a * heads * (2 * qk + (2 if s.compiled else 3) * v) + 4 * heads
+    if s.cp_allgather:
+        head_tensors += (s.cp - 1) * a * heads * (qk + v)
+    body = s.matmul_inputs(2) + q_latent + kv_latent + kv_up + head_tensors
+    q_out = a * heads * qk + (a * cfg.q_lora_rank if cfg.q_lora_rank else 0.0)
+    selective = (q_out + a * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + kv_up + a * heads * v
+                 + 4 * heads + a * s.d_norm)
+    return _Sublayer(s.r * s.d_norm, body, selective, s.r * s.d_norm)
+
+
+def _dense_ffn(s: _Shape) -> _Sublayer:
+    hidden = s.cfg.ffn_dim / s.tp
+    body = s.matmul_inputs(2) + s.swiglu_inner(hidden)
+    selective = 2 * s.a * hidden + s.a * s.d_norm
+    return _Sublayer(s.r * s.d_norm, body, selective, s.r * s.d_norm)
+
+
+def _moe_ffn(s: _Shape, imbalance: float) -> _Sublayer:
+    """Tokens are split over tp before the MoE, so every term inside is divided by tp."""
+    cfg, a, d = s.cfg, s.a, s.cfg.d_model
+    router = s.matmul_inputs(1) + 8 * cfg.n_routed_experts  # fp32 logits and scores
+    routed = cfg.moe_top_k * imbalance * (s.matmul_inputs(2) + s.swiglu_inner(cfg.moe_ffn_dim) + a * d)
+    shared_width = cfg.n_shared_experts * cfg.moe_ffn_dim
+    shared = (s.matmul_inputs(2) + s.swiglu_inner(shared_width)) if shared_width else 0.0
+    selective = (4 * cfg.n_routed_experts
+                 + cfg.moe_top_k * imbalance * (2 * a * cfg.moe_ffn_dim + a * d)
+                 + (2 * a * shared_width + a * d if shared_width else 0.0))
+    return _Sublayer(s.r * s.d_norm, (router + routed + shared) / s.tp, selective / s.tp,
+                     s.r * s.d_norm)
+
+
+def _layer_bytes(attn: _Sublayer, ffn: _Sublayer, policy: str) -> float:
+    """Bytes per token a layer keeps until its backward under a checkpointing policy."""
+    if policy == "none":
+        return attn.full + ffn.full
+    if policy == "attention":
+        return attn.norm_input + attn.checkpoint_input + ffn.full
+    if policy == "block":
+        return attn.norm_input
+    if policy == "selective":
+        return attn.norm_input + attn.selective + ffn.selective
+    raise PlanError(f"activation_checkpointing={policy!r} is unknown to the planner")
+
+
+def _layer_kinds(cfg: ModelConfig, plan: ParallelPlan) -> list[tuple[bool, bool, int]]:
+    """(is MoE, is checkpointed, how many) over the blocks; every ac_every_n-th block, starting
+    with the first, is checkpointed."""
+    every_n = plan.ac_every_n if plan.activation_checkpointing != "none" else 0
+    return _count_kinds(moe_layer_flags(cfg), every_n)
+
+
+def moe_layer_flags(cfg: ModelConfig) -> tuple[bool, ...]:
+    """Which blocks are MoE, by the config's own rule (cached: the planner asks thousands of times)."""
+    key = (cfg.n_layers, cfg.n_routed_experts, cfg.first_k_dense_replace, cfg.moe_layer_freq)
+    if key not in _MOE_FLAGS:
+        _MOE_FLAGS[key] = tuple(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    return _MOE_FLAGS[key]
+
+
+_MOE_FLAGS: dict[tuple, tuple[bool, ...]] = {}
+
+
+@lru_cache(maxsize=256)
+def _count_kinds(flags: tuple[bool, ...], every_n: int) -> list[tuple[bool, bool, int]]:
+    kinds: Counter = Counter((moe, bool(every_n) and i % every_n == 0) for i, moe in enumerate(flags))
+    return [(moe, ckpt, n) for (moe, ckpt), n in sorted(kinds.items())]
+
+
+def checkpointed_layers(cfg: ModelConfig, plan: ParallelPlan) -> int:
+    """How many blocks the policy wraps (every ac_every_n-th block, starting with the first)."""
+    if plan.activation_checkpointing == "none":
+        return 0
+    return ceil(cfg.n_layers / plan.ac_every_n)
+
+
+def _head_bytes(cfg: ModelConfig, s: _Shape, tokens: float, loss_chunk_tokens: Optional[int],
+                cal: Calibration) -> float:
+    """Final norm, LM-head input and the fp32 logits chain of the loss (vocabulary kept whole)."""
+    final = tokens * (s.r * s.d_norm + s.matmul_inputs(1))
+    rows = tokens if not loss_chunk_tokens else min(tokens, loss_chunk_tokens)
+    return final + rows * cfg.vocab_size * cal.logits_bytes_per_element
+
+
+def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
+                     precision: object, *, loss_chunk_tokens: Optional[int] = None,
+                     calibration: Calibration = DEFAULT_CALIBRATION) -> float:
+    """Activation bytes per rank at the start of the backward pass, recompute peak included."""
+    p = precision_spec(precision)
+    s = _Shape(cfg, p, plan.tp, plan.cp, plan.sequence_parallel and plan.tp > 1, plan.compile,
+               plan.cp_kernel == "allgather" and plan.cp > 1)
+    tokens = micro_batch * seq_len / plan.cp
+    attn = _mla(s) if cfg.attention == "mla" else _gqa(s)
+    dense = _dense_ffn(s)
+    moe = _moe_ffn(s, calibration.moe_imbalance) if cfg.is_moe else dense
+    saved, recompute_peak = 0.0, 0.0
+    for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
+        ffn = moe if is_moe else dense
+        full = _layer_bytes(attn, ffn, "none")
+        kept = _layer_bytes(attn, ffn, plan.activation_checkpointing) if checkpointed else full
+        saved += n * kept
+        recompute_peak = max(recompute_peak, full - kept)
+    layers = tokens * (saved + recompute_peak) * (1.0 + calibration.fragmentation)
+    return layers + _head_bytes(cfg, s, tokens, loss_chunk_tokens, calibration)
+
+
+# ------------------------------------------------------------------------- communication
+def comm_bytes(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, micro_batch: int,
+               seq_len: int, p: PrecisionSpec, cal: Calibration) -> float:
+    """Buffers the collectives need on top of the tensors they move."""
+    tokens = micro_batch * seq_len / plan.cp
+    total = 0.0
+    if plan.sharded:  # unsharded units in flight: all-gathered params, grads to reduce-scatter
+        unit = largest_unit(counts, plan)
+        total += unit * (cal.fsdp_prefetch_units * p.compute_bytes + p.grad_bytes)
+    elif plan.dp_replicate != 1 or plan.cp > 1:
+        total += 2 * plan.bucket_mb * MIB  # in-flight bucket and hierarchical scratch
+    if plan.tp > 1:
+        total += 2 * tokens * cfg.d_model * p.compute_bytes
+    if plan.ep > 1:
+        total += 2 * tokens / plan.tp * cfg.moe_top_k * cfg.d_model * p.compute_bytes * cal.moe_imbalance
+    if plan.cp > 1 and plan.cp_kernel == "ring":
+        total += 2 * tokens * kv_width(cfg, plan.tp) * p.compute_bytes
+    if plan.cp > 1 and plan.cp_kernel == "ulysses":
+        total += 2 * tokens * 3 * cfg.n_heads / plan.tp * cfg.head_dim * p.compute_bytes
+    return total
+
+
+def kv_width(cfg: ModelConfig, tp: int) -> float:
+    """Key plus value width per token per rank, as exchanged by context parallelism."""
+    if cfg.attention == "mla":
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        return cfg.n_heads / tp * (qk + cfg.v_head_dim)
+    return 2 * cfg.n_kv_heads / tp * cfg.head_dim
+
+
+# ------------------------------------------------------------------------- entry point
+def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
+                    precision: object, gpu: GpuSpec, *, grad_accum: int = 1,
+                    loss_chunk_tokens: Optional[int] = None,
+                    calibration: Calibration = DEFAULT_CALIBRATION,
+                    counts: Optional[ParamCounts] = None) -> MemoryEstimate:
+    """Peak bytes per GPU for `plan` at `micro_batch` sequences of `seq_len` tokens per DP rank.
+
+    `grad_accum` matters only under FSDP (unsharded gradients kept while accumulating);
+    `loss_chunk_tokens` is the chunked loss's chunk (None: full fp32 logits).
+    """
+    if seq_len % plan.cp:
+        raise PlanError(f"seq_len={seq_len} is not divisible by cp={plan.cp}")
+    p = precision_spec(precision)
+    counts = counts or parameter_counts(model_cfg)
+    local = local_params(counts, plan)
+    params, grads, optimizer = _state_bytes(local, plan, p, grad_accum, counts.buffers)
+    activations = activation_bytes(model_cfg, plan, micro_batch, seq_len, p.name,
+                                   loss_chunk_tokens=loss_chunk_tokens, calibration=calibration)
+    comm = comm_bytes(model_cfg, counts, plan, micro_batch, seq_len, p, calibration)
+    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
+                          comm=comm, overhead=calibration.cuda_context_gib * GIB,
+                          capacity=gpu.memory_bytes)
+
+
+__all__ = ["MemoryEstimate", "PrecisionSpec", "LocalParams", "PRECISIONS", "precision_spec",
+           "estimate_memory", "activation_bytes", "local_params", "largest_unit",
+           "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags"]

@@ -1,0 +1,342 @@
+"""Step time of one plan from a roofline of compute plus an alpha-beta model of communication.
+
+Rank layout (the mesh's): tp innermost, then cp, then dp_shard, then dp_replicate, ranks of a
+node consecutive; the expert view puts ep innermost. A group of `size` ranks at `stride` apart
+therefore has min(size, gpus_per_node / stride) members per node, and a group spanning nodes
+uses the network link. Collectives that span nodes with several members per node are costed
+as the hierarchical form (reduce-scatter in the node, the cross-node step on a 1/m shard, then
+all-gather in the node) when that beats a flat ring, as the reducer's "auto" mode does.
+
+Overlap: data-parallel gradient reduction hides behind the last micro-batch's backward, FSDP
+all-gathers behind compute, ring context parallelism behind the attention it feeds; tensor
+parallel collectives, all-gather context parallelism and expert all-to-alls are exposed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..models.config import ModelConfig
+from ..plan import ParallelPlan
+from .calibration import DEFAULT_CALIBRATION, Calibration
+from .counts import ParamCounts, parameter_counts
+from .hardware import ClusterSpec, GpuSpec
+from .memory import (MIB, PrecisionSpec, checkpointed_layers, expert_shard_degree, kv_width,
+                     largest_unit, local_params, moe_layer_flags, precision_spec)
+
+GB = 1e9
+
+
+# ------------------------------------------------------------------------- collectives
+@dataclass(frozen=True)
+class Group:
+    """`size` ranks spaced `stride` apart in the global rank order."""
+
+    size: int
+    stride: int = 1
+
+    def layout(self, gpus_per_node: int) -> tuple[int, int]:
+        """(members per node, nodes spanned)."""
+        if self.size <= 1:
+            return 1, 1
+        per_node = 1 if self.stride >= gpus_per_node else min(self.size, gpus_per_node // self.stride)
+        return per_node, -(-self.size // per_node)
+
+
+def _ring(nbytes: float, n: int, factor: float, gbps: float, alpha: float, cal: Calibration,
+          steps_per_rank: int) -> float:
+    """alpha x steps + bytes x factor x (n-1)/n / bandwidth, for a ring over n ranks."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    beta = factor * (n - 1) / n * nbytes / (gbps * GB * cal.collective_efficiency)
+    return steps_per_rank * (n - 1) * alpha + beta
+
+
+def _collective(nbytes: float, group: Group, cluster: ClusterSpec, cal: Calibration,
+                factor: float) -> float:
+    """Ring collective moving factor x (n-1)/n x nbytes per rank (2: all-reduce, 1: RS/AG)."""
+    per_node, nodes = group.layout(cluster.gpus_per_node)
+    steps = int(factor)
+    if nodes == 1:
+        return _ring(nbytes, group.size, factor, cluster.intra_node_gbps, cluster.intra_node_alpha_s,
+                     cal, steps)
+    flat = _ring(nbytes, group.size, factor, cluster.inter_node_gbps, cluster.inter_node_alpha_s,
+                 cal, steps)
+    if per_node == 1:
+        return flat
+    inside = factor * _ring(nbytes, per_node, 1.0, cluster.intra_node_gbps,
+                            cluster.intra_node_alpha_s, cal, 1)
+    across = _ring(nbytes / per_node, nodes, factor, cluster.inter_node_gbps,
+                   cluster.inter_node_alpha_s, cal, steps)
+    return min(flat, inside + across)
+
+
+def all_reduce_time(nbytes: float, group: Group, cluster: ClusterSpec,
+                    calibration: Calibration = DEFAULT_CALIBRATION) -> float:
+    """Seconds to all-reduce `nbytes` over `group` (ring: 2(n-1)/n of the bytes per rank)."""
+    return _collective(nbytes, group, cluster, calibration, 2.0)
+
+
+def reduce_scatter_time(nbytes: float, group: Group, cluster: ClusterSpec,
+                        calibration: Calibration = DEFAULT_CALIBRATION) -> float:
+    """Seconds to reduce-scatter an unsharded `nbytes` tensor ((n-1)/n of it per rank)."""
+    return _collective(nbytes, group, cluster, calibration, 1.0)
+
+
+def all_gather_time(nbytes: float, group: Group, cluster: ClusterSpec,
+                    calibration: Calibration = DEFAULT_CALIBRATION) -> float:
+    """Seconds to all-gather into an `nbytes` tensor ((n-1)/n of it arrives per rank)."""
+    return _collective(nbytes, group, cluster, calibration, 1.0)
+
+
+def all_to_all_time(nbytes: float, group: Group, cluster: ClusterSpec,
+                    calibration: Calibration = DEFAULT_CALIBRATION) -> float:
+    """Seconds for an all-to-all where each rank holds `nbytes` spread evenly over the group:
+    the node-local share goes over NVLink while the rest crosses the network concurrently."""
+    n = group.size
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    per_node, nodes = group.layout(cluster.gpus_per_node)
+    eff = calibration.collective_efficiency
+    inside = nbytes * (per_node - 1) / n / (cluster.intra_node_gbps * GB * eff)
+    across = nbytes * (n - per_node) / n / (cluster.inter_node_gbps * GB * eff)
+    alpha = cluster.inter_node_alpha_s if nodes > 1 else cluster.intra_node_alpha_s
+    return (n - 1) * alpha + max(inside, across)
+
+
+# ------------------------------------------------------------------------- groups of a plan
+def _groups(plan: ParallelPlan) -> dict[str, Group]:
+    tp, cp, ds, dr, ep = plan.tp, plan.cp, plan.dp_shard, plan.dp_replicate, plan.ep
+    es = expert_shard_degree(plan)
+    return {
+        "tp": Group(tp, 1),
+        "cp": Group(cp, tp),
+        "dp_cp": Group(dr * ds * cp, tp),  # replicated dense gradients: dp x cp
+        "shard": Group(ds, tp * cp),
+        "replicate": Group(dr * cp, tp * cp * ds if cp == 1 else tp),
+        "ep": Group(ep, 1),
+        "edp": Group(plan.world_size // ep, ep),
+        "expert_shard": Group(es, ep),
+        "expert_replicate": Group(plan.world_size // (ep * es), ep * es),
+    }
+
+
+# ------------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class TimingEstimate:
+    """Seconds per optimizer step on one rank, by cause, and the throughput they imply."""
+
+    compute_s: float  # model FLOPs, all micro-batches
+    recompute_s: float  # activation checkpointing's extra forward work
+    tp_s: float  # exposed
+    cp_s: float  # exposed
+    ep_s: float  # exposed
+    fsdp_gather_s: float  # total all-gather time
+    fsdp_exposed_s: float
+    dp_reduce_s: float  # total gradient reduction time
+    dp_exposed_s: float
+    optimizer_s: float
+    tokens_per_step: float  # global
+    world_size: int
+    flops_per_token: float
+    peak_flops: float
+
+    @property
+    def step_s(self) -> float:
+        return (self.compute_s + self.recompute_s + self.tp_s + self.cp_s + self.ep_s
+                + self.fsdp_exposed_s + self.dp_exposed_s + self.optimizer_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_s
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.tokens_per_s / self.world_size
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation by the package's convention (recompute not counted)."""
+        return self.flops_per_token * self.tokens_per_s_per_gpu / self.peak_flops
+
+    def breakdown(self) -> dict[str, float]:
+        keys = ("compute_s", "recompute_s", "tp_s", "cp_s", "ep_s", "fsdp_exposed_s",
+                "dp_exposed_s", "optimizer_s")
+        return {k: getattr(self, k) for k in keys}
+
+
+# ------------------------------------------------------------------------- pieces
+@dataclass(frozen=True)
+class _Work:
+    """FLOPs per token of the parts that checkpointing recomputes."""
+
+    total: float  # training FLOPs per token (forward + backward)
+    blocks_forward: float  # forward FLOPs of all blocks
+    attention_forward: float  # forward FLOPs of all attention sublayers
+
+
+def _work(cfg: ModelConfig, counts: ParamCounts, seq_len: int) -> _Work:
+    total = counts.flops_per_token(cfg, seq_len)
+    blocks_forward = (total - 6.0 * counts.head_matmul) / 3.0
+    sdpa = total - 6.0 * counts.active_matmul
+    return _Work(total, blocks_forward, 2.0 * counts.attention + sdpa / 3.0)
+
+
+def _recompute_flops(work: _Work, cfg: ModelConfig, plan: ParallelPlan) -> float:
+    """Extra FLOPs per token: the checkpointed share of a forward pass (selective: none)."""
+    share = checkpointed_layers(cfg, plan) / cfg.n_layers
+    if plan.activation_checkpointing == "block":
+        return work.blocks_forward * share
+    if plan.activation_checkpointing == "attention":
+        return work.attention_forward * share
+    return 0.0
+
+
+def recompute_share(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, seq_len: int,
+                    calibration: Calibration = DEFAULT_CALIBRATION) -> float:
+    """Recomputation time as a fraction of the model compute time (selective: the calibrated
+    cost of re-running cheap ops, as a share of the forward pass)."""
+    work = _work(cfg, counts, seq_len)
+    share = _recompute_flops(work, cfg, plan) / work.total
+    if plan.activation_checkpointing == "selective":
+        share += calibration.selective_recompute_fraction / 3.0
+    return share
+
+
+def _tp_time(cfg: ModelConfig, plan: ParallelPlan, tokens: float, p: PrecisionSpec,
+             cluster: ClusterSpec, cal: Calibration) -> float:
+    """Four all-reduce equivalents per layer (two forward, two backward; sequence parallelism
+    swaps each for an all-gather plus a reduce-scatter of the same volume), plus the forward
+    ones again for each recomputed block (one for an attention-only checkpoint)."""
+    if plan.tp == 1:
+        return 0.0
+    redo = {"block": 2, "attention": 1}.get(plan.activation_checkpointing, 0)
+    count = 4 * cfg.n_layers + redo * checkpointed_layers(cfg, plan)
+    one = all_reduce_time(tokens * cfg.d_model * p.compute_bytes, Group(plan.tp), cluster, cal)
+    return count * one
+
+
+def _cp_time(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
+             p: PrecisionSpec, attention_s: float, cluster: ClusterSpec, cal: Calibration) -> float:
+    """Exposed context-parallel time per micro-batch.
+
+    allgather: K/V all-gathered forward, their grads reduce-scattered backward, exposed;
+    ring: the same volume forward, twice backward (K/V and their grads), hidden behind attention;
+    ulysses: four all-to-alls forward and four backward, exposed.
+    `attention_s` is the attention compute per micro-batch on this rank.
+    """
+    if plan.cp == 1:
+        return 0.0
+    group = Group(plan.cp, plan.tp)
+    kv = micro_batch * seq_len * kv_width(cfg, plan.tp) * p.compute_bytes
+    layers = cfg.n_layers
+    if plan.cp_kernel == "ulysses":
+        local = micro_batch * seq_len / plan.cp * cfg.n_heads / plan.tp * cfg.head_dim * p.compute_bytes
+        return 8 * layers * all_to_all_time(local, group, cluster, cal)
+    gather = all_gather_time(kv, group, cluster, cal)
+    if plan.cp_kernel == "ring":
+        return max(0.0, 3 * layers * gather - attention_s)
+    redo = checkpointed_layers(cfg, plan) if plan.activation_checkpointing in ("block", "attention") else 0
+    return (layers + redo) * gather + layers * reduce_scatter_time(kv, group, cluster, cal)
+
+
+def _ep_time(cfg: ModelConfig, plan: ParallelPlan, tokens: float, p: PrecisionSpec,
+             cluster: ClusterSpec, cal: Calibration) -> float:
+    """Dispatch and combine all-to-alls forward and backward per MoE layer (plus the forward
+    pair again for recomputed blocks)."""
+    if plan.ep == 1 or not cfg.is_moe:
+        return 0.0
+    moe_layers = sum(moe_layer_flags(cfg))
+    redo = 2 * checkpointed_layers(cfg, plan) * moe_layers / cfg.n_layers \
+        if plan.activation_checkpointing == "block" else 0
+    nbytes = tokens / plan.tp * cfg.moe_top_k * cfg.d_model * p.compute_bytes * cal.moe_imbalance
+    return (4 * moe_layers + redo) * all_to_all_time(nbytes, Group(plan.ep), cluster, cal)
+
+
+def _fsdp_gather_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec,
+                      cluster: ClusterSpec, cal: Calibration) -> tuple[float, float]:
+    """(all-gathers of one micro-batch: forward and backward re-gather, one unit's gather)."""
+    if not plan.sharded:
+        return 0.0, 0.0
+    g = _groups(plan)
+    local = local_params(counts, plan)
+    dense = all_gather_time(local.dense * p.compute_bytes, g["shard"], cluster, cal)
+    experts = all_gather_time(local.experts * p.compute_bytes, g["expert_shard"], cluster, cal)
+    unit = all_gather_time(largest_unit(counts, plan) * p.compute_bytes, g["shard"], cluster, cal)
+    return 2 * (dense + experts), unit
+
+
+def _grad_reduce_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec,
+                      cluster: ClusterSpec, cal: Calibration) -> tuple[float, float]:
+    """(gradient reduction of one step, the part that cannot overlap: the last bucket/unit)."""
+    g = _groups(plan)
+    local = local_params(counts, plan)
+    dense, experts = local.dense * p.grad_bytes, local.experts * p.grad_bytes
+    if not plan.sharded:
+        total = (all_reduce_time(dense, g["dp_cp"], cluster, cal)
+                 + all_reduce_time(experts, g["edp"], cluster, cal))
+        tail = all_reduce_time(min(dense, plan.bucket_mb * MIB), g["dp_cp"], cluster, cal)
+        return total, tail
+    total = (reduce_scatter_time(dense, g["shard"], cluster, cal)
+             + all_reduce_time(dense / plan.dp_shard, g["replicate"], cluster, cal)
+             + reduce_scatter_time(experts, g["expert_shard"], cluster, cal)
+             + all_reduce_time(experts / local.expert_shard, g["expert_replicate"], cluster, cal))
+    tail = reduce_scatter_time(largest_unit(counts, plan) * p.grad_bytes, g["shard"], cluster, cal)
+    return total, tail
+
+
+def _optimizer_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec, gpu: GpuSpec,
+                    cal: Calibration) -> float:
+    """AdamW is bandwidth bound: read param, grad and both states, write param and states."""
+    local = local_params(counts, plan)
+    updated = local.sharded if plan.sharded else local.unsharded
+    moved = 2 * p.param_bytes + p.grad_bytes + 4 * p.state_bytes
+    return updated * moved / (gpu.hbm_gbps * GB * cal.hbm_efficiency)
+
+
+def _exposed(total: float, window: float, floor: float) -> float:
+    """Communication left visible after hiding it behind `window`, never below `floor`."""
+    return min(total, max(total - window, floor))
+
+
+# ------------------------------------------------------------------------- entry point
+def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSpec, gpu: GpuSpec,
+                  micro_batch: int, seq_len: int, precision: object, *, grad_accum: int = 1,
+                  calibration: Calibration = DEFAULT_CALIBRATION,
+                  counts: Optional[ParamCounts] = None) -> TimingEstimate:
+    """Predicted optimizer-step time of `plan` on `cluster` (the plan is resolved to its world).
+
+    A step is `grad_accum` micro-batches of `micro_batch` sequences per data-parallel rank.
+    """
+    cal = calibration
+    plan = plan.resolve(cluster.world_size)
+    p = precision_spec(precision)
+    counts = counts or parameter_counts(model_cfg)
+    work = _work(model_cfg, counts, seq_len)
+    peak = gpu.peak_flops(p.compute_bytes)
+    rate = peak * cal.compute_efficiency(plan.compile, p.autocast)
+    split = plan.tp * plan.cp
+    mb_tokens = micro_batch * seq_len
+    compute = work.total * mb_tokens / split / rate
+    recompute = compute * recompute_share(model_cfg, counts, plan, seq_len, cal)
+    attention_s = (work.total - 6.0 * counts.active_matmul) * mb_tokens / split / rate
+    tokens = mb_tokens / plan.cp
+    tp = _tp_time(model_cfg, plan, tokens, p, cluster, cal)
+    cp = _cp_time(model_cfg, plan, micro_batch, seq_len, p, attention_s, cluster, cal)
+    ep = _ep_time(model_cfg, plan, tokens, p, cluster, cal)
+    gather, gather_unit = _fsdp_gather_time(counts, plan, p, cluster, cal)
+    fsdp_exposed = _exposed(gather, cal.fsdp_overlap * (compute + recompute), gather_unit)
+    reduce, reduce_tail = _grad_reduce_time(counts, plan, p, cluster, cal)
+    backward = 2.0 / 3.0 * compute + recompute
+    dp_exposed = _exposed(reduce, cal.dp_overlap * backward, reduce_tail)
+    return TimingEstimate(
+        compute_s=grad_accum * compute, recompute_s=grad_accum * recompute, tp_s=grad_accum * tp,
+        cp_s=grad_accum * cp, ep_s=grad_accum * ep, fsdp_gather_s=grad_accum * gather,
+        fsdp_exposed_s=grad_accum * fsdp_exposed, dp_reduce_s=reduce, dp_exposed_s=dp_exposed,
+        optimizer_s=_optimizer_time(counts, plan, p, gpu, cal),
+        tokens_per_step=mb_tokens * grad_accum * plan.dp, world_size=plan.world_size,
+        flops_per_token=work.total, peak_flops=peak)
+
+
+__all__ = ["Group", "TimingEstimate", "estimate_time", "recompute_share", "all_reduce_time", "reduce_scatter_time",
+           "all_gather_time", "all_to_all_time"]

@@ -1,0 +1,66 @@
+"""Small Lightning modules and data for parity tests: a user's own module (not this project's
+model) and fixed token data whose global batches are known."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class FixedTokens(Dataset):
+    """`n` fixed random token windows; item i is the same in every process."""
+
+    def __init__(self, n: int = 64, seq_len: int = 16, vocab: int = 64, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(vocab, (n, seq_len + 1), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.data[i, :-1], "labels": self.data[i, 1:]}
+
+
+class UserModule(L.LightningModule):
+    """A user's own model: embedding, two-layer MLP, head; plain SGD with momentum."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Embedding(vocab, dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                 nn.Linear(4 * dim, dim), nn.LayerNorm(dim), nn.Linear(dim, vocab))
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        logits = self.net(batch["input_ids"])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def loader(dataset: Dataset, batch_size: int, replicas: int = 1, rank: int = 0) -> DataLoader:
+    """In order, no shuffling; with replicas > 1, rank r gets items r, r + replicas, ... so the
+    union of the ranks' k-th batches is the single process's k-th batch."""
+    if replicas == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in module.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = full.detach().cpu().clone()
+    return out
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)

@@ -1,0 +1,300 @@
+"""Context-parallel attention is exact: every kernel, with and without load balancing, on 2 and
+4 gloo ranks, gives the outputs and q/k/v gradients of single-process causal SDPA, and a model
+with its kernels swapped gives the loss and gradients of the unsplit model.
+
+All distributed cases share one spawned run (a spawn costs seconds).
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_utils import assert_close, run_distributed
+from lightning_attn_parallel.models import ModelConfig, build_model
+from lightning_attn_parallel.parallel.context_parallel import (
+    ContextParallelAttention, apply_context_parallel, context_parallel_chunks, context_parallel_positions,
+    gather_from_context_parallel, set_context_parallel_active, shard_for_context_parallel,
+    validate_cp)
+from lightning_attn_parallel.parallel.cp_kernels import ring_block_plan
+
+KERNELS = ("allgather", "ring", "ulysses")
+
+
+# ---------------------------------------------------------------------------------------------
+# cases and the single-process reference
+
+
+def _make_cases(cp: int) -> list[dict]:
+    """Random shapes (seeded) for every kernel x load balance: MHA and GQA, a small odd head
+    count where the kernel allows it, Ulysses with fewer KV heads than ranks, Dv != Dqk."""
+    rng = random.Random(1234 + cp)
+    heads = {
+        "allgather": [(3, 3), (6, 2), (4, 1)],
+        "ring": [(3, 3), (6, 2), (4, 1)],
+        "ulysses": [(cp, cp), (2 * cp, 1), (3 * cp, 3)],
+    }
+    cases = []
+    for kernel in KERNELS:
+        for load_balance in (True, False):
+            for n_heads, n_kv in heads[kernel]:
+                dqk = rng.choice((4, 8, 16))
+                cases.append(dict(
+                    kernel=kernel, load_balance=load_balance, batch=rng.randint(1, 2),
+                    n_heads=n_heads, n_kv=n_kv, seq=2 * cp * rng.randint(1, 4), dqk=dqk,
+                    dv=rng.choice((dqk, dqk // 2, 2 * dqk)), scale=rng.choice((None, 0.3)),
+                    seed=rng.randrange(1 << 30)))
+    return cases
+
+
+def _inputs(case: dict) -> list[torch.Tensor]:
+    """Full-sequence q, k, v and an output gradient, identical on every rank and in the parent."""
+    g = torch.Generator().manual_seed(case["seed"])
+    b, s = case["batch"], case["seq"]
+    shapes = [(b, case["n_heads"], s, case["dqk"]), (b, case["n_kv"], s, case["dqk"]),
+              (b, case["n_kv"], s, case["dv"]), (b, case["n_heads"], s, case["dv"])]
+    return [torch.randn(shape, generator=g) for shape in shapes]
+
+
+def _reference(case: dict) -> dict[str, torch.Tensor]:
+    q, k, v, dout = _inputs(case)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    rep = case["n_heads"] // case["n_kv"]
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                         is_causal=True, scale=case["scale"])
+    (out * dout).sum().backward()
+    return dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+
+
+def _sharded(case: dict, group: dist.ProcessGroup) -> dict[str, np.ndarray]:
+    rank, cp, lb = dist.get_rank(group), dist.get_world_size(group), case["load_balance"]
+    q, k, v, dout = (shard_for_context_parallel(t, 2, rank, cp, lb) for t in _inputs(case))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    attn = ContextParallelAttention(group, case["kernel"], lb, scale=case["scale"])
+    out = attn(q, k, v, context_parallel_positions(case["seq"], rank, cp, lb))
+    (out * dout).sum().backward()
+    return _numpy(dict(out=out, dq=q.grad, dk=k.grad, dv=v.grad))
+
+
+def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Results travel as numpy arrays: plain pickles, no shared-memory file descriptors."""
+    return {name: t.detach().numpy() for name, t in tensors.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny model end to end: global RoPE positions, the kernel slot, loss over global tokens
+
+_MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                     max_seq_len=64)
+
+
+def _model_tokens() -> torch.Tensor:
+    """Two sequences of 17 tokens: 16 inputs and 16 next-token targets each."""
+    return torch.randint(0, _MODEL.vocab_size, (2, 17), generator=torch.Generator().manual_seed(7))
+
+
+def _lm_loss(model, inputs, targets, positions, n_tokens: int) -> torch.Tensor:
+    """Summed cross-entropy divided by the global token count, backpropagated."""
+    logits = model.logits(inputs, positions)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / n_tokens
+    loss.backward()
+    return loss.detach()
+
+
+def _model_case(kernel: str, group: dist.ProcessGroup) -> tuple[float, dict[str, np.ndarray]]:
+    rank, cp = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(0)
+    model = apply_context_parallel(build_model(_MODEL), group, kernel, load_balance=True)
+    tokens = _model_tokens()
+    inputs, targets = (shard_for_context_parallel(t, 1, rank, cp, True)
+                       for t in (tokens[:, :-1], tokens[:, 1:]))
+    positions = context_parallel_positions(tokens.shape[1] - 1, rank, cp, True)
+    loss = _lm_loss(model, inputs, targets, positions, tokens[:, 1:].numel())
+    dist.all_reduce(loss, group=group)
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=group)
+    return loss.item(), _numpy({n: p.grad for n, p in model.named_parameters()})
+
+
+# ---------------------------------------------------------------------------------------------
+# one distributed run: cp=4 over the world, and cp=2 over the sub-groups {0, 1} and {2, 3}
+# (which also proves the kernels address ring neighbours by global rank)
+
+WORLD = 4
+CP_SIZES = (2, 4)
+
+
+def _ulysses_heads_error(group: dist.ProcessGroup) -> str:
+    cp = dist.get_world_size(group)
+    x = torch.randn(1, cp + 1, 4, 8)
+    try:
+        ContextParallelAttention(group, "ulysses", load_balance=False)(x, x, x)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def _worker(rank: int, world: int, cases: dict[int, list[dict]]) -> dict[int, dict]:
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    groups = {2: pairs[rank // 2], 4: dist.group.WORLD}
+    results = {}
+    for cp, group in groups.items():
+        results[cp] = dict(
+            parity=[_sharded(case, group) for case in cases[cp]],
+            models={kernel: _model_case(kernel, group) for kernel in KERNELS},
+            ulysses_error=_ulysses_heads_error(group))
+    return results
+
+
+@pytest.fixture(scope="module")
+def distributed_run() -> tuple[dict[int, list[dict]], list[dict]]:
+    cases = {cp: _make_cases(cp) for cp in CP_SIZES}
+    return cases, run_distributed(_worker, WORLD, cases)
+
+
+def _ranks(results: list[dict], cp: int) -> list[list[dict]]:
+    """Per CP group, its ranks' results in group-rank order."""
+    return [results[start:start + cp] for start in range(0, WORLD, cp)]
+
+
+def _case_id(case: dict) -> str:
+    return (f"{case['kernel']} lb={case['load_balance']} heads={case['n_heads']}/{case['n_kv']} "
+            f"S={case['seq']} D={case['dqk']}/{case['dv']}")
+
+
+def test_kernels_match_single_process_sdpa(distributed_run):
+    cases, results = distributed_run
+    for cp in CP_SIZES:
+        for i, case in enumerate(cases[cp]):
+            expected = _reference(case)
+            for group_results in _ranks(results, cp):
+                for key, ref in expected.items():
+                    shards = [torch.from_numpy(r[cp]["parity"][i][key]) for r in group_results]
+                    got = gather_from_context_parallel(shards, 2, case["load_balance"])
+                    assert_close(got, ref, rtol=1e-5, name=f"cp={cp} {_case_id(case)} {key}")
+
+
+def test_model_with_context_parallel_matches_single_process(distributed_run):
+    _, results = distributed_run
+    torch.manual_seed(0)
+    model = build_model(_MODEL)
+    tokens = _model_tokens()
+    loss = _lm_loss(model, tokens[:, :-1], tokens[:, 1:], None, tokens[:, 1:].numel())
+    for cp in CP_SIZES:
+        for kernel in KERNELS:
+            cp_loss, cp_grads = results[0][cp]["models"][kernel]
+            assert_close(torch.tensor(cp_loss), loss, name=f"cp={cp} {kernel} loss")
+            for name, p in model.named_parameters():
+                assert_close(torch.from_numpy(cp_grads[name]), p.grad, name=f"cp={cp} {kernel} {name}")
+
+
+def test_ulysses_rejects_heads_not_divisible(distributed_run):
+    _, results = distributed_run
+    for cp in CP_SIZES:
+        message = results[0][cp]["ulysses_error"]
+        assert f"{cp + 1} attention heads" in message and f"cp={cp}" in message
+        assert "allgather" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# layout and errors, no processes needed
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("load_balance", [True, False])
+def test_shard_gather_round_trip_and_positions(world, load_balance):
+    seq = 2 * world * 3
+    x = torch.arange(2 * seq).view(2, seq)
+    shards = [shard_for_context_parallel(x, 1, r, world, load_balance) for r in range(world)]
+    assert torch.equal(gather_from_context_parallel(shards, 1, load_balance), x)
+    for r, shard in enumerate(shards):
+        assert torch.equal(shard[0], context_parallel_positions(seq, r, world, load_balance))
+
+
+def test_load_balance_is_head_tail():
+    # 8 tokens on 2 ranks: chunks of 2, rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
+    assert context_parallel_positions(8, 0, 2, True).tolist() == [0, 1, 6, 7]
+    assert context_parallel_positions(8, 1, 2, True).tolist() == [2, 3, 4, 5]
+
+
+def _plans(world: int, load_balance: bool) -> list[list]:
+    chunks = [context_parallel_chunks(8 * world, r, world, load_balance) for r in range(world)]
+    return [[ring_block_plan(chunks[r], chunks[s]) for s in range(world)] for r in range(world)]
+
+
+def test_ring_skips_future_blocks():
+    world = 4
+    plans = _plans(world, load_balance=False)
+    for r in range(world):
+        assert [p is not None for p in plans[r]] == [s <= r for s in range(world)]
+        assert all(p.masked == (s == r) for s, p in enumerate(plans[r]) if p is not None)
+
+
+def test_ring_load_balance_halves_every_remote_block():
+    world, local = 4, 8
+    plans = _plans(world, load_balance=True)
+    for r in range(world):
+        for s, plan in enumerate(plans[r]):
+            if s == r:
+                assert (plan.q_start, plan.k_stop, plan.masked) == (0, local, True)
+            elif s < r:  # all queries, the head chunk of keys
+                assert (plan.q_start, plan.k_stop, plan.masked) == (0, local // 2, False)
+            else:  # the tail chunk of queries, all keys
+                assert (plan.q_start, plan.k_stop, plan.masked) == (local // 2, local, False)
+
+
+def test_inactive_kernel_runs_the_original_local_kernel():
+    torch.manual_seed(0)
+    model = build_model(_MODEL)
+    tokens = _model_tokens()
+    expected = model.logits(tokens)
+    apply_context_parallel(model, None, "ring")
+    apply_context_parallel(model, None, "ulysses")  # re-applying wraps the original, not the wrapper
+    kernels = [block.attention.kernel for block in model.blocks]
+    assert all(isinstance(k, ContextParallelAttention) and k.kernel == "ulysses" for k in kernels)
+    assert not any(isinstance(k.local_kernel, ContextParallelAttention) for k in kernels)
+    set_context_parallel_active(model, False)
+    assert torch.equal(model.logits(tokens), expected)
+    set_context_parallel_active(model, True)
+    assert all(k.active for k in kernels)
+
+
+def test_scale_is_kept_when_swapping():
+    model = build_model(_MODEL)
+    model.blocks[0].attention.kernel.scale = 0.125
+    apply_context_parallel(model, None, "allgather")
+    assert model.blocks[0].attention.kernel.scale == 0.125
+    assert model.blocks[1].attention.kernel.scale is None
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(kernel="flash"), r"kernel 'flash' is unknown: use one of"),
+    (dict(kernel="ulysses", n_heads=6, cp=4), r"6 attention heads .* cp=4 .* use a cp that divides 6"),
+    (dict(seq_len=128, max_seq_len=64), r"sequence length 128 exceeds the model's max_seq_len=64"),
+    (dict(seq_len=36, cp=4), r"sequence length 36 .* pad or pack sequences to a multiple of 8"),
+    (dict(seq_len=30, cp=4, load_balance=False), r"sequence length 30 .* multiple of 4"),
+    (dict(cp=0), r"cp=0 is invalid"),
+])
+def test_validate_cp_errors(args, match):
+    full = dict(cp=2, kernel="ring", n_heads=4, seq_len=32, max_seq_len=64) | args
+    with pytest.raises(ValueError, match=match):
+        validate_cp(**full)
+
+
+def test_validate_cp_accepts_a_good_plan():
+    validate_cp(4, "ulysses", n_heads=8, seq_len=64, max_seq_len=64)
+    validate_cp(4, "ring", n_heads=3, seq_len=36, max_seq_len=64, load_balance=False)
+
+
+def test_shard_rejects_uneven_length():
+    with pytest.raises(ValueError, match=r"sequence length 10 .* multiple of 4"):
+        shard_for_context_parallel(torch.zeros(10), 0, 0, 2, load_balance=True)
+
+
+def test_unknown_kernel_rejected_at_construction():
+    with pytest.raises(ValueError, match="'flash' is unknown"):
+        ContextParallelAttention(None, "flash")

@@ -1,0 +1,331 @@
+"""The planner: hand-counted memory, hand-computed collective times, selection, errors, dry runs.
+
+Everything here is arithmetic on models built on the meta device, so the file runs in seconds.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lightning_attn_parallel.models import ModelConfig, build_model
+from lightning_attn_parallel.plan import ParallelPlan, PlanError
+from lightning_attn_parallel.planning import (H100_SXM, Calibration, ClusterSpec, GpuSpec, Group,
+                                              NoPlanFitsError, all_reduce_time, all_to_all_time,
+                                              analytic_counts, candidate_plans, dry_run,
+                                              estimate_memory, estimate_time, gpu_spec,
+                                              heuristic_plan, nearest_fit, parameter_counts,
+                                              precision_spec, reduce_scatter_time, select_plan)
+from lightning_attn_parallel.planning.counts import count_model
+from lightning_attn_parallel.planning.hardware import GIB
+
+MODELS_DIR = os.path.join(os.path.dirname(__file__), "..", "lightning_attn_parallel", "models")
+
+# 2 layers, d 8, 2 heads of 4, no GQA, ffn 16, vocab 16, 8 positions
+TINY = ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=16,
+                   max_seq_len=8)
+NO_SLACK = Calibration(fragmentation=0.0, cuda_context_gib=0.0)
+LLAMA3_8B = ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        ffn_dim=14336, max_seq_len=8192, rope_theta=500000.0)
+DEEPSEEK_67B = ModelConfig(vocab_size=102400, d_model=8192, n_layers=95, n_heads=64, n_kv_heads=8,
+                           ffn_dim=22016, max_seq_len=4096)
+ANCHOR_1B = ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                        ffn_dim=5632, max_seq_len=16384)
+DEEPSEEK_V2 = ModelConfig(family="deepseek", vocab_size=102400, d_model=5120, n_layers=60,
+                          n_heads=128, ffn_dim=12288, max_seq_len=4096, attention="mla",
+                          q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                          qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
+                          n_shared_experts=2, moe_top_k=6, moe_ffn_dim=1536,
+                          first_k_dense_replace=1, n_expert_groups=8, topk_groups=3)
+BIG_CLUSTER = ClusterSpec(num_nodes=16, gpus_per_node=8)
+
+
+# ---------------------------------------------------------------------------- parameters
+def test_tiny_parameter_count_by_hand():
+    embedding = head = 16 * 8
+    attention = 4 * 8 * 8  # wq, wk, wv, wo: 8 x 8 each
+    mlp = 3 * 8 * 16  # w1, w3: 8 -> 16; w2: 16 -> 8
+    norms = 2 * 8
+    final_norm = 8
+    counts = parameter_counts(TINY)
+    assert counts.source == "model"
+    assert counts.total == embedding + head + 2 * (attention + mlp + norms) + final_norm == 1576
+    assert counts.buffers == 2 * 2 * 8 * 2  # per layer: cos and sin, 8 positions x head_dim/2
+
+
+def test_analytic_count_matches_llama_builder():
+    for cfg in (TINY, LLAMA3_8B, replace(TINY, tie_embeddings=True)):
+        with torch.device("meta"):
+            built = count_model(build_model(cfg))
+        assert analytic_counts(cfg) == replace(built, source="analytic")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(MODELS_DIR, "deepseek.py")),
+                    reason="the deepseek builder is not in this tree yet")
+def test_analytic_count_matches_deepseek_builder():
+    lite = replace(DEEPSEEK_V2, d_model=2048, n_layers=27, n_heads=16, n_kv_heads=16, ffn_dim=10944,
+                   q_lora_rank=None, n_routed_experts=64, moe_ffn_dim=1408, n_expert_groups=1,
+                   topk_groups=1)
+    moe_gqa = replace(lite, attention="gqa", n_layers=28)
+    for cfg in (DEEPSEEK_V2, lite, moe_gqa):
+        with torch.device("meta"):
+            built = count_model(build_model(cfg))
+        analytic = analytic_counts(cfg)
+        assert analytic.total == built.total
+        assert set(analytic.blocks) == set(built.blocks)
+        assert analytic.active_matmul == pytest.approx(built.active_matmul, rel=1e-12)
+        assert analytic.buffers == pytest.approx(built.buffers, rel=0.01)
+    v2 = parameter_counts(DEEPSEEK_V2)
+    assert v2.total / 1e9 == pytest.approx(236, rel=0.01)  # published: 236B total, 21B active
+    assert v2.active(DEEPSEEK_V2) / 1e9 == pytest.approx(21, rel=0.03)
+
+
+# ---------------------------------------------------------------------------- memory by hand
+PARAMS = 1576
+BUFFERS = 64
+
+
+def test_state_bytes_bf16_mixed_replicated_by_hand():
+    m = estimate_memory(TINY, ParallelPlan(dp_replicate=2), 1, 8, "bf16-mixed", H100_SXM,
+                        calibration=NO_SLACK)
+    assert m.params == PARAMS * (4 + 2) + BUFFERS * 4  # fp32 master + autocast bf16 copy
+    assert m.grads == PARAMS * 4
+    assert m.optimizer == PARAMS * 2 * 4  # AdamW exp_avg + exp_avg_sq in fp32
+
+
+def test_state_bytes_sharded_by_two_by_hand():
+    m = estimate_memory(TINY, ParallelPlan(dp_replicate=1, dp_shard=2), 1, 8, "bf16-mixed",
+                        H100_SXM, calibration=NO_SLACK)
+    assert m.params == PARAMS / 2 * 4 + BUFFERS * 4  # buffers are not sharded
+    assert m.grads == PARAMS / 2 * 4
+    assert m.optimizer == PARAMS / 2 * 8
+    accumulating = estimate_memory(TINY, ParallelPlan(dp_replicate=1, dp_shard=2), 1, 8,
+                                   "bf16-mixed", H100_SXM, grad_accum=4, calibration=NO_SLACK)
+    assert accumulating.grads == PARAMS / 2 * 4 + PARAMS * 4  # unsharded grads while no-sync
+
+
+def test_state_bytes_bf16_true_by_hand():
+    m = estimate_memory(TINY, ParallelPlan(dp_replicate=2), 1, 8, "bf16-true", H100_SXM,
+                        calibration=NO_SLACK)
+    assert (m.params, m.grads, m.optimizer) == (PARAMS * 2 + BUFFERS * 2, PARAMS * 2, PARAMS * 4)
+
+
+def test_activations_none_versus_block_by_hand():
+    """bf16-true, eager: every saved tensor is 2 bytes per element; 8 tokens."""
+    d, f, tokens, vocab = 8, 16, 8, 16
+    attention = (2 * d  # block input saved by the attention norm
+                 + 2 * d  # norm output, saved once for wq, wk, wv
+                 + 5 * 2 * d  # q after RoPE, k, v, SDPA output, reshaped copy for wo
+                 + 4 * 2)  # fp32 log-sum-exp per head
+    ffn = (2 * d  # residual saved by the ffn norm
+           + 2 * d  # norm output for w1 and w3
+           + 4 * 2 * f)  # w1 out, SiLU out, w3 out, product
+    layer = attention + ffn
+    head = tokens * (2 * d + 2 * d) + tokens * vocab * 12  # final norm, head input, fp32 logits chain
+
+    def activations(policy: str) -> float:
+        plan = ParallelPlan(dp_replicate=1, activation_checkpointing=policy)
+        return estimate_memory(TINY, plan, 1, 8, "bf16-true", H100_SXM,
+                               calibration=NO_SLACK).activations
+
+    assert activations("none") == tokens * 2 * layer + head
+    # block: only each block's input is kept; one block is rebuilt at a time in backward
+    assert activations("block") == tokens * (2 * 2 * d + (layer - 2 * d)) + head
+    assert activations("block") < activations("selective") < activations("none")
+
+
+def test_parallel_degrees_divide_what_they_should():
+    base = estimate_memory(LLAMA3_8B, ParallelPlan(dp_replicate=1), 1, 8192, "bf16-mixed", H100_SXM)
+    tp = estimate_memory(LLAMA3_8B, ParallelPlan(dp_replicate=1, tp=8, sequence_parallel=True),
+                         1, 8192, "bf16-mixed", H100_SXM)
+    cp = estimate_memory(LLAMA3_8B, ParallelPlan(dp_replicate=1, cp=4, cp_kernel="ring"),
+                         1, 8192, "bf16-mixed", H100_SXM)
+    assert tp.optimizer < base.optimizer / 4  # embedding and head stay whole under tp
+    # per-head tensors and the MLP split by 8; gathered matmul inputs and full logits do not
+    assert base.activations / 4 < tp.activations < base.activations / 2
+    assert cp.activations == pytest.approx(base.activations / 4, rel=0.01)
+    assert cp.optimizer == base.optimizer
+    experts = parameter_counts(DEEPSEEK_V2).experts
+    for moe, saved in ((ParallelPlan(dp_replicate=8), experts * 7 / 8 * 8),
+                       # under FSDP the experts are already split 8 ways: ep only changes how
+                       (ParallelPlan(dp_replicate=1, dp_shard=8), 0.0)):
+        one = estimate_memory(DEEPSEEK_V2, moe, 1, 4096, "bf16-mixed", H100_SXM)
+        ep = estimate_memory(DEEPSEEK_V2, replace(moe, ep=8), 1, 4096, "bf16-mixed", H100_SXM)
+        assert one.optimizer - ep.optimizer == pytest.approx(saved)
+    long_ctx = estimate_memory(LLAMA3_8B, ParallelPlan(dp_replicate=1), 1, 8192, "bf16-mixed",
+                               H100_SXM, loss_chunk_tokens=1024)
+    assert base.activations - long_ctx.activations == pytest.approx(
+        (8192 - 1024) * 128256 * 12, rel=1e-9)  # chunked loss keeps one chunk of logits
+
+
+def test_memory_anchors_from_single_h100_measurements():
+    """DESIGN.md anchors (1.1B Llama shape, seq 2048, micro-batch 8, one H100), within 10%."""
+    single = ParallelPlan(dp_replicate=1)
+    for precision, compiled, measured in (("bf16-mixed", False, 59.7), ("bf16-true", False, 48.3),
+                                          ("bf16-mixed", True, 44.9)):
+        m = estimate_memory(ANCHOR_1B, replace(single, compile=compiled), 8, 2048, precision,
+                            H100_SXM)
+        assert m.total / GIB == pytest.approx(measured, rel=0.10)
+    # longest sequence at micro-batch 1: 16k fits, 32k runs out of memory
+    assert estimate_memory(ANCHOR_1B, single, 1, 16384, "bf16-mixed", H100_SXM).fits
+    assert not estimate_memory(ANCHOR_1B, single, 1, 32768, "bf16-mixed", H100_SXM).fits
+
+
+def test_precision_spellings():
+    assert precision_spec("bf16").name == precision_spec("bf16-mixed").name == "bf16-mixed"
+    assert precision_spec(32).name == "32-true"
+    with pytest.raises(ValueError, match="precision='64-true'"):
+        precision_spec("64-true")
+    assert gpu_spec("NVIDIA H100 80GB HBM3").bf16_tflops == 989.0
+    assert gpu_spec("NVIDIA H200").memory_gib > 130
+
+
+# ---------------------------------------------------------------------------- timing by hand
+EXACT = Calibration(collective_efficiency=1.0)
+NO_LATENCY = ClusterSpec(num_nodes=2, gpus_per_node=8, intra_node_alpha_s=0.0,
+                         inter_node_alpha_s=0.0)
+
+
+def test_all_reduce_inside_a_node_by_hand():
+    # ring: 2 (n-1)/n of 1 GB over 450 GB/s
+    assert all_reduce_time(1e9, Group(8), NO_LATENCY, EXACT) == pytest.approx(2 * 7 / 8 * 1e9 / 450e9)
+    assert reduce_scatter_time(1e9, Group(8), NO_LATENCY, EXACT) == pytest.approx(7 / 8 * 1e9 / 450e9)
+    with_latency = replace(NO_LATENCY, intra_node_alpha_s=5e-6)
+    assert all_reduce_time(1e9, Group(8), with_latency, EXACT) == pytest.approx(
+        2 * 7 / 8 * 1e9 / 450e9 + 2 * 7 * 5e-6)
+
+
+def test_all_reduce_across_nodes_by_hand():
+    # 16 ranks on 2 nodes: reduce-scatter in the node, all-reduce an eighth across, all-gather
+    hierarchical = 2 * (7 / 8 * 1e9 / 450e9) + 2 * (1 / 2) * (1e9 / 8) / 50e9
+    flat = 2 * 15 / 16 * 1e9 / 50e9
+    assert all_reduce_time(1e9, Group(16), NO_LATENCY, EXACT) == pytest.approx(min(hierarchical, flat))
+    # one rank per node (stride 8): every byte crosses the network
+    assert all_reduce_time(1e9, Group(2, stride=8), NO_LATENCY, EXACT) == pytest.approx(1e9 / 50e9)
+    # all-to-all over 16: 7/16 of the data on NVLink, 8/16 on the network, concurrently
+    assert all_to_all_time(1e9, Group(16), NO_LATENCY, EXACT) == pytest.approx(8 / 16 * 1e9 / 50e9)
+
+
+def test_step_time_arithmetic():
+    one = ClusterSpec(1, 1)
+    cal = Calibration(eager_efficiency=0.5)
+    t = estimate_time(ANCHOR_1B, ParallelPlan(), one, H100_SXM, 8, 2048, "bf16-true",
+                      calibration=cal)
+    tokens = 8 * 2048
+    assert t.compute_s == pytest.approx(t.flops_per_token * tokens / (989e12 * 0.5))
+    assert t.tp_s == t.cp_s == t.ep_s == t.dp_exposed_s == t.fsdp_exposed_s == 0.0
+    assert t.step_s == pytest.approx(t.compute_s + t.optimizer_s)
+    assert t.tokens_per_s_per_gpu == pytest.approx(tokens / t.step_s)
+    assert t.mfu == pytest.approx(t.flops_per_token * tokens / t.step_s / 989e12)
+    block = estimate_time(ANCHOR_1B, ParallelPlan(activation_checkpointing="block"), one,
+                          H100_SXM, 8, 2048, "bf16-true", calibration=cal)
+    assert 0.25 < block.recompute_s / block.compute_s < 1 / 3  # a forward of the blocks
+
+
+def test_gradient_reduction_hides_behind_backward_but_tp_does_not():
+    two_nodes = ClusterSpec(2, 8)
+    ddp = estimate_time(ANCHOR_1B, ParallelPlan(), two_nodes, H100_SXM, 8, 2048, "bf16-mixed")
+    assert ddp.dp_reduce_s > 0 and ddp.dp_exposed_s < ddp.dp_reduce_s
+    slow = replace(two_nodes, inter_node_gbps=0.5)
+    starved = estimate_time(ANCHOR_1B, ParallelPlan(), slow, H100_SXM, 8, 2048, "bf16-mixed")
+    backward = 2 / 3 * starved.compute_s
+    assert starved.dp_exposed_s == pytest.approx(starved.dp_reduce_s - backward)
+    tp = estimate_time(ANCHOR_1B, ParallelPlan(tp=8), two_nodes, H100_SXM, 8, 2048, "bf16-mixed")
+    assert tp.tp_s > 0 and tp.step_s > tp.compute_s + tp.tp_s
+
+
+def test_throughput_anchors_from_single_h100_measurements():
+    """The calibration points of DESIGN.md (tokens/s on one H100), within 5%."""
+    one = ClusterSpec(1, 1)
+    for precision, compiled, measured in (("bf16-mixed", False, 43700), ("bf16-true", False, 49900),
+                                          ("bf16-mixed", True, 66800)):
+        t = estimate_time(ANCHOR_1B, ParallelPlan(compile=compiled), one, H100_SXM, 8, 2048,
+                          precision)
+        assert t.tokens_per_s == pytest.approx(measured, rel=0.05)
+
+
+# ---------------------------------------------------------------------------- selection
+def test_candidates_are_valid_plans():
+    plans = candidate_plans(DEEPSEEK_V2, 128, 8, seq_len=4096)
+    assert len(plans) > 100
+    for plan in plans:
+        plan.resolve(128)
+        plan.check_model(DEEPSEEK_V2)
+        assert plan.tp <= 8 and 4096 % (2 * plan.cp) == 0
+
+
+def test_selection_shards_when_replication_does_not_fit():
+    small_card = GpuSpec("16 GiB card", 16.0, 989.0, 494.7, 66.9, 3350.0)
+    cluster = ClusterSpec(num_nodes=8, gpus_per_node=1)  # no tensor parallelism possible
+    plan, report = select_plan(ANCHOR_1B, cluster, small_card, 1, 2048, "bf16-mixed")
+    assert plan.sharded and report.fits
+    replicated = [e for e in report.candidates if not e.plan.sharded]
+    assert replicated and not any(e.fits for e in replicated)
+    assert "sharded over dp_shard" in report.reason and "replicated" in report.reason
+
+
+def test_impossible_configuration_names_the_numbers_and_the_nearest_fit():
+    with pytest.raises(NoPlanFitsError) as info:
+        select_plan(DEEPSEEK_67B, ClusterSpec(1, 8), H100_SXM, 4, 4096, "bf16-mixed")
+    err = info.value
+    assert isinstance(err, ValueError) and isinstance(err, PlanError)
+    message = str(err)
+    assert "micro_batch=4" in message and "79.1 GiB" in message
+    needed = float(re.search(r"needs ([\d.]+) GiB", message).group(1))
+    assert needed > 79.1
+    assert "Nearest fit: num_nodes=" in message
+    assert err.suggestions and err.suggestions[0].memory.fits
+
+
+def test_nearest_fit_for_a_manual_plan_prefers_checkpointing():
+    plan = ParallelPlan(dp_replicate=1)
+    assert not estimate_memory(ANCHOR_1B, plan, 16, 2048, "bf16-mixed", H100_SXM).fits
+    suggestions = nearest_fit(ANCHOR_1B, ClusterSpec(1, 1), H100_SXM, 16, 2048, "bf16-mixed",
+                              plan=plan)
+    assert suggestions[0].change.startswith("activation_checkpointing=")
+    assert suggestions[0].memory.fits
+    shorter = nearest_fit(LLAMA3_8B, ClusterSpec(1, 8), H100_SXM, 8, 8192, "bf16-mixed")
+    assert any(s.change.startswith("micro_batch=") for s in shorter)
+    assert nearest_fit(ANCHOR_1B, ClusterSpec(1, 1), H100_SXM, 1, 2048, "bf16-mixed",
+                       plan=plan) == []
+
+
+def test_heuristic_fallback():
+    assert heuristic_plan(1_000_000_000, 8, 8, 80).sharded is False
+    sharded = heuristic_plan(8_000_000_000, 16, 8, 80)
+    assert sharded.sharded and sharded.tp == 1
+    huge = heuristic_plan(400_000_000_000, 16, 8, 80, n_heads=64)
+    assert huge.tp == 8 and huge.activation_checkpointing == "block"
+
+
+# ---------------------------------------------------------------------------- dry runs
+def _reported_billions(report: str) -> float:
+    return float(re.search(r"parameters\s+([\d.,]+)B total", report).group(1).replace(",", ""))
+
+
+@pytest.mark.parametrize("cfg,seq_len,billions", [(LLAMA3_8B, 8192, 8.03),
+                                                  (DEEPSEEK_67B, 4096, 67.0)])
+def test_dry_run_reports_known_sizes_in_seconds(cfg, seq_len, billions):
+    start = time.perf_counter()
+    report = dry_run(cfg, BIG_CLUSTER, "h100", micro_batch=1, seq_len=seq_len)
+    assert time.perf_counter() - start < 5.0
+    assert _reported_billions(report) == pytest.approx(billions, rel=0.02)
+    table = [line for line in report.splitlines() if line.startswith("*")]
+    assert len(table) == 1 and " yes " in table[0]
+    assert "128 x H100 SXM" in report and "Why:" in report
+
+
+def test_dry_run_moe_and_requested_plan():
+    start = time.perf_counter()
+    report = dry_run(DEEPSEEK_V2, BIG_CLUSTER, "h100", micro_batch=1, seq_len=4096)
+    assert time.perf_counter() - start < 5.0
+    assert "235.74B total, 21.38B active" in report
+    requested = dry_run(DEEPSEEK_67B, BIG_CLUSTER, "h100", 1, 4096, plan=ParallelPlan(tp=8))
+    first_row = next(line for line in requested.splitlines() if line.startswith(">"))
+    assert "NO" in first_row and "nearest fit:" in requested
+    impossible = dry_run(DEEPSEEK_67B, ClusterSpec(1, 8), "h100", 4, 4096)
+    assert "No parallel plan fits" in impossible and "Nearest fit" in impossible

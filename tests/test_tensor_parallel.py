@@ -1,0 +1,122 @@
+"""Tensor parallelism is exact: loss, gradients and AdamW steps equal one process.
+
+All cases run in one 4-process spawn: tp=4 (KV heads replicated, since n_kv_heads=2 < tp) and
+2 replicas x tp=2 (KV heads sharded), each with and without sequence parallelism, plus tied
+embeddings and the error cases. The helpers here are shared by the FSDP and checkpoint tests.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from dist_utils import assert_close, run_distributed
+from lightning_attn_parallel.models import ModelConfig, build_model
+from lightning_attn_parallel.models.loss import cross_entropy_sum
+from lightning_attn_parallel.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    tp_replicated_parameters,
+)
+
+TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+SEQ = 8
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**{**TINY, **overrides}))
+
+
+def make_batch(rows: int, seed: int, seq: int = SEQ) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, TINY["vocab_size"], (rows, seq + 1), generator=gen)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def mean_loss(model, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token loss through the package's loss, the LM head applied to the final hidden states."""
+    total, count = cross_entropy_sum(model(tokens), model.output, targets)
+    return total / count
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def train(model, batches, lr: float = 1e-3, on_first_backward=None) -> list[float]:
+    """AdamW steps; each step's batch is a list of micro-batches whose mean losses are averaged."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    losses = []
+    for step, micro_batches in enumerate(batches):
+        step_loss = 0.0
+        for tokens, targets in micro_batches:
+            loss = mean_loss(model, tokens, targets) / len(micro_batches)
+            loss.backward()
+            step_loss += loss.item()
+        if step == 0 and on_first_backward is not None:
+            on_first_backward(model)
+        opt.step()
+        opt.zero_grad()
+        losses.append(step_loss)
+    return losses
+
+
+def _tp_case(tp_mesh, dp_rank: int, sequence_parallel: bool, **overrides) -> None:
+    name = f"tp={tp_mesh.size()} sp={sequence_parallel} {overrides}"
+    reference = tiny_model(**overrides)
+    model = apply_tensor_parallel(copy.deepcopy(reference), tp_mesh, sequence_parallel)
+    batches = [[make_batch(2, seed=100 * dp_rank + 10 * step + m) for m in range(2)]
+               for step in range(3)]
+    ref_grads = {}
+    ref_losses = train(reference, batches, on_first_backward=lambda m: ref_grads.update(
+        {n: p.grad.clone() for n, p in m.named_parameters()}))
+    tp_grads = {}
+    losses = train(model, batches, on_first_backward=lambda m: tp_grads.update(
+        {n: full(p.grad).clone() for n, p in m.named_parameters()}))
+    assert_close(torch.tensor(losses), torch.tensor(ref_losses), name=f"{name} losses")
+    for n, g in ref_grads.items():
+        assert_close(tp_grads[n], g, name=f"{name} grad {n}")
+    params = full_params(model)
+    for n, p in reference.named_parameters():
+        assert_close(params[n], p, name=f"{name} param {n}")
+    plain = {n for n, _ in tp_replicated_parameters(model)}
+    assert "output.weight" in plain and not any(".wq." in n for n in plain), plain
+
+
+def _error_cases(tp4, tp2) -> list[str]:
+    messages = []
+    for overrides, tp_mesh in ((dict(d_model=48, n_heads=6, n_kv_heads=6), tp4),
+                               (dict(d_model=48, n_heads=6, n_kv_heads=3), tp2)):
+        with pytest.raises(ValueError) as info:
+            apply_tensor_parallel(tiny_model(**overrides), tp_mesh)
+        messages.append(str(info.value))
+    model = apply_tensor_parallel(tiny_model(), tp4, sequence_parallel=True)
+    with pytest.raises(ValueError) as info:
+        model(make_batch(1, seed=0, seq=6)[0])
+    messages.append(str(info.value))
+    return messages
+
+
+def _tp_worker(rank: int, world: int) -> list[str]:
+    tp4 = init_device_mesh("cpu", (4,))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh.get_local_rank("dp")
+    for sp in (False, True):
+        _tp_case(tp4, 0, sp)  # n_kv_heads=2 < tp=4: KV projections replicated
+        _tp_case(mesh["tp"], dp_rank, sp)  # two replicas, each tp=2 with KV heads sharded
+    _tp_case(mesh["tp"], dp_rank, True, tie_embeddings=True)
+    return _error_cases(tp4, mesh["tp"])
+
+
+def test_tensor_parallel_parity_and_errors():
+    messages = run_distributed(_tp_worker, 4)[0]
+    assert "tp=4 does not divide n_heads=6" in messages[0]
+    assert "n_kv_heads=3" in messages[1] and "tp=2" in messages[1] and "choose tp among" in messages[1]
+    assert "sequence length (6)" in messages[2] and "tp=4" in messages[2]
