@@ -46,8 +46,9 @@ class CausalLMModule(L.LightningModule):
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to differentiate, mean token loss of the whole step to log)."""
         input_ids, labels = batch["input_ids"], batch["labels"]
-        if input_ids.shape[1] > self.model_config.max_seq_len * batch.get("cp_size", 1):
-            raise ValueError(f"batch sequence length {input_ids.shape[1]} exceeds the model's "
+        seq_len = batch.get("global_seq_len", input_ids.shape[1])
+        if seq_len > self.model_config.max_seq_len:
+            raise ValueError(f"batch sequence length {seq_len} exceeds the model's "
                              f"max_seq_len={self.model_config.max_seq_len}: raise model.max_seq_len or "
                              "lower data.seq_len")
         hidden = self.model(input_ids, batch.get("positions"))
@@ -80,10 +81,10 @@ class CausalLMModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        for module in self.model.modules():  # auxiliary-loss-free MoE balancing (DeepSeek-V3)
-            update = getattr(module, "update_bias", None)
-            if callable(update):
-                update()
+        if self.model_config.is_moe and self.model_config.bias_update_speed > 0:
+            from .models.deepseek import update_moe_biases
+
+            update_moe_biases(self.model)  # auxiliary-loss-free balancing (DeepSeek-V3)
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

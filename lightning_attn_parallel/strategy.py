@@ -154,6 +154,12 @@ class AttnHybridStrategy(ParallelStrategy):
         rank_zero_info(f"attn_hybrid: auto plan {plan.describe()}: {reason}")
         return plan
 
+    def _requested_plan_template(self) -> ParallelPlan:
+        """The user's options (bucket size, kernels, compile...) for the planner to keep."""
+        from dataclasses import replace
+
+        return replace(self._requested_plan, mode="manual")
+
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)

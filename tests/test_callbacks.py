@@ -131,9 +131,8 @@ def _item_key(item: Any) -> str:
     return item.key or ".".join(item.nested_key)
 
 
-def read_offline_run(run_files_dir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(history rows, final summary) of a finished offline run, from its .wandb file."""
-    (log_file,) = Path(run_files_dir).parent.glob("*.wandb")
+def _parse_run(log_file: Path) -> Optional[tuple[list[dict[str, Any]], dict[str, Any]]]:
+    """(history, summary), or None while the log has no exit record yet."""
     history, summary = [], {}
     for raw in _records(log_file):
         record = wandb_internal_pb2.Record()
@@ -143,7 +142,23 @@ def read_offline_run(run_files_dir: str) -> tuple[list[dict[str, Any]], dict[str
             history.append({_item_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             summary.update({_item_key(i): json.loads(i.value_json) for i in record.summary.update})
-    return history, summary
+        elif kind == "exit":
+            return history, summary
+    return None
+
+
+def read_offline_run(run_files_dir: str, timeout_s: float = 60.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(history rows, final summary) of a finished offline run, from its .wandb file.
+
+    wandb.finish() can return before the service process has written the log out, so this
+    waits for the exit record that closes a finished run's log.
+    """
+    (log_file,) = Path(run_files_dir).parent.glob("*.wandb")
+    deadline = time.monotonic() + timeout_s
+    while (run := _parse_run(log_file)) is None:
+        assert time.monotonic() < deadline, f"{log_file} has no exit record after {timeout_s}s"
+        time.sleep(0.2)
+    return run
 
 
 def logged_series(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
@@ -250,12 +265,12 @@ def test_profiler_writes_trace_and_layer_table(offline_run):
 
 
 # -- load balance over two processes ---------------------------------------------------------
-SLEEP_S = 0.05
+SLEEP_S = 0.1
 
 
 def _imbalanced_fit(rank: int, world_size: int, save_dir: str) -> list:
     callback = LoadBalanceCallback(log_every_n_steps=2)
-    fit_tiny(Path(save_dir) / f"rank{rank}", [callback], max_steps=4, log_every_n_steps=2,
+    fit_tiny(Path(save_dir) / f"rank{rank}", [callback], max_steps=6, log_every_n_steps=2,
              wandb_logger=False, slow_rank=1, sleep_s=SLEEP_S)
     return callback.history
 
@@ -263,27 +278,34 @@ def _imbalanced_fit(rank: int, world_size: int, save_dir: str) -> list:
 def test_load_balance_sees_a_slowed_rank(tmp_path):
     """Rank 1 sleeps SLEEP_S in every micro-batch, so its busy time per optimizer step exceeds
     rank 0's by ACCUMULATE x SLEEP_S (no gradient sync couples the two processes here, so
-    neither waits for the other inside a step). Tolerance: the ranks run identical work, so
-    the difference can deviate from the sleep only by sleep overshoot and scheduling jitter,
-    a few milliseconds on this machine; 20% of the 100 ms sleep covers that with margin.
+    neither waits for the other inside a step).
+
+    Tolerance: apart from the sleep both ranks run identical work, so the measured gap differs
+    from the sleep only by sleep overshoot and scheduling jitter of that work. The first window
+    also holds warm-up (lazy initialisation, allocator growth) whose length differs between
+    processes by tens of milliseconds, so it is only checked for the exact quantities; from the
+    second window on, jitter of a step of this tiny model stays well under 25% of the 200 ms
+    gap even on a loaded two-core machine (the gap is 50 times the unloaded compute time).
     """
     histories = run_distributed(_imbalanced_fit, 2, str(tmp_path))
     assert histories[0] == histories[1]  # gathered: both ranks log the same figures
+    assert [step for step, _ in histories[0]] == [2, 4, 6]
     expected_gap = ACCUMULATE * SLEEP_S
     attention_tflop = BATCH * SEQ * ACCUMULATE * attention_flops_per_token(TINY, SEQ) / 1e12
-    for step, row in histories[0]:
+    for window, (step, row) in enumerate(histories[0]):
         fast = row[m.per_rank(m.BALANCE_STEP_TIME, 0)]
         slow = row[m.per_rank(m.BALANCE_STEP_TIME, 1)]
-        assert slow - fast == pytest.approx(expected_gap, abs=0.2 * expected_gap), step
-        implied = expected_gap / (fast + expected_gap / 2)  # (max - min) / mean
-        assert row[m.imbalance(m.BALANCE_STEP_TIME)] == pytest.approx(implied, rel=0.2)
-        assert row[m.efficiency(m.BALANCE_STEP_TIME)] == pytest.approx(fast / slow)
+        assert row[m.efficiency(m.BALANCE_STEP_TIME)] == pytest.approx(min(fast, slow) / max(fast, slow))
         for rank in (0, 1):
             assert row[m.per_rank(m.BALANCE_TOKENS, rank)] == BATCH * SEQ * ACCUMULATE
             assert row[m.per_rank(m.BALANCE_ATTENTION_TFLOP, rank)] == pytest.approx(attention_tflop)
         assert row[m.imbalance(m.BALANCE_TOKENS)] == 0
         assert row[m.efficiency(m.BALANCE_ATTENTION_TFLOP)] == 1
-    assert [step for step, _ in histories[0]] == [2, 4]
+        if window == 0:
+            continue
+        assert slow - fast == pytest.approx(expected_gap, rel=0.25), step
+        implied = expected_gap / (fast + expected_gap / 2)  # (max - min) / mean
+        assert row[m.imbalance(m.BALANCE_STEP_TIME)] == pytest.approx(implied, rel=0.25), step
 
 
 # -- pure accounting -------------------------------------------------------------------------

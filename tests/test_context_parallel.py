@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from dist_utils import assert_close, run_distributed
 from lightning_attn_parallel.models import ModelConfig, build_model
 from lightning_attn_parallel.parallel.context_parallel import (
-    ContextParallelAttention, apply_context_parallel, context_parallel_chunks, context_parallel_positions,
-    gather_from_context_parallel, set_context_parallel_active, shard_for_context_parallel,
-    validate_cp)
+    ContextParallelAttention, apply_context_parallel, context_parallel_chunks,
+    context_parallel_positions, gather_from_context_parallel, set_context_parallel_active,
+    shard_for_context_parallel, validate_cp)
 from lightning_attn_parallel.parallel.cp_kernels import ring_block_plan
 
 KERNELS = ("allgather", "ring", "ulysses")

@@ -24,6 +24,15 @@ WORLD = 4
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These matmuls are tiny: threads only add contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cfg(**over) -> ModelConfig:
     base = dict(family="deepseek", vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_dim=48,
                 max_seq_len=64, attention="mla", kv_lora_rank=16, qk_nope_head_dim=8,

@@ -329,3 +329,20 @@ def test_dry_run_moe_and_requested_plan():
     assert "NO" in first_row and "nearest fit:" in requested
     impossible = dry_run(DEEPSEEK_67B, ClusterSpec(1, 8), "h100", 4, 4096)
     assert "No parallel plan fits" in impossible and "Nearest fit" in impossible
+
+
+def test_dry_run_from_a_training_config():
+    from omegaconf import OmegaConf
+
+    from lightning_attn_parallel.planning import dry_run_from_config
+
+    cfg = OmegaConf.create({
+        "trainer": {"num_nodes": 16, "accelerator": "gpu", "precision": "bf16-mixed",
+                    "accumulate_grad_batches": 4},
+        "data": {"micro_batch_size": 1, "seq_len": 4096},
+        "optim": {"loss_chunk_tokens": 4096}})
+    plan = ParallelPlan(dp_replicate=2, dp_shard=8, tp=8, activation_checkpointing="block")
+    report = dry_run_from_config(cfg, DEEPSEEK_67B, plan, 128, gpu="h100")
+    assert "accumulate 4" in report and "16 node(s) x 8 = 128" in report
+    # accumulating under FSDP keeps unsharded fp32 gradients; sequence parallelism frees enough
+    assert "nearest fit: sequence_parallel=True" in report

@@ -14,6 +14,7 @@ can be sliced across ranks and multiplied with one grouped GEMM.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -170,8 +171,9 @@ _GROUPED_MM_FAILED = False
 def _grouped_mm_dtype(x: torch.Tensor, experts: "RoutedExperts") -> Optional[torch.dtype]:
     """bf16 when `torch._grouped_mm` can run these rows on this GPU; None means loop instead.
 
-    Its signature is `_grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None)` (torch 2.8
-    through 2.13); CUDA needs bf16 operands whose rows are 16-byte aligned.
+    Called as `_grouped_mm(mat_a (N, K), mat_b (G, K, M), offs=int32 end offsets (G,))`, the
+    signature of torch 2.13 (`bias` and `out_dtype` follow); CUDA needs bf16 operands whose rows
+    are 16-byte aligned. A kernel that still refuses the call makes us loop from then on.
     """
     if _GROUPED_MM_FAILED or not x.is_cuda or x.shape[0] == 0 or not hasattr(torch, "_grouped_mm"):
         return None
@@ -196,8 +198,11 @@ def looped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: t
                   w2: torch.Tensor) -> torch.Tensor:
     """Reference path: one SwiGLU per expert. Experts without rows still run on an empty slice so
     every expert weight gets a (zero) gradient and hook-driven gradient reducers never wait."""
-    outs = [(F.silu(rows @ w1[e]) * (rows @ w3[e])) @ w2[e]
-            for e, rows in enumerate(x.split(counts.tolist()))]
+    # unbind (not w[e]) so the backward stacks the per-expert grads once instead of
+    # materialising a full (E, ...) zero gradient per expert.
+    outs = [(F.silu(rows @ gate) * (rows @ up)) @ down
+            for rows, gate, up, down in zip(x.split(counts.tolist()), w1.unbind(0), w3.unbind(0),
+                                            w2.unbind(0))]
     return torch.cat(outs)
 
 
@@ -376,16 +381,21 @@ def update_moe_biases(model: nn.Module, group: Optional[dist.ProcessGroup] = Non
 
 def moe_load_stats(model: nn.Module) -> dict[str, float]:
     """Per MoE layer: max and mean tokens per expert of the latest forward, their ratio
-    (1.0 is perfect balance) and the balance loss."""
+    (1.0 is perfect balance) and the balance loss. One device-to-host copy for all layers."""
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    loads = torch.stack([layer.tokens_per_expert.float() for _, layer in layers])
+    aux = torch.stack([layer.aux_loss.detach().float() if layer.aux_loss is not None
+                       else loads.new_full((), float("nan")) for _, layer in layers])
+    rows = torch.stack([loads.amax(1), loads.mean(1), aux.to(loads)], dim=1).tolist()
     stats: dict[str, float] = {}
-    for i, layer in moe_layers(model):
-        load = layer.tokens_per_expert.float()
-        mean = load.mean().item()
-        stats[f"moe/layer{i}/max_load"] = load.max().item()
-        stats[f"moe/layer{i}/mean_load"] = mean
-        stats[f"moe/layer{i}/imbalance"] = load.max().item() / mean if mean > 0 else 0.0
-        if layer.aux_loss is not None:
-            stats[f"moe/layer{i}/aux_loss"] = layer.aux_loss.detach().item()
+    for (i, _), (max_load, mean_load, aux_loss) in zip(layers, rows):
+        stats[f"moe/layer{i}/max_load"] = max_load
+        stats[f"moe/layer{i}/mean_load"] = mean_load
+        stats[f"moe/layer{i}/imbalance"] = max_load / mean_load if mean_load > 0 else 0.0
+        if not math.isnan(aux_loss):
+            stats[f"moe/layer{i}/aux_loss"] = aux_loss
     return stats
 
 

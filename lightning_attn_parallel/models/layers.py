@@ -91,11 +91,12 @@ class SwiGLU(nn.Module):
 
 
 def init_linear_weights(module: nn.Module, std: float) -> None:
-    """Deterministic normal init for every Linear/Embedding below `module`."""
+    """Deterministic init of every sub-module: normal(0, std) for Linear/Embedding weights, the
+    module's own `reset_parameters` for the rest (norms, RoPE tables, stacked experts)."""
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Embedding)):
             nn.init.normal_(sub.weight, mean=0.0, std=std)
             if getattr(sub, "bias", None) is not None:
                 nn.init.zeros_(sub.bias)
-        elif hasattr(sub, "reset_parameters") and isinstance(sub, (RMSNorm, RotaryEmbedding)):
+        elif sub is not module and callable(getattr(sub, "reset_parameters", None)):
             sub.reset_parameters()

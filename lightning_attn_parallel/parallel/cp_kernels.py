@@ -79,8 +79,8 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Te
     return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
 
-def _group_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
-    return dist.get_rank(group), dist.get_world_size(group)
+def _global_rank(group: Optional[dist.ProcessGroup], group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,22 +140,22 @@ def ring_block_plan(q_chunks: Chunks, k_chunks: Chunks) -> Optional[BlockPlan]:
     key form a suffix and the keys seen by any query form a prefix. Pure integer arithmetic:
     deciding to skip costs no device synchronisation.
     """
-    first_key = k_chunks[0][0]
-    last_query = q_chunks[-1][1] - 1
-    q_offset = k_offset = 0
-    q_start = k_stop = None
-    min_query = max_key = 0
-    for start, stop in q_chunks:
-        if q_start is None and stop - 1 >= first_key:
-            q_start, min_query = q_offset, start
-        q_offset += stop - start
-    for start, stop in k_chunks:
-        if start <= last_query:
-            k_stop, max_key = k_offset + stop - start, stop - 1
-        k_offset += stop - start
-    if q_start is None or k_stop is None:
+    first_key, last_query = k_chunks[0][0], q_chunks[-1][1] - 1
+    seen_queries = [i for i, (_, stop) in enumerate(q_chunks) if stop - 1 >= first_key]
+    seen_keys = [i for i, (start, _) in enumerate(k_chunks) if start <= last_query]
+    if not seen_queries or not seen_keys:
         return None
-    return BlockPlan(q_start, k_stop, masked=max_key > min_query)
+    first_q, last_k = seen_queries[0], seen_keys[-1]
+    return BlockPlan(q_start=_offsets(q_chunks)[first_q], k_stop=_offsets(k_chunks)[last_k + 1],
+                     masked=k_chunks[last_k][1] - 1 > q_chunks[first_q][0])
+
+
+def _offsets(chunks: Chunks) -> list[int]:
+    """Local index where each chunk starts, plus the local length at the end."""
+    offsets = [0]
+    for start, stop in chunks:
+        offsets.append(offsets[-1] + stop - start)
+    return offsets
 
 
 def _group_heads(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -164,7 +164,8 @@ def _group_heads(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     return x.reshape(b, n_kv_heads, h // n_kv_heads, s, d)
 
 
-def _scores(q5: torch.Tensor, k: torch.Tensor, scale: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _scores(q5: torch.Tensor, k: torch.Tensor, scale: float,
+            mask: Optional[torch.Tensor]) -> torch.Tensor:
     scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -210,10 +211,9 @@ class _Ring:
 
     def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
         self.group = group
-        self.rank, self.size = _group_size(group)
-        global_rank = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
-        self.next = global_rank((self.rank + 1) % self.size)
-        self.prev = global_rank((self.rank - 1) % self.size)
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.next = _global_rank(group, (self.rank + 1) % self.size)
+        self.prev = _global_rank(group, (self.rank - 1) % self.size)
 
     def shift(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Start sending `tensor` on; return a function that waits and gives what arrived."""
@@ -233,7 +233,8 @@ class _Ring:
         return wait
 
 
-def _block_mask(positions: Sequence[torch.Tensor], rank: int, src: int, plan: BlockPlan) -> Optional[torch.Tensor]:
+def _block_mask(positions: Sequence[torch.Tensor], rank: int, src: int,
+                plan: BlockPlan) -> Optional[torch.Tensor]:
     if not plan.masked:
         return None
     return positions[rank][plan.q_start:, None] >= positions[src][None, :plan.k_stop]
@@ -282,25 +283,24 @@ class _RingAttention(torch.autograd.Function):
             src = (ring.rank - step) % ring.size
             kv_arriving = ring.shift(kv) if step < ring.size - 1 else None
             plan = ctx.plans[src]
-            block = None
             if plan is not None:
                 k_blk, v_blk = _unpack(kv, [k.shape, v.shape])
                 rows = slice(plan.q_start, None)
-                dq_blk, *block = _block_backward(
+                dq_blk, dk_blk, dv_blk = _block_backward(
                     q5[..., rows, :], k_blk[..., :plan.k_stop, :].float(),
                     v_blk[..., :plan.k_stop, :].float(), dout5[..., rows, :], lse[..., rows],
                     delta[..., rows], ctx.scale, _block_mask(ctx.positions, ring.rank, src, plan))
                 dq5[..., rows, :] += dq_blk
             # The accumulator of block `src` comes from the rank that held it one step ago.
             dkv = grads_arriving() if grads_arriving else kv.new_zeros(kv.shape, dtype=torch.float32)
-            if block is not None:
+            if plan is not None:
                 dk, dv = _unpack(dkv, [k.shape, v.shape])
-                dk[..., :plan.k_stop, :] += block[0]
-                dv[..., :plan.k_stop, :] += block[1]
+                dk[..., :plan.k_stop, :] += dk_blk
+                dv[..., :plan.k_stop, :] += dv_blk
             grads_arriving = ring.shift(dkv)
             if kv_arriving is not None:
                 kv = kv_arriving()
-        dk, dv = _unpack(dkv, [k.shape, v.shape])  # one more hop: back to the owner
+        dk, dv = _unpack(grads_arriving(), [k.shape, v.shape])  # one more hop: back to the owner
         dq = dq5.reshape(q.shape)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
@@ -340,7 +340,7 @@ class _AllToAll(torch.autograd.Function):
         return (None, *_exchange(grads, ctx.group))
 
 
-def ulysses_kv_heads(n_heads: int, n_kv_heads: int, cp: int) -> int:
+def _ulysses_kv_heads(n_kv_heads: int, cp: int) -> int:
     """KV heads to send so that cp divides them and GQA pairs stay on one rank: lcm(Hkv, cp),
     which divides Hq because both Hkv and cp do."""
     return n_kv_heads * cp // math.gcd(n_kv_heads, cp)
@@ -362,7 +362,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cp = dist.get_world_size(group)
     n_heads = q.shape[1]
     check_ulysses_heads(n_heads, cp)
-    k, v = _repeat_kv(k, v, ulysses_kv_heads(n_heads, k.shape[1], cp))
+    k, v = _repeat_kv(k, v, _ulysses_kv_heads(k.shape[1], cp))
     q, k, v = (_ranks_to_seq(t) for t in _AllToAll.apply(
         group, _heads_to_ranks(q, cp), _heads_to_ranks(k, cp), _heads_to_ranks(v, cp)))
     if order is not None:

@@ -4,9 +4,31 @@ from __future__ import annotations
 from typing import Any
 
 from ..plan import ParallelPlan
+from .hardware import ClusterSpec, detect_gpu
+from .select import select_plan
+
+
+def _workload(module: Any, model_cfg: Any) -> tuple[int, int, int]:
+    """(micro-batch, sequence length, accumulation) of the coming run, from its data module."""
+    trainer = getattr(module, "_trainer", None)
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    micro_batch = getattr(datamodule, "micro_batch_size", 1)
+    seq_len = getattr(datamodule, "seq_len", model_cfg.max_seq_len)
+    accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
+    return micro_batch, seq_len, accumulate
 
 
 def auto_plan_for_strategy(model_cfg: Any, strategy: Any, module: Any) -> tuple[ParallelPlan, str]:
-    """(plan, reason) for `model_cfg` on the strategy's world; plain data parallelism when the
-    planner has nothing better."""
-    return ParallelPlan(), f"data parallelism over {strategy.world_size} ranks"
+    """(plan, reason) for `model_cfg` on the strategy's world.
+
+    On a CPU there is no card to plan against, so data parallelism is used; on GPUs the planner
+    picks the fastest plan that fits and explains why.
+    """
+    if strategy.root_device.type != "cuda":
+        return ParallelPlan(), f"data parallelism over {strategy.world_size} CPU processes"
+    micro_batch, seq_len, accumulate = _workload(module, model_cfg)
+    cluster = ClusterSpec(num_nodes=strategy.num_nodes, gpus_per_node=strategy.num_processes)
+    plan, report = select_plan(model_cfg, cluster, detect_gpu(), micro_batch, seq_len,
+                               str(strategy.precision_plugin.precision), grad_accum=accumulate,
+                               template=strategy._requested_plan_template())
+    return plan, report.reason

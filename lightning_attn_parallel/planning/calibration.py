@@ -26,6 +26,7 @@ class Calibration:
     dp_overlap: float = 1.0  # fraction of backward time that can hide gradient reduction
     fsdp_overlap: float = 1.0  # fraction of compute time that can hide FSDP all-gathers
     # ---- memory
+    usable_memory_fraction: float = 0.95  # headroom for the +-10% error seen on the anchors
     cuda_context_gib: float = 1.0  # CUDA context, cuBLAS workspaces, NCCL channels
     fragmentation: float = 0.10  # allocator slack on activation memory (caching allocator)
     fsdp_prefetch_units: int = 2  # FSDP unsharded units alive at once (current + prefetched)

@@ -256,4 +256,5 @@ def parameter_counts(cfg: ModelConfig) -> ParamCounts:
     return _CACHE[key]
 
 
-__all__ = ["BlockCounts", "ParamCounts", "ModelSummary", "parameter_counts", "count_model", "analytic_counts"]
+__all__ = ["BlockCounts", "ParamCounts", "ModelSummary", "parameter_counts", "count_model",
+           "analytic_counts"]

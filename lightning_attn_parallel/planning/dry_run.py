@@ -6,12 +6,13 @@ dry run for a 16-node recipe finishes in seconds on a laptop.
 from __future__ import annotations
 
 import textwrap
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from ..models.config import ModelConfig
 from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, Calibration
-from .hardware import CPU, GIB, H100_SXM, ClusterSpec, GpuSpec, detect_gpu, gpu_spec
+from .hardware import CPU, H100_SXM, ClusterSpec, GpuSpec, detect_gpu, gpu_spec
+from .memory import precision_spec
 from .select import (Evaluation, NoPlanFitsError, PlanReport, Workload, choose, evaluate_layouts,
                      make_workload, nearest_fit)
 
@@ -74,15 +75,18 @@ def _model_line(cfg: ModelConfig) -> str:
 def _header(work: Workload, gpu_note: str) -> list[str]:
     cfg, summary = work.model_cfg, work.counts.summary(work.model_cfg, work.seq_len)
     gpu, cluster = work.gpu, work.cluster
-    peak = gpu.peak_flops(2 if work.precision != "32-true" else 4) / 1e12
+    peak = gpu.peak_flops(precision_spec(work.precision).compute_bytes) / 1e12
+    usable = gpu.memory_gib * work.calibration.usable_memory_fraction
+    source = "model built on the meta device" if summary.source == "model" else "config"
     return [
         f"Dry run: {_model_line(cfg)}",
         f"  parameters   {summary.total / 1e9:,.2f}B total, {summary.active / 1e9:,.2f}B active per "
-        f"token (counted from the {'model built on the meta device' if summary.source == 'model' else 'config'})",
+        f"token (counted from the {source})",
         f"  FLOPs/token  {summary.flops_per_token / 1e9:,.1f} GFLOP at seq_len {work.seq_len} "
         "(6 x active matmul params + attention)",
         f"  GPUs         {cluster.num_nodes} node(s) x {cluster.gpus_per_node} = {cluster.world_size} "
-        f"x {gpu.name}{gpu_note}: {gpu.memory_gib:.1f} GiB, {peak:,.0f} TFLOP/s peak",
+        f"x {gpu.name}{gpu_note}: {gpu.memory_gib:.1f} GiB ({usable:.1f} usable), "
+        f"{peak:,.0f} TFLOP/s peak",
         f"  workload     micro_batch {work.micro_batch} x {work.seq_len} tokens per data-parallel "
         f"rank, accumulate {work.grad_accum}, precision {work.precision}",
     ]
@@ -154,4 +158,26 @@ def dry_run(model_cfg: ModelConfig, cluster: ClusterSpec, gpu: Union[GpuSpec, st
     return "\n".join(lines + [""] + _closing(work, report, failure, requested))
 
 
-__all__ = ["dry_run", "resolve_gpu"]
+def dry_run_from_config(cfg: Any, model_cfg: ModelConfig, plan: ParallelPlan, world_size: int,
+                        gpu: Union[GpuSpec, str, None] = None) -> str:
+    """The dry run for a training config (trainer, data, optim groups) and its requested plan.
+
+    The cluster's link speeds are the plan's own (intra_node_gbps, inter_node_gbps), so the
+    report and the reducer's flat/hierarchical choice reason about the same network. A config
+    that trains on CPU is planned against the CPU stand-in.
+    """
+    num_nodes = int(cfg.trainer.num_nodes)
+    if world_size % num_nodes:
+        raise ValueError(f"world size {world_size} is not a multiple of trainer.num_nodes="
+                         f"{num_nodes}: set trainer.devices to the GPUs of one node")
+    cluster = ClusterSpec(num_nodes=num_nodes, gpus_per_node=world_size // num_nodes,
+                          intra_node_gbps=plan.intra_node_gbps, inter_node_gbps=plan.inter_node_gbps)
+    if gpu is None and str(cfg.trainer.accelerator) == "cpu":
+        gpu = CPU
+    return dry_run(model_cfg, cluster, gpu, micro_batch=int(cfg.data.micro_batch_size),
+                   seq_len=int(cfg.data.seq_len), precision=cfg.trainer.precision, plan=plan,
+                   grad_accum=int(cfg.trainer.accumulate_grad_batches),
+                   loss_chunk_tokens=cfg.optim.loss_chunk_tokens)
+
+
+__all__ = ["dry_run", "dry_run_from_config", "resolve_gpu"]

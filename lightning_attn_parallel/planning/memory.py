@@ -30,6 +30,7 @@ from math import ceil
 from typing import Optional
 
 from ..models.config import ModelConfig
+from ..models.flops import attention_dims
 from ..plan import ParallelPlan, PlanError
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ParamCounts, parameter_counts
@@ -82,7 +83,7 @@ class MemoryEstimate:
     activations: float
     comm: float
     overhead: float
-    capacity: float
+    capacity: float  # what a plan may use: the card's memory less the calibrated headroom
 
     @property
     def total(self) -> float:
@@ -104,7 +105,7 @@ class MemoryEstimate:
         g = self.gib()
         return (f"{g['total']:.1f} GiB (params {g['params']:.1f}, grads {g['grads']:.1f}, optimizer "
                 f"{g['optimizer']:.1f}, activations {g['activations']:.1f}, comm {g['comm']:.1f}, "
-                f"CUDA overhead {g['overhead']:.1f}) of {g['capacity']:.1f} GiB")
+                f"CUDA overhead {g['overhead']:.1f}) of {g['capacity']:.1f} GiB usable")
 
 
 # ------------------------------------------------------------------------- sharding
@@ -175,7 +176,6 @@ class _Sublayer:
     norm_input: float  # the residual stream saved by the pre-norm
     body: float  # everything saved inside the sublayer, matmul-input casts included
     selective: float  # what selective checkpointing keeps: matmul and attention outputs
-    checkpoint_input: float  # the sublayer's input when only the sublayer is checkpointed
 
     @property
     def full(self) -> float:
@@ -229,7 +229,7 @@ def _gqa(s: _Shape) -> _Sublayer:
         head_tensors += (s.cp - 1) * 2 * a * q
     body = s.matmul_inputs(3) + head_tensors
     selective = a * (q + 2 * kv) + a * q + 4 * heads + a * s.d_norm
-    return _Sublayer(s.r * s.d_norm, body, selective, s.r * s.d_norm)
+    return _Sublayer(s.r * s.d_norm, body, selective)
 
 
 def _mla(s: _Shape) -> _Sublayer:
@@ -241,21 +241,23 @@ def _mla(s: _Shape) -> _Sublayer:
     q_latent = (a + c) * cfg.q_lora_rank if cfg.q_lora_rank else 0.0
     kv_latent = a * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + c * cfg.kv_lora_rank
     kv_up = a * heads * (cfg.qk_nope_head_dim + v)
-    head_tensors = a * heads * (2 * qk + (2 if s.compiled else 3) * v) + 4 * heads
+    # q and k after concatenating the RoPE part, SDPA output, the reshaped copy for wo (eager);
+    # v is a view into kv_up's output
+    head_tensors = a * heads * (2 * qk + (1 if s.compiled else 2) * v) + 4 * heads
     if s.cp_allgather:
         head_tensors += (s.cp - 1) * a * heads * (qk + v)
     body = s.matmul_inputs(2) + q_latent + kv_latent + kv_up + head_tensors
     q_out = a * heads * qk + (a * cfg.q_lora_rank if cfg.q_lora_rank else 0.0)
     selective = (q_out + a * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + kv_up + a * heads * v
                  + 4 * heads + a * s.d_norm)
-    return _Sublayer(s.r * s.d_norm, body, selective, s.r * s.d_norm)
+    return _Sublayer(s.r * s.d_norm, body, selective)
 
 
 def _dense_ffn(s: _Shape) -> _Sublayer:
     hidden = s.cfg.ffn_dim / s.tp
     body = s.matmul_inputs(2) + s.swiglu_inner(hidden)
     selective = 2 * s.a * hidden + s.a * s.d_norm
-    return _Sublayer(s.r * s.d_norm, body, selective, s.r * s.d_norm)
+    return _Sublayer(s.r * s.d_norm, body, selective)
 
 
 def _moe_ffn(s: _Shape, imbalance: float) -> _Sublayer:
@@ -268,16 +270,15 @@ def _moe_ffn(s: _Shape, imbalance: float) -> _Sublayer:
     selective = (4 * cfg.n_routed_experts
                  + cfg.moe_top_k * imbalance * (2 * a * cfg.moe_ffn_dim + a * d)
                  + (2 * a * shared_width + a * d if shared_width else 0.0))
-    return _Sublayer(s.r * s.d_norm, (router + routed + shared) / s.tp, selective / s.tp,
-                     s.r * s.d_norm)
+    return _Sublayer(s.r * s.d_norm, (router + routed + shared) / s.tp, selective / s.tp)
 
 
 def _layer_bytes(attn: _Sublayer, ffn: _Sublayer, policy: str) -> float:
     """Bytes per token a layer keeps until its backward under a checkpointing policy."""
     if policy == "none":
         return attn.full + ffn.full
-    if policy == "attention":
-        return attn.norm_input + attn.checkpoint_input + ffn.full
+    if policy == "attention":  # the norm keeps its input, the checkpoint keeps the norm output
+        return 2 * attn.norm_input + ffn.full
     if policy == "block":
         return attn.norm_input
     if policy == "selective":
@@ -363,8 +364,11 @@ def comm_bytes(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, micro_
         total += 2 * tokens / plan.tp * cfg.moe_top_k * cfg.d_model * p.compute_bytes * cal.moe_imbalance
     if plan.cp > 1 and plan.cp_kernel == "ring":
         total += 2 * tokens * kv_width(cfg, plan.tp) * p.compute_bytes
-    if plan.cp > 1 and plan.cp_kernel == "ulysses":
-        total += 2 * tokens * 3 * cfg.n_heads / plan.tp * cfg.head_dim * p.compute_bytes
+    if plan.cp > 1 and plan.cp_kernel == "ulysses":  # q, k, v sent and received
+        qk, v = attention_dims(cfg)
+        kv_heads = cfg.n_kv_heads if cfg.attention == "gqa" else cfg.n_heads
+        width = (cfg.n_heads * qk + kv_heads * (qk + v)) / plan.tp
+        total += 2 * tokens * width * p.compute_bytes
     return total
 
 
@@ -398,7 +402,7 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
     comm = comm_bytes(model_cfg, counts, plan, micro_batch, seq_len, p, calibration)
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
                           comm=comm, overhead=calibration.cuda_context_gib * GIB,
-                          capacity=gpu.memory_bytes)
+                          capacity=gpu.memory_bytes * calibration.usable_memory_fraction)
 
 
 __all__ = ["MemoryEstimate", "PrecisionSpec", "LocalParams", "PRECISIONS", "precision_spec",

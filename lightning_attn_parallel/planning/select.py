@@ -20,7 +20,7 @@ from .memory import MemoryEstimate, estimate_memory, precision_spec
 from .timing import TimingEstimate, estimate_time, recompute_share
 
 MIN_CP_CHUNK = 2048  # context parallelism is only proposed while each rank keeps this many tokens
-MAX_NODES_FACTOR = 64  # nearest_fit looks at up to this many times the nodes
+MAX_GPUS = 16384  # nearest_fit doubles the nodes up to this many GPUs
 MIN_SEQ_LEN = 128
 
 
@@ -102,6 +102,8 @@ def _cp_degrees(rest: int, seq_len: Optional[int]) -> list[int]:
 
 
 def _cp_kernels(cfg: ModelConfig, tp: int, cp: int) -> list[str]:
+    """Ulysses needs whole query and KV heads on every rank; it is proposed for GQA models only
+    (MLA models get all-gather and ring)."""
     if cp == 1:
         return ["allgather"]
     kernels = ["allgather", "ring"]
@@ -294,14 +296,16 @@ def _reason(chosen: Evaluation, ranked: list[Evaluation], work: Workload) -> str
     fitting = [e for e in ranked if e.fits]
     parts = [f"{plan.describe()} with {_ac_text(plan)} is the fastest of {len(fitting)} layouts "
              f"that fit ({len(ranked)} evaluated): {t.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, "
-             f"MFU {t.mfu:.0%}, {m.total / GIB:.1f} of {m.capacity / GIB:.1f} GiB.",
+             f"MFU {t.mfu:.0%}, {m.total / GIB:.1f} of {m.capacity / GIB:.1f} usable GiB.",
              _sharding_text(chosen, ranked)]
     if plan.tp > 1:
         parts.append(f"Tensor parallelism {plan.tp} stays inside a node; its exposed collectives "
                      f"take {_share(t.tp_s, t.step_s)} of the step.")
     if plan.cp > 1:
+        cost = ("hides behind attention" if t.cp_s == 0 else
+                f"takes {_share(t.cp_s, t.step_s)} of the step")
         parts.append(f"Context parallelism {plan.cp} ({plan.cp_kernel}) splits the {work.seq_len}-"
-                     f"token sequence; its exchange takes {_share(t.cp_s, t.step_s)} of the step.")
+                     f"token sequence; its exchange {cost}.")
     if plan.ep > 1:
         parts.append(f"Experts are spread over ep={plan.ep}; the all-to-alls take "
                      f"{_share(t.ep_s, t.step_s)} of the step.")
@@ -324,13 +328,14 @@ class FitSuggestion:
 
     def __str__(self) -> str:
         return (f"{self.change} -> {self.memory.total / GIB:.1f} of {self.memory.capacity / GIB:.1f}"
-                f" GiB with {self.plan.describe()}, {_ac_text(self.plan)}")
+                f" usable GiB with {self.plan.describe()}, {_ac_text(self.plan)}")
 
 
 def _plan_changes(work: Workload, plan: ParallelPlan) -> list[FitSuggestion]:
-    """Checkpointing alone, then sharding (same tp/cp/ep) with the least checkpointing."""
-    found = []
+    """Changes to a plan, nearest first: checkpointing alone; sequence parallelism (when tp > 1);
+    more sharding with the same tp/cp/ep. Each comes with the least checkpointing that fits."""
     options = _options_by_recompute(work)
+    found = []
     for option in options:
         candidate = _with_checkpointing(plan, option)
         memory = work.memory(candidate)
@@ -339,14 +344,23 @@ def _plan_changes(work: Workload, plan: ParallelPlan) -> list[FitSuggestion]:
                                        + (f", ac_every_n={option[1]}" if option[1] > 1 else ""),
                                        candidate, memory))
             break
+    if plan.tp > 1 and not plan.sequence_parallel:
+        found += _first_layout_fit(work, [("sequence_parallel=True",
+                                           replace(plan, sequence_parallel=True))], options)
     dp = plan.dp_replicate * plan.dp_shard
-    for dp_shard in (d for d in _divisors(dp) if d > plan.dp_shard):
-        evaluation = _best_for_layout(work, replace(plan, dp_shard=dp_shard,
-                                                    dp_replicate=dp // dp_shard), options)
-        if evaluation.fits:
-            found.append(FitSuggestion(f"dp_shard={dp_shard}", evaluation.plan, evaluation.memory))
-            break
+    found += _first_layout_fit(work, [(f"dp_shard={d}", replace(plan, dp_shard=d,
+                                                                dp_replicate=dp // d))
+                                      for d in _divisors(dp) if d > plan.dp_shard], options)
     return found
+
+
+def _first_layout_fit(work: Workload, trials: list[tuple[str, ParallelPlan]],
+                      options: list[tuple[str, int]]) -> list[FitSuggestion]:
+    for change, layout in trials:
+        evaluation = _best_for_layout(work, layout, options)
+        if evaluation.fits:
+            return [FitSuggestion(change, evaluation.plan, evaluation.memory)]
+    return []
 
 
 def _halvings(value: int, floor: int) -> Iterator[int]:
@@ -362,7 +376,8 @@ def _workload_changes(work: Workload) -> list[FitSuggestion]:
                          replace(work, micro_batch=mb,
                                  grad_accum=work.grad_accum * work.micro_batch // mb))
                         for mb in _halvings(work.micro_batch, 1)])
-    nodes = [work.cluster.num_nodes * k for k in (2, 4, 8, 16, 32, MAX_NODES_FACTOR)]
+    nodes = [work.cluster.num_nodes * 2 ** k for k in range(1, 32)
+             if work.cluster.num_nodes * 2 ** k * work.cluster.gpus_per_node <= MAX_GPUS]
     found += _first_fit([(f"num_nodes={n} ({n * work.cluster.gpus_per_node} GPUs)",
                           replace(work, cluster=replace(work.cluster, num_nodes=n))) for n in nodes])
     found += _first_fit([(f"seq_len={s}", replace(work, seq_len=s))
@@ -386,8 +401,8 @@ def nearest_fit(model_cfg: ModelConfig, cluster: ClusterSpec, gpu: GpuSpec, micr
                 plan: Optional[ParallelPlan] = None, grad_accum: int = 1,
                 loss_chunk_tokens: Optional[int] = None,
                 calibration: Calibration = DEFAULT_CALIBRATION) -> list[FitSuggestion]:
-    """Changes that make the run fit, nearest first: for a given `plan`, checkpointing and then
-    sharding; then any plan on this cluster; then a smaller micro-batch (keeping the batch by
+    """Changes that make the run fit, nearest first: for a given `plan`, checkpointing, sequence
+    parallelism and sharding; then any plan on this cluster; then a smaller micro-batch (keeping the batch by
     accumulation), more nodes, a shorter sequence and, last, bf16-true. [] when it fits."""
     work = make_workload(model_cfg, cluster, gpu, micro_batch, seq_len, precision,
                          grad_accum=grad_accum, loss_chunk_tokens=loss_chunk_tokens,
@@ -474,8 +489,9 @@ def heuristic_plan(n_params: int, world_size: int, gpus_per_node: int, gpu_memor
     """A rule of thumb for a model the planner cannot describe (only its size is known).
 
     Keep half the card for activations: replicate when the training state fits that half,
-    otherwise shard it over as few ranks as needed; if even full sharding does not, add tensor
-    parallelism inside a node (needs `n_heads`) and checkpoint every block.
+    otherwise shard it over as few ranks as needed; if even full sharding does not, shrink the
+    activations instead: tensor parallelism inside a node (needs `n_heads`) and checkpointing
+    of every block.
     """
     p = precision_spec(precision)
     per_param = p.param_bytes + p.grad_bytes + 2 * p.state_bytes + (p.compute_bytes if p.autocast else 0)

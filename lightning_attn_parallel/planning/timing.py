@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..models.config import ModelConfig
+from ..models.flops import attention_dims
 from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ParamCounts, parameter_counts
@@ -113,6 +114,7 @@ def _groups(plan: ParallelPlan) -> dict[str, Group]:
         "cp": Group(cp, tp),
         "dp_cp": Group(dr * ds * cp, tp),  # replicated dense gradients: dp x cp
         "shard": Group(ds, tp * cp),
+        # dp_replicate x cp ranks; with cp > 1 they are unevenly spaced, costed as if tp apart
         "replicate": Group(dr * cp, tp * cp * ds if cp == 1 else tp),
         "ep": Group(ep, 1),
         "edp": Group(plan.world_size // ep, ep),
@@ -231,13 +233,25 @@ def _cp_time(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: in
     kv = micro_batch * seq_len * kv_width(cfg, plan.tp) * p.compute_bytes
     layers = cfg.n_layers
     if plan.cp_kernel == "ulysses":
-        local = micro_batch * seq_len / plan.cp * cfg.n_heads / plan.tp * cfg.head_dim * p.compute_bytes
-        return 8 * layers * all_to_all_time(local, group, cluster, cal)
+        return 2 * layers * _ulysses_exchange(cfg, plan, micro_batch * seq_len / plan.cp, p,
+                                              cluster, cal)
     gather = all_gather_time(kv, group, cluster, cal)
     if plan.cp_kernel == "ring":
         return max(0.0, 3 * layers * gather - attention_s)
-    redo = checkpointed_layers(cfg, plan) if plan.activation_checkpointing in ("block", "attention") else 0
+    recomputes_attention = plan.activation_checkpointing in ("block", "attention")
+    redo = checkpointed_layers(cfg, plan) if recomputes_attention else 0
     return (layers + redo) * gather + layers * reduce_scatter_time(kv, group, cluster, cal)
+
+
+def _ulysses_exchange(cfg: ModelConfig, plan: ParallelPlan, tokens: float, p: PrecisionSpec,
+                      cluster: ClusterSpec, cal: Calibration) -> float:
+    """One direction's four all-to-alls: q, k, v to head-sharded layout and the output back."""
+    qk, v = attention_dims(cfg)
+    kv_heads = cfg.n_kv_heads if cfg.attention == "gqa" else cfg.n_heads
+    widths = (cfg.n_heads * qk, kv_heads * qk, kv_heads * v, cfg.n_heads * v)
+    group = Group(plan.cp, plan.tp)
+    return sum(all_to_all_time(tokens * w / plan.tp * p.compute_bytes, group, cluster, cal)
+               for w in widths)
 
 
 def _ep_time(cfg: ModelConfig, plan: ParallelPlan, tokens: float, p: PrecisionSpec,
@@ -338,5 +352,5 @@ def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSp
         flops_per_token=work.total, peak_flops=peak)
 
 
-__all__ = ["Group", "TimingEstimate", "estimate_time", "recompute_share", "all_reduce_time", "reduce_scatter_time",
-           "all_gather_time", "all_to_all_time"]
+__all__ = ["Group", "TimingEstimate", "estimate_time", "recompute_share", "all_reduce_time",
+           "reduce_scatter_time", "all_gather_time", "all_to_all_time"]

@@ -1,0 +1,116 @@
+"""Structured config schemas for train.py, and the registration of recipes.
+
+Every group of conf/ is validated against a dataclass here, so a misspelt key or a value of the
+wrong type fails when Hydra composes the config, naming the key, before any process starts.
+Recipes (recipes/*.yaml) are registered in Hydra's ConfigStore under the group `recipe`, so
+`+recipe=NAME` finds them and an unknown name lists the available ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from .models.config import ModelConfig
+from .plan import ParallelPlan
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = PROJECT_ROOT / "recipes"
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"
+    seq_len: int = 256
+    micro_batch_size: int = 16
+    train_path: Optional[str] = None
+    val_path: Optional[str] = None
+    dtype: str = "uint16"
+    cache_dir: str = "~/.cache/lightning_attn_parallel"
+    val_fraction: float = 0.05
+    num_workers: int = 0
+    lengths: Optional[list[int]] = None  # mixed sequence lengths, one drawn per batch
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_steps: int = 300
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    val_check_interval: Any = 100
+    limit_val_batches: Any = 20
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    enable_checkpointing: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "attn_hybrid"  # or any Lightning strategy name, for comparisons
+    plan: ParallelPlan = field(default_factory=ParallelPlan)
+    save_distributed_checkpoint: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    loss_chunk_tokens: Optional[int] = None
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | csv | none
+    project: str = "lightning-attn-parallel"
+    offline: bool = True
+
+
+@dataclass
+class CallbacksConfig:
+    enabled: bool = True
+    log_every_n_steps: int = 10
+    peak_tflops: Optional[float] = None
+    profile_steps: Optional[list[int]] = None
+    report: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    smoke: bool = False  # set by +scale=smoke: shrink widths and depths, keep the structure
+    recipe_name: str = "default"
+    dry_run: bool = False
+    seed: int = 1234
+    run_dir: str = "runs/${recipe_name}"
+    ckpt_path: Optional[str] = None
+    export_path: Optional[str] = None  # write a consolidated model file at the end
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def register_configs() -> None:
+    """Register the schema and every recipe with Hydra (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        node = OmegaConf.load(path)
+        node.recipe_name = path.stem
+        store.store(group="recipe", name=path.stem, node=node, package="_global_")
