@@ -74,6 +74,7 @@ class AttnHybridStrategy(ParallelStrategy):
         self.meshes: Optional[ParallelMeshes] = None
         self.gradient_reducer: Optional[GradientReducer] = None
         self.fully_sharded = False
+        self.context_parallel = None
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -217,15 +218,24 @@ class AttnHybridStrategy(ParallelStrategy):
                 process_group=dist.group.WORLD)
 
     # ------------------------------------------------------------------ training step
+    def _layout_batch(self, args: tuple, log: bool) -> tuple:
+        """Context parallelism: split this batch along the sequence or the batch (decided by
+        its length) and tell the module the global sequence length (for FLOP counts)."""
+        if self.context_parallel is None or not args:
+            return args
+        batch = self.context_parallel.prepare_batch(args[0])
+        module = self.lightning_module
+        module.global_seq_len = batch["global_seq_len"]
+        if log:
+            module.log("parallel/context_parallel_active",
+                       float(self.context_parallel.last_mode == "context"), on_step=True)
+        return (batch,) + tuple(args[1:])
+
     def training_step(self, *args: Any, **kwargs: Any):
-        if getattr(self, "context_parallel", None) is not None and args:
-            args = (self.context_parallel.prepare_batch(args[0]),) + tuple(args[1:])
-        return super().training_step(*args, **kwargs)
+        return super().training_step(*self._layout_batch(args, log=True), **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any):
-        if getattr(self, "context_parallel", None) is not None and args:
-            args = (self.context_parallel.prepare_batch(args[0]),) + tuple(args[1:])
-        return super().validation_step(*args, **kwargs)
+        return super().validation_step(*self._layout_batch(args, log=False), **kwargs)
 
     def pre_backward(self, closure_loss: Tensor) -> None:
         if self.gradient_reducer is not None:

@@ -44,9 +44,8 @@ class UserModule(L.LightningModule):
 
 def loader(dataset: Dataset, batch_size: int, replicas: int = 1, rank: int = 0) -> DataLoader:
     """In order, no shuffling; with replicas > 1, rank r gets items r, r + replicas, ... so the
-    union of the ranks' k-th batches is the single process's k-th batch."""
-    if replicas == 1:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    union of the ranks' k-th batches is the single process's k-th batch. Always a
+    DistributedSampler, which Lightning keeps instead of inserting a shuffling one."""
     sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
@@ -64,3 +63,17 @@ def quiet_trainer(**kwargs) -> L.Trainer:
                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+class MixedLengthTokens(FixedTokens):
+    """FixedTokens whose item i is cut to `lengths[(i // group) % len(lengths)]` tokens, so every
+    run of `group` consecutive items (one global batch) shares a length."""
+
+    def __init__(self, lengths: list[int], group: int, **kwargs) -> None:
+        super().__init__(seq_len=max(lengths), **kwargs)
+        self.lengths, self.group = lengths, group
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = self.lengths[(i // self.group) % len(self.lengths)]
+        item = super().__getitem__(i)
+        return {k: v[:n] for k, v in item.items()}

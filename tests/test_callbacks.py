@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from wandb.proto import wandb_internal_pb2
 
 from dist_utils import run_distributed
-from lightning_attn_parallel.callbacks import (LoadBalanceCallback, ThroughputCallback,
-                                               default_callbacks, metrics as m)
+from lightning_attn_parallel.callbacks import (LayerProfiler, LoadBalanceCallback,
+                                               ThroughputCallback, default_callbacks,
+                                               metrics as m)
 from lightning_attn_parallel.callbacks.load_balance import balance_metrics, spread
 from lightning_attn_parallel.callbacks.peak_flops import peak_tflops_for
 from lightning_attn_parallel.callbacks.throughput import throughput_metrics
@@ -58,13 +59,15 @@ class StandInReducer:
 
 class TinyLM(L.LightningModule):
     def __init__(self, reducer: Optional[StandInReducer] = None, slow_rank: Optional[int] = None,
-                 sleep_s: float = 0.0) -> None:
+                 sleep_s: float = 0.0, config: ModelConfig = TINY, sequence_shards: int = 1) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = build_model(TINY)
+        self.model = build_model(config)
         self.reducer = reducer
         self.slow_rank = slow_rank
         self.sleep_s = sleep_s
+        self.sequence_shards = sequence_shards
+        self.slept: list[tuple[int, float]] = []  # (optimizer step, seconds actually asleep)
 
     def setup(self, stage: str) -> None:
         if self.reducer is not None:
@@ -72,9 +75,16 @@ class TinyLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.slow_rank is not None and torch.distributed.get_rank() == self.slow_rank:
+            start = time.perf_counter()
             time.sleep(self.sleep_s)
-        logits = self.model.logits(batch["input_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+            self.slept.append((self.trainer.global_step, time.perf_counter() - start))
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        if self.sequence_shards > 1:  # keep one shard of each sequence, as context parallelism does
+            self.global_seq_len = input_ids.shape[1]
+            keep = input_ids.shape[1] // self.sequence_shards
+            input_ids, labels = input_ids[:, :keep], labels[:, :keep]
+        logits = self.model.logits(input_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
@@ -84,6 +94,7 @@ class TinyLM(L.LightningModule):
 
 def fit_tiny(save_dir: Path, callbacks: list, max_steps: int, log_every_n_steps: int,
              wandb_logger: bool = True, **module_args: Any) -> L.Trainer:
+    """Fit TinyLM(**module_args) on random tokens on the CPU for `max_steps` optimizer steps."""
     logger = WandbLogger(offline=True, save_dir=str(save_dir), project="lap-tests") \
         if wandb_logger else False
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps,
@@ -265,34 +276,35 @@ def test_profiler_writes_trace_and_layer_table(offline_run):
 
 
 # -- load balance over two processes ---------------------------------------------------------
-SLEEP_S = 0.1
+SLEEP_S = 0.15
+WINDOW = 2
 
 
-def _imbalanced_fit(rank: int, world_size: int, save_dir: str) -> list:
-    callback = LoadBalanceCallback(log_every_n_steps=2)
-    fit_tiny(Path(save_dir) / f"rank{rank}", [callback], max_steps=6, log_every_n_steps=2,
-             wandb_logger=False, slow_rank=1, sleep_s=SLEEP_S)
-    return callback.history
+def _imbalanced_fit(rank: int, world_size: int, save_dir: str) -> tuple[list, list]:
+    callback = LoadBalanceCallback(log_every_n_steps=WINDOW)
+    trainer = fit_tiny(Path(save_dir) / f"rank{rank}", [callback], max_steps=3 * WINDOW,
+                       log_every_n_steps=WINDOW, wandb_logger=False, slow_rank=1, sleep_s=SLEEP_S)
+    return callback.history, trainer.lightning_module.slept
 
 
 def test_load_balance_sees_a_slowed_rank(tmp_path):
-    """Rank 1 sleeps SLEEP_S in every micro-batch, so its busy time per optimizer step exceeds
-    rank 0's by ACCUMULATE x SLEEP_S (no gradient sync couples the two processes here, so
-    neither waits for the other inside a step).
+    """Rank 1 sleeps in every micro-batch, so its busy time per optimizer step exceeds rank 0's
+    by the time it spent asleep per step (no gradient sync couples the two processes here, so
+    neither waits for the other inside a step). The expected gap is the sleep as measured
+    around time.sleep, which includes the wake-up latency a busy machine adds.
 
-    Tolerance: apart from the sleep both ranks run identical work, so the measured gap differs
-    from the sleep only by sleep overshoot and scheduling jitter of that work. The first window
-    also holds warm-up (lazy initialisation, allocator growth) whose length differs between
-    processes by tens of milliseconds, so it is only checked for the exact quantities; from the
-    second window on, jitter of a step of this tiny model stays well under 25% of the 200 ms
-    gap even on a loaded two-core machine (the gap is 50 times the unloaded compute time).
+    Tolerance: besides the sleep both ranks run identical work, so the logged gap can differ
+    from the sleep only by run-to-run jitter of that work: a few milliseconds for this tiny model
+    on an idle machine, tens of milliseconds when other processes compete for the two cores.
+    25% of the ~300 ms gap covers that. The first window also holds warm-up (lazy
+    initialisation, allocator growth) whose length differs between processes, so only its
+    exact quantities (tokens, FLOPs) are checked.
     """
-    histories = run_distributed(_imbalanced_fit, 2, str(tmp_path))
-    assert histories[0] == histories[1]  # gathered: both ranks log the same figures
-    assert [step for step, _ in histories[0]] == [2, 4, 6]
-    expected_gap = ACCUMULATE * SLEEP_S
+    (history, _), (history_1, slept) = run_distributed(_imbalanced_fit, 2, str(tmp_path))
+    assert history == history_1  # gathered: both ranks log the same figures
+    assert [step for step, _ in history] == [WINDOW, 2 * WINDOW, 3 * WINDOW]
     attention_tflop = BATCH * SEQ * ACCUMULATE * attention_flops_per_token(TINY, SEQ) / 1e12
-    for window, (step, row) in enumerate(histories[0]):
+    for window, (step, row) in enumerate(history):
         fast = row[m.per_rank(m.BALANCE_STEP_TIME, 0)]
         slow = row[m.per_rank(m.BALANCE_STEP_TIME, 1)]
         assert row[m.efficiency(m.BALANCE_STEP_TIME)] == pytest.approx(min(fast, slow) / max(fast, slow))
@@ -303,9 +315,45 @@ def test_load_balance_sees_a_slowed_rank(tmp_path):
         assert row[m.efficiency(m.BALANCE_ATTENTION_TFLOP)] == 1
         if window == 0:
             continue
-        assert slow - fast == pytest.approx(expected_gap, rel=0.25), step
-        implied = expected_gap / (fast + expected_gap / 2)  # (max - min) / mean
+        gap = sum(s for at, s in slept if step - WINDOW <= at < step) / WINDOW
+        assert gap >= ACCUMULATE * SLEEP_S
+        assert slow - fast == pytest.approx(gap, rel=0.25), step
+        implied = gap / (fast + gap / 2)  # (max - min) / mean
         assert row[m.imbalance(m.BALANCE_STEP_TIME)] == pytest.approx(implied, rel=0.25), step
+
+
+def test_moe_expert_load_and_profile(tmp_path):
+    config = ModelConfig(family="deepseek", vocab_size=64, d_model=32, n_layers=2, n_heads=2,
+                         ffn_dim=64, max_seq_len=64, n_routed_experts=4, moe_top_k=2,
+                         moe_ffn_dim=32, n_shared_experts=1, first_k_dense_replace=1)
+    balance = LoadBalanceCallback(log_every_n_steps=1)
+    profiler = LayerProfiler(profile_steps=(0, 0), run_dir=str(tmp_path))
+    fit_tiny(tmp_path, [balance, profiler], max_steps=1, log_every_n_steps=1,
+             wandb_logger=False, config=config)
+    ((_, row),) = balance.history
+    moe_keys = {k for k in row if re.match(m.moe_pattern(), k)}
+    assert m.moe("moe/layer1/imbalance") in moe_keys  # layer 0 is dense
+    assert not any("layer0" in k for k in moe_keys)
+    assert row[m.moe("moe/layer1/imbalance")] >= 1.0  # max / mean load over experts
+    table = profiler.table_path.read_text()
+    assert "| moe | 2 |" in table and "| mlp | 2 |" in table  # one layer each, 2 micro-batches
+
+
+def test_counts_the_tokens_the_model_consumes(tmp_path):
+    """A strategy may shard the loader's batch inside training_step (context parallelism does):
+    tokens are what this rank's model consumed, FLOPs per token use the full sequence length."""
+    throughput, balance = ThroughputCallback(log_every_n_steps=1), LoadBalanceCallback(log_every_n_steps=1)
+    fit_tiny(tmp_path, [throughput, balance], max_steps=2, log_every_n_steps=1,
+             wandb_logger=False, sequence_shards=2)
+    model = build_model(TINY)
+    local_tokens = BATCH * SEQ * ACCUMULATE / 2
+    for (_, speed), (_, spread_row) in zip(throughput.history, balance.history):
+        assert speed[m.TOKENS_PER_S] * speed[m.STEP_TIME_S] == pytest.approx(local_tokens)
+        assert speed[m.TFLOPS_PER_GPU] == pytest.approx(
+            model.flops_per_token(SEQ) * speed[m.TOKENS_PER_S_PER_GPU] / 1e12)
+        assert spread_row[m.per_rank(m.BALANCE_TOKENS, 0)] == local_tokens
+        assert spread_row[m.per_rank(m.BALANCE_ATTENTION_TFLOP, 0)] == pytest.approx(
+            local_tokens * attention_flops_per_token(TINY, SEQ) / 1e12)
 
 
 # -- pure accounting -------------------------------------------------------------------------

@@ -20,13 +20,13 @@ from .wandb_summaries import WandbMetricSummaries
 def default_callbacks(*, log_every_n_steps: Optional[int] = None,
                       peak_tflops: Optional[float] = None,
                       profile_steps: Optional[Sequence[int]] = None,
-                      output_dir: Optional[str] = None,
+                      run_dir: Optional[str] = None,
                       report: bool = True) -> list[Callback]:
     """The standard set: throughput, memory, load balance, communication and W&B summaries,
     plus the run report (unless report=False) and the profiler when `profile_steps` is given.
 
     `log_every_n_steps` defaults to the Trainer's; `peak_tflops` overrides the datasheet peak
-    used for MFU; `output_dir` overrides the run directory for the report and profiles.
+    used for MFU; `run_dir` overrides the run directory for the report and profiles.
     """
     callbacks: list[Callback] = [
         ThroughputCallback(log_every_n_steps, peak_tflops),
@@ -36,9 +36,9 @@ def default_callbacks(*, log_every_n_steps: Optional[int] = None,
         WandbMetricSummaries(),
     ]
     if profile_steps:
-        callbacks.append(LayerProfiler(profile_steps, output_dir))
+        callbacks.append(LayerProfiler(profile_steps, run_dir))
     if report:
-        callbacks.append(RunReport(output_dir))
+        callbacks.append(RunReport(run_dir))
     return callbacks
 
 

@@ -1,31 +1,22 @@
-"""What one micro-batch processed: tokens, the sequence length that sets attention FLOPs, and
-the parallel degrees that decide how per-rank counts add up to global ones."""
+"""What a rank processed: tokens, the sequence length that sets attention FLOPs, and the
+parallel degrees that decide how per-rank counts add up to global ones."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
+from torch.utils.hooks import RemovableHandle
 
 
-def batch_tokens(batch: Any) -> torch.Tensor:
-    """This rank's token ids of a micro-batch: batch["input_ids"], or the batch if a tensor."""
-    if isinstance(batch, dict):
-        return batch["input_ids"]
-    if isinstance(batch, torch.Tensor):
-        return batch
-    raise TypeError(f"cannot count tokens in a batch of type {type(batch).__name__}: "
-                    "expected a dict with 'input_ids' or a tensor of token ids")
-
-
-def global_seq_len(pl_module: L.LightningModule, input_ids: torch.Tensor) -> int:
-    """Full sequence length of the micro-batch.
+def global_seq_len(pl_module: L.LightningModule, tokens: torch.Tensor) -> int:
+    """Full sequence length of a micro-batch.
 
     Under context parallelism a rank holds S / cp tokens of each sequence, but attention cost
-    grows with the whole sequence, so the module's `global_seq_len` wins when it has one.
+    grows with the whole sequence; the strategy then sets `global_seq_len` on the module.
     """
     seq_len = getattr(pl_module, "global_seq_len", None)
-    return int(seq_len) if seq_len else int(input_ids.shape[-1])
+    return int(seq_len) if seq_len else int(tokens.shape[-1])
 
 
 def tensor_parallel_degree(trainer: L.Trainer) -> int:
@@ -37,6 +28,41 @@ def tensor_parallel_degree(trainer: L.Trainer) -> int:
 def gradient_reducer(trainer: L.Trainer) -> Any:
     """The strategy's gradient reducer (with comm_stats()), or None under other strategies."""
     return getattr(trainer.strategy, "gradient_reducer", None)
+
+
+class ConsumedTokens:
+    """Counts the tokens `pl_module.model` consumes on this rank, with a forward pre-hook.
+
+    The batch that callbacks receive is the one the data loader produced; a strategy may still
+    split it (context parallelism shards sequences, or the batch, inside its training_step). The
+    model's own input is this rank's share whatever the strategy does. Forward passes in eval
+    mode (validation) are not counted.
+    """
+
+    def __init__(self) -> None:
+        self._handle: Optional[RemovableHandle] = None
+        self._pending: list[tuple[int, int]] = []
+
+    def attach(self, pl_module: L.LightningModule) -> None:
+        self.detach()
+
+        def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if module.training:
+                tokens = args[0] if args else kwargs["tokens"]
+                self._pending.append((tokens.numel(), global_seq_len(pl_module, tokens)))
+
+        self._handle = pl_module.model.register_forward_pre_hook(count, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._pending = []
+
+    def take(self) -> list[tuple[int, int]]:
+        """(tokens, full sequence length) of each forward since the last call."""
+        pending, self._pending = self._pending, []
+        return pending
 
 
 class FlopsPerToken:

@@ -32,8 +32,8 @@ class WindowedMetrics(Callback):
     def start_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Reset the window's accumulators (the timer is restarted by the base class)."""
 
-    def micro_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        """Account for one micro-batch."""
+    def micro_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Account for one micro-batch (its forward and backward have run)."""
 
     def optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Account for one completed optimizer step."""
@@ -59,7 +59,7 @@ class WindowedMetrics(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.micro_batch_end(trainer, pl_module, batch)
+        self.micro_batch_end(trainer, pl_module)
         if trainer.global_step == self._last_step:
             return  # gradients are still accumulating
         self._last_step = trainer.global_step

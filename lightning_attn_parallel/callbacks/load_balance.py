@@ -11,8 +11,9 @@ slow. Collectives inside the forward pass (tensor or context parallelism) are no
 the reducer, so under those plans tokens and attention FLOPs are the sharper signal.
 
 Attention FLOPs per rank use the model's attention term at the full sequence length times the
-rank's tokens, divided by tp (tensor parallelism splits the heads), so variable-length batches
-and causal context-parallel layouts show up as FLOP imbalance even when step times are equal.
+rank's tokens, divided by tp (tensor parallelism splits the heads), so ranks that drew longer
+sequences show up as FLOP imbalance even when step times are equal. Like the model's count, it
+ignores the causal mask.
 
 For MoE models, `models.deepseek.moe_load_stats(model)` gives the per-layer expert load; the
 maximum over ranks of each figure is logged under balance/moe/.
@@ -20,13 +21,13 @@ maximum over ranks of each figure is logged under balance/moe/.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import lightning as L
 from torch import nn
 
 from . import metrics as m
-from .accounting import batch_tokens, global_seq_len, gradient_reducer, tensor_parallel_degree
+from .accounting import ConsumedTokens, gradient_reducer, tensor_parallel_degree
 from .base import WindowedMetrics
 from .distributed import gather_rows
 from ..models.flops import attention_flops_per_token
@@ -66,6 +67,7 @@ class LoadBalanceCallback(WindowedMetrics):
     def __init__(self, log_every_n_steps: Optional[int] = None) -> None:
         super().__init__(log_every_n_steps)
         self._moe_stats: Optional[Callable[[nn.Module], dict[str, float]]] = None
+        self._consumed = ConsumedTokens()
         self._tokens = 0.0
         self._attention_flops = 0.0
         self._exposed_s = 0.0
@@ -74,19 +76,23 @@ class LoadBalanceCallback(WindowedMetrics):
         super().on_train_start(trainer, pl_module)
         config = getattr(pl_module.model, "config", None)
         self._moe_stats = _moe_load_stats() if getattr(config, "is_moe", False) else None
+        self._consumed.attach(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._consumed.detach()
 
     def start_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._tokens = 0.0
         self._attention_flops = 0.0
         self._exposed_s = 0.0
 
-    def micro_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        input_ids = batch_tokens(batch)
-        tokens = input_ids.numel()
-        per_token = attention_flops_per_token(pl_module.model.config,
-                                              global_seq_len(pl_module, input_ids))
-        self._tokens += tokens
-        self._attention_flops += tokens * per_token / tensor_parallel_degree(trainer)
+    def micro_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tp = tensor_parallel_degree(trainer)
+        for tokens, seq_len in self._consumed.take():
+            self._tokens += tokens
+            self._attention_flops += tokens * attention_flops_per_token(pl_module.model.config,
+                                                                        seq_len) / tp
 
     def optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reducer = gradient_reducer(trainer)

@@ -60,7 +60,8 @@ def efficiency(prefix: str) -> str:
 
 
 def moe(key: str) -> str:
-    return f"{BALANCE_MOE}/{key}"
+    """Key of one expert-load figure, e.g. moe/layer3/imbalance -> balance/moe/layer3/imbalance."""
+    return f"{BALANCE_MOE}/{key.removeprefix('moe/')}"
 
 
 def moe_pattern() -> str:

@@ -70,14 +70,14 @@ class LayerProfiler(Callback):
     support full backward hooks.
     """
 
-    def __init__(self, profile_steps: Sequence[int] = (3, 4), output_dir: Optional[str] = None,
+    def __init__(self, profile_steps: Sequence[int] = (3, 4), run_dir: Optional[str] = None,
                  backward_ranges: bool = True) -> None:
         first, last = (int(s) for s in profile_steps)
         if not 0 <= first <= last:
             raise ValueError(f"profile_steps={list(profile_steps)!r} is invalid: "
                              "give [first, last] optimizer steps with 0 <= first <= last")
         self.profile_steps = (first, last)
-        self.output_dir = output_dir
+        self.run_dir = run_dir
         self.backward_ranges = backward_ranges
         self.table_path: Optional[Path] = None
         self.trace_path: Optional[Path] = None
@@ -117,7 +117,7 @@ class LayerProfiler(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        directory = resolve_run_dir(trainer, self.output_dir) / "profile"
+        directory = resolve_run_dir(trainer, self.run_dir) / "profile"
         directory.mkdir(parents=True, exist_ok=True)
         r = rank()
         self.trace_path = directory / f"trace_rank{r}.json"

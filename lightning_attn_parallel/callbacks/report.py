@@ -120,15 +120,15 @@ def format_summary(series: Series, losses: Mapping[str, float], last_step: int,
 class RunReport(Callback):
     """At the end of training, writes <run dir>/report/{*.png, summary.md} (rank 0)."""
 
-    def __init__(self, output_dir: Optional[str] = None) -> None:
-        self.output_dir = output_dir
+    def __init__(self, run_dir: Optional[str] = None) -> None:
+        self.run_dir = run_dir
         self.report_dir: Optional[Path] = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for callback in trainer.callbacks:  # close partial windows whatever the callback order
             if isinstance(callback, WindowedMetrics):
                 callback.flush(trainer, pl_module)
-        directory = resolve_run_dir(trainer, self.output_dir) / "report"
+        directory = resolve_run_dir(trainer, self.run_dir) / "report"
         if not trainer.is_global_zero:
             return
         directory.mkdir(parents=True, exist_ok=True)

@@ -6,18 +6,19 @@ process distinct tokens. So the global token count of a window is the sum over r
 tokens divided by tp. Lightning's ThroughputMonitor instead multiplies one rank's rate by the
 world size, which counts every token tp times under tensor parallelism.
 
-FLOPs follow the model's own count at the full sequence length (attention cost grows with the
+Tokens are counted at the model's input (see accounting.ConsumedTokens), after any splitting
+the strategy does. FLOPs follow the model's own count at the full sequence length (attention cost grows with the
 whole sequence even when context parallelism gives a rank only part of it), and per-GPU figures
 divide the global work by the world size, so MFU = FLOPs/token x tokens/s per GPU / peak.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import lightning as L
 
 from . import metrics as m
-from .accounting import FlopsPerToken, batch_tokens, global_seq_len, tensor_parallel_degree
+from .accounting import ConsumedTokens, FlopsPerToken, tensor_parallel_degree
 from .base import WindowedMetrics
 from .distributed import gather_rows
 from .peak_flops import device_peak_tflops
@@ -60,23 +61,27 @@ class ThroughputCallback(WindowedMetrics):
         self.peak_tflops = peak_tflops
         self._peak: Optional[float] = None
         self._flops_per_token = FlopsPerToken()
+        self._consumed = ConsumedTokens()
         self._tokens = 0.0
         self._flops = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._peak = self.peak_tflops or device_peak_tflops(pl_module.device, trainer.precision)
+        self._consumed.attach(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._consumed.detach()
 
     def start_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._tokens = 0.0
         self._flops = 0.0
 
-    def micro_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        input_ids = batch_tokens(batch)
-        tokens = input_ids.numel()
-        self._tokens += tokens
-        seq_len = global_seq_len(pl_module, input_ids)
-        self._flops += tokens * self._flops_per_token(pl_module.model, seq_len)
+    def micro_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for tokens, seq_len in self._consumed.take():
+            self._tokens += tokens
+            self._flops += tokens * self._flops_per_token(pl_module.model, seq_len)
 
     def window_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule,
                        steps: int) -> dict[str, float]:
