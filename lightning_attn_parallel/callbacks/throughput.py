@@ -7,9 +7,10 @@ tokens divided by tp. Lightning's ThroughputMonitor instead multiplies one rank'
 world size, which counts every token tp times under tensor parallelism.
 
 Tokens are counted at the model's input (see accounting.ConsumedTokens), after any splitting
-the strategy does. FLOPs follow the model's own count at the full sequence length (attention cost grows with the
-whole sequence even when context parallelism gives a rank only part of it), and per-GPU figures
-divide the global work by the world size, so MFU = FLOPs/token x tokens/s per GPU / peak.
+the strategy does. FLOPs follow the model's own count at the full sequence length (attention
+cost grows with the whole sequence even when context parallelism gives a rank only part of
+it), and per-GPU figures divide the global work by the world size, so
+MFU = FLOPs/token x tokens/s per GPU / peak.
 """
 from __future__ import annotations
 

@@ -101,8 +101,8 @@ class GradientReducer:
 
     # ------------------------------------------------------------------ layout
     def _build_buckets(self, params: list[nn.Parameter], group: ReductionGroup, bucket_mb: float) -> None:
-        if group.group is None or not params:
-            return  # nothing to reduce over (a group of one rank)
+        if not params or (group.group is None and group.scale == 1.0):
+            return  # a group of one rank with nothing to scale
         limit = int(bucket_mb * 2**20)
         # Lay buffers out by the dtype and size of each parameter's local shard.
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
@@ -178,11 +178,13 @@ class GradientReducer:
     def _launch(self, bucket: Bucket) -> None:
         group = bucket.group
         bucket.buffer.mul_(group.scale)  # pre-scale: no overflow of low-precision sums
+        bucket.launched = True
+        if group.group is None:
+            return  # one rank: scaling was all there was to do
         self.stats.collectives += 1
         self.stats.bytes += bucket.buffer.numel() * bucket.buffer.element_size()
         if self._in_backward:
             self.stats.launched_during_backward += 1
-        bucket.launched = True
         if bucket.buffer.is_cuda:
             self._launch_cuda(bucket)
         elif bucket.hierarchical:

@@ -1,0 +1,269 @@
+"""Checkpoints that load under any plan, and a consolidated export that needs no plugin.
+
+Distributed checkpoints are torch.distributed.checkpoint (DCP) folders: every rank writes its own
+shards, and the tensors are keyed by parameter name with their global shapes, so a checkpoint
+saved by tp=2 x dp_shard=2 on 4 ranks loads into dp_shard=2 on 2 ranks or into one process (DCP
+reads whichever slices each rank's current layout needs). Model and optimizer state go through
+`get_model_state_dict` / `get_optimizer_state_dict`, which name everything by its plain
+parameter name whatever wraps the model (FSDP, activation checkpointing, torch.compile).
+
+Folder layout: DCP's files (`.metadata`, `*.distcp`) holding {"model": ..., "optimizers":
+{"0": ..., "1": ...}}, plus `extra.pt` (anything else: step counters, loop state) written by
+rank 0 with torch.save. Checkpoints are trusted files: `extra.pt` is unpickled.
+
+Every save goes to `<path>.tmp` first and is renamed into place once complete, so an
+interrupted save never destroys the checkpoint already at `path`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.optim import Optimizer
+
+PathLike = Union[str, os.PathLike]
+Optimizers = Union[Optimizer, Iterable[Optimizer], None]
+
+EXTRA_FILE = "extra.pt"
+METADATA_FILE = ".metadata"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt, or saved from a different model."""
+
+
+# ---------------------------------------------------------------------------- distributed
+def save_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers,
+                     extra: Optional[dict] = None) -> None:
+    """Save model and optimizer state as a resharding DCP folder at `path` (collective).
+
+    Every rank must call it. `extra` (picklable) is written by rank 0 and returned by
+    `load_distributed`.
+    """
+    optim_states = [get_optimizer_state_dict(model, opt) for opt in _as_list(optimizers)]
+    _write(Path(path), get_model_state_dict(model), optim_states, extra or {})
+
+
+def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = None) -> dict:
+    """Load a `save_distributed` folder into `model` (and `optimizers`) in place; return `extra`.
+
+    Every rank must call it. The model may be parallelized differently from the one that saved
+    (or not at all); its parameter names and global shapes must match the checkpoint's, which is
+    checked first so a wrong model fails with the name of the first mismatch.
+    """
+    path = Path(path)
+    metadata = _read_metadata(path)
+    optimizers = _as_list(optimizers)
+    model_state = get_model_state_dict(model)
+    _check_model_matches(path, metadata, model_state)
+    _check_optimizer_count(path, metadata, len(optimizers))
+    optim_states = [get_optimizer_state_dict(model, opt) for opt in optimizers]
+    state = {"model": model_state, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:  # DCP wraps per-rank failures; report one clear error
+        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({_first_line(err)}): "
+                              "restore it from a copy or load an earlier checkpoint") from err
+    set_model_state_dict(model, model_state)
+    for opt, opt_state in zip(optimizers, optim_states):
+        set_optimizer_state_dict(model, opt, opt_state)
+    return _read_extra(path)
+
+
+def save_lightning_checkpoint(path: PathLike, checkpoint: dict[str, Any], is_rank_zero: bool) -> None:
+    """Save a Lightning checkpoint dict whose "state_dict" and "optimizer_states" are sharded
+    state dicts (from get_model_state_dict / get_optimizer_state_dict) in the same folder format;
+    the rest of the dict (loops, callbacks, epoch...) goes to `extra.pt`."""
+    rest = dict(checkpoint)
+    model_state = rest.pop("state_dict")
+    optim_states = rest.pop("optimizer_states", [])
+    _write(Path(path), model_state, optim_states, rest, is_rank_zero)
+
+
+def load_lightning_checkpoint(path: PathLike, model: nn.Module, optimizers: Optimizers) -> dict:
+    """Load a checkpoint folder into the (already parallelized) model and optimizers in place.
+
+    Returns the rest of the Lightning checkpoint dict, without "state_dict" and
+    "optimizer_states": their contents are already in the model and optimizers.
+    """
+    return load_distributed(path, model, optimizers)
+
+
+def read_checkpoint_file(path: PathLike) -> dict:
+    """torch.load of a single-file checkpoint on the CPU, with a clear error when it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(err)}): it is "
+                              "corrupt or truncated; load an earlier checkpoint") from err
+
+
+# ---------------------------------------------------------------------------- consolidated
+def export_consolidated(path: PathLike, model: nn.Module) -> None:
+    """Write the full, unsharded fp32 state dict of `model` to one torch.save file (collective).
+
+    Pass the protocol model (e.g. CausalTransformer), not a LightningModule around it, so the
+    keys are the ones a plain model's `load_state_dict` expects; the file then loads without
+    this package. Only rank 0 holds the gathered tensors and writes.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if _rank() == 0:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    _barrier()
+
+
+def load_consolidated(path: PathLike, model: nn.Module, strict: bool = True) -> None:
+    """Load an `export_consolidated` file into `model`, parallelized or not, in place."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"consolidated checkpoint {path} does not exist: check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"consolidated checkpoint {path} cannot be read "
+                              f"({_first_line(err)}): re-export it") from err
+    expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    _raise_on_mismatch(path, {k: tuple(v.shape) for k, v in state.items()}, expected, strict)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+# ---------------------------------------------------------------------------- checks
+def _read_metadata(path: Path) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path (an interrupted "
+                              f"save leaves {path.name}.tmp beside it and is not loadable)")
+    if not path.is_dir() or not (path / METADATA_FILE).is_file() or not (path / EXTRA_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path} is not a complete distributed checkpoint (it "
+                              f"needs {METADATA_FILE} and {EXTRA_FILE}): the save did not finish or "
+                              "the folder was damaged; load an earlier checkpoint")
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata ({_first_line(err)}): it "
+                              "is corrupt; load an earlier checkpoint") from err
+
+
+def _check_model_matches(path: Path, metadata: Any, model_state: Mapping[str, Any]) -> None:
+    saved = {key[len("model."):]: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
+             if key.startswith("model.") and hasattr(meta, "size")}
+    expected = {k: tuple(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
+    _raise_on_mismatch(path, saved, expected, strict=True)
+
+
+def _raise_on_mismatch(path: Path, saved: Mapping[str, tuple], expected: Mapping[str, tuple],
+                       strict: bool) -> None:
+    """Name the first parameter that differs in name or shape, and the fix."""
+    fix = ("build the model with the configuration the checkpoint was saved with, or load it "
+           "into the model it came from")
+    for name, shape in expected.items():
+        if name not in saved:
+            if strict:
+                raise CheckpointError(f"checkpoint {path} was saved from a different model: it has "
+                                      f"no parameter {name!r} {list(shape)}; {fix}")
+        elif saved[name] != shape:
+            raise CheckpointError(f"checkpoint {path} was saved from a different model: {name!r} "
+                                  f"has shape {list(saved[name])} there but {list(shape)} in this "
+                                  f"model; {fix}")
+    unexpected = [name for name in saved if name not in expected]
+    if unexpected and strict:
+        raise CheckpointError(f"checkpoint {path} was saved from a different model: its parameter "
+                              f"{unexpected[0]!r} does not exist in this model; {fix}")
+
+
+def _check_optimizer_count(path: Path, metadata: Any, wanted: int) -> None:
+    saved = {key.split(".")[1] for key in metadata.state_dict_metadata if key.startswith("optimizers.")}
+    if wanted > len(saved):
+        raise CheckpointError(f"checkpoint {path} holds {len(saved)} optimizer state(s) but "
+                              f"{wanted} optimizer(s) were given: pass the optimizers it was saved "
+                              "with, or none to load the model only")
+
+
+def _read_extra(path: Path) -> dict:
+    try:
+        return torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {EXTRA_FILE} "
+                              f"({_first_line(err)}): it is corrupt; load an earlier checkpoint") from err
+
+
+# ---------------------------------------------------------------------------- writing
+def _write(path: Path, model_state: dict, optim_states: list, extra: dict,
+           is_rank_zero: Optional[bool] = None) -> None:
+    """DCP-save into `<path>.tmp`, then rank 0 adds extra.pt and renames it over `path`."""
+    leader = _rank() == 0 if is_rank_zero is None else is_rank_zero
+    tmp = path.with_name(path.name + ".tmp")
+    if leader:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"model": model_state, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
+    dcp.save(state, checkpoint_id=str(tmp))
+    if leader:
+        torch.save(extra, tmp / EXTRA_FILE)
+        _replace(tmp, path)
+    _barrier()
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path`; an existing `path` is set aside until the move has succeeded."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+# ---------------------------------------------------------------------------- helpers
+def _as_list(optimizers: Optimizers) -> list[Optimizer]:
+    if optimizers is None:
+        return []
+    # Lightning wraps optimizers; the state dict helpers need the torch optimizer itself.
+    single = isinstance(optimizers, Optimizer) or hasattr(optimizers, "_optimizer")
+    return [getattr(opt, "_optimizer", opt) for opt in ([optimizers] if single else optimizers)]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+__all__ = ["CheckpointError", "save_distributed", "load_distributed", "export_consolidated",
+           "load_consolidated", "save_lightning_checkpoint", "load_lightning_checkpoint",
+           "read_checkpoint_file"]
