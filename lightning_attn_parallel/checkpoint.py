@@ -74,7 +74,7 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     state = {"model": model_state, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as err:  # DCP wraps per-rank failures; report one clear error
+    except (Exception, dcp.CheckpointException) as err:  # DCP gathers every rank's failure
         raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({_first_line(err)}): "
                               "restore it from a copy or load an earlier checkpoint") from err
     set_model_state_dict(model, model_state)

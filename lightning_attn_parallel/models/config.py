@@ -131,6 +131,7 @@ def smoke_scale(cfg: ModelConfig, d_model: int = 64, n_layers: int = 4, max_expe
     kv_ratio = max(1, cfg.n_heads // cfg.n_kv_heads)
     kv_heads = max(1, heads // kv_ratio)
     heads = kv_heads * min(kv_ratio, heads)  # keep q heads a multiple of kv heads
+    d_model = heads * max(8, (d_model // heads) // 2 * 2)  # heads divide it, even head dim
     width_ratio = d_model / cfg.d_model
     ffn = max(8, int(round(cfg.ffn_dim * width_ratio / 8)) * 8)
     layers = min(cfg.n_layers, n_layers)

@@ -9,8 +9,9 @@ Layout (Megatron-style, written with DTensor styles):
   and the partial rows are summed). The LM head stays replicated so the caller's loss
   (`models.loss.cross_entropy_sum(hidden, model.output.weight, ...)`) runs unchanged on a plain
   hidden state and weight; with tied embeddings both stay replicated so they remain one tensor.
-- Norms: replicated; with `sequence_parallel=True` they run on sequence shards
-  (`SequenceParallel`) and the residual stream between blocks is sharded along the sequence.
+- Norms: replicated; with `sequence_parallel=True` the blocks' norms run on sequence shards
+  (`SequenceParallel`) and the residual stream between blocks is sharded along the sequence;
+  it is gathered before the final norm.
 
 Whatever the mode, the model's output (final hidden states) is a plain tensor of the whole
 sequence, identical on every TP rank.
@@ -87,8 +88,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
             slot = getattr(block, slot_name)
             _handler_for(slot)(slot, tp_mesh, sequence_parallel)
     if sequence_parallel:
-        parallelize_module(model.norm, tp_mesh, SequenceParallel())
-        model.norm.register_forward_hook(lambda mod, args, out: _as_full_local(out, tp_mesh))
+        # Gather the sequence before the final norm rather than after it: the model's output
+        # is then a fresh tensor rather than a view of a DTensor's local shard (FSDP warns
+        # about views), for the price of one norm over the whole sequence.
+        _on_first_arg(model.norm, lambda x: _gather_sequence(x, tp_mesh))
         model.register_forward_pre_hook(_sequence_length_check(tp))
     _finish_replicated_grads(model)
     return model
@@ -221,6 +224,12 @@ def _as_replicated(x: torch.Tensor, mesh: DeviceMesh) -> DTensor:
 def _as_full_local(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     """A plain tensor of the whole sequence (gathering sequence shards when x is sharded)."""
     return x.redistribute(mesh, [Replicate()]).to_local() if isinstance(x, DTensor) else x
+
+
+def _gather_sequence(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """The whole sequence from this rank's plain shard (its gradient is sliced back)."""
+    shard = DTensor.from_local(x, mesh, [Shard(1)], run_check=False)
+    return shard.redistribute(mesh, [Replicate()]).to_local()
 
 
 def _keep_sequence_shard(out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
