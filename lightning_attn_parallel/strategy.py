@@ -232,7 +232,12 @@ class AttnHybridStrategy(ParallelStrategy):
         return (batch,) + tuple(args[1:])
 
     def training_step(self, *args: Any, **kwargs: Any):
-        return super().training_step(*self._layout_batch(args, log=True), **kwargs)
+        args = self._layout_batch(args, log=True)
+        if self.plan is not None and self.plan.offload_activations:
+            # Saved activations go to pinned host memory and come back for the backward pass.
+            with torch.autograd.graph.save_on_cpu(pin_memory=self.root_device.type == "cuda"):
+                return super().training_step(*args, **kwargs)
+        return super().training_step(*args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any):
         return super().validation_step(*self._layout_batch(args, log=False), **kwargs)

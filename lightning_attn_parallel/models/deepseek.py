@@ -175,7 +175,8 @@ def _grouped_mm_dtype(x: torch.Tensor, experts: "RoutedExperts") -> Optional[tor
     signature of torch 2.13 (`bias` and `out_dtype` follow); CUDA needs bf16 operands whose rows
     are 16-byte aligned. A kernel that still refuses the call makes us loop from then on.
     """
-    if _GROUPED_MM_FAILED or not x.is_cuda or x.shape[0] == 0 or not hasattr(torch, "_grouped_mm"):
+    if (_GROUPED_MM_FAILED or not experts.use_grouped_mm or not x.is_cuda or x.shape[0] == 0
+            or not hasattr(torch, "_grouped_mm")):
         return None
     autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
     if not (autocast_bf16 or x.dtype == torch.bfloat16):
@@ -218,6 +219,7 @@ class RoutedExperts(nn.Module):
         self.n_experts = n_experts
         self.active_fraction = top_k / n_experts
         self.init_std = init_std
+        self.use_grouped_mm = True  # False: always the per-expert loop (ParallelPlan.grouped_gemm)
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))

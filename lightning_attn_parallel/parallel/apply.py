@@ -70,6 +70,9 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
                                load_balance=plan.cp_load_balance)
         context_parallel = ContextParallelBatcher(transformer, meshes, plan)
     if transformer is not None:
+        for sub in transformer.modules():
+            if hasattr(sub, "use_grouped_mm"):
+                sub.use_grouped_mm = plan.grouped_gemm
         apply_activation_checkpointing(transformer, plan.activation_checkpointing, plan.ac_every_n)
         if plan.compile:
             for block in transformer.blocks:

@@ -7,8 +7,8 @@ Layout (Megatron-style, written with DTensor styles):
 - SwiGLU: w1/w3 column-parallel, w2 row-parallel.
 - Token embedding: row-parallel over the vocabulary (exact: each rank looks up the ids it owns
   and the partial rows are summed). The LM head stays replicated so the caller's loss
-  (`models.loss.cross_entropy_sum(hidden, model.output.weight, ...)`) runs unchanged on a plain
-  hidden state and weight; with tied embeddings both stay replicated so they remain one tensor.
+  (`models.loss.cross_entropy_sum(hidden, model.output, ...)`, chunked or not) runs unchanged
+  on a plain hidden state; with tied embeddings both stay replicated so they remain one tensor.
 - Norms: replicated; with `sequence_parallel=True` the blocks' norms run on sequence shards
   (`SequenceParallel`) and the residual stream between blocks is sharded along the sequence;
   it is gathered before the final norm.
@@ -92,7 +92,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
         # is then a fresh tensor rather than a view of a DTensor's local shard (FSDP warns
         # about views), for the price of one norm over the whole sequence.
         _on_first_arg(model.norm, lambda x: _gather_sequence(x, tp_mesh))
-        model.register_forward_pre_hook(_sequence_length_check(tp))
+        model.register_forward_pre_hook(_sequence_length_check(tp), with_kwargs=True)
     _finish_replicated_grads(model)
     return model
 
@@ -135,8 +135,8 @@ def _divisors(n: int) -> list[int]:
 def _sequence_length_check(tp: int) -> Callable:
     """Sequence parallelism keeps equal shards per rank: the length must divide by tp."""
 
-    def check(module: nn.Module, args: tuple) -> None:
-        seq_len = args[0].shape[1]
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seq_len = (args[0] if args else kwargs["tokens"]).shape[1]
         if seq_len % tp:
             raise ValueError(f"sequence parallelism needs the sequence length ({seq_len}) to be a "
                              f"multiple of tp={tp}: pad or crop the batch, or set "
