@@ -159,17 +159,19 @@ def suite(name: str) -> list[Config]:
                    loss_chunk_tokens=8192, micro_batch=12, steps=14, warmup=6),
         ]
     if name == "long_context":
-        out = [Config("lightning baseline 16k", strategy="auto", micro_batch=1, seq_len=16384, steps=5, warmup=2)]
-        for seq in (16384, 65536, 131072):
-            out.append(Config(f"attn_hybrid selective AC + chunked loss {seq // 1024}k", micro_batch=1,
-                              seq_len=seq, checkpointing="selective", loss_chunk_tokens=4096,
-                              steps=4 if seq > 16384 else 5, warmup=2))
-        out.append(Config("attn_hybrid full-block AC + chunked loss 131k", micro_batch=1, seq_len=131072,
-                          checkpointing="block", loss_chunk_tokens=4096, steps=4, warmup=2))
-        out.append(Config("attn_hybrid full-block AC + chunked loss + offload 196k", micro_batch=1,
-                          seq_len=196608, checkpointing="block", loss_chunk_tokens=4096, offload=True,
-                          steps=3, warmup=1))
-        return out
+        lever = dict(micro_batch=1, loss_chunk_tokens=4096)
+        return [
+            Config("lightning single-device 16k", strategy="auto", micro_batch=1, seq_len=16384, steps=5, warmup=2),
+            Config("lightning single-device 32k", strategy="auto", micro_batch=1, seq_len=32768, steps=4, warmup=2),
+            Config("attn_hybrid selective AC + chunked loss 16k", seq_len=16384, checkpointing="selective",
+                   steps=5, warmup=2, **lever),
+            Config("attn_hybrid selective AC + chunked loss 32k", seq_len=32768, checkpointing="selective",
+                   steps=4, warmup=2, **lever),
+            Config("attn_hybrid block AC + chunked loss 64k", seq_len=65536, checkpointing="block",
+                   steps=3, warmup=1, **lever),
+            Config("attn_hybrid block AC + chunked loss 128k", seq_len=131072, checkpointing="block",
+                   steps=3, warmup=1, **lever),
+        ]
     if name == "moe":
         moe = dict(V2_LITE_CUT)
         return [

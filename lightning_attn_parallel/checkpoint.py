@@ -70,6 +70,7 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     model_state = get_model_state_dict(model)
     _check_model_matches(path, metadata, model_state)
     _check_optimizer_count(path, metadata, len(optimizers))
+    extra = _read_extra(path)
     optim_states = [get_optimizer_state_dict(model, opt) for opt in optimizers]
     state = {"model": model_state, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
     try:
@@ -80,7 +81,7 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     set_model_state_dict(model, model_state)
     for opt, opt_state in zip(optimizers, optim_states):
         set_optimizer_state_dict(model, opt, opt_state)
-    return _read_extra(path)
+    return extra
 
 
 def save_lightning_checkpoint(path: PathLike, checkpoint: dict[str, Any], is_rank_zero: bool) -> None:
@@ -152,8 +153,10 @@ def load_consolidated(path: PathLike, model: nn.Module, strict: bool = True) -> 
 # ---------------------------------------------------------------------------- checks
 def _read_metadata(path: Path) -> Any:
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path (an interrupted "
-                              f"save leaves {path.name}.tmp beside it and is not loadable)")
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path (a save "
+                              f"interrupted while replacing it leaves the previous checkpoint as "
+                              f"{path.name}.old beside it: rename that back; {path.name}.tmp is an "
+                              "unfinished save and not loadable)")
     if not path.is_dir() or not (path / METADATA_FILE).is_file() or not (path / EXTRA_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} is not a complete distributed checkpoint (it "
                               f"needs {METADATA_FILE} and {EXTRA_FILE}): the save did not finish or "
@@ -250,12 +253,16 @@ def _as_list(optimizers: Optimizers) -> list[Optimizer]:
     return [getattr(opt, "_optimizer", opt) for opt in ([optimizers] if single else optimizers)]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 

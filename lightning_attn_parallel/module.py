@@ -86,6 +86,20 @@ class CausalLMModule(L.LightningModule):
 
             update_moe_biases(self.model)  # auxiliary-loss-free balancing (DeepSeek-V3)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Clip by the global norm over every shard and tensor-parallel rank. Done here rather
+        than by the precision plugin, which refuses fused optimizers even in bf16 where no
+        gradient scaler is involved."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        from .parallel.fully_sharded import clip_grad_norm_
+
+        norm = clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], gradient_clip_val)
+        self.log("train/grad_norm", norm)
+
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -94,7 +108,8 @@ class CausalLMModule(L.LightningModule):
                 (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        fused = next(self.model.parameters()).is_cuda
+        # Fused AdamW unscales fp16 gradients inside its step, after clipping would have run.
+        fused = next(self.model.parameters()).is_cuda and self.trainer.precision != "16-mixed"
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
                                       fused=fused or None)
         total = self.hparams.total_steps or self.trainer.estimated_stepping_batches

@@ -12,12 +12,17 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from dist_utils import assert_close, run_distributed
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
 from lightning_attn_parallel.checkpoint import (
     CheckpointError,
     export_consolidated,
     load_consolidated,
     load_distributed,
+    load_lightning_checkpoint,
+    read_checkpoint_file,
     save_distributed,
+    save_lightning_checkpoint,
 )
 from lightning_attn_parallel.models import ModelConfig, build_model
 from lightning_attn_parallel.parallel.fully_sharded import apply_fully_sharded
@@ -153,3 +158,26 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
     assert load_distributed(path, restored) == {"step": 2}
     assert torch.equal(restored.norm.weight, model.norm.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_lightning_checkpoint_dict_round_trip(tmp_path):
+    """The strategy's format: Lightning's dict with sharded state dicts in it, same folder layout."""
+    model = tiny_model()
+    opt = adamw(model)
+    step(model, opt, 0)
+    checkpoint = {"state_dict": get_model_state_dict(model),
+                  "optimizer_states": [get_optimizer_state_dict(model, opt)],
+                  "epoch": 3, "loops": {"fit_loop": {"batches": 7}}}
+    save_lightning_checkpoint(tmp_path / "last", checkpoint, is_rank_zero=True)
+    restored = fresh_model().float()
+    restored_opt = adamw(restored)
+    rest = load_lightning_checkpoint(tmp_path / "last", restored, [restored_opt])
+    assert rest == {"epoch": 3, "loops": {"fit_loop": {"batches": 7}}}
+    for (name, p), q in zip(model.named_parameters(), restored.parameters()):
+        assert torch.equal(p, q), name
+    assert restored_opt.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint_file(tmp_path / "missing.ckpt")
+    (tmp_path / "bad.ckpt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_checkpoint_file(tmp_path / "bad.ckpt")

@@ -2,7 +2,8 @@
 
 One 4-process spawn runs every distributed case: each rank trains on its slice of a global batch
 (mean loss over its slice, 2 micro-batches per step with gradient sync off on the first), and
-the parameters after several AdamW steps equal a single process on the whole batch.
+the parameters after two AdamW steps (fp64; fp32 checks loss and gradients) equal a single
+process on the whole batch.
 """
 from __future__ import annotations
 

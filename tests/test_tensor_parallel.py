@@ -2,7 +2,9 @@
 
 All cases run in one 4-process spawn: tp=4 (KV heads replicated, since n_kv_heads=2 < tp) with
 and without sequence parallelism; 2 replicas x tp=2 (KV heads sharded) with sequence
-parallelism, and without it but with tied embeddings; and the error cases. The helpers here are shared by the FSDP and checkpoint tests.
+parallelism, and without it but with tied embeddings; a DeepSeek model (MLA, MoE) whose unknown
+modules stay replicated; and the error cases. The helpers here are shared by the FSDP and
+checkpoint tests.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from lightning_attn_parallel.parallel.tensor_parallel import (
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
 SEQ = 8
+DEEPSEEK = dict(family="deepseek", attention="mla", kv_lora_rank=16, qk_nope_head_dim=8,
+                qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_shared_experts=1,
+                moe_top_k=2, moe_ffn_dim=32, first_k_dense_replace=1)
 
 
 def tiny_model(dtype: torch.dtype = torch.float32, **overrides):
@@ -112,8 +117,6 @@ def step_batches(dp_rank: int, steps: int, rows: int = 2) -> list:
             for step in range(steps)]
 
 
-
-
 def _tp_case(tp_mesh, dp_rank: int, sequence_parallel: bool, **overrides) -> None:
     for dtype, steps in ((torch.float32, 1), (torch.float64, 2)):
         name = f"tp={tp_mesh.size()} sp={sequence_parallel} {dtype} {overrides}"
@@ -121,9 +124,11 @@ def _tp_case(tp_mesh, dp_rank: int, sequence_parallel: bool, **overrides) -> Non
         model = apply_tensor_parallel(copy.deepcopy(reference), tp_mesh, sequence_parallel)
         check_parity(model, reference, step_batches(dp_rank, steps), RTOL[dtype], name,
                      compare_params=dtype == torch.float64)
-    plain = tp_replicated_parameters(model)  # the LM head stays whole; projections are split
+    mean_loss(model, *make_batch(2, seed=0)).backward()  # replicated params get summed grads
+    assert all(p.grad.placements == p.placements for p in model.parameters() if isinstance(p, DTensor))
+    plain = tp_replicated_parameters(model)  # the LM head stays whole; dense MLPs are split
     assert any(p is model.output.weight for _, p in plain)
-    assert not any(".wq." in n or ".w1." in n for n, _ in plain)
+    assert "blocks.0.ffn.w1.weight" not in {n for n, _ in plain}
 
 
 def _error_cases(tp4, tp2) -> list[str]:
@@ -149,6 +154,8 @@ def _tp_worker(rank: int, world: int) -> list[str]:
     # two replicas, each tp=2 with KV heads sharded
     _tp_case(mesh["tp"], dp_rank, True)
     _tp_case(mesh["tp"], dp_rank, False, tie_embeddings=True)
+    # modules without a handler (MLA attention, MoE ffn) stay replicated; the dense ffn is split
+    _tp_case(mesh["tp"], dp_rank, True, **DEEPSEEK)
     return _error_cases(tp4, mesh["tp"])
 
 

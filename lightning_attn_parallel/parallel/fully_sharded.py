@@ -30,6 +30,9 @@ def apply_fully_sharded(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Opti
                         cpu_offload: bool = False) -> nn.Module:
     """Shard `model` over `dp_mesh` (1-D: FSDP; 2-D (dp_replicate, dp_shard): HSDP).
 
+    One unit per item of `model.blocks` plus the root; a model without `blocks` becomes a
+    single unit (all its parameters gathered at once).
+
     Apply last, after tensor parallelism and activation checkpointing. With tensor parallelism,
     `dp_mesh` must be a sub-mesh of the same parent mesh as the TP mesh, so the parameters
     become 2-D DTensors. `param_dtype` is the compute dtype (None keeps the parameters' own,
@@ -40,10 +43,11 @@ def apply_fully_sharded(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Opti
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     kwargs = dict(mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
-    for block in model.blocks:
+    for block in getattr(model, "blocks", ()):
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
-    # The root's parameters (LM head, final norm) are needed again right at the start of the
-    # backward pass, so freeing them after the forward would only add an all-gather.
+    # The root's parameters (embedding, final norm, LM head) stay gathered after the forward:
+    # the loss applies `model.output` outside the model's forward, and the backward needs them
+    # right away, so freeing them would only add an all-gather.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
 

@@ -69,9 +69,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
     parameters this creates when both meshes come from one parent mesh). All ranks must hold
     identical weights beforehand (same seed, or a loaded checkpoint).
 
-    Gradients: sharded parameters get sharded DTensor gradients. Replicated DTensor parameters
-    (sequence-parallel norms, replicated KV projections) produce partial sums that a hook turns
-    into full gradients after each backward. Parameters left as plain tensors (see
+    Gradients: every DTensor parameter's gradient is a DTensor of the parameter's placements
+    after each backward (a hook sums the partial gradients of replicated ones, such as
+    sequence-parallel norms and replicated KV projections). Parameters left as plain tensors (see
     `tp_replicated_parameters`) only ever meet replicated activations, so their gradients come
     out identical on every TP rank: the caller needs no reduction over tp, only its usual
     data-parallel one.
@@ -93,7 +93,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
         # about views), for the price of one norm over the whole sequence.
         _on_first_arg(model.norm, lambda x: _gather_sequence(x, tp_mesh))
         model.register_forward_pre_hook(_sequence_length_check(tp), with_kwargs=True)
-    _finish_replicated_grads(model)
+    _match_grad_placements(model)
     return model
 
 
@@ -245,7 +245,7 @@ class _SelectKVHead(ParallelStyle):
     checkpoints and optimizers see one logical tensor) and the columns of the KV head read by
     this rank's query heads are sliced off the output. Each rank's gradient covers only its
     head's rows, hence the Partial gradient placement, summed over tp by the hook that
-    `apply_tensor_parallel` installs.
+    `apply_tensor_parallel` installs (`_match_grad_placements`).
     """
 
     def __init__(self, start: int, stop: int) -> None:
@@ -266,20 +266,23 @@ class _SelectKVHead(ParallelStyle):
 
 
 # ---------------------------------------------------------------------------- gradients
-def _finish_replicated_grads(model: nn.Module) -> None:
-    """Sum Partial gradients of replicated DTensor parameters right after they accumulate.
+def _match_grad_placements(model: nn.Module) -> None:
+    """Give every DTensor parameter's gradient the parameter's own placements after backward.
 
-    Left Partial, every optimizer op touching the gradient would reduce it again (DTensor
-    redistributes lazily) and plain-tensor consumers (`grad.to_local()`) would read a partial
-    sum. The tensors involved are small (norm weights, KV projections), so reducing them on
-    every micro-batch costs little. FSDP2 replaces these parameters and does the same itself.
+    DTensor's backward can hand back another layout: Partial sums for replicated parameters
+    (sequence-parallel norms, replicated KV projections) and a Replicate gradient for the
+    vocabulary-sharded embedding. Left so, every optimizer op would redistribute again (DTensor
+    converts lazily, per op) and plain-tensor consumers (`grad.to_local()`) would read partial
+    sums or the wrong slice. Converting once per backward sums the partial gradients (small
+    tensors) and slices the embedding's locally. FSDP2 replaces these parameters and does the
+    same itself.
     """
     for param in model.parameters():
-        if isinstance(param, DTensor) and all(p.is_replicate() for p in param.placements):
-            param.register_post_accumulate_grad_hook(_reduce_partial_grad)
+        if isinstance(param, DTensor):
+            param.register_post_accumulate_grad_hook(_to_param_placements)
 
 
-def _reduce_partial_grad(param: torch.Tensor) -> None:
+def _to_param_placements(param: torch.Tensor) -> None:
     grad = param.grad
     if isinstance(grad, DTensor) and grad.placements != param.placements:
         param.grad = grad.redistribute(param.device_mesh, param.placements)
