@@ -49,6 +49,10 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
             "a model with `blocks` whose items have `attention` (the model protocol); this "
             "LightningModule has none. Use data parallelism only (tp=cp=ep=1) or build the model "
             "from lightning_attn_parallel.models")
+    if plan.ep > 1 and plan.dp_shard > 1:
+        raise PlanError(f"{plan.describe()}: expert parallelism with FSDP sharding (dp_shard > 1) is not "
+                        "supported yet: use dp_shard=1 (replicated dense layers) with ep, or ep=1 with "
+                        "dp_shard")
     cfg = getattr(transformer, "config", None)
     if cfg is not None:
         plan.check_model(cfg)
@@ -81,14 +85,27 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
     if plan.dp_shard > 1:
         from .fully_sharded import apply_fully_sharded, mixed_precision_for
 
-        dims = ("dp_replicate", "dp_shard") if plan.dp_replicate > 1 else ("dp_shard",)
-        apply_fully_sharded(transformer if transformer is not None else module,
-                            meshes.submesh(*dims), **mixed_precision_for(precision))
+        policy = mixed_precision_for(precision)
+        apply_fully_sharded(transformer if transformer is not None else module, sharding_mesh(meshes),
+                            policy.param_dtype, policy.reduce_dtype)
     else:
         reducer = _build_reducer(module, plan, meshes, links)
     return ParallelizeResult(reducer=reducer, fully_sharded=plan.dp_shard > 1,
                              context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, reducer))
+
+
+def sharding_mesh(meshes: ParallelMeshes):
+    """The FSDP2 mesh: dp_shard (x cp, since context-parallel ranks hold different tokens and
+    their gradients must be reduced too), with dp_replicate in front for HSDP."""
+    plan = meshes.plan
+    shard_dim = "dp_shard"
+    if plan.cp > 1:
+        meshes.dense["dp_shard", "cp"]._flatten("dp_shard_cp")  # DeviceMesh has no public flatten
+        shard_dim = "dp_shard_cp"
+    if plan.dp_replicate > 1:
+        return meshes.dense["dp_replicate", shard_dim]
+    return meshes.dense[shard_dim]
 
 
 def meshes_with_experts(meshes: ParallelMeshes) -> None:
