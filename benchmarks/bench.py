@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 LLAMA_1B = dict(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                 ffn_dim=5632, max_seq_len=262144)
-# DeepSeek-V2-Lite's widths (MLA, 64 routed + 2 shared experts, top-6) cut to 8 layers to fit one GPU.
-V2_LITE_CUT = dict(family="deepseek", attention="mla", vocab_size=102400, d_model=2048, n_layers=8,
+# DeepSeek-V2-Lite's widths (MLA, 64 routed + 2 shared experts, top-6) cut to 4 layers to fit one GPU.
+V2_LITE_CUT = dict(family="deepseek", attention="mla", vocab_size=102400, d_model=2048, n_layers=4,
                    n_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
                    qk_rope_head_dim=64, v_head_dim=128, ffn_dim=10944, max_seq_len=4096,
                    n_routed_experts=64, n_shared_experts=2, moe_top_k=6, moe_ffn_dim=1408,
