@@ -9,6 +9,7 @@ token by TorchTitan's convention, DESIGN section 5), peak memory, and the ratio 
     python benchmarks/bench.py suite=moe                   # grouped GEMM vs per-expert loop
     python benchmarks/bench.py suite=callbacks             # observability overhead
     python benchmarks/bench.py suite=planner               # predicted vs measured memory/speed
+    python benchmarks/bench.py suite=multi_gpu             # 2 GPUs: DDP vs reducer, FSDP2, TP, CP
 Append `--out FILE.json` to keep the raw results.
 """
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Config:
     offload: bool = False
     callbacks: bool = False
     grouped_gemm: bool = True
+    devices: int = 1
+    plan: dict = field(default_factory=dict)  # extra ParallelPlan degrees, e.g. {"tp": 2}
     model: dict = field(default_factory=lambda: dict(LLAMA_1B))
 
 
@@ -106,7 +109,7 @@ def run_one(cfg: Config) -> dict[str, Any]:
                     loss_chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.strategy == "attn_hybrid":
         plan = lap.ParallelPlan(compile=cfg.compile, activation_checkpointing=cfg.checkpointing,
-                                offload_activations=cfg.offload, grouped_gemm=cfg.grouped_gemm)
+                                offload_activations=cfg.offload, grouped_gemm=cfg.grouped_gemm, **cfg.plan)
         strategy: Any = lap.AttnHybridStrategy(plan=plan)
     elif cfg.strategy == "model_parallel":
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -119,7 +122,7 @@ def run_one(cfg: Config) -> dict[str, Any]:
         from lightning_attn_parallel.callbacks import default_callbacks
 
         callbacks += default_callbacks(log_every_n_steps=5, report=False)
-    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision=cfg.precision,
+    trainer = L.Trainer(accelerator="gpu", devices=cfg.devices, strategy=strategy, precision=cfg.precision,
                         max_steps=cfg.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                         limit_val_batches=0)
@@ -127,14 +130,18 @@ def run_one(cfg: Config) -> dict[str, Any]:
     trainer.fit(module, loader)
     timer = callbacks[0]
     seconds = timer.end - timer.start
-    tokens = (cfg.steps - cfg.warmup) * cfg.micro_batch * cfg.seq_len
+    # micro_batch is per data-parallel rank; tensor- and context-parallel ranks share samples
+    dp = cfg.devices // (cfg.plan.get("tp", 1) * cfg.plan.get("cp", 1))
+    tokens = (cfg.steps - cfg.warmup) * cfg.micro_batch * cfg.seq_len * dp
     with torch.device("meta"):
         from lightning_attn_parallel.models import build_model
 
         flops_per_token = build_model(model_cfg).flops_per_token(cfg.seq_len)
     tps = tokens / seconds
-    result = {"tokens_per_s": tps, "tflops_per_gpu": flops_per_token * tps / 1e12,
-              "mfu": flops_per_token * tps / PEAK_BF16,
+    per_gpu = tps / cfg.devices
+    result = {"tokens_per_s": tps, "tokens_per_s_per_gpu": per_gpu,
+              "tflops_per_gpu": flops_per_token * per_gpu / 1e12,
+              "mfu": flops_per_token * per_gpu / PEAK_BF16,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
               "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
               "flops_per_token": flops_per_token, "device": torch.cuda.get_device_name(0)}
@@ -180,6 +187,20 @@ def suite(name: str) -> list[Config]:
             Config("V2-Lite cut, lightning single-device (loop)", strategy="auto", grouped_gemm=False,
                    micro_batch=4, seq_len=2048, model=moe),
         ]
+    if name == "multi_gpu":
+        return [
+            Config("attn_hybrid DP, 1 GPU", steps=10),
+            Config("lightning DDP, 2 GPUs", strategy="ddp", devices=2, steps=10),
+            Config("attn_hybrid DP (bucketed reducer), 2 GPUs", devices=2, steps=10),
+            Config("attn_hybrid FSDP2 dp_shard=2, 2 GPUs", devices=2, plan={"dp_shard": 2}, steps=10),
+            Config("attn_hybrid TP attention tp=2, 2 GPUs", devices=2, plan={"tp": 2}, steps=10),
+            Config("attn_hybrid cp=2 ring, 64k, block AC, 2 GPUs", devices=2, micro_batch=1, seq_len=65536,
+                   checkpointing="block", loss_chunk_tokens=4096, plan={"cp": 2, "cp_kernel": "ring"},
+                   steps=4, warmup=2),
+            Config("attn_hybrid cp=2 allgather, 64k, block AC, 2 GPUs", devices=2, micro_batch=1,
+                   seq_len=65536, checkpointing="block", loss_chunk_tokens=4096,
+                   plan={"cp": 2, "cp_kernel": "allgather"}, steps=4, warmup=2),
+        ]
     if name == "callbacks":
         return [Config("attn_hybrid, callbacks off", steps=24, warmup=4),
                 Config("attn_hybrid, callbacks on", callbacks=True, steps=24, warmup=4)]
@@ -210,13 +231,15 @@ def predicted(cfg: Config) -> dict[str, float]:
 
 def table(rows: list[tuple[Config, dict]]) -> str:
     base = next((r for _, r in rows if "tokens_per_s" in r), None)
-    lines = ["| config | tokens/s | TFLOP/s/GPU | MFU | peak GiB | vs first |", "|---|---|---|---|---|---|"]
+    lines = ["| config | tokens/s | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | vs first |",
+             "|---|---|---|---|---|---|---|"]
     for cfg, r in rows:
         if "tokens_per_s" not in r:
-            lines.append(f"| {cfg.name} | {r.get('error', 'failed')} | | | | |")
+            lines.append(f"| {cfg.name} | {r.get('error', 'failed')} | | | | | |")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"]
-        lines.append(f"| {cfg.name} | {r['tokens_per_s']:,.0f} | {r['tflops_per_gpu']:.0f} | "
+        lines.append(f"| {cfg.name} | {r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | "
+                     f"{r['tflops_per_gpu']:.0f} | "
                      f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {ratio:.3f}x |")
     return "\n".join(lines)
 

@@ -102,15 +102,18 @@ class CausalLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        decay, no_decay = [], []
+        # Groups by (weight decay, DTensor or not): fused/foreach AdamW need one tensor type per
+        # group, and tensor parallelism makes some parameters DTensors while others stay plain.
+        groups: dict[tuple[bool, bool], list] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+                decay = p.ndim >= 2 and "embeddings" not in name
+                groups.setdefault((decay, hasattr(p, "device_mesh")), []).append(p)
+        param_groups = [{"params": params, "weight_decay": self.hparams.weight_decay if decay else 0.0}
+                        for (decay, _), params in sorted(groups.items())]
         # Fused AdamW unscales fp16 gradients inside its step, after clipping would have run.
         fused = next(self.model.parameters()).is_cuda and self.trainer.precision != "16-mixed"
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+        optimizer = torch.optim.AdamW(param_groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
                                       fused=fused or None)
         total = self.hparams.total_steps or self.trainer.estimated_stepping_batches
         warmup = min(self.hparams.warmup_steps, max(1, int(total) // 10))

@@ -80,6 +80,7 @@ class AttnHybridStrategy(ParallelStrategy):
         self._timeout = timeout
         self._save_distributed_checkpoint = save_distributed_checkpoint
         self._parallelized = False
+        self._state_loaded_in_place = False
 
     # ------------------------------------------------------------------ processes
     @property
@@ -170,6 +171,7 @@ class AttnHybridStrategy(ParallelStrategy):
     # ------------------------------------------------------------------ model set-up
     def setup(self, trainer: Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
+        self._state_loaded_in_place = False
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -308,7 +310,10 @@ class AttnHybridStrategy(ParallelStrategy):
 
     @property
     def lightning_restore_optimizer(self) -> bool:
-        return not self._sharded_state
+        """Lightning restores optimizer states through `load_optimizer_state_dict` (any plan,
+        any single-file format), except after a checkpoint folder, which `load_checkpoint` has
+        already loaded into the model and the optimizers."""
+        return not self._state_loaded_in_place
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if not self._sharded_state:
@@ -331,6 +336,7 @@ class AttnHybridStrategy(ParallelStrategy):
         """Write to a temporary name and rename, so an interrupted save never destroys the last
         good checkpoint. Sharded plans write a torch.distributed.checkpoint folder."""
         path = Path(self.broadcast(str(filepath)))
+        checkpoint = _settle_fit_loop_state(checkpoint)
         if self._sharded_state and self._save_distributed_checkpoint:
             from .checkpoint import save_lightning_checkpoint
 
@@ -345,11 +351,18 @@ class AttnHybridStrategy(ParallelStrategy):
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """A checkpoint folder (saved under any plan) is loaded into the model and optimizers in
+        place, whatever this run's plan, and the rest of the Lightning dict is returned; a single
+        file is read and its states are applied by `load_model_state_dict` and
+        `load_optimizer_state_dict`."""
         path = Path(self.broadcast(str(checkpoint_path)))
+        self._state_loaded_in_place = False
         if path.is_dir():
             from .checkpoint import load_lightning_checkpoint
 
-            return load_lightning_checkpoint(path, self.model, self.optimizers)
+            checkpoint = load_lightning_checkpoint(path, self.model, self.optimizers)
+            self._state_loaded_in_place = True
+            return checkpoint
         from .checkpoint import read_checkpoint_file
 
         return read_checkpoint_file(path)
@@ -366,14 +379,88 @@ class AttnHybridStrategy(ParallelStrategy):
         super().load_model_state_dict(checkpoint, strict=strict)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if "optimizer_states" not in checkpoint or self._sharded_state:
-            return
-        super().load_optimizer_state_dict(checkpoint)
+        """Optimizer states of a single-file checkpoint: torch's own format (parameters numbered,
+        written by a replicated plan) or full states keyed by parameter name (written by a
+        sharded plan with save_distributed_checkpoint=False). A replicated plan loads the former
+        directly; everything else goes through `set_optimizer_state_dict`, which shards the full
+        states to this plan's layout."""
+        if "optimizer_states" not in checkpoint:
+            return  # a checkpoint folder was loaded in place by load_checkpoint
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            keyed_by_name = _optimizer_state_keyed_by_name(state)
+            if not self._sharded_state and not keyed_by_name:
+                optimizer.load_state_dict(state)
+                _optimizers_to_device([optimizer], self.root_device)
+                continue
+            if not keyed_by_name:
+                state = _optimizer_state_by_name(self.model, optimizer, state)
+            set_optimizer_state_dict(self.model, optimizer, state,
+                                     options=StateDictOptions(full_state_dict=True))
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(cls.strategy_name, cls,
                                    description="Attention-aware hybrid data/tensor/context/expert parallelism")
+
+
+def _settle_fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Make a checkpoint saved after `fit` has stopped resume where that run stopped.
+
+    When fit stops at max_steps, Lightning's fit loop counts the current epoch as completed.
+    Saved then (`trainer.fit(max_steps=k); trainer.save_checkpoint(path)`), the loop state is
+    wrong both ways: stopped mid-epoch, a resumed run would start the next epoch number (its
+    sampler shuffles differently) at the old batch index; stopped on the epoch's last batch, it
+    would run one batch of a leftover epoch first (Lightning issue #19617). So: mid-epoch, the
+    epoch is marked unfinished again; on its last batch, the next epoch starts at batch 0.
+    Checkpoints saved during training (callbacks, ModelCheckpoint) are returned unchanged.
+    """
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit_loop or "epoch_progress" not in fit_loop or "epoch_loop.batch_progress" not in fit_loop:
+        return checkpoint
+    epochs, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
+    if not epochs["current"]["started"] or epochs["current"]["completed"] != epochs["current"]["started"]:
+        return checkpoint  # saved while an epoch was running
+    import copy
+
+    checkpoint = dict(checkpoint)
+    checkpoint["loops"] = loops = copy.deepcopy(checkpoint["loops"])
+    fit_loop = loops["fit_loop"]
+    epochs, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
+    if batches["is_last_batch"]:
+        batches["current"] = {key: 0 for key in batches["current"]}
+        batches["is_last_batch"] = False
+    else:
+        for progress in (epochs["current"], epochs["total"]):
+            progress["processed"] -= 1
+            progress["completed"] -= 1
+        if "epoch" in checkpoint:
+            checkpoint["epoch"] -= 1
+    return checkpoint
+
+
+def _optimizer_state_keyed_by_name(state: Mapping[str, Any]) -> bool:
+    return any(isinstance(p, str) for group in state.get("param_groups", ()) for p in group["params"])
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer, state: Mapping[str, Any]) -> dict[str, Any]:
+    """torch's optimizer state (parameters numbered in the optimizer's order) keyed by parameter
+    name instead, the form `set_optimizer_state_dict` takes. The names, in the optimizer's
+    order, come from `get_optimizer_state_dict`, which strips whatever wraps the model."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    current = get_optimizer_state_dict(model, optimizer)
+    names = [name for group in current["param_groups"] for name in group["params"]]
+    numbers = [p for group in state["param_groups"] for p in group["params"]]
+    if len(names) != len(numbers):
+        raise ValueError(f"the checkpoint's optimizer has {len(numbers)} parameters but this run's has "
+                         f"{len(names)}: resume with the configure_optimizers it was saved with")
+    rename = dict(zip(numbers, names))
+    return {"state": {rename[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**group, "params": [rename[p] for p in group["params"]]}
+                             for group in state["param_groups"]]}
 
 
 def register() -> None:
