@@ -41,11 +41,11 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     precision: str = "32-true"
-    max_steps: int = 300
+    max_steps: int = 150
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = 1.0
-    val_check_interval: Any = 100
-    limit_val_batches: Any = 20
+    val_check_interval: Any = 150
+    limit_val_batches: Any = 10
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     enable_checkpointing: bool = True
@@ -64,7 +64,7 @@ class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 15
     loss_chunk_tokens: Optional[int] = None
 
 

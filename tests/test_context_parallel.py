@@ -2,6 +2,11 @@
 4 gloo ranks, gives the outputs and q/k/v gradients of single-process causal SDPA, and a model
 with its kernels swapped gives the loss and gradients of the unsplit model.
 
+All-gather and ring attend piece by piece (one fused kernel call per visible region of a block,
+merged by log-sum-exp): traced runs check that the calls cover exactly the visible chunk pairs,
+with no mask and no score matrix; that the plain-math fallback keeps its score tiles within
+chunk x chunk; and that both stay exact.
+
 All distributed cases share one spawned run (a spawn costs seconds).
 """
 from __future__ import annotations
@@ -20,7 +25,8 @@ from lightning_attn_parallel.parallel.context_parallel import (
     ContextParallelAttention, apply_context_parallel, context_parallel_chunks,
     context_parallel_positions, gather_from_context_parallel, set_context_parallel_active,
     shard_for_context_parallel, validate_cp)
-from lightning_attn_parallel.parallel.cp_kernels import ring_block_plan
+from lightning_attn_parallel.parallel import cp_kernels
+from lightning_attn_parallel.parallel.cp_kernels import allgather_attention, ring_block_plan
 
 KERNELS = ("allgather", "ring", "ulysses")
 
@@ -74,8 +80,12 @@ def _sharded(case: dict, group: dist.ProcessGroup) -> dict[str, np.ndarray]:
     rank, cp, lb = dist.get_rank(group), dist.get_world_size(group), case["load_balance"]
     q, k, v, dout = (shard_for_context_parallel(t, 2, rank, cp, lb) for t in _inputs(case))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    attn = ContextParallelAttention(group, case["kernel"], lb, scale=case["scale"])
-    out = attn(q, k, v, context_parallel_positions(case["seq"], rank, cp, lb))
+    if case.get("mode") == "chunks":  # all-gather told every rank's chunks instead of a mask
+        chunks = [context_parallel_chunks(case["seq"], r, cp, lb) for r in range(cp)]
+        out = allgather_attention(q, k, v, chunks, case["scale"], group)
+    else:
+        attn = ContextParallelAttention(group, case["kernel"], lb, scale=case["scale"])
+        out = attn(q, k, v, context_parallel_positions(case["seq"], rank, cp, lb))
     (out * dout).sum().backward()
     return _numpy(dict(out=out, dq=q.grad, dk=k.grad, dv=v.grad))
 
@@ -138,13 +148,66 @@ def _ulysses_heads_error(group: dist.ProcessGroup) -> str:
     return ""
 
 
-def _worker(rank: int, world: int, cases: dict[int, list[dict]]) -> dict[int, dict]:
+def _traced_cases(cp: int) -> list[dict]:
+    """All-gather (given a mask, or every rank's chunks) and ring, both layouts: fused kernels
+    (equal head dims) and the plain-math fallback with chunk-sized tiles."""
+    base = dict(batch=2, n_heads=4, n_kv=2, seq=4 * cp, dqk=8, dv=8, scale=None, seed=4321 + cp)
+    cases = []
+    for kernel, mode in (("allgather", "mask"), ("allgather", "chunks"), ("ring", "plans")):
+        for load_balance in (True, False):
+            for fallback in (False, True):
+                cases.append(dict(base, kernel=kernel, mode=mode, load_balance=load_balance,
+                                  fallback=fallback))
+    return cases
+
+
+def _chunk_len(case: dict, cp: int) -> int:
+    return case["seq"] // (2 * cp if case["load_balance"] else cp)
+
+
+def _traced(case: dict, group: dist.ProcessGroup) -> dict:
+    """`_sharded` with every fused-kernel call and every score matrix recorded."""
+    calls, backward_calls, score_dims = [], [], []
+    originals = {name: getattr(cp_kernels, name)
+                 for name in ("_piece_forward", "_piece_backward", "_scores", "_kernel_for", "_MATH_TILE")}
+
+    def piece_forward(q, k, v, causal, scale, mask=None):
+        out, lse, saved = originals["_piece_forward"](q, k, v, causal, scale, mask)
+        calls.append((saved.kernel, q.shape[2], k.shape[2], causal, mask is not None))
+        return out, lse, saved
+
+    def piece_backward(dout, q, k, v, out, lse, causal, scale, mask, saved):
+        backward_calls.append((saved.kernel, q.shape[2], k.shape[2], causal, mask is not None))
+        return originals["_piece_backward"](dout, q, k, v, out, lse, causal, scale, mask, saved)
+
+    def scores(q5, k, scale, mask):
+        result = originals["_scores"](q5, k, scale, mask)
+        score_dims.append(tuple(result.shape[-2:]))
+        return result
+
+    patches = dict(_piece_forward=piece_forward, _piece_backward=piece_backward, _scores=scores)
+    if case["fallback"]:
+        patches.update(_kernel_for=lambda q, k, v: "math",
+                       _MATH_TILE=_chunk_len(case, dist.get_world_size(group)))
+    for name, value in patches.items():
+        setattr(cp_kernels, name, value)
+    try:
+        result = _sharded(case, group)
+    finally:
+        for name, value in originals.items():
+            setattr(cp_kernels, name, value)
+    return dict(result, calls=calls, backward_calls=backward_calls, score_dims=score_dims)
+
+
+def _worker(rank: int, world: int, cases: dict[int, list[dict]],
+            traced: dict[int, list[dict]]) -> dict[int, dict]:
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     groups = {2: pairs[rank // 2], 4: dist.group.WORLD}
     results = {}
     for cp, group in groups.items():
         results[cp] = dict(
             parity=[_sharded(case, group) for case in cases[cp]],
+            traced=[_traced(case, group) for case in traced[cp]],
             models={kernel: _model_case(kernel, group) for kernel in KERNELS},
             ulysses_error=_ulysses_heads_error(group))
     return results
@@ -153,7 +216,8 @@ def _worker(rank: int, world: int, cases: dict[int, list[dict]]) -> dict[int, di
 @pytest.fixture(scope="module")
 def distributed_run() -> tuple[dict[int, list[dict]], list[dict]]:
     cases = {cp: _make_cases(cp) for cp in CP_SIZES}
-    return cases, run_distributed(_worker, WORLD, cases)
+    traced = {cp: _traced_cases(cp) for cp in CP_SIZES}
+    return cases, run_distributed(_worker, WORLD, cases, traced)
 
 
 def _ranks(results: list[dict], cp: int) -> list[list[dict]]:
@@ -176,6 +240,76 @@ def test_kernels_match_single_process_sdpa(distributed_run):
                     shards = [torch.from_numpy(r[cp]["parity"][i][key]) for r in group_results]
                     got = gather_from_context_parallel(shards, 2, case["load_balance"])
                     assert_close(got, ref, rtol=1e-5, name=f"cp={cp} {_case_id(case)} {key}")
+
+
+def _expected_pieces(rank: int, cp: int, local: int, load_balance: bool) -> list[tuple]:
+    """(query rows, key columns, causal) of every block's visible region: the own block is a
+    causal square, an earlier block is all visible, and with load balancing a later block is
+    all visible to the tail chunk of queries (a chunk is local/2 there, local without)."""
+    pieces = []
+    for src in range(cp):
+        if src == rank:
+            pieces.append((local, local, True))
+        elif src < rank:
+            pieces.append((local, local // 2 if load_balance else local, False))
+        elif load_balance:
+            pieces.append((local // 2, local, False))
+    return sorted(pieces)
+
+
+def _visible_pairs(seq: int, rank: int, cp: int, load_balance: bool) -> int:
+    """Query-key pairs of this rank's rows under the causal mask: position p sees p + 1 keys."""
+    return int((context_parallel_positions(seq, rank, cp, load_balance) + 1).sum())
+
+
+def test_pieces_cover_exactly_the_visible_chunk_pairs(distributed_run):
+    _, results = distributed_run
+    for cp in CP_SIZES:
+        for i, case in enumerate(_traced_cases(cp)):
+            if case["fallback"]:
+                continue
+            for group_results in _ranks(results, cp):
+                for rank, result in enumerate(group_results):
+                    traced = result[cp]["traced"][i]
+                    name = f"cp={cp} {case['kernel']}/{case['mode']} lb={case['load_balance']} rank {rank}"
+                    local = case["seq"] // cp
+                    assert {c[0] for c in traced["calls"]} == {"cpu"}, name  # the fused kernel
+                    assert not any(c[4] for c in traced["calls"]), name  # never a mask
+                    assert traced["score_dims"] == [], name  # never a score matrix
+                    got = sorted((rows, cols, causal) for _, rows, cols, causal, _ in traced["calls"])
+                    assert got == _expected_pieces(rank, cp, local, case["load_balance"]), name
+                    work = sum(r * (r + 1) // 2 if causal else r * c for r, c, causal in got)
+                    assert work == _visible_pairs(case["seq"], rank, cp, case["load_balance"]), name
+                    assert sorted(traced["backward_calls"]) == sorted(traced["calls"]), name
+
+
+def test_fallback_scores_stay_within_chunk_by_chunk(distributed_run):
+    _, results = distributed_run
+    for cp in CP_SIZES:
+        for i, case in enumerate(_traced_cases(cp)):
+            if not case["fallback"]:
+                continue
+            chunk = _chunk_len(case, cp)
+            for group_results in _ranks(results, cp):
+                for rank, result in enumerate(group_results):
+                    traced = result[cp]["traced"][i]
+                    name = f"cp={cp} {case['kernel']}/{case['mode']} lb={case['load_balance']} rank {rank}"
+                    assert {c[0] for c in traced["calls"]} == {"math"}, name
+                    assert traced["score_dims"], name
+                    assert max(r for r, _ in traced["score_dims"]) <= chunk, name
+                    assert max(c for _, c in traced["score_dims"]) <= chunk, name
+
+
+def test_traced_runs_are_exact(distributed_run):
+    _, results = distributed_run
+    for cp in CP_SIZES:
+        for i, case in enumerate(_traced_cases(cp)):
+            expected = _reference(case)
+            for group_results in _ranks(results, cp):
+                for key, ref in expected.items():
+                    shards = [torch.from_numpy(r[cp]["traced"][i][key]) for r in group_results]
+                    got = gather_from_context_parallel(shards, 2, case["load_balance"])
+                    assert_close(got, ref, rtol=1e-5, name=f"cp={cp} {case} {key}")
 
 
 def test_model_with_context_parallel_matches_single_process(distributed_run):

@@ -6,10 +6,13 @@ One spawn of 4 gloo processes trains every plan below through `Trainer(strategy=
 collectives it sent (reduce-scatters of FSDP2, all-reduces of HSDP and of the GradientReducer).
 Lightning's own ModelParallelStrategy (FSDP2 applied in `configure_model`) runs on the same ranks
 for comparison: it has no way to hold back FSDP2's reduce-scatter on accumulating micro-batches.
-The same spawn trains tp=2 x dp_shard=2 for 4 steps without stopping, and for 2 steps followed by
-`trainer.save_checkpoint` (a sharded folder); a second spawn of 2 processes resumes that folder
-under dp_shard=2 and under replicated data parallelism and must continue exactly as the
-uninterrupted run did.
+The same spawn trains tp=2 x dp_shard=2 for 6 steps without stopping, and for 2 steps followed by
+`trainer.save_checkpoint` (a sharded folder). A second spawn, of 2 processes, resumes that folder
+under dp_shard=2 and under replicated data parallelism (which must load the folder itself, since
+Lightning's own restore finds no optimizer states in it) to step 4; the replicated run saves a
+single file, which dp_shard=2 resumes to step 6 (numbered optimizer states sharded by name). Every
+resumed run starts from exactly the saved parameters and continues with the uninterrupted run's
+losses, so model, optimizer and LR schedule all came back.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from dist_utils import assert_close, run_distributed
@@ -50,7 +52,9 @@ CASES = {
 RESHARD_SAVE = dict(dp_shard=2, tp=2)
 FSDP2 = dict(dp_shard=2)
 REPLICATED = dict()
-STEPS_PER_EPOCH = 2  # every checkpoint sits on an epoch boundary (FixedTokens' loader is not resumable)
+# Every checkpoint sits on an epoch boundary: FixedTokens' loader cannot skip the batches of a
+# partly trained epoch (test_resume.py covers mid-epoch resumes with LMDataModule's sampler).
+STEPS_PER_EPOCH = 2
 SAVE_STEP, RESUME_STEP, FINAL_STEP = 2, 4, 6
 
 
@@ -75,7 +79,7 @@ class GradientTraffic(L.Callback):
     reduction, the GradientReducer). Collectives on the context-parallel group (attention's KV
     exchange) are not gradient traffic and are left out."""
 
-    NAMES = ("reduce_scatter_tensor", "reduce_scatter_single", "all_reduce")
+    GROUP_ARG = {"reduce_scatter_tensor": 3, "reduce_scatter_single": 3, "all_reduce": 2}
 
     def __init__(self) -> None:
         self.per_batch: list[int] = []
@@ -84,10 +88,10 @@ class GradientTraffic(L.Callback):
         self._excluded: set = set()
 
     def _wrap(self, name: str):
-        original = self._originals[name]
+        original, position = self._originals[name], self.GROUP_ARG[name]
 
         def counting(*args, **kwargs):
-            group = kwargs.get("group", args[3] if len(args) > 3 else None)
+            group = kwargs.get("group", args[position] if len(args) > position else None)
             if group not in self._excluded:
                 self._count += 1
             return original(*args, **kwargs)
@@ -98,7 +102,7 @@ class GradientTraffic(L.Callback):
         meshes = getattr(trainer.strategy, "meshes", None)
         if meshes is not None and meshes.plan.cp > 1:
             self._excluded.add(meshes.group("cp"))
-        for name in self.NAMES:
+        for name in self.GROUP_ARG:
             if hasattr(dist, name):
                 self._originals[name] = getattr(dist, name)
                 setattr(dist, name, self._wrap(name))
@@ -147,7 +151,6 @@ class LightningFSDPModule(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        L.seed_everything(0, verbose=False)
         self.inner = make_module()
 
     def configure_model(self) -> None:
@@ -230,8 +233,6 @@ def test_sharded_training_equals_one_process(results, name):
             assert_close(result[name]["params"][key], expected, name=f"{name} rank{rank} {key}")
 
 
-
-
 def test_accumulating_micro_batches_send_no_gradient_traffic(results):
     """Every plan: nothing on the micro-batch that only accumulates, and the data-parallel
     reduction on the last one (a reduce-scatter per FSDP unit; HSDP adds an all-reduce per unit
@@ -268,23 +269,21 @@ def test_sharded_checkpoint_resumes_under_other_plans(results, resumed, checkpoi
     losses; the replicated run's single-file checkpoint resumes under dp_shard=2 just as well,
     optimizer and LR schedule included, up to the uninterrupted run's final parameters."""
     assert (checkpoint_root / "folder").is_dir() and (checkpoint_root / "replicated.ckpt").is_file()
-    per_step = ACCUMULATE
     for rank, run in enumerate(resumed):
-        full = results[2 * rank]["uninterrupted"]  # same data-parallel rank (tp=2 innermost)
-        saved = results[2 * rank]["saved"]
+        # the 4-rank runs' rank 2r has the same data-parallel rank as rank r here (tp innermost)
+        full, saved = results[2 * rank]["uninterrupted"], results[2 * rank]["saved"]
         assert saved["global_step"] == SAVE_STEP
-        for name, since in (("fsdp2_from_folder", SAVE_STEP), ("replicated_from_folder", SAVE_STEP),
-                            ("fsdp2_from_file", RESUME_STEP)):
+        chain = {  # resumed run: (its first step, its last step, parameters it must start from)
+            "fsdp2_from_folder": (SAVE_STEP, RESUME_STEP, saved["params"]),
+            "replicated_from_folder": (SAVE_STEP, RESUME_STEP, saved["params"]),
+            "fsdp2_from_file": (RESUME_STEP, FINAL_STEP, run["replicated_from_folder"]["params"]),
+        }
+        for name, (since, until, start) in chain.items():
             result = run[name]
-            until = FINAL_STEP if name == "fsdp2_from_file" else RESUME_STEP
             assert result["global_step"] == until
-            expected_losses = torch.tensor(full["losses"][since * per_step: until * per_step])
-            assert_close(torch.tensor(result["losses"]), expected_losses, name=f"{name} rank{rank} losses")
-            if since == SAVE_STEP:
-                for key, value in saved["params"].items():
-                    assert torch.equal(result["start_params"][key], value), f"{name}: {key} not restored"
-        start = run["fsdp2_from_file"]["start_params"]
-        for key, value in run["replicated_from_folder"]["params"].items():
-            assert torch.equal(start[key], value), f"fsdp2_from_file: {key} not restored"
+            for key, value in start.items():
+                assert torch.equal(result["start_params"][key], value), f"{name}: {key} not restored"
+            expected = torch.tensor(full["losses"][since * ACCUMULATE: until * ACCUMULATE])
+            assert_close(torch.tensor(result["losses"]), expected, name=f"{name} rank{rank} losses")
         for key, value in full["params"].items():
             assert_close(run["fsdp2_from_file"]["params"][key], value, name=f"final {key} rank{rank}")

@@ -65,6 +65,9 @@ class ResumableSampler(DistributedSampler):
         self.skip_batches = 0
 
     def __iter__(self) -> Iterator:
+        # Taken at the start: an epoch cut short (limit_train_batches, max_steps) never runs the
+        # generator to its end, and the next epoch's iterator must not skip again.
+        skip, self.skip_batches = self.skip_batches, 0
         indices = list(super().__iter__())
         usable = len(indices) - len(indices) % self.batch_size
         gen = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
@@ -72,11 +75,10 @@ class ResumableSampler(DistributedSampler):
             length = None
             if self.lengths:  # same draw on every rank: all ranks of a step share one mode
                 length = self.lengths[int(torch.randint(len(self.lengths), (1,), generator=gen))]
-            if b < self.skip_batches:
+            if b < skip:
                 continue
             for i in indices[b * self.batch_size: (b + 1) * self.batch_size]:
                 yield i if length is None else (i, length)
-        self.skip_batches = 0
 
     def __len__(self) -> int:
         return (self.num_samples // self.batch_size) * self.batch_size
@@ -168,9 +170,14 @@ class LMDataModule(L.LightningDataModule):
 
 
 def _batches_done_this_epoch(trainer: L.Trainer) -> int:
-    """Batches of the current epoch that a resumed run has already trained on."""
+    """Batches of the current epoch that a resumed run has already trained on.
+
+    `processed`, not `completed`: a checkpoint saved from on_train_batch_end (ModelCheckpoint,
+    or any callback) is written before Lightning counts that batch as completed; Lightning
+    completes it when it restores the loop, after the data loader has been made.
+    """
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
-    return int(progress.completed) if trainer.ckpt_path else 0
+    return int(progress.processed) if trainer.ckpt_path else 0
 
 
 __all__ = ["LMDataModule", "TokenWindows", "ResumableSampler", "open_tokens"]

@@ -4,9 +4,9 @@ Every kernel takes the local q (B, Hq, S, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S
 rank and returns that rank's rows of the attention over the whole sequence, with gradients
 that equal those of the unsplit computation:
 
-- `allgather_attention`: all-gather K/V (before repeating GQA heads, so the traffic is
-  Hkv-sized), attend the local queries to everything under a mask of global positions; the
-  backward reduce-scatters the K/V gradients to their owners.
+- `allgather_attention`: all-gather K/V (Hkv heads, so the traffic is Hkv-sized), attend the
+  local queries to each rank's block of keys separately and merge the partial outputs by
+  log-sum-exp; the backward gathers K/V again and reduce-scatters their gradients to the owners.
 - `ring_attention`: K/V blocks travel round the ring while each rank merges partial outputs by
   log-sum-exp; the next block is in flight while the current one is computed, and blocks that
   lie wholly in the future of the local queries are not computed. The backward is a ring too:
@@ -14,14 +14,27 @@ that equal those of the unsplit computation:
 - `ulysses_attention`: all-to-all from sequence-sharded to head-sharded, causal SDPA over the
   whole sequence for the local heads, all-to-all back.
 
+All-gather and ring share one piece of machinery. Both layouts cut the sequence into equal
+chunks held in increasing order, so for one (local queries, rank `src`'s keys) block the
+visible part is a rectangle of fully visible chunk pairs (queries after every key), or - for
+the rank's own block - a square whose causal mask in local indices is the plain lower triangle.
+Each such piece is one call of a fused attention kernel that also returns the log-sum-exp
+(flash or memory-efficient attention on CUDA, the flash kernel on CPU), so no score matrix and
+no mask is materialised; the pieces are merged by log-sum-exp. The backward of a piece calls the
+matching fused backward kernel with the *merged* output and log-sum-exp, which makes every
+piece's gradient exactly its share of the full attention's (dS = P * (dP - D) with
+P = exp(S - lse_final) and D = rowsum(dO * O_final)). Shapes or dtypes no fused kernel takes run
+a plain-math fallback in tiles of at most `_MATH_TILE` x `_MATH_TILE` scores per head.
+
 The kernels know nothing about how the sequence was split: the caller passes the global token
 ranges ("chunks") or positions of every rank (see context_parallel.py).
 """
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -79,48 +92,215 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Te
     return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
 
+def _fold_heads(grad: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Sum the gradient of repeated K/V heads back onto the KV heads: the adjoint of `_repeat_kv`."""
+    if grad.shape[1] == n_kv_heads:
+        return grad
+    return grad.unflatten(1, (n_kv_heads, -1)).sum(2)
+
+
+def _group_heads(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """(B, Hq, S, D) -> (B, Hkv, rep, S, D) so one KV head broadcasts over its query heads."""
+    b, h, s, d = x.shape
+    return x.reshape(b, n_kv_heads, h // n_kv_heads, s, d)
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics and gradient accumulators: fp32, or the input dtype if wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _global_rank(group: Optional[dist.ProcessGroup], group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
 # ---------------------------------------------------------------------------------------------
-# all-gather K/V
+# attention of one piece with its log-sum-exp: fused kernels, plain-math fallback
+
+_HALF = (torch.float16, torch.bfloat16)
+_LSE_ALIGN = 32  # CUDA memory-efficient attention pads its logsumexp rows to a multiple of this
+_MATH_TILE = 1024  # the fallback's score tiles are at most this many rows x columns per head
 
 
-class _GatherKV(torch.autograd.Function):
-    """All-gather K and V along the sequence in one message; the backward reduce-scatters."""
-
-    @staticmethod
-    def forward(ctx, k: torch.Tensor, v: torch.Tensor, group: Optional[dist.ProcessGroup]):
-        cp = dist.get_world_size(group)
-        ctx.group, ctx.shapes = group, (k.shape, v.shape)
-        local = _pack([k, v])
-        full = local.new_empty(cp, local.shape[1])
-        _all_gather(full, local, group=group)
-        k_all, v_all = _unpack(full, [(cp, *k.shape), (cp, *v.shape)])
-        return _ranks_to_seq(k_all), _ranks_to_seq(v_all)
-
-    @staticmethod
-    def backward(ctx, dk: torch.Tensor, dv: torch.Tensor):
-        cp = dist.get_world_size(ctx.group)
-        full = _pack([_seq_to_ranks(dk, cp), _seq_to_ranks(dv, cp)], rows=cp)
-        local = full.new_empty(1, full.shape[1])
-        _reduce_scatter(local, full, group=ctx.group)
-        dk_local, dv_local = _unpack(local, ctx.shapes)
-        return dk_local, dv_local, None
+def _kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The kernel that computes a piece: 'flash' or 'efficient' (CUDA), 'cpu' (the CPU flash
+    kernel), or 'math' for whatever none of them takes (odd head dims, other dtypes/devices)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if q.device.type == "cuda":
+        aligned = d % 8 == 0 and dv % 8 == 0
+        if q.dtype in _HALF and d == dv and d <= 256 and aligned:
+            return "flash"
+        if q.dtype in (*_HALF, torch.float32) and aligned:
+            return "efficient"
+    elif q.device.type == "cpu" and d == dv and q.dtype in (*_HALF, torch.float32, torch.float64):
+        return "cpu"
+    return "math"
 
 
-def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                        scale: Optional[float], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """Local queries against the gathered K/V; `mask` (S_local, cp*S_local) is True where a
-    query may see a key, built from the global positions of both (keys in rank order)."""
-    k_all, v_all = _GatherKV.apply(k, v, group)
-    k_all, v_all = _repeat_kv(k_all, v_all, q.shape[1])
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scale)
+@dataclass
+class _Saved:
+    """What a piece's backward needs from its forward besides the tensors: the kernel that ran
+    and the extra outputs its backward op takes (sequence metadata, RNG state)."""
+
+    kernel: str
+    extra: tuple = ()
+
+
+def _piece_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                   mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, _Saved]:
+    """Attention of q against k/v -> (out in q's dtype or wider, lse (B, Hq, Sq) fp32, saved).
+
+    `causal` means a square piece with the top-left causal mask; `mask` (Sq, Sk), True where
+    visible, is only for layouts other than the chunked ones and always takes the fallback.
+    """
+    kernel = "math" if mask is not None else _kernel_for(q, k, v)
+    if kernel == "flash":
+        kr, vr = _repeat_kv(k, v, q.shape[1])
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = \
+            torch.ops.aten._scaled_dot_product_flash_attention(q, kr, vr, 0.0, causal, False, scale=scale)
+        return out, lse, _Saved(kernel, (cum_q, cum_k, max_q, max_k, seed, offset))
+    if kernel == "efficient":
+        kr, vr = _repeat_kv(k, v, q.shape[1])
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, kr, vr, None, True, 0.0, causal, scale=scale)
+        return out, lse[..., :q.shape[2]], _Saved(kernel, (seed, offset))
+    if kernel == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+        return out, lse, _Saved(kernel)
+    out, lse = _math_forward(q, k, v, causal, scale, mask)
+    return out, lse, _Saved(kernel)
+
+
+def _piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                    mask: Optional[torch.Tensor], saved: _Saved
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of one piece, given the rows' *final* output and log-sum-exp (not the piece's
+    own): then the piece's probabilities are its share of the full softmax and its gradients
+    add up to the full attention's."""
+    lse = lse.contiguous()
+    n_kv = k.shape[1]
+    if saved.kernel == "flash":
+        cum_q, cum_k, max_q, max_k, seed, offset = saved.extra
+        kr, vr = _repeat_kv(k, v, q.shape[1])
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, kr, vr, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset,
+            scale=scale)
+        return dq, _fold_heads(dk, n_kv), _fold_heads(dv, n_kv)
+    if saved.kernel == "efficient":
+        seed, offset = saved.extra
+        kr, vr = _repeat_kv(k, v, q.shape[1])
+        padded = F.pad(lse, (0, -lse.shape[-1] % _LSE_ALIGN)).contiguous()
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, kr, vr, None, out, padded, seed, offset, 0.0, [True, True, True, False],
+            causal, scale=scale)
+        return dq, _fold_heads(dk, n_kv), _fold_heads(dv, n_kv)
+    if saved.kernel == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    return _math_backward(dout, q, k, v, out, lse, causal, scale, mask)
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its log-sum-exp (B, Hq, Sq) through the fused kernel for the device/dtype,
+    or the plain-math fallback. `causal`: top-left causal mask (square pieces)."""
+    out, lse, _ = _piece_forward(q, k, v, causal, scale)
+    return out, lse
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (rows that see nothing) replaced by 0, to subtract without NaNs."""
+    return lse.masked_fill(torch.isneginf(lse), 0.0)
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+           block_lse: torch.Tensor) -> None:
+    """Fold a partial softmax (block_out, block_lse) into the running (out, lse), in place.
+    Rows that have seen no key yet (lse = -inf) stay zero instead of turning into NaN."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    base = _finite(new_lse)
+    out.mul_(torch.exp(lse - base).unsqueeze(-1))
+    out.add_(block_out * torch.exp(block_lse - base).unsqueeze(-1))
+    lse.copy_(new_lse)
+
+
+def _scores(q5: torch.Tensor, k: torch.Tensor, scale: float,
+            mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Scaled scores of grouped queries (B, Hkv, rep, R, D) against keys (B, Hkv, C, D)."""
+    scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores
+
+
+def _tiles(n_rows: int, n_cols: int, causal: bool):
+    """(rows, cols, causal mask or None) of the score tiles that can hold a visible entry."""
+    t = _MATH_TILE
+    for r0 in range(0, n_rows, t):
+        r1 = min(r0 + t, n_rows)
+        for c0 in range(0, min(n_cols, r1) if causal else n_cols, t):
+            c1 = min(c0 + t, n_cols)
+            tile_mask = None
+            if causal and c1 - 1 > r0:
+                tile_mask = torch.arange(r0, r1)[:, None] >= torch.arange(c0, c1)[None, :]
+            yield slice(r0, r1), slice(c0, c1), tile_mask
+
+
+def _tile_mask(tile_mask: Optional[torch.Tensor], mask: Optional[torch.Tensor], rows: slice,
+               cols: slice, device: torch.device) -> Optional[torch.Tensor]:
+    if mask is not None:
+        return mask[rows, cols]
+    return None if tile_mask is None else tile_mask.to(device)
+
+
+def _math_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                  mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-math attention with its log-sum-exp, tile by tile, merged like the pieces are."""
+    acc = _accum_dtype(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        n_kv = k.shape[1]
+        q5, kf, vf = _group_heads(q.to(acc), n_kv), k.to(acc), v.to(acc)
+        out = q5.new_zeros(*q5.shape[:-1], v.shape[-1])
+        lse = q5.new_full(q5.shape[:-1], float("-inf"))
+        for rows, cols, tile_mask in _tiles(q.shape[2], k.shape[2], causal):
+            scores = _scores(q5[..., rows, :], kf[..., cols, :], scale,
+                             _tile_mask(tile_mask, mask, rows, cols, q.device))
+            tile_lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - _finite(tile_lse).unsqueeze(-1))
+            _merge(out[..., rows, :], lse[..., rows], torch.matmul(probs, vf[..., cols, :].unsqueeze(2)),
+                   tile_lse)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def _math_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                   mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients recomputed tile by tile from the final lse (the probabilities are never kept)."""
+    acc = _accum_dtype(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        n_kv = k.shape[1]
+        q5, kf, vf = _group_heads(q.to(acc), n_kv), k.to(acc), v.to(acc)
+        dout5 = _group_heads(dout.to(acc), n_kv)
+        delta = (dout5 * _group_heads(out.to(acc), n_kv)).sum(-1)
+        lse5 = _finite(lse.to(acc).reshape(delta.shape))
+        dq5, dk, dv = torch.zeros_like(q5), torch.zeros_like(kf), torch.zeros_like(vf)
+        for rows, cols, tile_mask in _tiles(q.shape[2], k.shape[2], causal):
+            q_t, do_t = q5[..., rows, :], dout5[..., rows, :]
+            scores = _scores(q_t, kf[..., cols, :], scale,
+                             _tile_mask(tile_mask, mask, rows, cols, q.device))
+            probs = torch.exp(scores - lse5[..., rows].unsqueeze(-1))
+            dv[..., cols, :] += torch.matmul(probs.transpose(-1, -2), do_t).sum(2)
+            dprobs = torch.matmul(do_t, vf[..., cols, :].unsqueeze(2).transpose(-1, -2))
+            dscores = probs * (dprobs - delta[..., rows].unsqueeze(-1))
+            dq5[..., rows, :] += torch.matmul(dscores, kf[..., cols, :].unsqueeze(2)) * scale
+            dk[..., cols, :] += torch.matmul(dscores.transpose(-1, -2), q_t).sum(2) * scale
+    return dq5.flatten(1, 2), dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
-# ring
+# which pieces of each block to compute
 
 
 @dataclass(frozen=True)
@@ -158,52 +338,211 @@ def _offsets(chunks: Chunks) -> list[int]:
     return offsets
 
 
-def _group_heads(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """(B, Hq, S, D) -> (B, Hkv, rep, S, D) so one KV head broadcasts over its query heads."""
-    b, h, s, d = x.shape
-    return x.reshape(b, n_kv_heads, h // n_kv_heads, s, d)
+@dataclass(frozen=True)
+class _Piece:
+    """One fused-kernel call: local query `rows` against key `cols` of one rank's block, either
+    all visible, or (`causal`) a square under the top-left causal mask, or - only for layouts
+    other than the chunked ones - under an explicit `mask` (rows x cols), which takes the
+    plain-math fallback."""
+
+    rows: slice
+    cols: slice
+    causal: bool = False
+    mask: Optional[torch.Tensor] = None
 
 
-def _scores(q5: torch.Tensor, k: torch.Tensor, scale: float,
-            mask: Optional[torch.Tensor]) -> torch.Tensor:
-    scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores
+def _plan_piece(plan: Optional[BlockPlan], own: bool, local_len: int,
+                block_mask: Callable[[], torch.Tensor]) -> Optional[_Piece]:
+    """The piece of a block from its plan. A rank's own block is the only masked one in both
+    layouts; its positions increase along the local order, so its mask is the lower triangle."""
+    if plan is None:
+        return None
+    rows, cols = slice(plan.q_start, local_len), slice(0, plan.k_stop)
+    if not plan.masked:
+        return _Piece(rows, cols)
+    if own and plan.q_start == 0 and plan.k_stop == local_len:
+        return _Piece(rows, cols, causal=True)
+    return _Piece(rows, cols, mask=block_mask())
 
 
-def _block_forward(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one block with its log-sum-exp. Every row of a block sees at least one key
-    (a masked block is a rank's own block, where each query sees itself), so lse is finite."""
-    scores = _scores(q5, k, scale, mask)
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.unsqueeze(2))
-    return out, lse
+def _accumulators(q: torch.Tensor, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running output (B, Hq, S, Dv) and log-sum-exp (B, Hq, S) of the merged pieces."""
+    acc = _accum_dtype(q.dtype)
+    return (q.new_zeros(*q.shape[:-1], dv, dtype=acc),
+            q.new_full(q.shape[:-1], float("-inf"), dtype=acc))
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor,
-           q_start: int) -> None:
-    """Fold a block's partial softmax into rows q_start: of the running output, in place."""
-    rows_out, rows_lse = out[..., q_start:, :], lse[..., q_start:]
-    new_lse = torch.logaddexp(rows_lse, block_lse)
-    rows_out.mul_(torch.exp(rows_lse - new_lse).unsqueeze(-1))
-    rows_out.add_(block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
-    rows_lse.copy_(new_lse)
+def _attend_piece(piece: _Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  out: torch.Tensor, lse: torch.Tensor) -> _Saved:
+    """One piece's forward, merged into the running (out, lse) of its rows."""
+    block_out, block_lse, saved = _piece_forward(
+        q[..., piece.rows, :], k[..., piece.cols, :], v[..., piece.cols, :], piece.causal, scale,
+        piece.mask)
+    _merge(out[..., piece.rows, :], lse[..., piece.rows], block_out, block_lse)
+    return saved
 
 
-def _block_backward(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout5: torch.Tensor,
-                    lse: torch.Tensor, delta: torch.Tensor, scale: float,
-                    mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of one block recomputed from the final lse (the probabilities are not kept:
-    that is what keeps ring attention's memory linear in the number of blocks)."""
-    probs = torch.exp(_scores(q5, k, scale, mask) - lse.unsqueeze(-1))
-    dv = torch.matmul(probs.transpose(-1, -2), dout5).sum(2)
-    dprobs = torch.matmul(dout5, v.unsqueeze(2).transpose(-1, -2))
-    dscores = probs * (dprobs - delta.unsqueeze(-1))
-    dq = torch.matmul(dscores, k.unsqueeze(2)) * scale
-    dk = torch.matmul(dscores.transpose(-1, -2), q5).sum(2) * scale
-    return dq, dk, dv
+def _piece_grads(piece: _Piece, saved: _Saved, dout: torch.Tensor, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, cols = piece.rows, piece.cols
+    return _piece_backward(dout[..., rows, :], q[..., rows, :], k[..., cols, :], v[..., cols, :],
+                           out[..., rows, :], lse[..., rows], piece.causal, scale, piece.mask, saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# all-gather K/V
+
+
+def _gather_kv(k: torch.Tensor, v: torch.Tensor,
+               group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's K and V, (cp, B, Hkv, S, D) in rank order, in one message."""
+    cp = dist.get_world_size(group)
+    local = _pack([k, v])
+    full = local.new_empty(cp, local.shape[1])
+    _all_gather(full, local, group=group)
+    k_all, v_all = _unpack(full, [(cp, *k.shape), (cp, *v.shape)])
+    return k_all, v_all
+
+
+def _scatter_kv_grads(dk_all: torch.Tensor, dv_all: torch.Tensor,
+                      group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum every rank's (cp, ...) K/V gradients and hand each rank its own, in one message."""
+    full = _pack([dk_all, dv_all], rows=dk_all.shape[0])
+    local = full.new_empty(1, full.shape[1])
+    _reduce_scatter(local, full, group=group)
+    dk, dv = _unpack(local, [dk_all.shape[1:], dv_all.shape[1:]])
+    return dk, dv
+
+
+_MASK_PIECES: dict[int, tuple[weakref.ref, list[Optional[_Piece]]]] = {}
+
+
+def _pieces_from_mask(mask: torch.Tensor, cp: int) -> list[Optional[_Piece]]:
+    """Pieces per source rank read off a (S_local, cp*S_local) visibility mask, keys in rank
+    order. Reading it syncs with the device, so the answer is kept for as long as the mask
+    lives (a layout keeps one mask for every layer and step)."""
+    hit = _MASK_PIECES.get(id(mask))
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    for key in [key for key, (ref, _) in _MASK_PIECES.items() if ref() is None]:
+        del _MASK_PIECES[key]
+    pieces = _classify_mask(mask, cp)
+    _MASK_PIECES[id(mask)] = (weakref.ref(mask), pieces)
+    return pieces
+
+
+def _classify_mask(mask: torch.Tensor, cp: int) -> list[Optional[_Piece]]:
+    """Per block: the visible rows (a suffix) and columns (a prefix) and whether that region is
+    all visible or the lower triangle; anything else keeps its part of the mask. A row of the
+    triangle holding t+1 visible columns whose indices sum to t(t+1)/2 holds exactly 0..t, so
+    counts and index sums decide it without building a triangle."""
+    local = mask.shape[0]
+    blocks = mask.unflatten(1, (cp, local))
+    cols = torch.arange(local, device=mask.device)
+    step = max(1, (1 << 22) // (cp * local))
+    counts, index_sums = [], []
+    for r0 in range(0, local, step):
+        part = blocks[r0:r0 + step]
+        counts.append(part.sum(-1))
+        index_sums.append((part * cols).sum(-1))
+    count = torch.cat(counts).cpu()  # (S_local, cp)
+    index_sum = torch.cat(index_sums).cpu()
+    col_seen = blocks.any(0).cpu()  # (cp, S_local)
+    pieces: list[Optional[_Piece]] = []
+    for src in range(cp):
+        seen_rows = torch.nonzero(count[:, src]).flatten()
+        if seen_rows.numel() == 0:
+            pieces.append(None)
+            continue
+        q_start = int(seen_rows[0])
+        k_stop = int(torch.nonzero(col_seen[src]).flatten()[-1]) + 1
+        rows, cols_seen = slice(q_start, local), slice(0, k_stop)
+        c, s = count[q_start:, src], index_sum[q_start:, src]
+        t = torch.arange(local - q_start)
+        if bool((c == k_stop).all()):
+            pieces.append(_Piece(rows, cols_seen))
+        elif local - q_start == k_stop and bool((c == t + 1).all()) and \
+                bool((s == t * (t + 1) // 2).all()):
+            pieces.append(_Piece(rows, cols_seen, causal=True))
+        else:
+            pieces.append(_Piece(rows, cols_seen, mask=blocks[q_start:, src, :k_stop]))
+    return pieces
+
+
+def _pieces_from_chunks(chunks: Sequence[Chunks], rank: int, local_len: int,
+                        device: torch.device) -> list[Optional[_Piece]]:
+    """Pieces per source rank from every rank's chunks: integer arithmetic only."""
+    def positions(r: int) -> torch.Tensor:
+        return torch.cat([torch.arange(start, stop, device=device) for start, stop in chunks[r]])
+
+    def block_mask(src: int, plan: BlockPlan) -> torch.Tensor:
+        return positions(rank)[plan.q_start:, None] >= positions(src)[None, :plan.k_stop]
+
+    plans = [ring_block_plan(chunks[rank], chunks[src]) for src in range(len(chunks))]
+    return [_plan_piece(plan, src == rank, local_len, lambda src=src, plan=plan: block_mask(src, plan))
+            for src, plan in enumerate(plans)]
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    """Local queries against every rank's gathered K/V block, piece by piece. Only the local
+    K/V are saved: the backward gathers them again rather than keeping the whole sequence's."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pieces, scale, group):
+        k_all, v_all = _gather_kv(k, v, group)
+        out, lse = _accumulators(q, v.shape[-1])
+        saved = [None if piece is None else
+                 _attend_piece(piece, q, k_all[src], v_all[src], scale, out, lse)
+                 for src, piece in enumerate(pieces)]
+        result = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, result, lse)
+        ctx.pieces, ctx.piece_state, ctx.scale, ctx.group = pieces, saved, scale, group
+        return result
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        k_all, v_all = _gather_kv(k, v, ctx.group)
+        acc = _accum_dtype(q.dtype)
+        dq = torch.zeros_like(q, dtype=acc)
+        dk_all = torch.zeros_like(k_all, dtype=acc)
+        dv_all = torch.zeros_like(v_all, dtype=acc)
+        for src, piece in enumerate(ctx.pieces):
+            if piece is None:
+                continue
+            dq_p, dk_p, dv_p = _piece_grads(piece, ctx.piece_state[src], dout, q, k_all[src],
+                                            v_all[src], out, lse, ctx.scale)
+            dq[..., piece.rows, :] += dq_p
+            dk_all[src][..., piece.cols, :] += dk_p
+            dv_all[src][..., piece.cols, :] += dv_p
+        dk, dv = _scatter_kv_grads(dk_all, dv_all, ctx.group)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: Union[torch.Tensor, Sequence[Chunks]], scale: Optional[float],
+                        group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Local queries against the gathered K/V, one fused call per visible piece of each rank's
+    block, merged by log-sum-exp.
+
+    `mask`: either every rank's chunks (in rank order; pure integer arithmetic), or a
+    (S_local, cp*S_local) bool tensor, True where a query may see a key, keys in rank order
+    (read once per mask object, which costs one device sync). The mask is never applied as
+    such: only its block structure is used, unless it has none of the chunked layouts' shape.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if isinstance(mask, torch.Tensor):
+        pieces = _pieces_from_mask(mask, cp)
+    else:
+        pieces = _pieces_from_chunks(mask, rank, q.shape[2], q.device)
+    return _AllGatherAttention.apply(q, k, v, pieces, scale, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# ring
 
 
 class _Ring:
@@ -240,68 +579,65 @@ def _block_mask(positions: Sequence[torch.Tensor], rank: int, src: int,
     return positions[rank][plan.q_start:, None] >= positions[src][None, :plan.k_stop]
 
 
+def _ring_pieces(plans: Sequence[Optional[BlockPlan]], positions: Sequence[torch.Tensor],
+                 rank: int, local_len: int) -> list[Optional[_Piece]]:
+    return [_plan_piece(plan, src == rank, local_len,
+                        lambda src=src, plan=plan: _block_mask(positions, rank, src, plan))
+            for src, plan in enumerate(plans)]
+
+
 class _RingAttention(torch.autograd.Function):
-    """Ring attention, computed in fp32 whatever the input dtype (blocks travel in the input
-    dtype; softmax statistics and gradient accumulators stay fp32 for exactness)."""
+    """Ring attention: blocks travel in the input dtype, each visible piece is one fused call,
+    softmax statistics and gradient accumulators stay fp32 for exactness."""
 
     @staticmethod
     def forward(ctx, q, k, v, plans, positions, scale, group):
         ring = _Ring(group)
-        q5 = _group_heads(q.float(), k.shape[1])
-        out = q5.new_zeros(*q5.shape[:-1], v.shape[-1])
-        lse = q5.new_full(q5.shape[:-1], float("-inf"))
+        pieces = _ring_pieces(plans, positions, ring.rank, q.shape[2])
+        out, lse = _accumulators(q, v.shape[-1])
+        saved: list[Optional[_Saved]] = [None] * ring.size
         kv = _pack([k, v])
         for step in range(ring.size):
             src = (ring.rank - step) % ring.size
             arriving = ring.shift(kv) if step < ring.size - 1 else None
-            plan = plans[src]
-            if plan is not None:
+            if pieces[src] is not None:
                 k_blk, v_blk = _unpack(kv, [k.shape, v.shape])
-                block = _block_forward(q5[..., plan.q_start:, :], k_blk[..., :plan.k_stop, :].float(),
-                                       v_blk[..., :plan.k_stop, :].float(), scale,
-                                       _block_mask(positions, ring.rank, src, plan))
-                _merge(out, lse, *block, plan.q_start)
+                saved[src] = _attend_piece(pieces[src], q, k_blk, v_blk, scale, out, lse)
             if arriving is not None:
                 kv = arriving()
-        result = out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
+        result = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, result, lse)
-        ctx.plans, ctx.positions, ctx.scale, ctx.group = plans, positions, scale, group
+        ctx.pieces, ctx.piece_state, ctx.scale, ctx.group = pieces, saved, scale, group
         return result
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
-        n_kv = k.shape[1]
-        q5 = _group_heads(q.float(), n_kv)
-        dout5 = _group_heads(dout.float(), n_kv)
-        delta = (dout5 * _group_heads(out.float(), n_kv)).sum(-1)
-        dq5 = torch.zeros_like(q5)
+        dout = dout.contiguous()
+        acc = _accum_dtype(q.dtype)
+        dq = torch.zeros_like(q, dtype=acc)
         kv = _pack([k, v])
         grads_arriving = None
         for step in range(ring.size):
             src = (ring.rank - step) % ring.size
             kv_arriving = ring.shift(kv) if step < ring.size - 1 else None
-            plan = ctx.plans[src]
-            if plan is not None:
+            piece = ctx.pieces[src]
+            if piece is not None:
                 k_blk, v_blk = _unpack(kv, [k.shape, v.shape])
-                rows = slice(plan.q_start, None)
-                dq_blk, dk_blk, dv_blk = _block_backward(
-                    q5[..., rows, :], k_blk[..., :plan.k_stop, :].float(),
-                    v_blk[..., :plan.k_stop, :].float(), dout5[..., rows, :], lse[..., rows],
-                    delta[..., rows], ctx.scale, _block_mask(ctx.positions, ring.rank, src, plan))
-                dq5[..., rows, :] += dq_blk
+                dq_p, dk_p, dv_p = _piece_grads(piece, ctx.piece_state[src], dout, q, k_blk, v_blk,
+                                                out, lse, ctx.scale)
+                dq[..., piece.rows, :] += dq_p
             # The accumulator of block `src` comes from the rank that held it one step ago.
-            dkv = grads_arriving() if grads_arriving else kv.new_zeros(kv.shape, dtype=torch.float32)
-            if plan is not None:
+            dkv = grads_arriving() if grads_arriving else kv.new_zeros(kv.shape, dtype=acc)
+            if piece is not None:
                 dk, dv = _unpack(dkv, [k.shape, v.shape])
-                dk[..., :plan.k_stop, :] += dk_blk
-                dv[..., :plan.k_stop, :] += dv_blk
+                dk[..., piece.cols, :] += dk_p
+                dv[..., piece.cols, :] += dv_p
             grads_arriving = ring.shift(dkv)
             if kv_arriving is not None:
                 kv = kv_arriving()
         dk, dv = _unpack(grads_arriving(), [k.shape, v.shape])  # one more hop: back to the owner
-        dq = dq5.reshape(q.shape)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
@@ -309,7 +645,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    plans: Sequence[Optional[BlockPlan]], positions: Sequence[torch.Tensor],
                    scale: Optional[float], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """`plans[src]`: the part of K/V block `src` the local queries see (`ring_block_plan`);
-    `positions[r]`: global positions of rank r's tokens, used only for masked blocks."""
+    `positions[r]`: global positions of rank r's tokens, used only for masked blocks other than
+    the rank's own (none in the chunked layouts)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _RingAttention.apply(q, k, v, plans, positions, scale, group)
 
