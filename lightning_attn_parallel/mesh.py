@@ -106,6 +106,7 @@ class ParallelMeshes:
     dense_grads: ReductionGroup
     expert_grads: Optional[ReductionGroup]
     ranks_per_node: int
+    token_split_grads: Optional[ReductionGroup] = None
     extra: dict = field(default_factory=dict)
 
     def coordinate(self, dim: str) -> int:

@@ -6,6 +6,7 @@ checkpointing -> compile -> data parallel (GradientReducer, or FSDP2/HSDP when d
 """
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -369,7 +370,7 @@ class AttnHybridStrategy(ParallelStrategy):
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if "state_dict" not in checkpoint:
-            return  # a sharded checkpoint was loaded in place by load_checkpoint
+            return  # a checkpoint folder was loaded in place by load_checkpoint
         if self._sharded_state:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -423,8 +424,6 @@ def _settle_fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     epochs, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
     if not epochs["current"]["started"] or epochs["current"]["completed"] != epochs["current"]["started"]:
         return checkpoint  # saved while an epoch was running
-    import copy
-
     checkpoint = dict(checkpoint)
     checkpoint["loops"] = loops = copy.deepcopy(checkpoint["loops"])
     fit_loop = loops["fit_loop"]

@@ -432,3 +432,155 @@ def test_shard_rejects_uneven_length():
 def test_unknown_kernel_rejected_at_construction():
     with pytest.raises(ValueError, match="'flash' is unknown"):
         ContextParallelAttention(None, "flash")
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces one at a time, no processes needed
+
+SCALE = 0.3
+
+
+def _dense_reference(q, k, v, visible, scale=SCALE):
+    """Float64 attention and log-sum-exp of q over k/v (GQA heads repeated) under a (Sq, Sk)
+    visibility mask: the score matrix is built in full, so only for tiny shapes."""
+    rep = q.shape[1] // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, -1) @ v, scores.logsumexp(-1)
+
+
+def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("dv", [8, 4])  # equal head dims take the fused CPU kernel, others the fallback
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_with_lse(dv, causal):
+    g = torch.Generator().manual_seed(3)
+    sq, sk = (6, 6) if causal else (5, 9)
+    q, k, v = _randn(g, 2, 4, sq, 8), _randn(g, 2, 2, sk, 8), _randn(g, 2, 2, sk, dv)
+    assert cp_kernels._kernel_for(q, k, v) == ("cpu" if dv == 8 else "math")
+    out, lse = cp_kernels._attention_with_lse(q, k, v, causal, SCALE)
+    visible = torch.ones(sq, sk, dtype=torch.bool)
+    ref_out, ref_lse = _dense_reference(q, k, v, visible.tril() if causal else visible)
+    assert_close(out, ref_out, name="out")
+    assert_close(lse, ref_lse, name="lse")
+
+
+def _record_scores(monkeypatch) -> list[tuple[int, int]]:
+    dims = []
+    real = cp_kernels._scores
+
+    def scores(*args):
+        result = real(*args)
+        dims.append(tuple(result.shape[-2:]))
+        return result
+
+    monkeypatch.setattr(cp_kernels, "_scores", scores)
+    return dims
+
+
+def _attend_blocks(pieces, q, blocks, dout):
+    """Forward over (piece, (k, v)) pairs merged by lse, then every piece's backward against the
+    merged output and lse; K/V gradients per block."""
+    out, lse = cp_kernels._accumulators(q, blocks[0][1].shape[-1])
+    saved = [cp_kernels._attend_piece(p, q, k, v, SCALE, out, lse) for p, (k, v) in zip(pieces, blocks)]
+    dq = torch.zeros_like(q)
+    dkv = []
+    for piece, state, (k, v) in zip(pieces, saved, blocks):
+        dq_p, dk_p, dv_p = cp_kernels._piece_grads(piece, state, dout, q, k, v, out, lse, SCALE)
+        dq[..., piece.rows, :] += dq_p
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dk[..., piece.cols, :] += dk_p
+        dv[..., piece.cols, :] += dv_p
+        dkv.append((dk, dv))
+    return out, lse, dq, dkv
+
+
+@pytest.mark.parametrize("path", ["fused", "fallback", "explicit mask"])
+def test_pieces_merged_by_lse_have_exact_gradients(path, monkeypatch):
+    """Queries against an earlier, all-visible block and against their own block under the
+    causal mask: two pieces merged by lse, each piece's backward given the merged output and
+    lse. Together they are the whole attention, forward and backward; the fallback (forced,
+    with 3 x 3 tiles that do not line up with the blocks) never scores more than a tile."""
+    tile, dims = 3, _record_scores(monkeypatch)
+    if path != "fused":
+        monkeypatch.setattr(cp_kernels, "_kernel_for", lambda q, k, v: "math")
+        monkeypatch.setattr(cp_kernels, "_MATH_TILE", tile)
+    g = torch.Generator().manual_seed(5)
+    s, early = 7, 5
+    q, k, v, dout = _randn(g, 2, 4, s, 8), _randn(g, 2, 2, early + s, 8), _randn(g, 2, 2, early + s, 8), \
+        _randn(g, 2, 4, s, 8)
+    own = torch.ones(s, s, dtype=torch.bool).tril()
+    own_piece = (cp_kernels._Piece(slice(0, s), slice(0, s), mask=own) if path == "explicit mask"
+                 else cp_kernels._Piece(slice(0, s), slice(0, s), causal=True))
+    pieces = [cp_kernels._Piece(slice(0, s), slice(0, early)), own_piece]
+    blocks = [(k[..., :early, :], v[..., :early, :]), (k[..., early:, :], v[..., early:, :])]
+    out, lse, dq, dkv = _attend_blocks(pieces, q, blocks, dout)
+
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    visible = torch.cat([torch.ones(s, early, dtype=torch.bool), own], dim=1)
+    ref_out, ref_lse = _dense_reference(qr, kr, vr, visible)
+    (ref_out * dout.double()).sum().backward()
+    assert_close(out, ref_out, name="out")
+    assert_close(lse, ref_lse, name="lse")
+    assert_close(dq, qr.grad, name="dq")
+    assert_close(torch.cat([dk for dk, _ in dkv], dim=2), kr.grad, name="dk")
+    assert_close(torch.cat([dv for _, dv in dkv], dim=2), vr.grad, name="dv")
+    if path == "fused":
+        assert dims == []
+    else:
+        assert dims and max(max(d) for d in dims) <= tile
+
+
+def _piece_key(piece):
+    return None if piece is None else (piece.rows, piece.cols, piece.causal, piece.mask is None)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("load_balance", [True, False])
+def test_mask_and_chunks_give_the_same_pieces(world, load_balance):
+    """All-gather reads the layout's mask into the same pieces that the chunks give directly:
+    whole rectangles and causal squares, no mask kept."""
+    seq = 4 * world
+    positions = [context_parallel_positions(seq, r, world, load_balance) for r in range(world)]
+    chunks = [context_parallel_chunks(seq, r, world, load_balance) for r in range(world)]
+    for rank in range(world):
+        mask = positions[rank][:, None] >= torch.cat(positions)[None, :]
+        from_mask = cp_kernels._classify_mask(mask, world)
+        from_chunks = cp_kernels._pieces_from_chunks(chunks, rank, seq // world, torch.device("cpu"))
+        assert [_piece_key(p) for p in from_mask] == [_piece_key(p) for p in from_chunks]
+        assert all(p is None or p.mask is None for p in from_mask)
+        assert cp_kernels._pieces_from_mask(mask, world) is cp_kernels._pieces_from_mask(mask, world)
+
+
+def test_mask_of_another_layout_stays_exact():
+    """A layout that is not made of equal chunks: blocks that are neither all visible nor a
+    causal square keep their part of the mask and take the fallback; still exact."""
+    world, seq = 2, 10
+    g = torch.Generator().manual_seed(9)
+    q, k, v, dout = _randn(g, 1, 4, seq, 8), _randn(g, 1, 2, seq, 8), _randn(g, 1, 2, seq, 8), \
+        _randn(g, 1, 4, seq // world, 8)
+    positions = [torch.tensor([0, 3, 4, 8, 9]), torch.tensor([1, 2, 5, 6, 7])]
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = _dense_reference(qr, kr, vr, torch.ones(seq, seq, dtype=torch.bool).tril())
+    for rank in range(world):
+        mask = positions[rank][:, None] >= torch.cat(positions)[None, :]
+        pieces = cp_kernels._classify_mask(mask, world)
+        assert any(p is not None and p.mask is not None for p in pieces)
+        rows = positions[rank]
+        blocks = [(k[..., positions[src], :], v[..., positions[src], :]) for src in range(world)]
+        kept = [(p, b) for p, b in zip(pieces, blocks) if p is not None]
+        out, lse, dq, dkv = _attend_blocks([p for p, _ in kept], q[..., rows, :], [b for _, b in kept], dout)
+        assert_close(out, ref_out[..., rows, :], name=f"rank {rank} out")
+        assert_close(lse, ref_lse[..., rows], name=f"rank {rank} lse")
+        for t in (qr, kr, vr):
+            t.grad = None
+        (ref_out[..., rows, :] * dout.double()).sum().backward(retain_graph=True)
+        assert_close(dq, qr.grad[..., rows, :], name=f"rank {rank} dq")
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        for (piece, _), (dk_b, dv_b), src in zip(kept, dkv, [s for s, p in enumerate(pieces) if p]):
+            dk[..., positions[src], :] += dk_b
+            dv[..., positions[src], :] += dv_b
+        assert_close(dk, kr.grad, name=f"rank {rank} dk")
+        assert_close(dv, vr.grad, name=f"rank {rank} dv")

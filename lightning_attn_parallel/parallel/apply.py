@@ -66,6 +66,10 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
 
         meshes_with_experts(meshes)
         apply_expert_parallel(transformer, meshes.group("ep"))
+        if plan.tp > 1:
+            from .moe_token_split import split_moe_tokens
+
+            split_moe_tokens(transformer, meshes.group("tp"))
     if plan.cp > 1:
         from .context_parallel import apply_context_parallel
         from .cp_batch import ContextParallelBatcher
@@ -89,7 +93,7 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         apply_fully_sharded(transformer if transformer is not None else module, sharding_mesh(meshes),
                             policy.param_dtype, policy.reduce_dtype)
     else:
-        reducer = _build_reducer(module, plan, meshes, links)
+        reducer = _build_reducer(module, transformer, plan, meshes, links)
     return ParallelizeResult(reducer=reducer, fully_sharded=plan.dp_shard > 1,
                              context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, reducer))
@@ -123,18 +127,34 @@ def meshes_with_experts(meshes: ParallelMeshes) -> None:
     # data-parallel size (Megatron-Core's rule for expert gradients).
     meshes.expert_grads = make_reduction_groups(groups_along(meshes.expert.mesh, (0,)), "expert",
                                                 1.0 / dense_dp, meshes.ranks_per_node)
+    if plan.tp > 1:  # router and shared experts fed a TP slice of the tokens: sum over tp too
+        meshes.token_split_grads = make_reduction_groups(groups_along(meshes.dense.mesh, (0, 1, 2, 3)),
+                                                         "moe-token-split", 1.0 / dense_dp,
+                                                         meshes.ranks_per_node)
 
 
-def _build_reducer(module: nn.Module, plan: ParallelPlan, meshes: ParallelMeshes,
-                   links: LinkModel) -> GradientReducer:
-    dense, experts = [], []
+def _build_reducer(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
+                   meshes: ParallelMeshes, links: LinkModel) -> GradientReducer:
+    """Replicated parameters by reduction group: dense over dp x cp, experts over edp, and (under
+    tp x ep) the router and shared experts over every rank, as each TP rank saw other tokens."""
+    split_ids: set[int] = set()
+    if plan.ep > 1 and plan.tp > 1:
+        from .moe_token_split import token_split_parameters
+
+        split_ids = {id(p) for p in token_split_parameters(transformer)}
+    dense, experts, split = [], [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (experts if plan.ep > 1 and _is_expert_param(name) else dense).append(p)
+        if plan.ep > 1 and _is_expert_param(name):
+            experts.append(p)
+        else:
+            (split if id(p) in split_ids else dense).append(p)
     groups = [(dense, meshes.dense_grads)]
     if experts:
         groups.append((experts, meshes.expert_grads))
+    if split:
+        groups.append((split, meshes.token_split_grads))
     for params, group in groups:
         broadcast_parameters(params, group)
     return GradientReducer(groups, bucket_mb=plan.bucket_mb, hierarchical=plan.hierarchical, links=links)
