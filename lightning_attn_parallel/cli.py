@@ -65,24 +65,46 @@ def check_machine(cfg: DictConfig, model_cfg: ModelConfig, plan: ParallelPlan) -
             f"trainer.devices={cfg.trainer.devices} but this machine has {torch.cuda.device_count()} "
             f"GPU(s): set trainer.devices={torch.cuda.device_count()} (and trainer.num_nodes on a "
             "cluster), or dry_run=true to plan for the intended cluster")
+    if wants_gpu:
+        if not plan.is_auto and not cfg.skip_fit_check:
+            check_fits_gpu(cfg, model_cfg, plan)
+        return
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(model_cfg).parameters())
     # Weights, gradients and two AdamW states, all fp32: 16 bytes per parameter, split by the
-    # degrees that shard parameters. The planner (dry_run=true) gives the complete budget.
+    # degrees that shard parameters.
     shards = plan.dp_shard * plan.tp * (plan.ep if model_cfg.is_moe else 1)
     need = 16 * params / shards
-    if wants_gpu:
-        have = torch.cuda.get_device_properties(0).total_memory
-        where = f"one {torch.cuda.get_device_name(0)}"
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        where = "this machine's RAM"
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
         raise ConfigError(
-            f"{params / 1e9:.2f}B parameters need {need / 2**30:.1f} GiB per rank for weights, "
-            f"gradients and optimizer state under {plan.describe()}, more than {where} "
-            f"({have / 2**30:.1f} GiB): shard more (strategy.plan.dp_shard), use more GPUs, add "
-            "+scale=smoke, or run dry_run=true for a plan that fits")
+            f"{params / 1e9:.2f}B parameters need {need / 2**30:.1f} GiB per process for weights, "
+            f"gradients and optimizer state under {plan.describe()}, more than this machine's RAM "
+            f"({have / 2**30:.1f} GiB): shard more (strategy.plan.dp_shard), add +scale=smoke, or run "
+            "dry_run=true for a plan that fits")
+
+
+def check_fits_gpu(cfg: DictConfig, model_cfg: ModelConfig, plan: ParallelPlan) -> None:
+    """The planner's memory budget for this plan on this card; fail with the nearest fit."""
+    from .planning import ClusterSpec, detect_gpu, estimate_memory, nearest_fit
+
+    gpu = detect_gpu()
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else torch.cuda.device_count()
+    cluster = ClusterSpec(num_nodes=cfg.trainer.num_nodes, gpus_per_node=devices)
+    resolved = plan.resolve(cluster.world_size)
+    args = (model_cfg, resolved, cfg.data.micro_batch_size, cfg.data.seq_len, cfg.trainer.precision, gpu)
+    estimate = estimate_memory(*args, grad_accum=cfg.trainer.accumulate_grad_batches,
+                               loss_chunk_tokens=cfg.optim.loss_chunk_tokens)
+    if estimate.fits:
+        return
+    fixes = nearest_fit(model_cfg, cluster, gpu, cfg.data.micro_batch_size, cfg.data.seq_len,
+                        cfg.trainer.precision, plan=resolved, grad_accum=cfg.trainer.accumulate_grad_batches,
+                        loss_chunk_tokens=cfg.optim.loss_chunk_tokens)
+    nearest = f" Nearest fit: {fixes[0]}." if fixes else ""
+    raise ConfigError(
+        f"{plan.describe()} needs about {estimate.describe()} per GPU, more than the "
+        f"{estimate.capacity / 2**30:.1f} GiB usable on {gpu.name}.{nearest} (dry_run=true shows every "
+        "candidate; skip_fit_check=true runs anyway)")
 
 
 def build_datamodule(cfg: DictConfig):

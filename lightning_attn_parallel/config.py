@@ -96,6 +96,7 @@ class TrainConfig:
     smoke: bool = False  # set by +scale=smoke: shrink widths and depths, keep the structure
     recipe_name: str = "default"
     dry_run: bool = False
+    skip_fit_check: bool = False  # run even when the planner's memory budget says it won't fit
     seed: int = 1234
     run_dir: str = "runs/${recipe_name}"
     ckpt_path: Optional[str] = None

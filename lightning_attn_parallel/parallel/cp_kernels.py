@@ -31,6 +31,7 @@ ranges ("chunks") or positions of every rank (see context_parallel.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -122,15 +123,23 @@ _LSE_ALIGN = 32  # CUDA memory-efficient attention pads its logsumexp rows to a 
 _MATH_TILE = 1024  # the fallback's score tiles are at most this many rows x columns per head
 
 
+@functools.lru_cache(maxsize=None)
+def _has_flash(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 def _kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """The kernel that computes a piece: 'flash' or 'efficient' (CUDA), 'cpu' (the CPU flash
-    kernel), or 'math' for whatever none of them takes (odd head dims, other dtypes/devices)."""
+    """The kernel that computes a piece: 'flash' or 'efficient' (CUDA; SDPA's switches for
+    them are honoured), 'cpu' (the CPU flash kernel), or 'math' for whatever none of them takes
+    (head dims that are odd or differ for flash, other dtypes and devices)."""
     d, dv = q.shape[-1], v.shape[-1]
     if q.device.type == "cuda":
         aligned = d % 8 == 0 and dv % 8 == 0
-        if q.dtype in _HALF and d == dv and d <= 256 and aligned:
+        if (q.dtype in _HALF and d == dv and d <= 256 and aligned
+                and torch.backends.cuda.flash_sdp_enabled() and _has_flash(q.device.index or 0)):
             return "flash"
-        if q.dtype in (*_HALF, torch.float32) and aligned:
+        if (q.dtype in (*_HALF, torch.float32) and aligned
+                and torch.backends.cuda.mem_efficient_sdp_enabled()):
             return "efficient"
     elif q.device.type == "cpu" and d == dv and q.dtype in (*_HALF, torch.float32, torch.float64):
         return "cpu"
@@ -193,8 +202,8 @@ def _piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         kr, vr = _repeat_kv(k, v, q.shape[1])
         padded = F.pad(lse, (0, -lse.shape[-1] % _LSE_ALIGN)).contiguous()
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, kr, vr, None, out, padded, seed, offset, 0.0, [True, True, True, False],
-            causal, scale=scale)
+            dout.contiguous(), q, kr, vr, None, out.contiguous(), padded, seed, offset, 0.0,
+            [True, True, True, False], causal, scale=scale)
         return dq, _fold_heads(dk, n_kv), _fold_heads(dv, n_kv)
     if saved.kernel == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -521,6 +530,9 @@ class _AllGatherAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
+# Piece planning reads the layout on the host (and caches it), and the ring's transfers are
+# point-to-point: compiled blocks run these kernels eagerly, as a graph break.
+@torch.compiler.disable
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: Union[torch.Tensor, Sequence[Chunks]], scale: Optional[float],
                         group: Optional[dist.ProcessGroup]) -> torch.Tensor:
@@ -641,6 +653,7 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+@torch.compiler.disable
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    plans: Sequence[Optional[BlockPlan]], positions: Sequence[torch.Tensor],
                    scale: Optional[float], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
