@@ -21,13 +21,7 @@ from lightning_attn_parallel.models.flops import active_matmul_params
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matmuls are tiny: threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**over) -> ModelConfig:

@@ -24,13 +24,7 @@ WORLD = 4
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matmuls are tiny: threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**over) -> ModelConfig:
