@@ -200,6 +200,9 @@ def suite(name: str) -> list[Config]:
             Config("attn_hybrid cp=2 allgather, 64k, block AC, 2 GPUs", devices=2, micro_batch=1,
                    seq_len=65536, checkpointing="block", loss_chunk_tokens=4096,
                    plan={"cp": 2, "cp_kernel": "allgather"}, steps=4, warmup=2),
+            Config("attn_hybrid cp=2 ring, 128k, block AC, 2 GPUs", devices=2, micro_batch=1,
+                   seq_len=131072, checkpointing="block", loss_chunk_tokens=4096,
+                   plan={"cp": 2, "cp_kernel": "ring"}, steps=4, warmup=2),
         ]
     if name == "callbacks":
         return [Config("attn_hybrid, callbacks off", steps=24, warmup=4),

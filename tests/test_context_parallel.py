@@ -161,6 +161,11 @@ def _traced_cases(cp: int) -> list[dict]:
     return cases
 
 
+def _traced_id(case: dict) -> str:
+    path = "fallback" if case["fallback"] else "fused"
+    return f"{case['kernel']}/{case['mode']} lb={case['load_balance']} {path}"
+
+
 def _chunk_len(case: dict, cp: int) -> int:
     return case["seq"] // (2 * cp if case["load_balance"] else cp)
 
@@ -168,8 +173,8 @@ def _chunk_len(case: dict, cp: int) -> int:
 def _traced(case: dict, group: dist.ProcessGroup) -> dict:
     """`_sharded` with every fused-kernel call and every score matrix recorded."""
     calls, backward_calls, score_dims = [], [], []
-    originals = {name: getattr(cp_kernels, name)
-                 for name in ("_piece_forward", "_piece_backward", "_scores", "_kernel_for", "_MATH_TILE")}
+    names = ("_piece_forward", "_piece_backward", "_scores", "_kernel_for", "_MATH_TILE")
+    originals = {name: getattr(cp_kernels, name) for name in names}
 
     def piece_forward(q, k, v, causal, scale, mask=None):
         out, lse, saved = originals["_piece_forward"](q, k, v, causal, scale, mask)
@@ -271,7 +276,7 @@ def test_pieces_cover_exactly_the_visible_chunk_pairs(distributed_run):
             for group_results in _ranks(results, cp):
                 for rank, result in enumerate(group_results):
                     traced = result[cp]["traced"][i]
-                    name = f"cp={cp} {case['kernel']}/{case['mode']} lb={case['load_balance']} rank {rank}"
+                    name = f"cp={cp} {_traced_id(case)} rank {rank}"
                     local = case["seq"] // cp
                     assert {c[0] for c in traced["calls"]} == {"cpu"}, name  # the fused kernel
                     assert not any(c[4] for c in traced["calls"]), name  # never a mask
@@ -293,7 +298,7 @@ def test_fallback_scores_stay_within_chunk_by_chunk(distributed_run):
             for group_results in _ranks(results, cp):
                 for rank, result in enumerate(group_results):
                     traced = result[cp]["traced"][i]
-                    name = f"cp={cp} {case['kernel']}/{case['mode']} lb={case['load_balance']} rank {rank}"
+                    name = f"cp={cp} {_traced_id(case)} rank {rank}"
                     assert {c[0] for c in traced["calls"]} == {"math"}, name
                     assert traced["score_dims"], name
                     assert max(r for r, _ in traced["score_dims"]) <= chunk, name
@@ -309,7 +314,7 @@ def test_traced_runs_are_exact(distributed_run):
                 for key, ref in expected.items():
                     shards = [torch.from_numpy(r[cp]["traced"][i][key]) for r in group_results]
                     got = gather_from_context_parallel(shards, 2, case["load_balance"])
-                    assert_close(got, ref, rtol=1e-5, name=f"cp={cp} {case} {key}")
+                    assert_close(got, ref, rtol=1e-5, name=f"cp={cp} {_traced_id(case)} {key}")
 
 
 def test_model_with_context_parallel_matches_single_process(distributed_run):
@@ -453,7 +458,7 @@ def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
-@pytest.mark.parametrize("dv", [8, 4])  # equal head dims take the fused CPU kernel, others the fallback
+@pytest.mark.parametrize("dv", [8, 4])  # equal head dims: the fused CPU kernel; others: fallback
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_with_lse(dv, causal):
     g = torch.Generator().manual_seed(3)
@@ -484,7 +489,8 @@ def _attend_blocks(pieces, q, blocks, dout):
     """Forward over (piece, (k, v)) pairs merged by lse, then every piece's backward against the
     merged output and lse; K/V gradients per block."""
     out, lse = cp_kernels._accumulators(q, blocks[0][1].shape[-1])
-    saved = [cp_kernels._attend_piece(p, q, k, v, SCALE, out, lse) for p, (k, v) in zip(pieces, blocks)]
+    saved = [cp_kernels._attend_piece(p, q, k, v, SCALE, out, lse)
+             for p, (k, v) in zip(pieces, blocks)]
     dq = torch.zeros_like(q)
     dkv = []
     for piece, state, (k, v) in zip(pieces, saved, blocks):
@@ -509,8 +515,8 @@ def test_pieces_merged_by_lse_have_exact_gradients(path, monkeypatch):
         monkeypatch.setattr(cp_kernels, "_MATH_TILE", tile)
     g = torch.Generator().manual_seed(5)
     s, early = 7, 5
-    q, k, v, dout = _randn(g, 2, 4, s, 8), _randn(g, 2, 2, early + s, 8), _randn(g, 2, 2, early + s, 8), \
-        _randn(g, 2, 4, s, 8)
+    q, dout = _randn(g, 2, 4, s, 8), _randn(g, 2, 4, s, 8)
+    k, v = _randn(g, 2, 2, early + s, 8), _randn(g, 2, 2, early + s, 8)
     own = torch.ones(s, s, dtype=torch.bool).tril()
     own_piece = (cp_kernels._Piece(slice(0, s), slice(0, s), mask=own) if path == "explicit mask"
                  else cp_kernels._Piece(slice(0, s), slice(0, s), causal=True))
@@ -571,7 +577,8 @@ def test_mask_of_another_layout_stays_exact():
         rows = positions[rank]
         blocks = [(k[..., positions[src], :], v[..., positions[src], :]) for src in range(world)]
         kept = [(p, b) for p, b in zip(pieces, blocks) if p is not None]
-        out, lse, dq, dkv = _attend_blocks([p for p, _ in kept], q[..., rows, :], [b for _, b in kept], dout)
+        out, lse, dq, dkv = _attend_blocks([p for p, _ in kept], q[..., rows, :],
+                                           [b for _, b in kept], dout)
         assert_close(out, ref_out[..., rows, :], name=f"rank {rank} out")
         assert_close(lse, ref_lse[..., rows], name=f"rank {rank} lse")
         for t in (qr, kr, vr):

@@ -7,14 +7,17 @@ collectives it sent (reduce-scatters of FSDP2, all-reduces of HSDP and of the Gr
 Lightning's own ModelParallelStrategy (FSDP2 applied in `configure_model`) runs on the same ranks
 for comparison: it has no way to hold back FSDP2's reduce-scatter on accumulating micro-batches.
 The same spawn trains tp=2 x dp_shard=2 for 6 steps without stopping, and for 2 steps followed by
-`trainer.save_checkpoint` (a sharded folder). A second spawn, of 2 processes, resumes that folder
-under dp_shard=2 and under replicated data parallelism (which must load the folder itself, since
+`trainer.save_checkpoint` (a sharded folder). Then the world shrinks: ranks 2 and 3 leave, and
+ranks 0 and 1 form a new 2-process world (new process group, as after a restart) that resumes
+that folder under dp_shard=2 and under replicated data parallelism (which must load the folder itself, since
 Lightning's own restore finds no optimizer states in it) to step 4; the replicated run saves a
 single file, which dp_shard=2 resumes to step 6 (numbered optimizer states sharded by name). Every
 resumed run starts from exactly the saved parameters and continues with the uninterrupted run's
 losses, so model, optimizer and LR schedule all came back.
 """
 from __future__ import annotations
+
+import os
 
 import lightning as L
 import pytest
@@ -23,7 +26,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
-from dist_utils import assert_close, run_distributed
+from dist_utils import assert_close, free_port, run_distributed
 from lightning_utils import FixedTokens, loader, params_of, quiet_trainer
 
 import lightning_attn_parallel as lap
@@ -56,6 +59,7 @@ REPLICATED = dict()
 # partly trained epoch (test_resume.py covers mid-epoch resumes with LMDataModule's sampler).
 STEPS_PER_EPOCH = 2
 SAVE_STEP, RESUME_STEP, FINAL_STEP = 2, 4, 6
+RESUME_WORLD = 2
 
 
 def data_parallel_layout(plan_kwargs: dict, world: int, rank: int) -> tuple[int, int]:
@@ -192,15 +196,22 @@ def fit_recorded(plan_kwargs: dict, world: int, rank: int, max_steps: int, ckpt_
             "params": params_of(module), "global_step": trainer.global_step}
 
 
-def _worker(rank: int, world: int, root: str) -> dict:
+def _worker(rank: int, world: int, root: str, resume_port: int) -> dict:
     results = {name: train(plan_kwargs, world, rank) for name, plan_kwargs in CASES.items()}
     results["lightning_model_parallel"] = lightning_model_parallel_traffic(world, rank)
     results["uninterrupted"] = fit_recorded(RESHARD_SAVE, world, rank, FINAL_STEP)
     results["saved"] = fit_recorded(RESHARD_SAVE, world, rank, SAVE_STEP, save_path=f"{root}/folder")
+    # A fresh, smaller world on the same processes: cheaper than spawning 2 new ones.
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank < RESUME_WORLD:
+        os.environ.update(MASTER_PORT=str(resume_port), WORLD_SIZE=str(RESUME_WORLD))
+        dist.init_process_group("gloo", rank=rank, world_size=RESUME_WORLD)
+        results["resumed"] = resume(RESUME_WORLD, rank, root)
     return results
 
 
-def _resume_worker(rank: int, world: int, root: str) -> dict:
+def resume(world: int, rank: int, root: str) -> dict:
     folder, file = f"{root}/folder", f"{root}/replicated.ckpt"
     return {
         "fsdp2_from_folder": fit_recorded(FSDP2, world, rank, RESUME_STEP, ckpt_path=folder),
@@ -217,7 +228,7 @@ def checkpoint_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(checkpoint_root):
-    return run_distributed(_worker, WORLD, str(checkpoint_root))
+    return run_distributed(_worker, WORLD, str(checkpoint_root), free_port())
 
 
 # --------------------------------------------------------------------------- tests
@@ -258,18 +269,14 @@ def test_lightning_model_parallel_strategy_reduce_scatters_every_micro_batch(res
         assert sum(result["fsdp4"]["traffic"]) == units * STEPS
 
 
-@pytest.fixture(scope="module")
-def resumed(results, checkpoint_root):
-    return run_distributed(_resume_worker, 2, str(checkpoint_root))
-
-
-def test_sharded_checkpoint_resumes_under_other_plans(results, resumed, checkpoint_root):
+def test_sharded_checkpoint_resumes_under_other_plans(results, checkpoint_root):
     """Folder saved by tp=2 x dp_shard=2 on 4 ranks: dp_shard=2 and replicated data parallelism on
     2 ranks start from exactly the saved parameters and continue with the uninterrupted run's
     losses; the replicated run's single-file checkpoint resumes under dp_shard=2 just as well,
     optimizer and LR schedule included, up to the uninterrupted run's final parameters."""
     assert (checkpoint_root / "folder").is_dir() and (checkpoint_root / "replicated.ckpt").is_file()
-    for rank, run in enumerate(resumed):
+    for rank in range(RESUME_WORLD):
+        run = results[rank]["resumed"]
         # the 4-rank runs' rank 2r has the same data-parallel rank as rank r here (tp innermost)
         full, saved = results[2 * rank]["uninterrupted"], results[2 * rank]["saved"]
         assert saved["global_step"] == SAVE_STEP

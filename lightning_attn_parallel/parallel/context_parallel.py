@@ -87,7 +87,7 @@ class _Layout:
     """Everything the kernels need about one local length, built once per (length, device)."""
 
     positions: list[torch.Tensor]  # per rank
-    allgather_mask: torch.Tensor  # local queries x keys in rank order
+    chunks: list[list[tuple[int, int]]]  # per rank: the global token ranges it holds
     ring_plans: list[Optional[BlockPlan]]  # per source rank, for the local queries
     ulysses_order: Optional[tuple[torch.Tensor, torch.Tensor]]  # rank order <-> position order
 
@@ -110,7 +110,7 @@ def _build_layout(local_len: int, rank: int, cp_size: int, load_balance: bool,
         order = (to_natural, torch.argsort(to_natural))
     return _Layout(
         positions=positions,
-        allgather_mask=positions[rank][:, None] >= gathered[None, :],
+        chunks=chunks,
         ring_plans=[ring_block_plan(chunks[rank], chunks[src]) for src in range(cp_size)],
         ulysses_order=order,
     )
@@ -161,7 +161,7 @@ class ContextParallelAttention(nn.Module):
             return self.local_kernel(q, k, v, positions)
         layout = self._layout(q.shape[2], q.device)
         if self.kernel == "allgather":
-            return allgather_attention(q, k, v, layout.allgather_mask, self.scale, self.group)
+            return allgather_attention(q, k, v, layout.chunks, self.scale, self.group)
         if self.kernel == "ring":
             return ring_attention(q, k, v, layout.ring_plans, layout.positions, self.scale, self.group)
         return ulysses_attention(q, k, v, layout.ulysses_order, self.scale, self.group)

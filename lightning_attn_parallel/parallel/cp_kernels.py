@@ -157,7 +157,8 @@ class _Saved:
 
 def _piece_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                    mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, _Saved]:
-    """Attention of q against k/v -> (out in q's dtype or wider, lse (B, Hq, Sq) fp32, saved).
+    """Attention of q against k/v -> (out (B, Hq, Sq, Dv) in q's dtype or wider, its
+    log-sum-exp (B, Hq, Sq) in fp32 or wider, what the backward needs).
 
     `causal` means a square piece with the top-left causal mask; `mask` (Sq, Sk), True where
     visible, is only for layouts other than the chunked ones and always takes the fallback.
@@ -166,7 +167,8 @@ def _piece_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     if kernel == "flash":
         kr, vr = _repeat_kv(k, v, q.shape[1])
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = \
-            torch.ops.aten._scaled_dot_product_flash_attention(q, kr, vr, 0.0, causal, False, scale=scale)
+            torch.ops.aten._scaled_dot_product_flash_attention(q, kr, vr, 0.0, causal, False,
+                                                               scale=scale)
         return out, lse, _Saved(kernel, (cum_q, cum_k, max_q, max_k, seed, offset))
     if kernel == "efficient":
         kr, vr = _repeat_kv(k, v, q.shape[1])
@@ -278,8 +280,8 @@ def _math_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
                              _tile_mask(tile_mask, mask, rows, cols, q.device))
             tile_lse = torch.logsumexp(scores, dim=-1)
             probs = torch.exp(scores - _finite(tile_lse).unsqueeze(-1))
-            _merge(out[..., rows, :], lse[..., rows], torch.matmul(probs, vf[..., cols, :].unsqueeze(2)),
-                   tile_lse)
+            tile_out = torch.matmul(probs, vf[..., cols, :].unsqueeze(2))
+            _merge(out[..., rows, :], lse[..., rows], tile_out, tile_lse)
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 
@@ -430,14 +432,16 @@ _MASK_PIECES: dict[int, tuple[weakref.ref, list[Optional[_Piece]]]] = {}
 def _pieces_from_mask(mask: torch.Tensor, cp: int) -> list[Optional[_Piece]]:
     """Pieces per source rank read off a (S_local, cp*S_local) visibility mask, keys in rank
     order. Reading it syncs with the device, so the answer is kept for as long as the mask
-    lives (a layout keeps one mask for every layer and step)."""
+    lives (a layout keeps one mask for every layer and step) - unless a piece holds part of the
+    mask, which would keep the mask alive for good."""
     hit = _MASK_PIECES.get(id(mask))
     if hit is not None and hit[0]() is mask:
         return hit[1]
     for key in [key for key, (ref, _) in _MASK_PIECES.items() if ref() is None]:
         del _MASK_PIECES[key]
     pieces = _classify_mask(mask, cp)
-    _MASK_PIECES[id(mask)] = (weakref.ref(mask), pieces)
+    if all(piece is None or piece.mask is None for piece in pieces):
+        _MASK_PIECES[id(mask)] = (weakref.ref(mask), pieces)
     return pieces
 
 
@@ -489,7 +493,8 @@ def _pieces_from_chunks(chunks: Sequence[Chunks], rank: int, local_len: int,
         return positions(rank)[plan.q_start:, None] >= positions(src)[None, :plan.k_stop]
 
     plans = [ring_block_plan(chunks[rank], chunks[src]) for src in range(len(chunks))]
-    return [_plan_piece(plan, src == rank, local_len, lambda src=src, plan=plan: block_mask(src, plan))
+    return [_plan_piece(plan, src == rank, local_len,
+                        lambda src=src, plan=plan: block_mask(src, plan))
             for src, plan in enumerate(plans)]
 
 
