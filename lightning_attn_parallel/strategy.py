@@ -408,35 +408,40 @@ class AttnHybridStrategy(ParallelStrategy):
 
 
 def _settle_fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """Make a checkpoint saved after `fit` has stopped resume where that run stopped.
+    """Make a checkpoint saved once an epoch's loop has ended resume where that run stopped.
 
-    When fit stops at max_steps, Lightning's fit loop counts the current epoch as completed.
-    Saved then (`trainer.fit(max_steps=k); trainer.save_checkpoint(path)`), the loop state is
-    wrong both ways: stopped mid-epoch, a resumed run would start the next epoch number (its
-    sampler shuffles differently) at the old batch index; stopped on the epoch's last batch, it
-    would run one batch of a leftover epoch first (Lightning issue #19617). So: mid-epoch, the
-    epoch is marked unfinished again; on its last batch, the next epoch starts at batch 0.
-    Checkpoints saved during training (callbacks, ModelCheckpoint) are returned unchanged.
+    Lightning's loop state is ambiguous there, and with max_steps its restart goes wrong:
+    - `trainer.fit(max_steps=k); trainer.save_checkpoint(path)` stopped mid-epoch: the fit loop
+      has counted the epoch as completed, so the resumed run would start the next epoch number
+      (its sampler shuffles differently) at the old batch index;
+    - the same, stopped on the epoch's last batch (Lightning issue #19617), or a save from
+      `on_train_epoch_end` (ModelCheckpoint without validation): the resumed run first trains one
+      batch more in an epoch that has none left.
+    So an epoch that reached its last batch is recorded as completed, with the next one to start
+    at batch 0; an epoch cut short is recorded as unfinished, to continue at the next batch.
+    Checkpoints saved while an epoch runs (on_train_batch_end, validation) are left unchanged.
     """
     fit_loop = checkpoint.get("loops", {}).get("fit_loop")
     if not fit_loop or "epoch_progress" not in fit_loop or "epoch_loop.batch_progress" not in fit_loop:
         return checkpoint
-    epochs, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
-    if not epochs["current"]["started"] or epochs["current"]["completed"] != epochs["current"]["started"]:
+    epoch = fit_loop["epoch_progress"]["current"]
+    if not epoch["started"] or epoch["processed"] != epoch["started"]:
         return checkpoint  # saved while an epoch was running
     checkpoint = dict(checkpoint)
-    checkpoint["loops"] = loops = copy.deepcopy(checkpoint["loops"])
-    fit_loop = loops["fit_loop"]
-    epochs, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
-    if batches["is_last_batch"]:
+    checkpoint["loops"] = copy.deepcopy(checkpoint["loops"])
+    fit_loop = checkpoint["loops"]["fit_loop"]
+    batches = fit_loop["epoch_loop.batch_progress"]
+    finished = batches["is_last_batch"]
+    for progress in fit_loop["epoch_progress"].values():
+        if finished:
+            progress["completed"] = progress["processed"]
+        else:
+            progress["processed"] = progress["completed"] = progress["started"] - 1
+    if finished:
         batches["current"] = {key: 0 for key in batches["current"]}
         batches["is_last_batch"] = False
-    else:
-        for progress in (epochs["current"], epochs["total"]):
-            progress["processed"] -= 1
-            progress["completed"] -= 1
-        if "epoch" in checkpoint:
-            checkpoint["epoch"] -= 1
+    if "epoch" in checkpoint:
+        checkpoint["epoch"] = fit_loop["epoch_progress"]["current"]["completed"]
     return checkpoint
 
 

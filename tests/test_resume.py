@@ -5,13 +5,16 @@ parallelism) on the shuffled embedded corpus of `LMDataModule`, with AdamW and a
 cosine LR schedule that changes every step. Epochs are cut to 4 batches, so the resumed runs
 finish the interrupted epoch and then start a new one (another shuffle, nothing skipped).
 
-- uninterrupted: 6 steps; a callback also saves a checkpoint at step 3 while training runs;
+- uninterrupted: 6 steps; callbacks also save checkpoints while training runs: after step 3
+  (mid-epoch), after step 4 (the epoch's last batch) and from on_train_epoch_end of epoch 0
+  (where ModelCheckpoint saves when there is no validation);
 - stopped: `fit(max_steps=3)` then `trainer.save_checkpoint` after fit has returned;
-- resumed: a new Trainer with `ckpt_path` (each of the two checkpoints) trains to step 6.
+- resumed: a new Trainer with `ckpt_path` (each of the four checkpoints) trains to step 6.
 
-The resumed runs' losses of steps 4..6 and their final parameters must equal the uninterrupted
-run's, which needs the sampler to skip exactly the consumed batches, and the optimizer and LR
-scheduler states to come back.
+The resumed runs' losses from the step after the checkpoint to step 6 and their final parameters
+must equal the uninterrupted run's: the sampler must skip exactly the consumed batches of the
+interrupted epoch and none of the next, the loops must neither repeat nor drop a batch, and the
+optimizer and LR scheduler states must come back.
 """
 from __future__ import annotations
 
@@ -60,6 +63,18 @@ class SaveAtStep(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
+class SaveAtFirstEpochEnd(L.Callback):
+    """Save a checkpoint from on_train_epoch_end of epoch 0 (as ModelCheckpoint does when the
+    run has no validation)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            trainer.save_checkpoint(self.path)
+
+
 def fit(root: str, max_steps: int, ckpt_path=None, save_path=None, callbacks=()) -> dict:
     L.seed_everything(0, verbose=False)
     module = lap.CausalLMModule(ModelConfig(**TINY_BYTES_LLAMA), lr=1e-2, warmup_steps=2,
@@ -76,14 +91,24 @@ def fit(root: str, max_steps: int, ckpt_path=None, save_path=None, callbacks=())
             "lr": trainer.optimizers[0].param_groups[0]["lr"]}
 
 
+CHECKPOINTS = {  # name: the step it was saved after
+    "after_fit": STOP_STEP,
+    "mid_epoch": STOP_STEP,
+    "last_batch_of_epoch": BATCHES_PER_EPOCH,
+    "epoch_end": BATCHES_PER_EPOCH,
+}
+
+
 def _worker(rank: int, world: int, root: str) -> dict:
-    during, after = f"{root}/during_training.ckpt", f"{root}/after_fit.ckpt"
-    return {
-        "uninterrupted": fit(root, FINAL_STEP, callbacks=[SaveAtStep(STOP_STEP, during)]),
-        "stopped": fit(root, STOP_STEP, save_path=after),
-        "resumed_after_fit": fit(root, FINAL_STEP, ckpt_path=after),
-        "resumed_during_training": fit(root, FINAL_STEP, ckpt_path=during),
-    }
+    path = {name: f"{root}/{name}.ckpt" for name in CHECKPOINTS}
+    savers = [SaveAtStep(STOP_STEP, path["mid_epoch"]),
+              SaveAtStep(BATCHES_PER_EPOCH, path["last_batch_of_epoch"]),
+              SaveAtFirstEpochEnd(path["epoch_end"])]
+    results = {"uninterrupted": fit(root, FINAL_STEP, callbacks=savers),
+               "stopped": fit(root, STOP_STEP, save_path=path["after_fit"])}
+    for name in CHECKPOINTS:
+        results[name] = fit(root, FINAL_STEP, ckpt_path=path[name])
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +123,21 @@ def test_ranks_see_different_shuffled_data(results):
     assert len(first) == FINAL_STEP and first != second
 
 
-@pytest.mark.parametrize("name", ["resumed_after_fit", "resumed_during_training"])
+def test_stopped_run_is_the_start_of_the_uninterrupted_one(results):
+    for result in results:
+        assert result["stopped"]["losses"] == result["uninterrupted"]["losses"][:STOP_STEP]
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_resumed_run_continues_the_uninterrupted_one(results, name):
+    saved_at = CHECKPOINTS[name]
     for rank, result in enumerate(results):
-        full, stopped, resumed = result["uninterrupted"], result["stopped"], result[name]
-        assert stopped["losses"] == full["losses"][:STOP_STEP]
+        full, resumed = result["uninterrupted"], result[name]
         assert resumed["global_step"] == full["global_step"] == FINAL_STEP
         assert resumed["epoch"] == full["epoch"]
         assert resumed["lr"] == full["lr"]
-        assert len(resumed["losses"]) == FINAL_STEP - STOP_STEP
-        assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"][STOP_STEP:]), rtol=1e-6,
-                     name=f"{name} rank{rank} losses of steps {STOP_STEP + 1}..{FINAL_STEP}")
+        assert len(resumed["losses"]) == FINAL_STEP - saved_at
+        assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"][saved_at:]), rtol=1e-6,
+                     name=f"{name} rank{rank} losses of steps {saved_at + 1}..{FINAL_STEP}")
         for key, value in full["params"].items():
             assert_close(resumed["params"][key], value, rtol=1e-6, name=f"{name} rank{rank} {key}")

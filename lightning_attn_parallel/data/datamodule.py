@@ -54,7 +54,11 @@ class TokenWindows(Dataset):
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler (so Lightning does not replace it) over data-parallel ranks that can
     skip the samples already consumed in this epoch: a resumed run sees exactly the batches an
-    uninterrupted run would. With `lengths`, each batch draws one length from that list."""
+    uninterrupted run would. With `lengths`, each batch draws one length from that list.
+
+    `skip_batches` applies once, to the first pass over epoch `skip_epoch`: a run resumed from
+    the last batch of an epoch goes straight on to the next epoch, which must not skip.
+    """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, batch_size: int,
                  shuffle: bool = True, seed: int = 0, lengths: Optional[Sequence[int]] = None) -> None:
@@ -63,11 +67,13 @@ class ResumableSampler(DistributedSampler):
         self.batch_size = batch_size
         self.lengths = list(lengths) if lengths else None
         self.skip_batches = 0
+        self.skip_epoch = 0
 
     def __iter__(self) -> Iterator:
         # Taken at the start: an epoch cut short (limit_train_batches, max_steps) never runs the
         # generator to its end, and the next epoch's iterator must not skip again.
-        skip, self.skip_batches = self.skip_batches, 0
+        skip = self.skip_batches if self.epoch == self.skip_epoch else 0
+        self.skip_batches = 0
         indices = list(super().__iter__())
         usable = len(indices) - len(indices) % self.batch_size
         gen = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
@@ -146,7 +152,8 @@ class LMDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 1, 0
-        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+        # Single-device strategies have no distributed_sampler_kwargs: one replica.
+        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
         return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -157,6 +164,7 @@ class LMDataModule(L.LightningDataModule):
         if trainer is not None:
             sampler.set_epoch(trainer.current_epoch)
             sampler.skip_batches = _batches_done_this_epoch(trainer)
+            sampler.skip_epoch = trainer.current_epoch
         self._sampler = sampler
         return DataLoader(self.train_set, batch_size=self.micro_batch_size, sampler=sampler,
                           num_workers=self.num_workers, drop_last=True,
