@@ -25,7 +25,7 @@ RECIPES_DIR = PROJECT_ROOT / "recipes"
 class DataConfig:
     source: str = "embedded"
     seq_len: int = 256
-    micro_batch_size: int = 16
+    micro_batch_size: int = 12
     train_path: Optional[str] = None
     val_path: Optional[str] = None
     dtype: str = "uint16"

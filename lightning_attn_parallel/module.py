@@ -97,7 +97,11 @@ class CausalLMModule(L.LightningModule):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         from .parallel.fully_sharded import clip_grad_norm_
 
-        norm = clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], gradient_clip_val)
+        expert_group = getattr(self.trainer.strategy, "expert_parallel_group", None)
+        experts, others = [], []
+        for name, p in self.model.named_parameters():
+            (experts if expert_group is not None and ".experts." in name else others).append(p)
+        norm = clip_grad_norm_(others, gradient_clip_val, sharded=experts, sharded_group=expert_group)
         self.log("train/grad_norm", norm)
 
     # ------------------------------------------------------------------ optimizer

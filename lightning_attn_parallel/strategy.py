@@ -207,6 +207,13 @@ class AttnHybridStrategy(ParallelStrategy):
         if self.global_rank == 0:
             print(result.table, flush=True)
 
+    @property
+    def expert_parallel_group(self) -> Optional[dist.ProcessGroup]:
+        """The group over which experts are split (for global gradient norms), or None."""
+        if self.plan is None or self.plan.ep == 1 or self.meshes is None or self.meshes.expert is None:
+            return None
+        return self.meshes.group("ep")
+
     def _share_inf_checks(self) -> None:
         """16-mixed: agree on inf/NaN across ranks so every rank skips the same steps (sharded
         gradients see only part of the inf checks). torch's ShardedGradScaler does exactly that."""

@@ -31,6 +31,7 @@ CASES = {"ep4": dict(ep=4), "ep2_edp2": dict(ep=2), "tp2_ep4": dict(tp=2, ep=4)}
 STEPS = 3
 GLOBAL_BATCH = 8
 PRECISION = "64-true"
+CLIP = 0.05  # below the gradient norm, so every step clips by the norm over all experts
 
 
 def model_for(plan_kwargs: dict) -> ModelConfig:
@@ -44,9 +45,12 @@ def train(plan_kwargs: dict, world: int, rank: int = 0) -> dict:
     tp = plan_kwargs.get("tp", 1) if world > 1 else 1
     dp = world // tp
     strategy = lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)) if world > 1 else "auto"
-    trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=STEPS, precision=PRECISION)
+    trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=STEPS, precision=PRECISION,
+                            gradient_clip_val=CLIP)
     trainer.fit(module, loader(FixedTokens(), GLOBAL_BATCH // dp, replicas=dp, rank=rank // tp))
-    return params_of(module)  # expert weights: this rank's slice (rank r of ep holds [r*E/ep, ...))
+    params = params_of(module)  # expert weights: this rank's slice (rank r of ep holds [r*E/ep, ...))
+    params["grad_norm"] = trainer.callback_metrics["train/grad_norm"].detach().reshape(1)
+    return params
 
 
 def _worker(rank, world):
@@ -62,6 +66,7 @@ def results():
 def test_expert_parallel_training_equals_one_process(results, name):
     ep = CASES[name]["ep"]
     reference = train(CASES[name], 1)
+    assert float(reference["grad_norm"]) > CLIP, "the test must exercise clipping"
     for rank, result in enumerate(results):
         ep_rank = rank % ep
         for key, expected in reference.items():
