@@ -12,6 +12,7 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from .accounting import ConsumedTokens
 from .timing import WindowTimer
 
 
@@ -108,3 +109,20 @@ class WindowedMetrics(Callback):
     def _open(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_window(trainer, pl_module)
         self.timer.start(pl_module.device)
+
+
+class TokenCountingMetrics(WindowedMetrics):
+    """Windowed metrics that also count the tokens the model really consumed on this rank
+    (after any context-parallel split), through accounting.ConsumedTokens."""
+
+    def __init__(self, log_every_n_steps: Optional[int] = None) -> None:
+        super().__init__(log_every_n_steps)
+        self._consumed = ConsumedTokens()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._consumed.attach(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._consumed.detach()

@@ -27,8 +27,8 @@ import lightning as L
 from torch import nn
 
 from . import metrics as m
-from .accounting import ConsumedTokens, gradient_reducer, tensor_parallel_degree
-from .base import WindowedMetrics
+from .accounting import gradient_reducer, tensor_parallel_degree
+from .base import TokenCountingMetrics
 from .distributed import gather_rows
 from ..models.flops import attention_flops_per_token
 
@@ -61,13 +61,12 @@ def _moe_load_stats() -> Optional[Callable[[nn.Module], dict[str, float]]]:
     return getattr(module, "moe_load_stats", None)
 
 
-class LoadBalanceCallback(WindowedMetrics):
+class LoadBalanceCallback(TokenCountingMetrics):
     """Logs per-rank busy time per step, tokens per step and attention TFLOP per step."""
 
     def __init__(self, log_every_n_steps: Optional[int] = None) -> None:
         super().__init__(log_every_n_steps)
         self._moe_stats: Optional[Callable[[nn.Module], dict[str, float]]] = None
-        self._consumed = ConsumedTokens()
         self._tokens = 0.0
         self._attention_flops = 0.0
         self._exposed_s = 0.0
@@ -76,11 +75,6 @@ class LoadBalanceCallback(WindowedMetrics):
         super().on_train_start(trainer, pl_module)
         config = getattr(pl_module.model, "config", None)
         self._moe_stats = _moe_load_stats() if getattr(config, "is_moe", False) else None
-        self._consumed.attach(pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        self._consumed.detach()
 
     def start_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._tokens = 0.0

@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import lightning as L
 
 from . import metrics as m
-from .accounting import ConsumedTokens, FlopsPerToken, tensor_parallel_degree
-from .base import WindowedMetrics
+from .accounting import FlopsPerToken, tensor_parallel_degree
+from .base import TokenCountingMetrics
 from .distributed import gather_rows
 from .peak_flops import device_peak_tflops
 
@@ -50,7 +50,7 @@ def throughput_metrics(rows: Sequence[Sequence[float]], tp: int, steps: int,
     return out
 
 
-class ThroughputCallback(WindowedMetrics):
+class ThroughputCallback(TokenCountingMetrics):
     """Logs throughput once per window and shows global tokens/s in the progress bar.
 
     `peak_tflops` overrides the datasheet table (needed for MFU on cards or CPUs not in it).
@@ -62,18 +62,12 @@ class ThroughputCallback(WindowedMetrics):
         self.peak_tflops = peak_tflops
         self._peak: Optional[float] = None
         self._flops_per_token = FlopsPerToken()
-        self._consumed = ConsumedTokens()
         self._tokens = 0.0
         self._flops = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._peak = self.peak_tflops or device_peak_tflops(pl_module.device, trainer.precision)
-        self._consumed.attach(pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        self._consumed.detach()
 
     def start_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._tokens = 0.0
