@@ -1,0 +1,58 @@
+"""Memory levers change memory, never results: activation checkpointing (attention, block,
+selective, every n-th block), the chunked loss and the offload of saved activations each train
+to the same parameters as the plain run (one process through the strategy, float64, where
+recomputation must agree to round-off), and each lever really is in place."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+
+from dist_utils import assert_close, run_distributed
+from lightning_utils import FixedTokens, loader, params_of, quiet_trainer
+
+import lightning_attn_parallel as lap
+from lightning_attn_parallel.models import ModelConfig
+
+MODEL = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+LEVERS = {
+    "plain": ({}, None),
+    "attention_checkpointing": (dict(activation_checkpointing="attention"), None),
+    "block_checkpointing": (dict(activation_checkpointing="block"), None),
+    "selective_checkpointing_every_2nd": (dict(activation_checkpointing="selective", ac_every_n=2), None),
+    "chunked_loss": ({}, 24),
+    "offload_and_block": (dict(activation_checkpointing="block", offload_activations=True), 24),
+}
+
+
+def _train_all(rank: int, world: int) -> dict:
+    results = {}
+    for name, (plan_kwargs, chunk) in LEVERS.items():
+        L.seed_everything(0, verbose=False)
+        module = lap.CausalLMModule(ModelConfig(**MODEL), lr=1e-2, warmup_steps=1, total_steps=3,
+                                    loss_chunk_tokens=chunk)
+        module.configure_model()
+        strategy = lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs))
+        trainer = quiet_trainer(strategy=strategy, devices=1, max_steps=3, precision="64-true")
+        trainer.fit(module, loader(FixedTokens(), 4))
+        results[name] = params_of(module)
+        results[name]["checkpointed"] = sum(hasattr(m, "activation_checkpointed")
+                                            for m in module.model.modules())
+    return results
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_train_all, 1)[0]
+
+
+EXPECTED_CHECKPOINTED = {"plain": 0, "attention_checkpointing": 3, "block_checkpointing": 3,
+                         "selective_checkpointing_every_2nd": 2, "chunked_loss": 0, "offload_and_block": 3}
+
+
+@pytest.mark.parametrize("name", [n for n in LEVERS if n != "plain"])
+def test_lever_trains_the_same_model(results, name):
+    assert results[name]["checkpointed"] == EXPECTED_CHECKPOINTED[name]
+    for key, expected in results["plain"].items():
+        if key == "checkpointed":
+            continue
+        assert_close(results[name][key], expected, rtol=1e-10, name=f"{name} {key}")
