@@ -122,6 +122,11 @@ class ParallelPlan:
         if world_size % plan.ep:
             raise PlanError(f"ParallelPlan ep={plan.ep} does not divide the world size {world_size}: "
                             f"choose ep among the divisors of {world_size}")
+        if plan.ep > 1 and plan.dp_shard > 1 and (plan.tp > 1 or plan.ep == world_size):
+            raise PlanError(
+                f"ParallelPlan dp_shard={plan.dp_shard} with ep={plan.ep} needs tp=1 and ep below the "
+                f"world size {world_size} (experts are sharded over the remaining expert-data-parallel "
+                "ranks): lower ep, set tp=1, or use dp_shard=1")
         return plan
 
     def check_model(self, model_cfg: Any) -> None:

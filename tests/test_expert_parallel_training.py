@@ -4,6 +4,8 @@
 - ep=2: two expert-parallel groups, experts replicated over edp=2.
 - tp=2 x ep=4: attention tensor parallel inside two data-parallel groups, experts over all four
   ranks, each TP rank routing its own slice of the sequence.
+- dp_shard=4 x ep=2 and HSDP (2 x 2) x ep=2: dense layers sharded by FSDP2, experts sharded by
+  FSDP2 over the expert-data-parallel ranks (edp=2).
 The auxiliary balance loss and the auxiliary-loss-free bias update are on, except under tp where
 the sequence-wise balance loss would be computed per slice, so that case turns it off.
 
@@ -27,7 +29,8 @@ MOE = dict(family="deepseek", attention="mla", vocab_size=64, d_model=32, n_laye
            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, ffn_dim=64,
            max_seq_len=32, n_routed_experts=8, n_shared_experts=1, moe_top_k=2, moe_ffn_dim=16,
            first_k_dense_replace=1, aux_loss_coef=0.01, bias_update_speed=0.001)
-CASES = {"ep4": dict(ep=4), "ep2_edp2": dict(ep=2), "tp2_ep4": dict(tp=2, ep=4)}
+CASES = {"ep4": dict(ep=4), "ep2_edp2": dict(ep=2), "tp2_ep4": dict(tp=2, ep=4),
+         "fsdp4_ep2": dict(dp_shard=4, ep=2), "hsdp2x2_ep2": dict(dp_shard=2, ep=2)}
 STEPS = 3
 GLOBAL_BATCH = 8
 PRECISION = "64-true"

@@ -49,10 +49,6 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
             "a model with `blocks` whose items have `attention` (the model protocol); this "
             "LightningModule has none. Use data parallelism only (tp=cp=ep=1) or build the model "
             "from lightning_attn_parallel.models")
-    if plan.ep > 1 and plan.dp_shard > 1:
-        raise PlanError(f"{plan.describe()}: expert parallelism with FSDP sharding (dp_shard > 1) is not "
-                        "supported yet: use dp_shard=1 (replicated dense layers) with ep, or ep=1 with "
-                        "dp_shard")
     cfg = getattr(transformer, "config", None)
     if cfg is not None:
         plan.check_model(cfg)
@@ -90,6 +86,8 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         from .fully_sharded import apply_fully_sharded, mixed_precision_for
 
         policy = mixed_precision_for(precision)
+        if plan.ep > 1:
+            shard_experts(transformer, meshes, policy)
         apply_fully_sharded(transformer if transformer is not None else module, sharding_mesh(meshes),
                             policy.param_dtype, policy.reduce_dtype)
     else:
@@ -110,6 +108,22 @@ def sharding_mesh(meshes: ParallelMeshes):
     if plan.dp_replicate > 1:
         return meshes.dense["dp_replicate", shard_dim]
     return meshes.dense[shard_dim]
+
+
+def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> None:
+    """FSDP2 for each MoE layer's local experts over the expert-data-parallel ranks (edp), before
+    the blocks are sharded over the dense mesh (which then leaves the experts alone). Expert
+    gradients are summed over edp and divided by the dense data-parallel size, the same rule as
+    the replicated reducer's expert group."""
+    from torch.distributed.fsdp import fully_shard
+
+    plan = meshes.plan
+    dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
+    for block in transformer.blocks:
+        experts = getattr(block.ffn, "experts", None)
+        if experts is not None:
+            fully_shard(experts, mesh=meshes.expert["edp"], mp_policy=policy)
+            experts.set_gradient_divide_factor(float(dense_dp))
 
 
 def meshes_with_experts(meshes: ParallelMeshes) -> None:

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
 def apply_fully_sharded(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Optional[torch.dtype] = None,
@@ -121,8 +121,11 @@ def _sharded_norm(grads: list[torch.Tensor], norm_type: float,
                   group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Norm of plain tensors split over `group`: sum of |g|^p over the group's ranks."""
     device = grads[0].device if grads else torch.device("cpu")
-    local = (torch.nn.utils.get_total_norm(grads, norm_type).float() if grads
+    local = (torch.nn.utils.get_total_norm(grads, norm_type) if grads
              else torch.zeros((), device=device))
+    if isinstance(local, DTensor):  # experts sharded by FSDP over edp: norm of this ep slice
+        local = local.full_tensor()
+    local = local.float()
     power = local.pow(norm_type)
     dist.all_reduce(power, group=group)
     return power.pow(1.0 / norm_type)
