@@ -343,6 +343,12 @@ class AttnHybridStrategy(ParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         """Write to a temporary name and rename, so an interrupted save never destroys the last
         good checkpoint. Sharded plans write a torch.distributed.checkpoint folder."""
+        if self.plan is not None and self.plan.ep > 1:
+            # Each rank holds different experts under the same parameter names; a checkpoint
+            # would keep one rank's copy and silently lose the others.
+            raise RuntimeError(
+                f"checkpoints under expert parallelism (ep={self.plan.ep}) are not supported yet: "
+                "train with ep=1 to checkpoint, or disable checkpointing (train.py does so itself)")
         path = Path(self.broadcast(str(filepath)))
         checkpoint = _settle_fit_loop_state(checkpoint)
         if self._sharded_state and self._save_distributed_checkpoint:
