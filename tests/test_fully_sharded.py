@@ -134,5 +134,5 @@ def test_mixed_precision_for_lightning_strings():
     assert mixed_precision_for("16-mixed").param_dtype is torch.float16
     for precision in ("32-true", "bf16-true", "16-true"):
         assert mixed_precision_for(precision).param_dtype is None
-    with pytest.raises(ValueError, match="precision='64-true'.*bf16-mixed"):
-        mixed_precision_for("64-true")
+    with pytest.raises(ValueError, match="precision='transformer-engine'.*bf16-mixed"):
+        mixed_precision_for("transformer-engine")
