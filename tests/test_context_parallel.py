@@ -235,16 +235,21 @@ def _case_id(case: dict) -> str:
             f"S={case['seq']} D={case['dqk']}/{case['dv']}")
 
 
-def test_kernels_match_single_process_sdpa(distributed_run):
-    cases, results = distributed_run
+def _assert_runs_match_sdpa(results, kind: str, cases_of, case_id) -> None:
+    """Every rank group's gathered outputs and gradients equal single-process SDPA."""
     for cp in CP_SIZES:
-        for i, case in enumerate(cases[cp]):
+        for i, case in enumerate(cases_of(cp)):
             expected = _reference(case)
             for group_results in _ranks(results, cp):
                 for key, ref in expected.items():
-                    shards = [torch.from_numpy(r[cp]["parity"][i][key]) for r in group_results]
+                    shards = [torch.from_numpy(r[cp][kind][i][key]) for r in group_results]
                     got = gather_from_context_parallel(shards, 2, case["load_balance"])
-                    assert_close(got, ref, rtol=1e-5, name=f"cp={cp} {_case_id(case)} {key}")
+                    assert_close(got, ref, rtol=1e-5, name=f"cp={cp} {case_id(case)} {key}")
+
+
+def test_kernels_match_single_process_sdpa(distributed_run):
+    cases, results = distributed_run
+    _assert_runs_match_sdpa(results, "parity", lambda cp: cases[cp], _case_id)
 
 
 def _expected_pieces(rank: int, cp: int, local: int, load_balance: bool) -> list[tuple]:
@@ -307,14 +312,7 @@ def test_fallback_scores_stay_within_chunk_by_chunk(distributed_run):
 
 def test_traced_runs_are_exact(distributed_run):
     _, results = distributed_run
-    for cp in CP_SIZES:
-        for i, case in enumerate(_traced_cases(cp)):
-            expected = _reference(case)
-            for group_results in _ranks(results, cp):
-                for key, ref in expected.items():
-                    shards = [torch.from_numpy(r[cp]["traced"][i][key]) for r in group_results]
-                    got = gather_from_context_parallel(shards, 2, case["load_balance"])
-                    assert_close(got, ref, rtol=1e-5, name=f"cp={cp} {_traced_id(case)} {key}")
+    _assert_runs_match_sdpa(results, "traced", _traced_cases, _traced_id)
 
 
 def test_model_with_context_parallel_matches_single_process(distributed_run):

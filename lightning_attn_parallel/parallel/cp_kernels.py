@@ -498,6 +498,16 @@ def _pieces_from_chunks(chunks: Sequence[Chunks], rank: int, local_len: int,
             for src, plan in enumerate(plans)]
 
 
+
+def _save_merged(ctx, q, k, v, out, lse, pieces, saved, scale, group) -> torch.Tensor:
+    """Keep what the backward of a merged (all-gather or ring) attention needs; return the output
+    in the input dtype."""
+    result = out.to(q.dtype)
+    ctx.save_for_backward(q, k, v, result, lse)
+    ctx.pieces, ctx.piece_state, ctx.scale, ctx.group = pieces, saved, scale, group
+    return result
+
+
 class _AllGatherAttention(torch.autograd.Function):
     """Local queries against every rank's gathered K/V block, piece by piece. Only the local
     K/V are saved: the backward gathers them again rather than keeping the whole sequence's."""
@@ -509,10 +519,7 @@ class _AllGatherAttention(torch.autograd.Function):
         saved = [None if piece is None else
                  _attend_piece(piece, q, k_all[src], v_all[src], scale, out, lse)
                  for src, piece in enumerate(pieces)]
-        result = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, result, lse)
-        ctx.pieces, ctx.piece_state, ctx.scale, ctx.group = pieces, saved, scale, group
-        return result
+        return _save_merged(ctx, q, k, v, out, lse, pieces, saved, scale, group)
 
     @staticmethod
     def backward(ctx, dout):
@@ -622,10 +629,7 @@ class _RingAttention(torch.autograd.Function):
                 saved[src] = _attend_piece(pieces[src], q, k_blk, v_blk, scale, out, lse)
             if arriving is not None:
                 kv = arriving()
-        result = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, result, lse)
-        ctx.pieces, ctx.piece_state, ctx.scale, ctx.group = pieces, saved, scale, group
-        return result
+        return _save_merged(ctx, q, k, v, out, lse, pieces, saved, scale, group)
 
     @staticmethod
     def backward(ctx, dout):
