@@ -8,7 +8,9 @@ token by TorchTitan's convention, DESIGN section 5), peak memory, and the ratio 
     python benchmarks/bench.py suite=long_context          # longest sequence per memory lever
     python benchmarks/bench.py suite=moe                   # grouped GEMM vs per-expert loop
     python benchmarks/bench.py suite=callbacks             # observability overhead
-    python benchmarks/bench.py suite=planner               # predicted vs measured memory/speed
+    python benchmarks/bench.py suite=planner_fit           # planner calibration set (fitted)
+    python benchmarks/bench.py suite=planner_check         # planner validation set (predicted first)
+    python benchmarks/bench.py suite=sharding              # FSDP/ModelParallel baselines vs ours, 1 GPU
     python benchmarks/bench.py suite=multi_gpu             # 2 GPUs: DDP vs reducer, FSDP2, TP, CP
 Append `--out FILE.json` to keep the raw results.
 """
@@ -81,10 +83,14 @@ def run_one(cfg: Config) -> dict[str, Any]:
     class Timer(L.Callback):
         def __init__(self) -> None:
             self.start = self.end = None
+            self.static = 0
 
         def on_train_batch_start(self, trainer, module, batch, idx) -> None:
             if idx == cfg.warmup:
                 torch.cuda.synchronize()
+                # after an optimizer step and before this step's forward: parameters, gradient
+                # buffers and optimizer states only (the planner's static memory)
+                self.static = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 self.start = time.perf_counter()
 
@@ -98,6 +104,14 @@ def run_one(cfg: Config) -> dict[str, Any]:
     class Module(lap.CausalLMModule):
         def configure_model(self) -> None:
             super().configure_model()
+            if cfg.strategy == "model_parallel":  # what a Lightning user writes for FSDP2
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                mesh = self.device_mesh["data_parallel"]
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                for block in self.model.blocks:
+                    fully_shard(block, mesh=mesh, mp_policy=policy)
+                fully_shard(self.model, mesh=mesh, mp_policy=policy)
             if cfg.compile and cfg.strategy != "attn_hybrid":
                 for block in self.model.blocks:
                     block.compile()
@@ -115,6 +129,12 @@ def run_one(cfg: Config) -> dict[str, Any]:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy()
+    elif cfg.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from lightning_attn_parallel.models.llama import TransformerBlock
+
+        strategy = FSDPStrategy(auto_wrap_policy={TransformerBlock}, sharding_strategy="FULL_SHARD")
     else:
         strategy = cfg.strategy
     callbacks: list = [Timer()]
@@ -143,6 +163,7 @@ def run_one(cfg: Config) -> dict[str, Any]:
               "tflops_per_gpu": flops_per_token * per_gpu / 1e12,
               "mfu": flops_per_token * per_gpu / PEAK_BF16,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "static_gib": timer.static / 2**30,
               "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
               "flops_per_token": flops_per_token, "device": torch.cuda.get_device_name(0)}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("throughput/")}
@@ -207,6 +228,41 @@ def suite(name: str) -> list[Config]:
     if name == "callbacks":
         return [Config("attn_hybrid, callbacks off", steps=24, warmup=4),
                 Config("attn_hybrid, callbacks on", callbacks=True, steps=24, warmup=4)]
+    if name == "sharding":  # one GPU: sharding itself is a no-op, the wrappers' cost is not
+        return [
+            Config("lightning single-device", strategy="auto"),
+            Config("lightning FSDPStrategy (FSDP1, full shard), 1 GPU", strategy="fsdp"),
+            Config("lightning ModelParallelStrategy (fully_shard per block), 1 GPU", strategy="model_parallel",
+                   precision="bf16-true"),
+            Config("attn_hybrid (replicated, bucketed reducer), 1 GPU"),
+            Config("attn_hybrid bf16-true, 1 GPU", precision="bf16-true"),
+        ]
+    if name == "planner_fit":  # the measurements the planner's constants are fitted to
+        return [
+            Config("fit: mb8 s2048 none bf16-mixed", micro_batch=8),
+            Config("fit: mb4 s2048 block bf16-mixed", micro_batch=4, checkpointing="block"),
+            Config("fit: mb1 s16384 selective chunked bf16-mixed", micro_batch=1, seq_len=16384,
+                   checkpointing="selective", loss_chunk_tokens=4096, steps=8, warmup=3),
+            Config("fit: mb2 s4096 none bf16-true", micro_batch=2, seq_len=4096, precision="bf16-true"),
+            Config("fit: mb8 s2048 none bf16-mixed compile", micro_batch=8, compile=True, steps=14, warmup=6),
+            Config("fit: mb1 s32768 block chunked bf16-mixed", micro_batch=1, seq_len=32768,
+                   checkpointing="block", loss_chunk_tokens=4096, steps=6, warmup=2),
+            Config("fit: mb4 s4096 attention bf16-mixed", micro_batch=4, seq_len=4096,
+                   checkpointing="attention"),
+        ]
+    if name == "planner_check":  # fresh configurations, predicted before they were measured
+        return [
+            Config("check: mb6 s2048 selective bf16-mixed", micro_batch=6, checkpointing="selective"),
+            Config("check: mb2 s8192 block chunked bf16-true", micro_batch=2, seq_len=8192,
+                   checkpointing="block", loss_chunk_tokens=4096, precision="bf16-true"),
+            Config("check: mb1 s16384 none chunked bf16-mixed", micro_batch=1, seq_len=16384,
+                   loss_chunk_tokens=4096, steps=8, warmup=3),
+            Config("check: mb4 s2048 none bf16-true compile", micro_batch=4, precision="bf16-true",
+                   compile=True, steps=14, warmup=6),
+            Config("check: mb16 s1024 block bf16-mixed", micro_batch=16, seq_len=1024, checkpointing="block"),
+            Config("check: mb2 s8192 selective bf16-mixed", micro_batch=2, seq_len=8192,
+                   checkpointing="selective"),
+        ]
     if name == "planner":
         return [
             Config("mb8 s2048 none bf16-mixed", micro_batch=8),
@@ -215,21 +271,25 @@ def suite(name: str) -> list[Config]:
                    precision="bf16-true"),
             Config("mb1 s8192 none chunked bf16-mixed", micro_batch=1, seq_len=8192, loss_chunk_tokens=4096),
         ]
-    raise SystemExit(f"unknown suite {name!r}: strategies, long_context, moe, callbacks, planner")
+    raise SystemExit(f"unknown suite {name!r}: strategies, long_context, moe, callbacks, multi_gpu, "
+                     "sharding, planner, planner_fit, planner_check")
 
 
-def predicted(cfg: Config) -> dict[str, float]:
+def predicted(cfg: Config, device: str) -> dict[str, float]:
+    """The planner's memory and speed for `cfg` on the card named `device`."""
     from lightning_attn_parallel.models import ModelConfig
     from lightning_attn_parallel.plan import ParallelPlan
-    from lightning_attn_parallel.planning import ClusterSpec, H100_SXM, estimate_memory, estimate_time
+    from lightning_attn_parallel.planning import ClusterSpec, estimate_memory, estimate_time, gpu_spec
 
+    gpu = gpu_spec(device)
     model_cfg = ModelConfig(**cfg.model)
     plan = ParallelPlan(activation_checkpointing=cfg.checkpointing, compile=cfg.compile).resolve(1)
-    mem = estimate_memory(model_cfg, plan, cfg.micro_batch, cfg.seq_len, cfg.precision, H100_SXM,
+    mem = estimate_memory(model_cfg, plan, cfg.micro_batch, cfg.seq_len, cfg.precision, gpu,
                           loss_chunk_tokens=cfg.loss_chunk_tokens)
-    timing = estimate_time(model_cfg, plan, ClusterSpec(1, 1), H100_SXM, cfg.micro_batch, cfg.seq_len,
-                           cfg.precision)
-    return {"pred_peak_gib": mem.total / 2**30, "pred_tokens_per_s": timing.tokens_per_s}
+    timing = estimate_time(model_cfg, plan, ClusterSpec(1, 1), gpu, cfg.micro_batch, cfg.seq_len,
+                           cfg.precision, loss_chunk_tokens=cfg.loss_chunk_tokens)
+    return {"pred_peak_gib": mem.allocated / 2**30, "pred_static_gib": mem.static / 2**30,
+            "pred_tokens_per_s": timing.tokens_per_s}
 
 
 def table(rows: list[tuple[Config, dict]]) -> str:
@@ -272,13 +332,16 @@ def main() -> None:
             tail = proc.stderr.strip().splitlines()[-3:]
             oom = "out of memory" in proc.stderr.lower()
             result = {"error": "out of memory" if oom else " / ".join(tail)[-300:]}
-        if args.suite.endswith("planner") and "tokens_per_s" in result:
-            result.update(predicted(cfg))
+        if "planner" in args.suite and "tokens_per_s" in result:
+            try:  # a planner error must not lose the measurement
+                result.update(predicted(cfg, result["device"]))
+            except Exception as err:  # noqa: BLE001
+                result["prediction_error"] = f"{type(err).__name__}: {err}"
         rows.append((cfg, result))
         print(cfg.name, json.dumps(result), flush=True)
+        if args.out:  # after every configuration, so a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps([[asdict(c), r] for c, r in rows], indent=1))
     print(table(rows))
-    if args.out:
-        Path(args.out).write_text(json.dumps([[asdict(c), r] for c, r in rows], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
 """Every tunable constant of the planner, in one place, so they can be fitted to measurements.
 
-The defaults were fitted to the single-H100 anchors in DESIGN.md (a 1.1B Llama-shaped model,
-seq 2048, micro-batch 8): eager bf16-mixed 43.7k tokens/s, eager bf16-true 49.9k, compiled
-bf16-mixed 66.8k; peak memory 59.7 / 48.3 / 44.9 GiB. Multi-GPU constants (collective
-efficiency, overlap) are textbook values until a cluster run measures them.
+Compute time is a roofline of three parts (see timing.py): matmuls at `matmul_efficiency` of the
+card's peak, attention at `attention_efficiency` of the peak (against TorchTitan's count of
+attention FLOPs, which ignores the causal half), and element-wise work (norms, RoPE, SwiGLU's
+gate, residual adds, autocast's casts) as bytes moved per token, per layer and per unit of
+d_model at the card's HBM bandwidth. The element-wise part is what torch.compile fuses away and
+what makes a card with faster memory faster at equal FLOPs.
+
+The defaults were fitted by `planning.fit.fit_calibration` to the 1.1B Llama-shaped model on one
+H100 SXM and one H200 (benchmarks/results/planner_fit_h200.json and the H100 runs of
+benchmarks/RESULTS.md), then checked on configurations left out of the fit (RESULTS.md, Planner).
+Multi-GPU constants (collective efficiency, overlap) are textbook values until a cluster run
+measures them.
 """
 from __future__ import annotations
 
@@ -14,11 +22,13 @@ from dataclasses import dataclass
 class Calibration:
     """Constants of the memory and time models; pass a modified copy to any planner function."""
 
-    # ---- compute: fraction of the datasheet peak that training matmuls reach
-    eager_efficiency: float = 0.38  # bf16-true eager anchor: 49.9k tokens/s -> 0.376
-    compiled_efficiency: float = 0.53  # torch.compile per block anchor: 66.8k tokens/s -> 0.52
-    autocast_eager_factor: float = 0.88  # eager autocast casts cost 12% (43.7k vs 49.9k)
-    selective_recompute_fraction: float = 0.05  # selective AC: recomputed cheap ops, x forward time
+    # ---- compute (fitted): roofline terms, see the module docstring
+    matmul_efficiency: float = 0.59
+    attention_efficiency: float = 0.83
+    elementwise_bytes_autocast: float = 524.0  # eager "-mixed": per token, layer and d_model
+    elementwise_bytes_eager: float = 586.0  # eager "-true" / "32-true"
+    elementwise_bytes_compiled: float = 179.0  # torch.compile per block
+    selective_recompute_bytes: float = 398.0  # selective checkpointing's re-run element-wise ops
     # ---- optimizer step: AdamW is memory bound
     hbm_efficiency: float = 0.7  # fraction of HBM bandwidth a fused AdamW reaches
     # ---- communication
@@ -28,16 +38,18 @@ class Calibration:
     # ---- memory
     usable_memory_fraction: float = 0.95  # headroom for the +-10% error seen on the anchors
     cuda_context_gib: float = 1.0  # CUDA context, cuBLAS workspaces, NCCL channels
-    fragmentation: float = 0.10  # allocator slack on activation memory (caching allocator)
+    fragmentation: float = 0.10  # caching allocator's slack on activation memory (reserved - allocated)
+    compiled_saved_elements: float = 2.8  # torch.compile saves more than the eager formulas' minimum:
+    # extra compute-dtype elements per token, per layer and per d_model (fitted: 1.1B model, H200)
     fsdp_prefetch_units: int = 2  # FSDP unsharded units alive at once (current + prefetched)
     moe_imbalance: float = 1.2  # tokens on the busiest expert rank / the mean
     logits_bytes_per_element: int = 12  # fp32 log-softmax output + its grad + the input grad
 
-    def compute_efficiency(self, compiled: bool, autocast: bool) -> float:
-        """Fraction of peak for matmul-bound work under this execution mode."""
+    def elementwise_bytes(self, compiled: bool, autocast: bool) -> float:
+        """Element-wise bytes per token, per layer and per d_model for this execution mode."""
         if compiled:
-            return self.compiled_efficiency
-        return self.eager_efficiency * (self.autocast_eager_factor if autocast else 1.0)
+            return self.elementwise_bytes_compiled
+        return self.elementwise_bytes_autocast if autocast else self.elementwise_bytes_eager
 
 
 DEFAULT_CALIBRATION = Calibration()

@@ -4,10 +4,10 @@ communication buffers and a fixed CUDA overhead.
 Precision accounting (bytes per parameter held by one rank, before sharding):
 
 - "bf16-mixed" / "16-mixed" (Lightning autocast): fp32 parameters (4), fp32 gradients (4), AdamW
-  exp_avg and exp_avg_sq in fp32 (8). With replicated parameters, autocast's bf16 copy of each
-  weight lives from its forward use until its backward (2 more, in the parameters column).
-  Under FSDP2 the MixedPrecisionPolicy all-gathers bf16 units instead: they are counted as
-  communication buffers, and the parameter column holds only the fp32 shard. 16 (+2) in all.
+  exp_avg and exp_avg_sq in fp32 (8): 16 in all. With replicated parameters, autocast's bf16
+  copy of a weight lives from its forward use until its backward unless its block is
+  checkpointed (2 more, counted with the activations). Under FSDP2 the MixedPrecisionPolicy
+  all-gathers bf16 units instead: they are counted as communication buffers.
 - "bf16-true" / "16-true": bf16 parameters (2), gradients (2) and AdamW states (2 x 2): there
   is no fp32 master copy. 8 in all.
 - "32-true": 4 + 4 + 8 = 16.
@@ -80,14 +80,25 @@ class MemoryEstimate:
     params: float
     grads: float
     optimizer: float
-    activations: float
+    activations: float  # autocast's low-precision weight copies included while they are alive
     comm: float
-    overhead: float
+    overhead: float  # CUDA context and the caching allocator's slack: not in allocated
     capacity: float  # what a plan may use: the card's memory less the calibrated headroom
 
     @property
+    def static(self) -> float:
+        """Parameters, gradients and optimizer state: what stays allocated between steps."""
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def allocated(self) -> float:
+        """Peak bytes handed out by the allocator (torch.cuda.max_memory_allocated)."""
+        return self.static + self.activations + self.comm
+
+    @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations + self.comm + self.overhead
+        """What the card must hold: allocated peak plus context and allocator slack."""
+        return self.allocated + self.overhead
 
     @property
     def fits(self) -> bool:
@@ -98,7 +109,8 @@ class MemoryEstimate:
         return self.capacity - self.total
 
     def gib(self) -> dict[str, float]:
-        keys = ("params", "grads", "optimizer", "activations", "comm", "overhead", "total", "capacity")
+        keys = ("params", "grads", "optimizer", "activations", "comm", "overhead", "allocated", "total",
+                "capacity")
         return {k: getattr(self, k) / GIB for k in keys}
 
     def describe(self) -> str:
@@ -162,7 +174,7 @@ def _state_bytes(local: LocalParams, plan: ParallelPlan, p: PrecisionSpec,
         if grad_accum > 1:  # no reduce-scatter while accumulating: unsharded grads persist
             grads += local.unsharded * p.grad_bytes
     else:
-        params = local.unsharded * (p.param_bytes + (p.compute_bytes if p.autocast else 0))
+        params = local.unsharded * p.param_bytes
         grads = local.unsharded * p.grad_bytes
     optimizer = 2 * p.state_bytes * (local.sharded if plan.sharded else local.unsharded)
     return params + buffers * p.param_bytes, grads, optimizer
@@ -318,17 +330,45 @@ def checkpointed_layers(cfg: ModelConfig, plan: ParallelPlan) -> int:
 
 
 def _head_bytes(cfg: ModelConfig, s: _Shape, tokens: float, loss_chunk_tokens: Optional[int],
-                cal: Calibration) -> float:
-    """Final norm, LM-head input and the fp32 logits chain of the loss (vocabulary kept whole)."""
+                cal: Calibration) -> tuple[float, float]:
+    """(final norm and LM-head input, kept through the backward; the fp32 logits chain of the
+    loss, alive only while the loss runs forward and backward). Vocabulary kept whole."""
     final = tokens * (s.r * s.d_norm + s.matmul_inputs(1))
     rows = tokens if not loss_chunk_tokens else min(tokens, loss_chunk_tokens)
-    return final + rows * cfg.vocab_size * cal.logits_bytes_per_element
+    return final, rows * cfg.vocab_size * cal.logits_bytes_per_element
+
+
+def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: PrecisionSpec,
+                   cfg: ModelConfig) -> float:
+    """Autocast's low-precision copies of replicated weights that autograd keeps for the backward.
+
+    A matmul saves the cast weight it used; a checkpointed block (or sublayer) keeps nothing and
+    re-casts during its recompute. Under FSDP2 the all-gathered low-precision units replace
+    these copies (counted as communication buffers) and under "-true" precisions there are none.
+    """
+    if not p.autocast or plan.sharded or counts is None:
+        return 0.0
+    policy = plan.activation_checkpointing
+    copies = counts.head  # the LM head (a chunked loss recomputes it, a small saving ignored)
+    for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
+        block = next(b for b in counts.blocks if (b.experts > 0) == is_moe)
+        attention = block.attention / plan.tp
+        ffn = block.ffn_dense / plan.tp + block.ffn_shared + block.experts / plan.ep
+        if not checkpointed or policy == "none":
+            copies += n * (attention + ffn)
+        elif policy == "attention":
+            copies += n * ffn
+    return copies * p.compute_bytes
 
 
 def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
                      precision: object, *, loss_chunk_tokens: Optional[int] = None,
-                     calibration: Calibration = DEFAULT_CALIBRATION) -> float:
-    """Activation bytes per rank at the start of the backward pass, recompute peak included."""
+                     calibration: Calibration = DEFAULT_CALIBRATION,
+                     counts: Optional[ParamCounts] = None) -> float:
+    """Activation bytes per rank at the peak of a step: what every layer keeps for the backward,
+    plus the larger of the loss's logits chain and one checkpointed layer's recomputation (the
+    two are never alive together: the loss's backward finishes before any layer recomputes),
+    plus autocast's weight copies (given `counts`)."""
     p = precision_spec(precision)
     s = _Shape(cfg, p, plan.tp, plan.cp, plan.sequence_parallel and plan.tp > 1, plan.compile,
                plan.cp_kernel == "allgather" and plan.cp > 1)
@@ -336,15 +376,18 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
     attn = _mla(s) if cfg.attention == "mla" else _gqa(s)
     dense = _dense_ffn(s)
     moe = _moe_ffn(s, calibration.moe_imbalance) if cfg.is_moe else dense
+    # torch.compile's partitioner keeps some fused intermediates the formulas do not name
+    compiled_extra = calibration.compiled_saved_elements * s.a * s.d_norm if plan.compile else 0.0
     saved, recompute_peak = 0.0, 0.0
     for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
         ffn = moe if is_moe else dense
-        full = _layer_bytes(attn, ffn, "none")
+        full = _layer_bytes(attn, ffn, "none") + compiled_extra
         kept = _layer_bytes(attn, ffn, plan.activation_checkpointing) if checkpointed else full
         saved += n * kept
         recompute_peak = max(recompute_peak, full - kept)
-    layers = tokens * (saved + recompute_peak) * (1.0 + calibration.fragmentation)
-    return layers + _head_bytes(cfg, s, tokens, loss_chunk_tokens, calibration)
+    final, logits = _head_bytes(cfg, s, tokens, loss_chunk_tokens, calibration)
+    transient = max(logits, tokens * recompute_peak)
+    return tokens * saved + final + transient + _weight_copies(counts, plan, p, cfg)
 
 
 # ------------------------------------------------------------------------- communication
@@ -398,10 +441,12 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
     local = local_params(counts, plan)
     params, grads, optimizer = _state_bytes(local, plan, p, grad_accum, counts.buffers)
     activations = activation_bytes(model_cfg, plan, micro_batch, seq_len, p.name,
-                                   loss_chunk_tokens=loss_chunk_tokens, calibration=calibration)
+                                   loss_chunk_tokens=loss_chunk_tokens, calibration=calibration,
+                                   counts=counts)
     comm = comm_bytes(model_cfg, counts, plan, micro_batch, seq_len, p, calibration)
+    slack = calibration.fragmentation * (activations + comm)
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
-                          comm=comm, overhead=calibration.cuda_context_gib * GIB,
+                          comm=comm, overhead=calibration.cuda_context_gib * GIB + slack,
                           capacity=gpu.memory_bytes * calibration.usable_memory_fraction)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..models.config import ModelConfig
-from ..models.flops import attention_dims
+from ..models.flops import attention_dims, attention_flops_per_token
 from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ParamCounts, parameter_counts
@@ -167,42 +167,65 @@ class TimingEstimate:
         return {k: getattr(self, k) for k in keys}
 
 
-# ------------------------------------------------------------------------- pieces
-@dataclass(frozen=True)
-class _Work:
-    """FLOPs per token of the parts that checkpointing recomputes."""
-
-    total: float  # training FLOPs per token (forward + backward)
-    blocks_forward: float  # forward FLOPs of all blocks
-    attention_forward: float  # forward FLOPs of all attention sublayers
+# ------------------------------------------------------------------------- compute roofline
+COMPUTE_TERMS = ("matmul", "attention", "elementwise", "selective")
 
 
-def _work(cfg: ModelConfig, counts: ParamCounts, seq_len: int) -> _Work:
-    total = counts.flops_per_token(cfg, seq_len)
-    blocks_forward = (total - 6.0 * counts.head_matmul) / 3.0
-    sdpa = total - 6.0 * counts.active_matmul
-    return _Work(total, blocks_forward, 2.0 * counts.attention + sdpa / 3.0)
+def compute_terms(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, gpu: GpuSpec,
+                  seq_len: int, precision: object) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per token on one rank, per unit of each calibrated constant, for one pass
+    (forward + backward) and for what activation checkpointing recomputes.
 
-
-def _recompute_flops(work: _Work, cfg: ModelConfig, plan: ParallelPlan) -> float:
-    """Extra FLOPs per token: the checkpointed share of a forward pass (selective: none)."""
+    Multiply "matmul" by 1/matmul_efficiency, "attention" by 1/attention_efficiency,
+    "elementwise" by the mode's element-wise bytes and "selective" by selective_recompute_bytes
+    and add them up: that is `estimate_time`'s compute, and, being linear in those constants, it
+    is also what `planning.fit` regresses measurements on.
+    """
+    p = precision_spec(precision)
+    peak = gpu.peak_flops(p.compute_bytes)
+    bandwidth = gpu.hbm_gbps * GB
+    sdpa = attention_flops_per_token(cfg, seq_len)
+    matmul = 6.0 * counts.active_matmul
+    blocks_matmul = matmul - 6.0 * counts.head_matmul
+    attention_matmul = 6.0 * counts.attention
+    # element-wise work scales with the layer width a rank holds; tp splits most of it
+    elementwise = cfg.n_layers * cfg.d_model / plan.tp / bandwidth
+    base = {"matmul": matmul / plan.tp / peak, "attention": sdpa / plan.tp / peak,
+            "elementwise": elementwise, "selective": 0.0}
     share = checkpointed_layers(cfg, plan) / cfg.n_layers
-    if plan.activation_checkpointing == "block":
-        return work.blocks_forward * share
-    if plan.activation_checkpointing == "attention":
-        return work.attention_forward * share
-    return 0.0
+    policy = plan.activation_checkpointing
+    redo = dict.fromkeys(COMPUTE_TERMS, 0.0)
+    if policy == "block":  # one more forward of the checkpointed blocks: a third of their work
+        redo.update(matmul=share * blocks_matmul / 3 / plan.tp / peak,
+                    attention=share * sdpa / 3 / plan.tp / peak,
+                    elementwise=share * elementwise / 3)
+    elif policy == "attention":
+        attention_share = counts.attention / max(counts.active_matmul - counts.head_matmul, 1.0)
+        redo.update(matmul=share * attention_matmul / 3 / plan.tp / peak,
+                    attention=share * sdpa / 3 / plan.tp / peak,
+                    elementwise=share * attention_share * elementwise / 3)
+    elif policy == "selective":
+        redo["selective"] = share * elementwise
+    return base, redo
+
+
+def combine_terms(terms: dict[str, float], cal: Calibration, compiled: bool, autocast: bool) -> float:
+    """Seconds from `compute_terms` coefficients and the calibrated constants."""
+    return (terms["matmul"] / cal.matmul_efficiency + terms["attention"] / cal.attention_efficiency
+            + terms["elementwise"] * cal.elementwise_bytes(compiled, autocast)
+            + terms["selective"] * cal.selective_recompute_bytes)
 
 
 def recompute_share(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, seq_len: int,
-                    calibration: Calibration = DEFAULT_CALIBRATION) -> float:
-    """Recomputation time as a fraction of the model compute time (selective: the calibrated
-    cost of re-running cheap ops, as a share of the forward pass)."""
-    work = _work(cfg, counts, seq_len)
-    share = _recompute_flops(work, cfg, plan) / work.total
-    if plan.activation_checkpointing == "selective":
-        share += calibration.selective_recompute_fraction / 3.0
-    return share
+                    calibration: Calibration = DEFAULT_CALIBRATION, gpu: Optional[GpuSpec] = None,
+                    precision: object = "bf16-mixed") -> float:
+    """Recomputation time as a fraction of one pass's compute time."""
+    from .hardware import H100_SXM
+
+    base, redo = compute_terms(cfg, counts, plan, gpu or H100_SXM, seq_len, precision)
+    autocast = precision_spec(precision).autocast
+    return (combine_terms(redo, calibration, plan.compile, autocast)
+            / combine_terms(base, calibration, plan.compile, autocast))
 
 
 def _tp_time(cfg: ModelConfig, plan: ParallelPlan, tokens: float, p: PrecisionSpec,
@@ -316,28 +339,31 @@ def _exposed(total: float, window: float, floor: float) -> float:
 # ------------------------------------------------------------------------- entry point
 def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSpec, gpu: GpuSpec,
                   micro_batch: int, seq_len: int, precision: object, *, grad_accum: int = 1,
+                  loss_chunk_tokens: Optional[int] = None,
                   calibration: Calibration = DEFAULT_CALIBRATION,
                   counts: Optional[ParamCounts] = None) -> TimingEstimate:
     """Predicted optimizer-step time of `plan` on `cluster` (the plan is resolved to its world).
 
-    A step is `grad_accum` micro-batches of `micro_batch` sequences per data-parallel rank.
+    A step is `grad_accum` micro-batches of `micro_batch` sequences per data-parallel rank;
+    `loss_chunk_tokens` (the chunked loss) adds the LM head's recomputation.
     """
     cal = calibration
     plan = plan.resolve(cluster.world_size)
     p = precision_spec(precision)
     counts = counts or parameter_counts(model_cfg)
-    work = _work(model_cfg, counts, seq_len)
     peak = gpu.peak_flops(p.compute_bytes)
-    rate = peak * cal.compute_efficiency(plan.compile, p.autocast)
-    split = plan.tp * plan.cp
     mb_tokens = micro_batch * seq_len
-    compute = work.total * mb_tokens / split / rate
-    recompute = compute * recompute_share(model_cfg, counts, plan, seq_len, cal)
-    attention_s = (work.total - 6.0 * counts.active_matmul) * mb_tokens / split / rate
-    tokens = mb_tokens / plan.cp
-    tp = _tp_time(model_cfg, plan, tokens, p, cluster, cal)
+    rank_tokens = mb_tokens / plan.cp
+    base, redo = compute_terms(model_cfg, counts, plan, gpu, seq_len, p.name)
+    compute = rank_tokens * combine_terms(base, cal, plan.compile, p.autocast)
+    recompute = rank_tokens * combine_terms(redo, cal, plan.compile, p.autocast)
+    if loss_chunk_tokens:  # the chunked loss recomputes the LM head's forward
+        recompute += rank_tokens * 2.0 * counts.head_matmul / peak / cal.matmul_efficiency
+    attention_s = rank_tokens * base["attention"] / cal.attention_efficiency
+    flops_per_token = counts.flops_per_token(model_cfg, seq_len)
+    tp = _tp_time(model_cfg, plan, rank_tokens, p, cluster, cal)
     cp = _cp_time(model_cfg, plan, micro_batch, seq_len, p, attention_s, cluster, cal)
-    ep = _ep_time(model_cfg, plan, tokens, p, cluster, cal)
+    ep = _ep_time(model_cfg, plan, rank_tokens, p, cluster, cal)
     gather, gather_unit = _fsdp_gather_time(counts, plan, p, cluster, cal)
     fsdp_exposed = _exposed(gather, cal.fsdp_overlap * (compute + recompute), gather_unit)
     reduce, reduce_tail = _grad_reduce_time(counts, plan, p, cluster, cal)
@@ -349,8 +375,9 @@ def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSp
         fsdp_exposed_s=grad_accum * fsdp_exposed, dp_reduce_s=reduce, dp_exposed_s=dp_exposed,
         optimizer_s=_optimizer_time(counts, plan, p, gpu, cal),
         tokens_per_step=mb_tokens * grad_accum * plan.dp, world_size=plan.world_size,
-        flops_per_token=work.total, peak_flops=peak)
+        flops_per_token=flops_per_token, peak_flops=peak)
 
 
-__all__ = ["Group", "TimingEstimate", "estimate_time", "recompute_share", "all_reduce_time",
+__all__ = ["Group", "TimingEstimate", "estimate_time", "recompute_share", "compute_terms",
+           "combine_terms", "COMPUTE_TERMS", "all_reduce_time",
            "reduce_scatter_time", "all_gather_time", "all_to_all_time"]

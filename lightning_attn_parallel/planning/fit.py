@@ -1,0 +1,140 @@
+"""Fit the planner's compute constants to measured throughput on one card.
+
+The compute time of `estimate_time` is linear in 1/matmul_efficiency, 1/attention_efficiency
+and the element-wise bytes (timing.compute_terms), so a handful of single-GPU runs at different
+sequence lengths, checkpointing policies, precisions and compile settings determine them by
+least squares. Each run is weighted by its own step time, so the fit minimises relative error.
+Written here because it is a small non-negative least-squares problem over the planner's own
+terms; numpy's lstsq does the algebra.
+
+    python -m lightning_attn_parallel.planning.fit benchmarks/results/planner_fit_h200.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from ..models.config import ModelConfig
+from ..plan import ParallelPlan
+from .calibration import DEFAULT_CALIBRATION, Calibration
+from .counts import parameter_counts
+from .hardware import ClusterSpec, GpuSpec, gpu_spec
+from .memory import precision_spec
+from .timing import compute_terms, estimate_time
+
+# the unknowns, in the order of the regression's columns
+UNKNOWNS = ("matmul", "attention", "autocast", "eager", "compiled", "selective")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One single-GPU training run: its configuration and measured tokens/s."""
+
+    model: ModelConfig
+    plan: ParallelPlan
+    gpu: GpuSpec
+    micro_batch: int
+    seq_len: int
+    precision: str
+    tokens_per_s: float
+    loss_chunk_tokens: Optional[int] = None
+
+
+def _row(m: Measurement, cal: Calibration) -> tuple[np.ndarray, float]:
+    """(seconds per step per unit of each unknown, seconds the unknowns do not explain)."""
+    counts = parameter_counts(m.model)
+    plan = m.plan.resolve(1)
+    p = precision_spec(m.precision)
+    base, redo = compute_terms(m.model, counts, plan, m.gpu, m.seq_len, p.name)
+    tokens = m.micro_batch * m.seq_len
+    elementwise = base["elementwise"] + redo["elementwise"]
+    mode = "compiled" if plan.compile else ("autocast" if p.autocast else "eager")
+    matmul = base["matmul"] + redo["matmul"]
+    if m.loss_chunk_tokens:
+        matmul += 2.0 * counts.head_matmul / m.gpu.peak_flops(p.compute_bytes)
+    coefficients = {"matmul": matmul, "attention": base["attention"] + redo["attention"],
+                    mode: elementwise, "selective": redo["selective"]}
+    row = np.array([tokens * coefficients.get(name, 0.0) for name in UNKNOWNS])
+    fixed = estimate_time(m.model, plan, ClusterSpec(1, 1), m.gpu, m.micro_batch, m.seq_len,
+                          m.precision, calibration=cal, counts=counts).optimizer_s
+    return row, fixed
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every unknown >= 0: drop the most negative one and solve again."""
+    active = [j for j in range(a.shape[1]) if np.any(a[:, j])]
+    while True:
+        x = np.zeros(a.shape[1])
+        x[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if not active or x[active].min() >= 0:
+            return x
+        active.remove(active[int(np.argmin(x[active]))])
+
+
+def fit_calibration(measurements: Iterable[Measurement],
+                    base: Calibration = DEFAULT_CALIBRATION) -> Calibration:
+    """`base` with its compute constants fitted to `measurements`; a constant that no
+    measurement exercises (say, no compiled run) keeps its value from `base`."""
+    rows, targets = [], []
+    for m in measurements:
+        row, fixed = _row(m, base)
+        step = m.micro_batch * m.seq_len / m.tokens_per_s
+        rows.append(row / step)
+        targets.append((step - fixed) / step)
+    a, b = np.array(rows), np.array(targets)
+    x = _nonnegative_lstsq(a, b)
+    used = {name: bool(np.any(a[:, j])) for j, name in enumerate(UNKNOWNS)}
+    fitted = dict(zip(UNKNOWNS, x))
+
+    def value(name: str, field: str, invert: bool = False) -> float:
+        if not used[name] or (invert and fitted[name] <= 0):
+            return getattr(base, field)
+        return 1.0 / fitted[name] if invert else float(fitted[name])
+
+    return replace(base, matmul_efficiency=value("matmul", "matmul_efficiency", invert=True),
+                   attention_efficiency=value("attention", "attention_efficiency", invert=True),
+                   elementwise_bytes_autocast=value("autocast", "elementwise_bytes_autocast"),
+                   elementwise_bytes_eager=value("eager", "elementwise_bytes_eager"),
+                   elementwise_bytes_compiled=value("compiled", "elementwise_bytes_compiled"),
+                   selective_recompute_bytes=value("selective", "selective_recompute_bytes"))
+
+
+def measurements_from_bench(path: str | Path) -> list[Measurement]:
+    """The single-GPU rows of a benchmarks/bench.py JSON file that trained successfully."""
+    out = []
+    for cfg, result in json.loads(Path(path).read_text()):
+        if ("tokens_per_s" not in result or cfg.get("devices", 1) != 1
+                or cfg.get("strategy") not in ("attn_hybrid", "auto")):
+            continue
+        plan = ParallelPlan(activation_checkpointing=cfg["checkpointing"], compile=cfg["compile"])
+        out.append(Measurement(ModelConfig(**cfg["model"]), plan, gpu_spec(result["device"]),
+                               cfg["micro_batch"], cfg["seq_len"], cfg["precision"],
+                               result["tokens_per_s"], cfg.get("loss_chunk_tokens")))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    paths = argv if argv is not None else sys.argv[1:]
+    measurements = [m for path in paths for m in measurements_from_bench(path)]
+    cal = fit_calibration(measurements)
+    for name in ("matmul_efficiency", "attention_efficiency", "elementwise_bytes_autocast",
+                 "elementwise_bytes_eager", "elementwise_bytes_compiled", "selective_recompute_bytes"):
+        print(f"{name} = {getattr(cal, name):.4g}")
+    for m in measurements:
+        t = estimate_time(m.model, m.plan, ClusterSpec(1, 1), m.gpu, m.micro_batch, m.seq_len,
+                          m.precision, loss_chunk_tokens=m.loss_chunk_tokens, calibration=cal)
+        print(f"{m.gpu.name:9s} mb{m.micro_batch} s{m.seq_len} {m.plan.activation_checkpointing:9s} "
+              f"{m.precision:10s} compile={m.plan.compile!s:5s} measured {m.tokens_per_s:8,.0f} "
+              f"predicted {t.tokens_per_s:8,.0f} ({100 * (t.tokens_per_s / m.tokens_per_s - 1):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["Measurement", "fit_calibration", "measurements_from_bench"]
