@@ -96,9 +96,9 @@ def _table(rows: list[tuple[str, Evaluation]], ranked: list[Evaluation],
            work: Workload) -> list[str]:
     fitting = sum(e.fits for e in ranked)
     return ([_header_row()] + [_row(mark, e) for mark, e in rows]
-            + [f"  (GiB per GPU; total adds {work.calibration.cuda_context_gib:.1f} GiB CUDA "
-               f"context; {len(ranked)} layouts evaluated, {fitting} fit; * selected, "
-               "> requested)"])
+            + [f"  (GiB per GPU; total adds {work.calibration.cuda_context_gib:.1f} GiB CUDA context "
+               f"and {work.calibration.fragmentation:.0%} allocator slack on act + comm; "
+               f"{len(ranked)} layouts evaluated, {fitting} fit; * selected, > requested)"])
 
 
 def _rows(ranked: list[Evaluation], selected: Optional[Evaluation],
