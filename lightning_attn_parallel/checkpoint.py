@@ -11,6 +11,10 @@ Folder layout: DCP's files (`.metadata`, `*.distcp`) holding {"model": ..., "opt
 {"0": ..., "1": ...}}, plus `extra.pt` (anything else: step counters, loop state) written by
 rank 0 with torch.save. Checkpoints are trusted files: `extra.pt` is unpickled.
 
+Expert-parallel experts (each rank holding a block of them under the full tensor's name) are
+presented with their global shapes, as views of each rank's block (parallel/expert_state.py), so
+they reshard like everything else and the consolidated export holds every expert.
+
 Every save goes to `<path>.tmp` first and is renamed into place once complete, so an
 interrupted save never destroys the checkpoint already at `path`.
 """
@@ -34,6 +38,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim import Optimizer
 
+from .parallel.expert_state import (
+    copy_back,
+    expert_shards,
+    full_state,
+    global_model_state,
+    global_optimizer_state,
+    local_model_state,
+)
+
 PathLike = Union[str, os.PathLike]
 Optimizers = Union[Optimizer, Iterable[Optimizer], None]
 
@@ -53,8 +66,9 @@ def save_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers,
     Every rank must call it. `extra` (picklable) is written by rank 0 and returned by
     `load_distributed`.
     """
-    optim_states = [get_optimizer_state_dict(model, opt) for opt in _as_list(optimizers)]
-    _write(Path(path), get_model_state_dict(model), optim_states, extra or {})
+    optim_states = [global_optimizer_state(model, get_optimizer_state_dict(model, opt))
+                    for opt in _as_list(optimizers)]
+    _write(Path(path), global_model_state(model, get_model_state_dict(model)), optim_states, extra or {})
 
 
 def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = None) -> dict:
@@ -68,16 +82,21 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     metadata = _read_metadata(path)
     optimizers = _as_list(optimizers)
     model_state = get_model_state_dict(model)
-    _check_model_matches(path, metadata, model_state)
+    model_view = global_model_state(model, model_state)  # experts: views of the local blocks
+    _check_model_matches(path, metadata, model_view)
     _check_optimizer_count(path, metadata, len(optimizers))
     extra = _read_extra(path)
     optim_states = [get_optimizer_state_dict(model, opt) for opt in optimizers]
-    state = {"model": model_state, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
+    optim_views = [global_optimizer_state(model, s) for s in optim_states]
+    state = {"model": model_view, "optimizers": {str(i): s for i, s in enumerate(optim_views)}}
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, dcp.CheckpointException) as err:  # DCP gathers every rank's failure
         raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({_first_line(err)}): "
                               "restore it from a copy or load an earlier checkpoint") from err
+    copy_back(model_state, state["model"])
+    for i, opt_state in enumerate(optim_states):
+        copy_back(opt_state, state["optimizers"][str(i)])
     set_model_state_dict(model, model_state)
     for opt, opt_state in zip(optimizers, optim_states):
         set_optimizer_state_dict(model, opt, opt_state)
@@ -86,8 +105,9 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
 
 def save_lightning_checkpoint(path: PathLike, checkpoint: dict[str, Any], is_rank_zero: bool) -> None:
     """Save a Lightning checkpoint dict whose "state_dict" and "optimizer_states" are sharded
-    state dicts (from get_model_state_dict / get_optimizer_state_dict) in the same folder format;
-    the rest of the dict (loops, callbacks, epoch...) goes to `extra.pt`."""
+    state dicts (from get_model_state_dict / get_optimizer_state_dict, with expert-parallel
+    experts as global views: see the strategy's `lightning_module_state_dict`) in the same folder
+    format; the rest of the dict (loops, callbacks, epoch...) goes to `extra.pt`."""
     rest = dict(checkpoint)
     model_state = rest.pop("state_dict")
     optim_states = rest.pop("optimizer_states", [])
@@ -123,8 +143,10 @@ def export_consolidated(path: PathLike, model: nn.Module) -> None:
     keys are the ones a plain model's `load_state_dict` expects; the file then loads without
     this package. Only rank 0 holds the gathered tensors and writes.
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    if expert_shards(model):  # experts gathered from every rank's block, on the ep groups too
+        state = full_state(global_model_state(model, get_model_state_dict(model)))
+    else:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank() == 0:
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         path = Path(path)
@@ -145,9 +167,11 @@ def load_consolidated(path: PathLike, model: nn.Module, strict: bool = True) -> 
     except Exception as err:
         raise CheckpointError(f"consolidated checkpoint {path} cannot be read "
                               f"({_first_line(err)}): re-export it") from err
-    expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    current = global_model_state(model, get_model_state_dict(model))
+    expected = {k: tuple(v.shape) for k, v in current.items()}  # global shapes, experts included
     _raise_on_mismatch(path, {k: tuple(v.shape) for k, v in state.items()}, expected, strict)
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+    set_model_state_dict(model, local_model_state(model, state),
+                         options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 # ---------------------------------------------------------------------------- checks

@@ -6,7 +6,6 @@ value fails with one message naming it and the fix.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -135,14 +134,10 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     raise ConfigError(f"logger.name={name!r} is unknown: use wandb, csv or none")
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, plan: ParallelPlan) -> list:
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks: list = []
-    if cfg.trainer.enable_checkpointing and plan.ep > 1:
-        print("warning: checkpoints under expert parallelism are not supported yet; this run "
-              "writes none", file=sys.stderr)
-        cfg.trainer.enable_checkpointing = False
     if cfg.trainer.enable_checkpointing:
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                          every_n_train_steps=max(1, cfg.trainer.max_steps // 2)))
@@ -202,7 +197,7 @@ def run(cfg: DictConfig) -> Optional[Any]:
     module = CausalLMModule(model_cfg, lr=cfg.optim.lr, min_lr_ratio=cfg.optim.min_lr_ratio,
                             weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
                             total_steps=cfg.trainer.max_steps, loss_chunk_tokens=cfg.optim.loss_chunk_tokens)
-    callbacks = build_callbacks(cfg, run_dir, plan)
+    callbacks = build_callbacks(cfg, run_dir)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     logger = build_logger(cfg, run_dir)
     trainer = L.Trainer(strategy=build_strategy(cfg, plan), logger=logger, callbacks=callbacks,

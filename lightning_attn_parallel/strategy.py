@@ -323,12 +323,28 @@ class AttnHybridStrategy(ParallelStrategy):
         already loaded into the model and the optimizers."""
         return not self._state_loaded_in_place
 
+    @property
+    def _expert_parallel(self) -> bool:
+        return self.plan is not None and self.plan.ep > 1
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Sharded plans: a sharded state dict for a checkpoint folder, or the full one for a
+        single file. Under expert parallelism each expert tensor appears with its global shape (a
+        view of this rank's block, gathered for the full state dict), never one rank's block."""
         if not self._sharded_state:
             return super().lightning_module_state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True)
+        full = not self._save_distributed_checkpoint
+        if self._expert_parallel:
+            # Views of the live tensors, not CPU copies (DTensor.from_local would move those
+            # back to the mesh's device); DCP copies to the CPU as it writes, and the full state
+            # dict is gathered one tensor at a time into rank 0's CPU memory.
+            from .parallel.expert_state import full_state, global_model_state
+
+            state = global_model_state(self.model, get_model_state_dict(self.model))
+            return full_state(state) if full else state
+        options = StateDictOptions(full_state_dict=full, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
@@ -337,18 +353,18 @@ class AttnHybridStrategy(ParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         optimizer = getattr(optimizer, "_optimizer", optimizer)
-        options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True)
+        full = not self._save_distributed_checkpoint
+        if self._expert_parallel:
+            from .parallel.expert_state import full_state, global_optimizer_state
+
+            state = global_optimizer_state(self.model, get_optimizer_state_dict(self.model, optimizer))
+            return full_state(state) if full else state
+        options = StateDictOptions(full_state_dict=full, cpu_offload=True)
         return get_optimizer_state_dict(self.model, optimizer, options=options)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         """Write to a temporary name and rename, so an interrupted save never destroys the last
         good checkpoint. Sharded plans write a torch.distributed.checkpoint folder."""
-        if self.plan is not None and self.plan.ep > 1:
-            # Each rank holds different experts under the same parameter names; a checkpoint
-            # would keep one rank's copy and silently lose the others.
-            raise RuntimeError(
-                f"checkpoints under expert parallelism (ep={self.plan.ep}) are not supported yet: "
-                "train with ep=1 to checkpoint, or disable checkpointing (train.py does so itself)")
         path = Path(self.broadcast(str(filepath)))
         checkpoint = _settle_fit_loop_state(checkpoint)
         if self._sharded_state and self._save_distributed_checkpoint:
@@ -387,7 +403,10 @@ class AttnHybridStrategy(ParallelStrategy):
         if self._sharded_state:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(self.model, checkpoint["state_dict"],
+            from .parallel.expert_state import local_model_state
+
+            state = local_model_state(self.model, checkpoint["state_dict"])  # experts: my block
+            set_model_state_dict(self.model, state,
                                  options=StateDictOptions(full_state_dict=True, strict=strict))
             return
         super().load_model_state_dict(checkpoint, strict=strict)
@@ -402,6 +421,8 @@ class AttnHybridStrategy(ParallelStrategy):
             return  # a checkpoint folder was loaded in place by load_checkpoint
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        from .parallel.expert_state import local_optimizer_state
+
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             optimizer = getattr(optimizer, "_optimizer", optimizer)
             keyed_by_name = _optimizer_state_keyed_by_name(state)
@@ -411,6 +432,7 @@ class AttnHybridStrategy(ParallelStrategy):
                 continue
             if not keyed_by_name:
                 state = _optimizer_state_by_name(self.model, optimizer, state)
+            state = local_optimizer_state(self.model, state)  # experts: this rank's block
             set_optimizer_state_dict(self.model, optimizer, state,
                                      options=StateDictOptions(full_state_dict=True))
 

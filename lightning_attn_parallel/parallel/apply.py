@@ -61,7 +61,7 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         from .expert_parallel import apply_expert_parallel
 
         meshes_with_experts(meshes)
-        apply_expert_parallel(transformer, meshes.group("ep"))
+        apply_expert_parallel(transformer, meshes.expert["ep"])
         if plan.tp > 1:
             from .moe_token_split import split_moe_tokens
 
@@ -114,16 +114,21 @@ def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> Non
     """FSDP2 for each MoE layer's local experts over the expert-data-parallel ranks (edp), before
     the blocks are sharded over the dense mesh (which then leaves the experts alone). Expert
     gradients are summed over edp and divided by the dense data-parallel size, the same rule as
-    the replicated reducer's expert group."""
+    the replicated reducer's expert group. Checkpoints then describe each expert tensor on the
+    (ep, edp) layout: FSDP2's edp split lies inside each ep block."""
     from torch.distributed.fsdp import fully_shard
+
+    from .expert_state import ep_edp_mesh, record_edp_sharding
 
     plan = meshes.plan
     dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
+    layout = ep_edp_mesh(meshes.expert)  # built once, on every rank, from the existing groups
     for block in transformer.blocks:
         experts = getattr(block.ffn, "experts", None)
         if experts is not None:
             fully_shard(experts, mesh=meshes.expert["edp"], mp_policy=policy)
             experts.set_gradient_divide_factor(float(dense_dp))
+            record_edp_sharding(experts, layout)
 
 
 def meshes_with_experts(meshes: ParallelMeshes) -> None:

@@ -122,8 +122,13 @@ def apply_expert_parallel(model: nn.Module, ep_group: Union[dist.ProcessGroup, "
     `ep_group` is a process group or a 1-D DeviceMesh. Every layer is checked before any is
     changed, so a bad degree leaves the model intact. Expert weights must later have their
     gradients reduced over the expert-data-parallel group (ranks holding the same experts),
-    everything else over the dense data-parallel group.
+    everything else over the dense data-parallel group. Each experts module records which block it
+    holds (an ExpertShard), so checkpoints can present the experts with their global shapes.
     """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from .expert_state import ExpertShard, record_expert_shard
+
     group = ep_group.get_group() if hasattr(ep_group, "get_group") else ep_group
     ep = dist.get_world_size(group)
     layers = [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
@@ -131,10 +136,23 @@ def apply_expert_parallel(model: nn.Module, ep_group: Union[dist.ProcessGroup, "
     if ep == 1:
         return model
     ep_rank = dist.get_rank(group)
+    mesh = ep_group if isinstance(ep_group, DeviceMesh) else DeviceMesh.from_group(
+        group, _device_type(model, group))
     for layer in layers:
+        shard = ExpertShard(group=group, rank=ep_rank, degree=ep, n_experts=layer.experts.n_experts,
+                            mesh=mesh)
         _keep_local_experts(layer.experts, ep_rank, ep)
+        record_expert_shard(layer.experts, shard)
         layer.dispatcher = AllToAllDispatcher(group)
     return model
+
+
+def _device_type(model: nn.Module, group: dist.ProcessGroup) -> str:
+    """Device type for the experts' DeviceMesh: the parameters', or the backend's on meta."""
+    device = next(model.parameters()).device.type
+    if device != "meta":
+        return device
+    return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
 
 
 __all__ = ["AllToAllDispatcher", "all_to_all_rows", "apply_expert_parallel", "expert_major_order"]
