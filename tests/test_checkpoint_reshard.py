@@ -68,7 +68,7 @@ def _save_worker(rank: int, world: int, root: str):
     export_consolidated(f"{root}/model.pt", model)
     saved = full_params(model)
     tokens = make_batch(2, seed=7)[0]
-    logits = model.output(model(tokens)).detach()
+    logits = model.output(model(tokens)).full_tensor().detach()  # vocabulary-parallel head
     step(model, opt, 2, dp_rank, 2)
     after = full_params(model)
     return (saved, after, logits) if rank == 0 else None

@@ -81,7 +81,8 @@ class GradientTraffic(L.Callback):
     """Per micro-batch, the data-parallel gradient collectives sent from the start of the batch
     to the end of its optimizer step: reduce-scatters (FSDP2) and all-reduces (HSDP's replica
     reduction, the GradientReducer). Collectives on the context-parallel group (attention's KV
-    exchange) are not gradient traffic and are left out."""
+    exchange) and on the tensor-parallel group (the vocabulary-parallel loss's softmax
+    statistics) are not gradient traffic and are left out."""
 
     GROUP_ARG = {"reduce_scatter_tensor": 3, "reduce_scatter_single": 3, "all_reduce": 2}
 
@@ -96,7 +97,7 @@ class GradientTraffic(L.Callback):
 
         def counting(*args, **kwargs):
             group = kwargs.get("group", args[position] if len(args) > position else None)
-            if group not in self._excluded:
+            if group is None or tuple(dist.get_process_group_ranks(group)) not in self._excluded:
                 self._count += 1
             return original(*args, **kwargs)
 
@@ -104,8 +105,9 @@ class GradientTraffic(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         meshes = getattr(trainer.strategy, "meshes", None)
-        if meshes is not None and meshes.plan.cp > 1:
-            self._excluded.add(meshes.group("cp"))
+        for dim in ("cp", "tp"):
+            if meshes is not None and getattr(meshes.plan, dim) > 1:
+                self._excluded.add(tuple(dist.get_process_group_ranks(meshes.group(dim))))
         for name in self.GROUP_ARG:
             if hasattr(dist, name):
                 self._originals[name] = getattr(dist, name)

@@ -126,9 +126,48 @@ def _tp_case(tp_mesh, dp_rank: int, sequence_parallel: bool, **overrides) -> Non
                      compare_params=dtype == torch.float64)
     mean_loss(model, *make_batch(2, seed=0)).backward()  # replicated params get summed grads
     assert all(p.grad.placements == p.placements for p in model.parameters() if isinstance(p, DTensor))
-    plain = tp_replicated_parameters(model)  # the LM head stays whole; dense MLPs are split
-    assert any(p is model.output.weight for _, p in plain)
-    assert "blocks.0.ffn.w1.weight" not in {n for n, _ in plain}
+    plain = tp_replicated_parameters(model)
+    assert "blocks.0.ffn.w1.weight" not in {n for n, _ in plain}  # dense MLPs are split
+    tied = overrides.get("tie_embeddings", False)
+    # the head is vocabulary-parallel unless tied to the (then replicated) embedding
+    assert any(p is model.output.weight for _, p in plain) == tied
+    if not tied:
+        vocab, tp = TINY["vocab_size"], tp_mesh.size()
+        assert model.output.weight.to_local().shape[0] == vocab // tp
+        logits = model.logits(make_batch(2, seed=0)[0])
+        assert logits.to_local().shape[-1] == vocab // tp  # each rank holds 1/tp of the logits
+
+
+def _vocab_parallel_loss_case(tp_mesh) -> None:
+    """The vocabulary-parallel loss equals F.cross_entropy on the whole logits: uneven shards
+    (30 words over 4 ranks: 8, 8, 8, 6), ignored targets, targets on every shard, and the
+    chunked path through a column-parallel head; loss and the gradients of head and input."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    vocab, d, tokens = 30, 16, 13
+    reference = torch.nn.Linear(d, vocab, bias=False).double()
+    head = parallelize_module(copy.deepcopy(reference), tp_mesh, ColwiseParallel(
+        input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False))
+    hidden = torch.randn(tokens, d, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (tokens,))
+    targets[[2, 7]] = -100  # ignored
+    targets[:4] = torch.tensor([0, 9, -100, 29])  # first and last shard
+    for chunk in (None, 4):
+        ref_hidden, par_hidden = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+        expected = torch.nn.functional.cross_entropy(reference(ref_hidden).float(), targets,
+                                                     ignore_index=-100, reduction="sum")
+        total, count = cross_entropy_sum(par_hidden, head, targets, chunk_tokens=chunk)
+        assert int(count) == tokens - 2
+        assert_close(total, expected, 1e-6, name=f"vocab-parallel loss chunk={chunk}")
+        expected.backward()
+        total.backward()
+        assert_close(par_hidden.grad, ref_hidden.grad, 1e-6, name=f"input grad chunk={chunk}")
+        assert_close(head.weight.grad.full_tensor(), reference.weight.grad, 1e-6,
+                     name=f"head grad chunk={chunk}")
+        reference.zero_grad()
+        head.zero_grad()
 
 
 def _error_cases(tp4, tp2) -> list[str]:
@@ -156,6 +195,7 @@ def _tp_worker(rank: int, world: int) -> list[str]:
     _tp_case(mesh["tp"], dp_rank, False, tie_embeddings=True)
     # modules without a handler (MLA attention, MoE ffn) stay replicated; the dense ffn is split
     _tp_case(mesh["tp"], dp_rank, True, **DEEPSEEK)
+    _vocab_parallel_loss_case(tp4)
     return _error_cases(tp4, mesh["tp"])
 
 

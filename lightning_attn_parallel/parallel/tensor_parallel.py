@@ -6,9 +6,11 @@ Layout (Megatron-style, written with DTensor styles):
   local heads, so any kernel (local SDPA, context-parallel) works unchanged.
 - SwiGLU: w1/w3 column-parallel, w2 row-parallel.
 - Token embedding: row-parallel over the vocabulary (exact: each rank looks up the ids it owns
-  and the partial rows are summed). The LM head stays replicated so the caller's loss
-  (`models.loss.cross_entropy_sum(hidden, model.output, ...)`, chunked or not) runs unchanged
-  on a plain hidden state; with tied embeddings both stay replicated so they remain one tensor.
+  and the partial rows are summed). LM head: column-parallel over the vocabulary; it returns
+  logits as a DTensor sharded on the vocabulary, which `models.loss.cross_entropy_sum` (chunked
+  or not) reduces without ever gathering them, so each rank holds 1/tp of the logits and of
+  the head. `.full_tensor()` gives whole logits to other callers. With tied embeddings both stay
+  replicated so they remain one tensor.
 - Norms: replicated; with `sequence_parallel=True` the blocks' norms run on sequence shards
   (`SequenceParallel`) and the residual stream between blocks is sharded along the sequence;
   it is gathered before the final norm.
@@ -207,6 +209,9 @@ def _parallelize_embedding(model: nn.Module, mesh: DeviceMesh, sequence_parallel
     out_layout = Shard(1) if sequence_parallel else Replicate()
     parallelize_module(model.tok_embeddings, mesh,
                        RowwiseParallel(input_layouts=Replicate(), output_layouts=out_layout))
+    # the head sees the whole (gathered) sequence; its logits stay sharded for the loss
+    parallelize_module(model.output, mesh, ColwiseParallel(
+        input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False))
 
 
 # ---------------------------------------------------------------------------- layout hooks

@@ -8,8 +8,8 @@ cross-check of the builders in the tests.
 Tensor parallelism splits the >=2-D weights of attention and of dense MLPs. Norms, MLA's
 latent norms, the MoE router and the shared experts are whole on every
 tensor-parallel rank (tokens, not weights, are split before an MoE layer). Routed experts are
-split by expert parallelism. Embedding and LM head are kept whole under tensor parallelism,
-which is the conservative reading of an implementation that parallelises heads and MLPs.
+split by expert parallelism. Embedding and LM head are split over the vocabulary by tensor
+parallelism, unless they are tied (one tensor, kept whole).
 """
 from __future__ import annotations
 
@@ -75,6 +75,11 @@ class ParamCounts:
     @cached_property
     def tp_sharded(self) -> int:
         return sum(b.tp_sharded for b in self.blocks)
+
+    @cached_property
+    def vocab_parallel(self) -> int:
+        """Embedding and LM head when tensor parallelism splits them (untied), else 0."""
+        return self.embedding + self.head if self.head else 0
 
     @cached_property
     def replicated(self) -> int:

@@ -154,7 +154,8 @@ def expert_shard_degree(plan: ParallelPlan) -> int:
 
 
 def local_params(counts: ParamCounts, plan: ParallelPlan) -> LocalParams:
-    dense = counts.tp_sharded / plan.tp + counts.replicated
+    vocab = counts.vocab_parallel
+    dense = (counts.tp_sharded + vocab) / plan.tp + counts.replicated - vocab
     experts = counts.experts / plan.ep
     return LocalParams(dense, experts, plan.dp_shard, expert_shard_degree(plan))
 
@@ -162,7 +163,8 @@ def local_params(counts: ParamCounts, plan: ParallelPlan) -> LocalParams:
 def largest_unit(counts: ParamCounts, plan: ParallelPlan) -> float:
     """Parameters of the largest FSDP unit on one rank (a block, the embedding or the head)."""
     block = max((b.local(plan.tp, plan.ep) for b in counts.block_kinds), default=0.0)
-    return max(block, counts.embedding, counts.head)
+    vocab_split = plan.tp if counts.vocab_parallel else 1
+    return max(block, counts.embedding / vocab_split, counts.head / vocab_split)
 
 
 def _state_bytes(local: LocalParams, plan: ParallelPlan, p: PrecisionSpec,
@@ -332,10 +334,11 @@ def checkpointed_layers(cfg: ModelConfig, plan: ParallelPlan) -> int:
 def _head_bytes(cfg: ModelConfig, s: _Shape, tokens: float, loss_chunk_tokens: Optional[int],
                 cal: Calibration) -> tuple[float, float]:
     """(final norm and LM-head input, kept through the backward; the fp32 logits chain of the
-    loss, alive only while the loss runs forward and backward). Vocabulary kept whole."""
+    loss, alive only while the loss runs forward and backward, split over tp with the head)."""
     final = tokens * (s.r * s.d_norm + s.matmul_inputs(1))
     rows = tokens if not loss_chunk_tokens else min(tokens, loss_chunk_tokens)
-    return final, rows * cfg.vocab_size * cal.logits_bytes_per_element
+    vocab = cfg.vocab_size / (1 if cfg.tie_embeddings else s.tp)  # a vocabulary-parallel head
+    return final, rows * vocab * cal.logits_bytes_per_element
 
 
 def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: PrecisionSpec,
@@ -349,7 +352,8 @@ def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: Precisi
     if not p.autocast or plan.sharded or counts is None:
         return 0.0
     policy = plan.activation_checkpointing
-    copies = counts.head  # the LM head (a chunked loss recomputes it, a small saving ignored)
+    # the LM head (vocabulary-parallel under tp; a chunked loss recomputes it, a small saving ignored)
+    copies = counts.head / plan.tp
     for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
         block = next(b for b in counts.blocks if (b.experts > 0) == is_moe)
         attention = block.attention / plan.tp
