@@ -75,6 +75,8 @@ class AttnHybridStrategy(ParallelStrategy):
         self.meshes: Optional[ParallelMeshes] = None
         self.gradient_reducer: Optional[GradientReducer] = None
         self.fully_sharded = False
+        self._scaled_after_sync: tuple = ((), 1.0)  # see parallel.apply.shard_experts
+        self._gradients_synced = True  # False inside block_backward_sync
         self.context_parallel = None
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
@@ -203,6 +205,7 @@ class AttnHybridStrategy(ParallelStrategy):
                              ranks_per_node=self.ranks_per_node)
         self.gradient_reducer = result.reducer
         self.fully_sharded = result.fully_sharded
+        self._scaled_after_sync = result.scaled_after_sync
         self.context_parallel = result.context_parallel
         if self.global_rank == 0:
             print(result.table, flush=True)
@@ -259,6 +262,12 @@ class AttnHybridStrategy(ParallelStrategy):
     def post_backward(self, closure_loss: Tensor) -> None:
         if self.gradient_reducer is not None:
             self.gradient_reducer.finish()
+        params, scale = self._scaled_after_sync
+        if params and self._gradients_synced:  # reduced (final) this step: scale them once
+            with torch.no_grad():
+                for param in params:
+                    if param.grad is not None:
+                        param.grad.mul_(scale)
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
@@ -270,9 +279,11 @@ class AttnHybridStrategy(ParallelStrategy):
             from .parallel.fully_sharded import set_gradient_sync
 
             set_gradient_sync(self.model, False)
+        self._gradients_synced = False
         try:
             yield
         finally:
+            self._gradients_synced = True
             if reducer is not None:
                 reducer.sync_enabled = True
             if self.fully_sharded:

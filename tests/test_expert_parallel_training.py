@@ -6,6 +6,8 @@
   ranks, each TP rank routing its own slice of the sequence.
 - dp_shard=4 x ep=2 and HSDP (2 x 2) x ep=2: dense layers sharded by FSDP2, experts sharded by
   FSDP2 over the expert-data-parallel ranks (edp=2).
+- dp_shard=4 x ep=4, with 2 accumulated micro-batches per step: every rank holds its own experts
+  (edp=1), so their gradients are only scaled, once, after the step's last micro-batch.
 The auxiliary balance loss and the auxiliary-loss-free bias update are on, except under tp where
 the sequence-wise balance loss would be computed per slice, so that case turns it off.
 
@@ -30,7 +32,9 @@ MOE = dict(family="deepseek", attention="mla", vocab_size=64, d_model=32, n_laye
            max_seq_len=32, n_routed_experts=8, n_shared_experts=1, moe_top_k=2, moe_ffn_dim=16,
            first_k_dense_replace=1, aux_loss_coef=0.01, bias_update_speed=0.001)
 CASES = {"ep4": dict(ep=4), "ep2_edp2": dict(ep=2), "tp2_ep4": dict(tp=2, ep=4),
-         "fsdp4_ep2": dict(dp_shard=4, ep=2), "hsdp2x2_ep2": dict(dp_shard=2, ep=2)}
+         "fsdp4_ep2": dict(dp_shard=4, ep=2), "hsdp2x2_ep2": dict(dp_shard=2, ep=2),
+         "fsdp4_ep4": dict(dp_shard=4, ep=4)}
+ACCUMULATE = {"fsdp4_ep4": 2}  # micro-batches per step on the distributed side
 STEPS = 3
 GLOBAL_BATCH = 8
 PRECISION = "64-true"
@@ -41,7 +45,7 @@ def model_for(plan_kwargs: dict) -> ModelConfig:
     return ModelConfig(**dict(MOE, aux_loss_coef=0.0) if plan_kwargs.get("tp", 1) > 1 else MOE)
 
 
-def train(plan_kwargs: dict, world: int, rank: int = 0) -> dict:
+def train(plan_kwargs: dict, world: int, rank: int = 0, accumulate: int = 1) -> dict:
     L.seed_everything(0, verbose=False)
     module = lap.CausalLMModule(model_for(plan_kwargs), lr=1e-2, warmup_steps=1, total_steps=STEPS)
     module.configure_model()
@@ -49,15 +53,16 @@ def train(plan_kwargs: dict, world: int, rank: int = 0) -> dict:
     dp = world // tp
     strategy = lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)) if world > 1 else "auto"
     trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=STEPS, precision=PRECISION,
-                            gradient_clip_val=CLIP)
-    trainer.fit(module, loader(FixedTokens(), GLOBAL_BATCH // dp, replicas=dp, rank=rank // tp))
+                            gradient_clip_val=CLIP, accumulate_grad_batches=accumulate)
+    trainer.fit(module, loader(FixedTokens(), GLOBAL_BATCH // dp // accumulate, replicas=dp,
+                               rank=rank // tp))
     params = params_of(module)  # expert weights: this rank's slice (rank r of ep holds [r*E/ep, ...))
     params["grad_norm"] = trainer.callback_metrics["train/grad_norm"].detach().reshape(1)
     return params
 
 
 def _worker(rank, world):
-    return {name: train(plan, world, rank) for name, plan in CASES.items()}
+    return {name: train(plan, world, rank, ACCUMULATE.get(name, 1)) for name, plan in CASES.items()}
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ class ParallelizeResult:
     fully_sharded: bool
     context_parallel: Optional[object]
     table: str
+    # gradients to multiply by `scale` once they are reduced (see shard_experts)
+    scaled_after_sync: tuple[list[nn.Parameter], float] = ((), 1.0)
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
@@ -82,19 +84,21 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
             for block in transformer.blocks:
                 block.compile()
     reducer = None
+    scaled_after_sync: tuple = ((), 1.0)
     if plan.dp_shard > 1:
         from .fully_sharded import apply_fully_sharded, mixed_precision_for
 
         policy = mixed_precision_for(precision)
         if plan.ep > 1:
-            shard_experts(transformer, meshes, policy)
+            scaled_after_sync = shard_experts(transformer, meshes, policy)
         apply_fully_sharded(transformer if transformer is not None else module, sharding_mesh(meshes),
                             policy.param_dtype, policy.reduce_dtype)
     else:
         reducer = _build_reducer(module, transformer, plan, meshes, links)
     return ParallelizeResult(reducer=reducer, fully_sharded=plan.dp_shard > 1,
                              context_parallel=context_parallel,
-                             table=layer_table(transformer, plan, meshes, reducer))
+                             table=layer_table(transformer, plan, meshes, reducer),
+                             scaled_after_sync=scaled_after_sync)
 
 
 def sharding_mesh(meshes: ParallelMeshes):
@@ -110,12 +114,19 @@ def sharding_mesh(meshes: ParallelMeshes):
     return meshes.dense[shard_dim]
 
 
-def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> None:
+def shard_experts(transformer: nn.Module, meshes: ParallelMeshes,
+                  policy) -> tuple[list[nn.Parameter], float]:
     """FSDP2 for each MoE layer's local experts over the expert-data-parallel ranks (edp), before
     the blocks are sharded over the dense mesh (which then leaves the experts alone). Expert
     gradients are summed over edp and divided by the dense data-parallel size, the same rule as
     the replicated reducer's expert group. Checkpoints then describe each expert tensor on the
-    (ep, edp) layout: FSDP2's edp split lies inside each ep block."""
+    (ep, edp) layout: FSDP2's edp split lies inside each ep block.
+
+    With ep equal to the world (edp = 1) nothing is reduced, and FSDP2 applies a divide factor
+    to a one-rank group inconsistently across torch versions (twice, in float64, on 2.13), so
+    the experts get no factor there and their gradients are returned, with the scale, for the
+    strategy to apply once they are final: ([parameters], 1 / dense data-parallel size).
+    """
     from torch.distributed.fsdp import fully_shard
 
     from .expert_state import ep_edp_mesh, record_edp_sharding
@@ -123,12 +134,18 @@ def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> Non
     plan = meshes.plan
     dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
     layout = ep_edp_mesh(meshes.expert)  # built once, on every rank, from the existing groups
+    single = plan.edp == 1
+    scaled: list[nn.Parameter] = []
     for block in transformer.blocks:
         experts = getattr(block.ffn, "experts", None)
         if experts is not None:
             fully_shard(experts, mesh=meshes.expert["edp"], mp_policy=policy)
-            experts.set_gradient_divide_factor(float(dense_dp))
+            if single:
+                scaled += list(experts.parameters())
+            else:
+                experts.set_gradient_divide_factor(float(dense_dp))
             record_edp_sharding(experts, layout)
+    return scaled, 1.0 / dense_dp
 
 
 def meshes_with_experts(meshes: ParallelMeshes) -> None:

@@ -141,16 +141,12 @@ class LocalParams:
 
 
 def expert_shard_degree(plan: ParallelPlan) -> int:
-    """FSDP degree of the routed experts: the expert-data-parallel ranks inside the shard domain.
+    """FSDP degree of the routed experts: every expert-data-parallel rank (world / ep).
 
-    Experts live on a second view of the ranks, (edp, ep) with ep innermost; when the dense
-    parameters are sharded over dp_shard, each expert is sharded over the edp ranks that share
-    the dense shard domain, dp_shard x cp x tp / ep of them.
+    Experts live on a second view of the ranks, (edp, ep); when the dense parameters are sharded,
+    each EP rank's block of experts is sharded by FSDP2 over the whole edp dimension.
     """
-    domain = plan.dp_shard * plan.cp * plan.tp
-    if not plan.sharded or domain % plan.ep or domain < plan.ep:
-        return 1
-    return domain // plan.ep
+    return plan.world_size // plan.ep if plan.sharded else 1
 
 
 def local_params(counts: ParamCounts, plan: ParallelPlan) -> LocalParams:
