@@ -122,11 +122,6 @@ class ParallelPlan:
         if world_size % plan.ep:
             raise PlanError(f"ParallelPlan ep={plan.ep} does not divide the world size {world_size}: "
                             f"choose ep among the divisors of {world_size}")
-        if plan.ep > 1 and plan.dp_shard > 1 and plan.tp > 1:
-            raise PlanError(
-                f"ParallelPlan dp_shard={plan.dp_shard} with ep={plan.ep} needs tp=1 (under tp the "
-                "router and shared experts see a slice of the tokens and FSDP2 would not sum their "
-                "gradients over tp): set tp=1, or use dp_shard=1 with tp and ep")
         return plan
 
     def check_model(self, model_cfg: Any) -> None:

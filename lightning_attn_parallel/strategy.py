@@ -75,7 +75,7 @@ class AttnHybridStrategy(ParallelStrategy):
         self.meshes: Optional[ParallelMeshes] = None
         self.gradient_reducer: Optional[GradientReducer] = None
         self.fully_sharded = False
-        self._scaled_after_sync: tuple = ((), 1.0)  # see parallel.apply.shard_experts
+        self._gradient_fixups: tuple = ()  # FSDP2 gradients to finish (parallel.apply)
         self._gradients_synced = True  # False inside block_backward_sync
         self.context_parallel = None
         self.num_nodes = 1
@@ -205,7 +205,7 @@ class AttnHybridStrategy(ParallelStrategy):
                              ranks_per_node=self.ranks_per_node)
         self.gradient_reducer = result.reducer
         self.fully_sharded = result.fully_sharded
-        self._scaled_after_sync = result.scaled_after_sync
+        self._gradient_fixups = result.gradient_fixups
         self.context_parallel = result.context_parallel
         if self.global_rank == 0:
             print(result.table, flush=True)
@@ -262,12 +262,9 @@ class AttnHybridStrategy(ParallelStrategy):
     def post_backward(self, closure_loss: Tensor) -> None:
         if self.gradient_reducer is not None:
             self.gradient_reducer.finish()
-        params, scale = self._scaled_after_sync
-        if params and self._gradients_synced:  # reduced (final) this step: scale them once
-            with torch.no_grad():
-                for param in params:
-                    if param.grad is not None:
-                        param.grad.mul_(scale)
+        if self._gradients_synced:  # reduced (final) on this micro-batch: finish them once
+            for fixup in self._gradient_fixups:
+                fixup.apply()
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:

@@ -73,8 +73,8 @@ def test_bad_config_keys_and_types_fail_at_composition(override, key):
     (["data.seq_len=4096"], ["data.seq_len=4096", "max_seq_len=1024"]),
     (["model.n_kv_heads=4"], ["n_kv_heads=4", "n_heads=6"]),
     (["strategy.plan.cp_kernel=zigzag"], ["cp_kernel='zigzag'", "allgather"]),
-    (["+recipe=tiny_moe", "trainer.accelerator=cpu", "trainer.devices=4", "strategy.plan.dp_shard=2",
-      "strategy.plan.tp=2", "strategy.plan.ep=2"], ["dp_shard=2 with ep=2", "tp=1"]),
+    (["+recipe=tiny_moe", "trainer.accelerator=cpu", "trainer.devices=3", "strategy.plan.ep=3"],
+     ["ep=3", "n_routed_experts=8", "[1, 2, 4, 8]"]),
     (["trainer.accelerator=gpu"], ["needs GPUs", "+scale=smoke"]),
     (["ckpt_path=/nonexistent.ckpt"], ["/nonexistent.ckpt", "does not exist"]),
 ])

@@ -8,6 +8,8 @@
   FSDP2 over the expert-data-parallel ranks (edp=2).
 - dp_shard=4 x ep=4, with 2 accumulated micro-batches per step: every rank holds its own experts
   (edp=1), so their gradients are only scaled, once, after the step's last micro-batch.
+- dp_shard=2 x tp=2 x ep=4: FSDP2 over tensor-parallel attention, experts over all four ranks;
+  the router and shared experts, fed a TP slice of the tokens, are summed over tp after FSDP2.
 The auxiliary balance loss and the auxiliary-loss-free bias update are on, except under tp where
 the sequence-wise balance loss would be computed per slice, so that case turns it off.
 
@@ -33,7 +35,7 @@ MOE = dict(family="deepseek", attention="mla", vocab_size=64, d_model=32, n_laye
            first_k_dense_replace=1, aux_loss_coef=0.01, bias_update_speed=0.001)
 CASES = {"ep4": dict(ep=4), "ep2_edp2": dict(ep=2), "tp2_ep4": dict(tp=2, ep=4),
          "fsdp4_ep2": dict(dp_shard=4, ep=2), "hsdp2x2_ep2": dict(dp_shard=2, ep=2),
-         "fsdp4_ep4": dict(dp_shard=4, ep=4)}
+         "fsdp4_ep4": dict(dp_shard=4, ep=4), "fsdp2_tp2_ep4": dict(dp_shard=2, tp=2, ep=4)}
 ACCUMULATE = {"fsdp4_ep4": 2}  # micro-batches per step on the distributed side
 STEPS = 3
 GLOBAL_BATCH = 8

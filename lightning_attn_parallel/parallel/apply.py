@@ -26,8 +26,8 @@ class ParallelizeResult:
     fully_sharded: bool
     context_parallel: Optional[object]
     table: str
-    # gradients to multiply by `scale` once they are reduced (see shard_experts)
-    scaled_after_sync: tuple[list[nn.Parameter], float] = ((), 1.0)
+    # FSDP2 gradients to finish once reduced (see shard_experts and _token_split_fixup)
+    gradient_fixups: tuple = ()
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
@@ -84,21 +84,23 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
             for block in transformer.blocks:
                 block.compile()
     reducer = None
-    scaled_after_sync: tuple = ((), 1.0)
+    fixups: list = []
     if plan.dp_shard > 1:
         from .fully_sharded import apply_fully_sharded, mixed_precision_for
 
         policy = mixed_precision_for(precision)
         if plan.ep > 1:
-            scaled_after_sync = shard_experts(transformer, meshes, policy)
+            fixups += shard_experts(transformer, meshes, policy)
         apply_fully_sharded(transformer if transformer is not None else module, sharding_mesh(meshes),
                             policy.param_dtype, policy.reduce_dtype)
+        if plan.ep > 1 and plan.tp > 1:
+            fixups.append(_token_split_fixup(transformer, meshes))
     else:
         reducer = _build_reducer(module, transformer, plan, meshes, links)
     return ParallelizeResult(reducer=reducer, fully_sharded=plan.dp_shard > 1,
                              context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, reducer),
-                             scaled_after_sync=scaled_after_sync)
+                             gradient_fixups=tuple(fixups))
 
 
 def sharding_mesh(meshes: ParallelMeshes):
@@ -114,8 +116,7 @@ def sharding_mesh(meshes: ParallelMeshes):
     return meshes.dense[shard_dim]
 
 
-def shard_experts(transformer: nn.Module, meshes: ParallelMeshes,
-                  policy) -> tuple[list[nn.Parameter], float]:
+def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> list:
     """FSDP2 for each MoE layer's local experts over the expert-data-parallel ranks (edp), before
     the blocks are sharded over the dense mesh (which then leaves the experts alone). Expert
     gradients are summed over edp and divided by the dense data-parallel size, the same rule as
@@ -124,10 +125,12 @@ def shard_experts(transformer: nn.Module, meshes: ParallelMeshes,
 
     With ep equal to the world (edp = 1) nothing is reduced, and FSDP2 applies a divide factor
     to a one-rank group inconsistently across torch versions (twice, in float64, on 2.13), so
-    the experts get no factor there and their gradients are returned, with the scale, for the
-    strategy to apply once they are final: ([parameters], 1 / dense data-parallel size).
+    the experts get no factor there, and a GradientFixup scaling them by 1 / (dense data-parallel
+    size) is returned for the strategy to apply once they are final (else nothing).
     """
     from torch.distributed.fsdp import fully_shard
+
+    from .fully_sharded import GradientFixup
 
     from .expert_state import ep_edp_mesh, record_edp_sharding
 
@@ -145,7 +148,18 @@ def shard_experts(transformer: nn.Module, meshes: ParallelMeshes,
             else:
                 experts.set_gradient_divide_factor(float(dense_dp))
             record_edp_sharding(experts, layout)
-    return scaled, 1.0 / dense_dp
+    return [GradientFixup(scaled, scale=1.0 / dense_dp)] if scaled else []
+
+
+def _token_split_fixup(transformer: nn.Module, meshes: ParallelMeshes):
+    """Under tp x ep each TP rank feeds the router and shared experts its own slice of the
+    tokens; FSDP2 reduces their gradients over the data-parallel ranks only, so the slices'
+    contributions are summed over tp afterwards (the FSDP2 form of the replicated reducer's
+    moe-token-split group)."""
+    from .fully_sharded import GradientFixup
+    from .moe_token_split import token_split_parameters
+
+    return GradientFixup(token_split_parameters(transformer), sum_over=meshes.group("tp"))
 
 
 def meshes_with_experts(meshes: ParallelMeshes) -> None:

@@ -8,6 +8,7 @@ gradients reduce-scattered inside the group and all-reduced across groups.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -51,6 +52,30 @@ def apply_fully_sharded(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Opti
     # right away, so freeing them would only add an all-gather.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
+
+
+@dataclass
+class GradientFixup:
+    """Gradients that FSDP2's own reduction leaves unfinished, finished once they are final (after
+    the backward of a step's last micro-batch): summed over `sum_over` (the local shards of the
+    same rows on each rank of that group), then multiplied by `scale`."""
+
+    params: list[nn.Parameter]
+    scale: float = 1.0
+    sum_over: Optional[dist.ProcessGroup] = None
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        # One small all-reduce per parameter: these are routers and shared experts, a few tensors
+        # per MoE layer, so bucketing them would not pay for its complexity.
+        for param in self.params:
+            if param.grad is None:
+                continue
+            local = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            if self.sum_over is not None:
+                dist.all_reduce(local, group=self.sum_over)
+            if self.scale != 1.0:
+                local.mul_(self.scale)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
@@ -145,5 +170,5 @@ def _group_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     return norm.float()
 
 
-__all__ = ["apply_fully_sharded", "set_gradient_sync",
+__all__ = ["apply_fully_sharded", "set_gradient_sync", "GradientFixup",
            "mixed_precision_for", "clip_grad_norm_", "PRECISIONS"]

@@ -132,8 +132,6 @@ def layouts(model_cfg: ModelConfig, world_size: int, gpus_per_node: int,
             for kernel in _cp_kernels(model_cfg, tp, cp):
                 for dp_shard in _divisors(dp):
                     for ep in _ep_degrees(model_cfg, world_size):
-                        if ep > 1 and dp_shard > 1 and tp > 1:
-                            continue  # the strategy cannot shard experts this way (plan.resolve)
                         yield replace(base, dp_replicate=dp // dp_shard, dp_shard=dp_shard, cp=cp,
                                       tp=tp, ep=ep, cp_kernel=kernel, sequence_parallel=tp > 1)
 
