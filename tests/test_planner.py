@@ -227,6 +227,35 @@ def test_planner_against_recorded_gpu_runs(run, result):
     assert t.tokens_per_s == pytest.approx(run.tokens_per_s, rel=0.25)
 
 
+def _recorded_multi_gpu_runs():
+    import json
+
+    runs = []
+    for name in ("multi_gpu.json", "multi_gpu_b.json"):
+        for cfg, result in json.load(open(os.path.join(RESULTS, name))):
+            if "tokens_per_s" in result and cfg["devices"] > 1 and cfg["strategy"] == "attn_hybrid":
+                runs.append(pytest.param(cfg, result, id=f"{name.split('.')[0]}-{cfg['name']}"))
+    return runs
+
+
+@pytest.mark.parametrize("cfg,result", _recorded_multi_gpu_runs())
+def test_planner_against_recorded_two_gpu_runs(cfg, result):
+    """The two-H100 runs (replicated, FSDP2, tp, cp ring and all-gather): the same accuracy, on
+    that machine's link. Its GPUs exchanged data at about 40 GB/s per direction (PCIe class, not
+    NVLink): the tp=2 run, whose all-reduces are exposed, fixes that figure, and the others agree
+    with it. The cp slow-down constant was fitted to these runs, so this guards it rather than
+    validating it."""
+    model = ModelConfig(**cfg["model"])
+    plan = ParallelPlan(activation_checkpointing=cfg["checkpointing"], **cfg["plan"]).resolve(cfg["devices"])
+    m = estimate_memory(model, plan, cfg["micro_batch"], cfg["seq_len"], cfg["precision"], H100_SXM,
+                        loss_chunk_tokens=cfg["loss_chunk_tokens"])
+    assert m.allocated / GIB == pytest.approx(result["peak_gib"], rel=0.10)
+    link = ClusterSpec(1, cfg["devices"], intra_node_gbps=40.0)
+    t = estimate_time(model, plan, link, H100_SXM, cfg["micro_batch"],
+                      cfg["seq_len"], cfg["precision"], loss_chunk_tokens=cfg["loss_chunk_tokens"])
+    assert t.tokens_per_s == pytest.approx(result["tokens_per_s"], rel=0.25)
+
+
 def test_fit_recovers_the_constants_that_generated_the_data():
     """Runs synthesised from known constants give those constants back; a constant no run
     exercises (no compiled run here) keeps its default."""
@@ -422,11 +451,11 @@ def test_dry_run_from_a_training_config():
     cfg = OmegaConf.create({
         "trainer": {"num_nodes": 16, "accelerator": "gpu", "precision": "bf16-mixed",
                     "accumulate_grad_batches": 4},
-        "data": {"micro_batch_size": 3, "seq_len": 4096},
+        "data": {"micro_batch_size": 4, "seq_len": 4096},
         "optim": {"loss_chunk_tokens": 4096}})
     plan = ParallelPlan(dp_replicate=2, dp_shard=8, tp=8, activation_checkpointing="block")
     report = dry_run_from_config(cfg, DEEPSEEK_67B, plan, 128, gpu="h100")
     assert "accumulate 4" in report and "16 node(s) x 8 = 128" in report
-    # accumulating under FSDP keeps unsharded fp32 gradients; at micro-batch 3 the activations
+    # accumulating under FSDP keeps unsharded fp32 gradients; at micro-batch 4 the activations
     # overflow, and sequence parallelism frees enough
     assert "nearest fit: sequence_parallel=True" in report

@@ -8,10 +8,11 @@ d_model at the card's HBM bandwidth. The element-wise part is what torch.compile
 what makes a card with faster memory faster at equal FLOPs.
 
 The defaults were fitted by `planning.fit.fit_calibration` to the 1.1B Llama-shaped model on one
-H100 SXM and one H200 (benchmarks/results/planner_fit_h200.json and the H100 runs of
-benchmarks/RESULTS.md), then checked on configurations left out of the fit (RESULTS.md, Planner).
-Multi-GPU constants (collective efficiency, overlap) are textbook values until a cluster run
-measures them.
+H100 SXM and one H200 (benchmarks/results/planner_fit_h200.json, sharding_h200.json and the
+single-GPU H100 runs of benchmarks/RESULTS.md), then checked on configurations left out of the
+fit (planner_check_h200.json; RESULTS.md, Planner).
+`context_parallel_attention` rests on 2-GPU runs only; collective efficiency and overlap are
+textbook values until a cluster run measures them.
 """
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ class Calibration:
     # ---- compute (fitted): roofline terms, see the module docstring
     matmul_efficiency: float = 0.59
     attention_efficiency: float = 0.83
-    elementwise_bytes_autocast: float = 524.0  # eager "-mixed": per token, layer and d_model
-    elementwise_bytes_eager: float = 586.0  # eager "-true" / "32-true"
-    elementwise_bytes_compiled: float = 179.0  # torch.compile per block
-    selective_recompute_bytes: float = 398.0  # selective checkpointing's re-run element-wise ops
+    elementwise_bytes_autocast: float = 523.0  # eager "-mixed": per token, layer and d_model
+    elementwise_bytes_eager: float = 473.0  # eager "-true" / "32-true", and "-mixed" under FSDP2
+    elementwise_bytes_compiled: float = 175.0  # torch.compile per block
+    selective_recompute_bytes: float = 438.0  # selective checkpointing's re-run element-wise ops
+    # ---- context parallelism (fitted to two-H100 runs at 64k and 128k tokens, ring and all-gather)
+    context_parallel_attention: float = 0.62  # attention speed under cp > 1 relative to one GPU:
+    # chunk-pair kernels and fp32 log-sum-exp merges outside them
     # ---- optimizer step: AdamW is memory bound
     hbm_efficiency: float = 0.7  # fraction of HBM bandwidth a fused AdamW reaches
     # ---- communication

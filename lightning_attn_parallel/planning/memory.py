@@ -72,6 +72,18 @@ def precision_spec(precision: object) -> PrecisionSpec:
     return PRECISIONS[key]
 
 
+def compute_precision(p: PrecisionSpec, plan: ParallelPlan) -> PrecisionSpec:
+    """The precision the forward and backward actually run in.
+
+    Under FSDP2 a "-mixed" precision computes like "-true": the MixedPrecisionPolicy hands every
+    unit low-precision parameters and casts its inputs, so the residual stream and the
+    activations are in the compute dtype and autocast has almost nothing left to cast.
+    """
+    if p.autocast and plan.sharded:
+        return PRECISIONS["bf16-true" if p.name.startswith("bf16") else "16-true"]
+    return p
+
+
 # ------------------------------------------------------------------------- result
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -369,7 +381,7 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
     plus the larger of the loss's logits chain and one checkpointed layer's recomputation (the
     two are never alive together: the loss's backward finishes before any layer recomputes),
     plus autocast's weight copies (given `counts`)."""
-    p = precision_spec(precision)
+    p = compute_precision(precision_spec(precision), plan)
     s = _Shape(cfg, p, plan.tp, plan.cp, plan.sequence_parallel and plan.tp > 1, plan.compile,
                plan.cp_kernel == "allgather" and plan.cp > 1)
     tokens = micro_batch * seq_len / plan.cp
@@ -450,6 +462,6 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
                           capacity=gpu.memory_bytes * calibration.usable_memory_fraction)
 
 
-__all__ = ["MemoryEstimate", "PrecisionSpec", "LocalParams", "PRECISIONS", "precision_spec",
+__all__ = ["MemoryEstimate", "PrecisionSpec", "compute_precision", "LocalParams", "PRECISIONS", "precision_spec",
            "estimate_memory", "activation_bytes", "local_params", "largest_unit",
            "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags"]

@@ -22,7 +22,7 @@ from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ParamCounts, parameter_counts
 from .hardware import ClusterSpec, GpuSpec
-from .memory import (MIB, PrecisionSpec, checkpointed_layers, expert_shard_degree, kv_width,
+from .memory import (MIB, PrecisionSpec, checkpointed_layers, compute_precision, expert_shard_degree, kv_width,
                      largest_unit, local_params, moe_layer_flags, precision_spec)
 
 GB = 1e9
@@ -209,9 +209,14 @@ def compute_terms(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, gpu
     return base, redo
 
 
-def combine_terms(terms: dict[str, float], cal: Calibration, compiled: bool, autocast: bool) -> float:
-    """Seconds from `compute_terms` coefficients and the calibrated constants."""
-    return (terms["matmul"] / cal.matmul_efficiency + terms["attention"] / cal.attention_efficiency
+def combine_terms(terms: dict[str, float], cal: Calibration, compiled: bool, autocast: bool,
+                  plan: Optional[ParallelPlan] = None) -> float:
+    """Seconds from `compute_terms` coefficients and the calibrated constants (with `plan`, the
+    measured slow-down of attention under context parallelism)."""
+    attention = terms["attention"] / cal.attention_efficiency
+    if plan is not None and plan.cp > 1:
+        attention /= cal.context_parallel_attention
+    return (terms["matmul"] / cal.matmul_efficiency + attention
             + terms["elementwise"] * cal.elementwise_bytes(compiled, autocast)
             + terms["selective"] * cal.selective_recompute_bytes)
 
@@ -223,7 +228,7 @@ def recompute_share(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, s
     from .hardware import H100_SXM
 
     base, redo = compute_terms(cfg, counts, plan, gpu or H100_SXM, seq_len, precision)
-    autocast = precision_spec(precision).autocast
+    autocast = compute_precision(precision_spec(precision), plan).autocast
     return (combine_terms(redo, calibration, plan.compile, autocast)
             / combine_terms(base, calibration, plan.compile, autocast))
 
@@ -355,11 +360,13 @@ def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSp
     mb_tokens = micro_batch * seq_len
     rank_tokens = mb_tokens / plan.cp
     base, redo = compute_terms(model_cfg, counts, plan, gpu, seq_len, p.name)
-    compute = rank_tokens * combine_terms(base, cal, plan.compile, p.autocast)
-    recompute = rank_tokens * combine_terms(redo, cal, plan.compile, p.autocast)
+    autocast = compute_precision(p, plan).autocast  # FSDP2 computes "-mixed" like "-true"
+    compute = rank_tokens * combine_terms(base, cal, plan.compile, autocast, plan)
+    recompute = rank_tokens * combine_terms(redo, cal, plan.compile, autocast, plan)
     if loss_chunk_tokens:  # the chunked loss recomputes the LM head's forward
         recompute += rank_tokens * 2.0 * counts.head_matmul / peak / cal.matmul_efficiency
-    attention_s = rank_tokens * base["attention"] / cal.attention_efficiency
+    attention_only = {**dict.fromkeys(COMPUTE_TERMS, 0.0), "attention": base["attention"]}
+    attention_s = rank_tokens * combine_terms(attention_only, cal, plan.compile, autocast, plan)
     flops_per_token = counts.flops_per_token(model_cfg, seq_len)
     tp = _tp_time(model_cfg, plan, rank_tokens, p, cluster, cal)
     cp = _cp_time(model_cfg, plan, micro_batch, seq_len, p, attention_s, cluster, cal)
