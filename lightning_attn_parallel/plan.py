@@ -11,7 +11,6 @@ from typing import Any, Optional
 CP_KERNELS = ("allgather", "ring", "ulysses")
 HIERARCHICAL_MODES = ("auto", "always", "never")
 CHECKPOINT_POLICIES = ("none", "attention", "block", "selective")
-DATA_PARALLEL_MODES = ("replicate", "shard")
 
 
 class PlanError(ValueError):

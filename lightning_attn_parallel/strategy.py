@@ -33,10 +33,9 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor, nn
 
 from .mesh import ParallelMeshes, build_meshes
-from .parallel.activation_checkpointing import apply_activation_checkpointing
-from .parallel.gradient_reducer import GradientReducer, broadcast_parameters
 from .parallel.collectives import LinkModel
-from .plan import ParallelPlan, PlanError, as_plan
+from .parallel.gradient_reducer import GradientReducer
+from .plan import ParallelPlan, as_plan
 
 
 def find_transformer(module: nn.Module) -> Optional[nn.Module]:

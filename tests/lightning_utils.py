@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -77,3 +78,25 @@ class MixedLengthTokens(FixedTokens):
         n = self.lengths[(i // self.group) % len(self.lengths)]
         item = super().__getitem__(i)
         return {k: v[:n] for k, v in item.items()}
+
+
+class LossRecorder(L.Callback):
+    """Every micro-batch's loss and the parameters when training starts (after a checkpoint has
+    been restored). `average_over_ranks`: the loss averaged over all ranks, which is the
+    one-process loss of the global batch when every rank holds as many sequences (the MoE balance
+    loss is a mean over sequences too); otherwise this rank's own."""
+
+    def __init__(self, average_over_ranks: bool = False) -> None:
+        self.average_over_ranks = average_over_ranks
+        self.losses: list[float] = []
+        self.start_params: dict = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_params = params_of(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"].detach().clone()
+        if self.average_over_ranks and dist.is_initialized():
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        self.losses.append(float(loss))

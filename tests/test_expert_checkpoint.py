@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import assert_close, free_port, run_distributed
-from lightning_utils import FixedTokens, loader, params_of, quiet_trainer
+from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_trainer
 from test_expert_parallel_training import MOE, PRECISION
 
 import lightning_attn_parallel as lap
@@ -69,26 +69,6 @@ def probe_tokens() -> torch.Tensor:
     return torch.randint(MOE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(7))
 
 
-class Recorder(L.Callback):
-    """The parameters when training starts (after a checkpoint is restored) and every
-    micro-batch's loss averaged over the ranks (each holds the same number of sequences, and the
-    balance loss is a mean over sequences, so this is the one-process loss of the global batch)."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.start_params: dict = {}
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start_params = params_of(pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"].detach().clone()
-        if dist.is_initialized():
-            dist.all_reduce(loss)
-            loss /= dist.get_world_size()
-        self.losses.append(float(loss))
-
-
 def expert_optimizer_states(module: L.LightningModule, optimizer) -> dict:
     """This rank's AdamW states of the experts (FSDP2's edp shards gathered to the ep block)."""
     by_param = {p: name for name, p in module.named_parameters()}
@@ -103,7 +83,7 @@ def expert_optimizer_states(module: L.LightningModule, optimizer) -> dict:
 def fit(plan_kwargs, world: int, rank: int, max_steps: int, ckpt_path=None):
     """Train (plan None: Lightning's single-device strategy) and return (result, trainer, module)."""
     module = make_module()
-    recorder = Recorder()
+    recorder = LossRecorder(average_over_ranks=True)
     strategy = "auto" if plan_kwargs is None else lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs))
     trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=max_steps, precision=PRECISION,
                             limit_train_batches=STEPS_PER_EPOCH, callbacks=[recorder])

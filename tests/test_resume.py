@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dist_utils import assert_close, run_distributed
-from lightning_utils import params_of, quiet_trainer
+from lightning_utils import LossRecorder, params_of, quiet_trainer
 
 import lightning_attn_parallel as lap
 from lightning_attn_parallel.data.datamodule import LMDataModule
@@ -39,16 +39,6 @@ WORLD = 2
 def data_module(cache_dir: str) -> LMDataModule:
     return LMDataModule(source="embedded", seq_len=32, micro_batch_size=4, max_bytes=200_000,
                         cache_dir=cache_dir)
-
-
-class LossRecorder(L.Callback):
-    """Each step's loss on this rank (what the training step returned)."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
 
 
 class SaveAtStep(L.Callback):

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
 from dist_utils import assert_close, free_port, run_distributed
-from lightning_utils import FixedTokens, loader, params_of, quiet_trainer
+from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_trainer
 
 import lightning_attn_parallel as lap
 from lightning_attn_parallel.models import ModelConfig
@@ -123,21 +123,6 @@ class GradientTraffic(L.Callback):
 
     def on_train_batch_end(self, *args) -> None:
         self.per_batch.append(self._count)
-
-
-class LossRecorder(L.Callback):
-    """This rank's loss of every micro-batch, and the parameters when training starts (after a
-    checkpoint has been restored)."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.start_params: dict = {}
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start_params = params_of(pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
 
 
 def train(plan_kwargs: dict, world: int, rank: int) -> dict:

@@ -130,9 +130,8 @@ def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> lis
     """
     from torch.distributed.fsdp import fully_shard
 
-    from .fully_sharded import GradientFixup
-
     from .expert_state import ep_edp_mesh, record_edp_sharding
+    from .fully_sharded import GradientFixup
 
     plan = meshes.plan
     dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
