@@ -11,6 +11,7 @@ token by TorchTitan's convention, DESIGN section 5), peak memory, and the ratio 
     python benchmarks/bench.py suite=planner_fit           # planner calibration set (fitted)
     python benchmarks/bench.py suite=planner_check         # planner validation set (predicted first)
     python benchmarks/bench.py suite=sharding              # FSDP/ModelParallel baselines vs ours, 1 GPU
+    python benchmarks/bench.py suite=planner_moe_check     # planner on MoE runs (predicted first)
     python benchmarks/bench.py suite=multi_gpu             # 2 GPUs: DDP vs reducer, FSDP2, TP, CP
 Append `--out FILE.json` to keep the raw results.
 """
@@ -263,6 +264,14 @@ def suite(name: str) -> list[Config]:
             Config("check: mb2 s8192 selective bf16-mixed", micro_batch=2, seq_len=8192,
                    checkpointing="selective"),
         ]
+    if name == "planner_moe_check":  # MoE runs the planner's expert constants never saw
+        moe = dict(V2_LITE_CUT)
+        return [
+            Config("moe check: mb4 s2048 grouped bf16-mixed", micro_batch=4, model=moe),
+            Config("moe check: mb2 s4096 grouped bf16-mixed", micro_batch=2, seq_len=4096, model=moe),
+            Config("moe check: mb8 s1024 grouped bf16-mixed", micro_batch=8, seq_len=1024, model=moe),
+            Config("moe check: mb4 s2048 grouped bf16-true", micro_batch=4, precision="bf16-true", model=moe),
+        ]
     if name == "planner":
         return [
             Config("mb8 s2048 none bf16-mixed", micro_batch=8),
@@ -272,7 +281,7 @@ def suite(name: str) -> list[Config]:
             Config("mb1 s8192 none chunked bf16-mixed", micro_batch=1, seq_len=8192, loss_chunk_tokens=4096),
         ]
     raise SystemExit(f"unknown suite {name!r}: strategies, long_context, moe, callbacks, multi_gpu, "
-                     "sharding, planner, planner_fit, planner_check")
+                     "sharding, planner, planner_fit, planner_check, planner_moe_check")
 
 
 def predicted(cfg: Config, device: str) -> dict[str, float]:
@@ -283,7 +292,8 @@ def predicted(cfg: Config, device: str) -> dict[str, float]:
 
     gpu = gpu_spec(device)
     model_cfg = ModelConfig(**cfg.model)
-    plan = ParallelPlan(activation_checkpointing=cfg.checkpointing, compile=cfg.compile).resolve(1)
+    plan = ParallelPlan(activation_checkpointing=cfg.checkpointing, compile=cfg.compile,
+                        grouped_gemm=cfg.grouped_gemm).resolve(1)
     mem = estimate_memory(model_cfg, plan, cfg.micro_batch, cfg.seq_len, cfg.precision, gpu,
                           loss_chunk_tokens=cfg.loss_chunk_tokens)
     timing = estimate_time(model_cfg, plan, ClusterSpec(1, 1), gpu, cfg.micro_batch, cfg.seq_len,

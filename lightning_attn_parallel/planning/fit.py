@@ -28,7 +28,7 @@ from .memory import precision_spec
 from .timing import compute_terms, estimate_time
 
 # the unknowns, in the order of the regression's columns
-UNKNOWNS = ("matmul", "attention", "autocast", "eager", "compiled", "selective")
+UNKNOWNS = ("matmul", "attention", "autocast", "eager", "compiled", "selective", "grouped", "loop")
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,10 @@ def _row(m: Measurement, cal: Calibration) -> tuple[np.ndarray, float]:
     matmul = base["matmul"] + redo["matmul"]
     if m.loss_chunk_tokens:
         matmul += 2.0 * counts.head_matmul / m.gpu.peak_flops(p.compute_bytes)
+    kernel = "grouped" if plan.grouped_gemm else "loop"
     coefficients = {"matmul": matmul, "attention": base["attention"] + redo["attention"],
-                    mode: elementwise, "selective": redo["selective"]}
+                    mode: elementwise, "selective": redo["selective"],
+                    kernel: base["experts"] + redo["experts"]}
     row = np.array([tokens * coefficients.get(name, 0.0) for name in UNKNOWNS])
     fixed = estimate_time(m.model, plan, ClusterSpec(1, 1), m.gpu, m.micro_batch, m.seq_len,
                           m.precision, calibration=cal, counts=counts).optimizer_s
@@ -101,7 +103,9 @@ def fit_calibration(measurements: Iterable[Measurement],
                    elementwise_bytes_autocast=value("autocast", "elementwise_bytes_autocast"),
                    elementwise_bytes_eager=value("eager", "elementwise_bytes_eager"),
                    elementwise_bytes_compiled=value("compiled", "elementwise_bytes_compiled"),
-                   selective_recompute_bytes=value("selective", "selective_recompute_bytes"))
+                   selective_recompute_bytes=value("selective", "selective_recompute_bytes"),
+                   expert_efficiency_grouped=value("grouped", "expert_efficiency_grouped", invert=True),
+                   expert_efficiency_loop=value("loop", "expert_efficiency_loop", invert=True))
 
 
 def measurements_from_bench(path: str | Path) -> list[Measurement]:
@@ -111,7 +115,8 @@ def measurements_from_bench(path: str | Path) -> list[Measurement]:
         if ("tokens_per_s" not in result or cfg.get("devices", 1) != 1
                 or cfg.get("strategy") not in ("attn_hybrid", "auto")):
             continue
-        plan = ParallelPlan(activation_checkpointing=cfg["checkpointing"], compile=cfg["compile"])
+        plan = ParallelPlan(activation_checkpointing=cfg["checkpointing"], compile=cfg["compile"],
+                            grouped_gemm=cfg.get("grouped_gemm", True))
         out.append(Measurement(ModelConfig(**cfg["model"]), plan, gpu_spec(result["device"]),
                                cfg["micro_batch"], cfg["seq_len"], cfg["precision"],
                                result["tokens_per_s"], cfg.get("loss_chunk_tokens")))
@@ -123,7 +128,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     measurements = [m for path in paths for m in measurements_from_bench(path)]
     cal = fit_calibration(measurements)
     for name in ("matmul_efficiency", "attention_efficiency", "elementwise_bytes_autocast",
-                 "elementwise_bytes_eager", "elementwise_bytes_compiled", "selective_recompute_bytes"):
+                 "elementwise_bytes_eager", "elementwise_bytes_compiled", "selective_recompute_bytes",
+                 "expert_efficiency_grouped", "expert_efficiency_loop"):
         print(f"{name} = {getattr(cal, name):.4g}")
     for m in measurements:
         t = estimate_time(m.model, m.plan, ClusterSpec(1, 1), m.gpu, m.micro_batch, m.seq_len,

@@ -168,7 +168,7 @@ class TimingEstimate:
 
 
 # ------------------------------------------------------------------------- compute roofline
-COMPUTE_TERMS = ("matmul", "attention", "elementwise", "selective")
+COMPUTE_TERMS = ("matmul", "attention", "elementwise", "selective", "experts")
 
 
 def compute_terms(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, gpu: GpuSpec,
@@ -177,28 +177,31 @@ def compute_terms(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, gpu
     (forward + backward) and for what activation checkpointing recomputes.
 
     Multiply "matmul" by 1/matmul_efficiency, "attention" by 1/attention_efficiency,
-    "elementwise" by the mode's element-wise bytes and "selective" by selective_recompute_bytes
-    and add them up: that is `estimate_time`'s compute, and, being linear in those constants, it
-    is also what `planning.fit` regresses measurements on.
+    "elementwise" by the mode's element-wise bytes, "selective" by selective_recompute_bytes and
+    "experts" (the routed experts' matmuls with the routing around them) by 1/expert efficiency
+    of the plan's kernel, and add them up: that is `estimate_time`'s compute, and, being linear
+    in those constants, it is also what `planning.fit` regresses measurements on.
     """
     p = precision_spec(precision)
     peak = gpu.peak_flops(p.compute_bytes)
     bandwidth = gpu.hbm_gbps * GB
     sdpa = attention_flops_per_token(cfg, seq_len)
-    matmul = 6.0 * counts.active_matmul
+    # routed experts a token passes through: tokens, not weights, are split over tp before them
+    experts = 6.0 * counts.experts * (cfg.moe_top_k / cfg.n_routed_experts if cfg.is_moe else 0.0)
+    matmul = 6.0 * counts.active_matmul - experts
     blocks_matmul = matmul - 6.0 * counts.head_matmul
     attention_matmul = 6.0 * counts.attention
     # element-wise work scales with the layer width a rank holds; tp splits most of it
     elementwise = cfg.n_layers * cfg.d_model / plan.tp / bandwidth
     base = {"matmul": matmul / plan.tp / peak, "attention": sdpa / plan.tp / peak,
-            "elementwise": elementwise, "selective": 0.0}
+            "elementwise": elementwise, "selective": 0.0, "experts": experts / plan.tp / peak}
     share = checkpointed_layers(cfg, plan) / cfg.n_layers
     policy = plan.activation_checkpointing
     redo = dict.fromkeys(COMPUTE_TERMS, 0.0)
     if policy == "block":  # one more forward of the checkpointed blocks: a third of their work
         redo.update(matmul=share * blocks_matmul / 3 / plan.tp / peak,
                     attention=share * sdpa / 3 / plan.tp / peak,
-                    elementwise=share * elementwise / 3)
+                    elementwise=share * elementwise / 3, experts=share * base["experts"] / 3)
     elif policy == "attention":
         attention_share = counts.attention / max(counts.active_matmul - counts.head_matmul, 1.0)
         redo.update(matmul=share * attention_matmul / 3 / plan.tp / peak,
@@ -216,9 +219,11 @@ def combine_terms(terms: dict[str, float], cal: Calibration, compiled: bool, aut
     attention = terms["attention"] / cal.attention_efficiency
     if plan is not None and plan.cp > 1:
         attention /= cal.context_parallel_attention
+    grouped = plan is None or plan.grouped_gemm
     return (terms["matmul"] / cal.matmul_efficiency + attention
             + terms["elementwise"] * cal.elementwise_bytes(compiled, autocast)
-            + terms["selective"] * cal.selective_recompute_bytes)
+            + terms["selective"] * cal.selective_recompute_bytes
+            + terms["experts"] / cal.expert_efficiency(grouped))
 
 
 def recompute_share(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, seq_len: int,
