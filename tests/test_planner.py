@@ -194,8 +194,10 @@ def test_parallel_degrees_divide_what_they_should():
 
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
-# single-GPU runs of the 1.1B model: the fit set (H200, H100) and the held-out set (H200)
-RECORDED = ("planner_fit_h200.json", "planner_check_h200.json", "planner.json")
+# single-GPU runs of the 1.1B model (the fit set on H200 and H100, the held-out set on H200) and
+# held-out MoE runs on H200
+RECORDED = ("planner_fit_h200.json", "planner_check_h200.json", "planner.json",
+            "planner_moe_check_h200.json")  # the last: a 4-layer DeepSeek-V2-Lite cut
 
 
 def _recorded_runs():
