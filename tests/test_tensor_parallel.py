@@ -2,8 +2,9 @@
 
 All cases run in one 4-process spawn: tp=4 (KV heads replicated, since n_kv_heads=2 < tp) with
 and without sequence parallelism; 2 replicas x tp=2 (KV heads sharded) with sequence
-parallelism, and without it but with tied embeddings; a DeepSeek model (MLA, MoE) whose unknown
-modules stay replicated; and the error cases. The helpers here are shared by the FSDP and
+parallelism, and without it but with tied embeddings; DeepSeek models (MLA split by heads, the
+MoE ffn left replicated) at tp=2 with sequence parallelism and at tp=4 with a q latent; the
+vocabulary-parallel loss; and the error cases. The helpers here are shared by the FSDP and
 checkpoint tests.
 """
 from __future__ import annotations
@@ -128,6 +129,10 @@ def _tp_case(tp_mesh, dp_rank: int, sequence_parallel: bool, **overrides) -> Non
     assert all(p.grad.placements == p.placements for p in model.parameters() if isinstance(p, DTensor))
     plain = tp_replicated_parameters(model)
     assert "blocks.0.ffn.w1.weight" not in {n for n, _ in plain}  # dense MLPs are split
+    if overrides.get("attention") == "mla":  # per-head projections split, latents whole
+        names = {n for n, _ in plain}
+        assert "blocks.0.attention.wkv_b.weight" not in names and "blocks.0.attention.wo.weight" not in names
+        assert "blocks.0.attention.wkv_a.weight" in names
     tied = overrides.get("tie_embeddings", False)
     # the head is vocabulary-parallel unless tied to the (then replicated) embedding
     assert any(p is model.output.weight for _, p in plain) == tied
@@ -193,8 +198,10 @@ def _tp_worker(rank: int, world: int) -> list[str]:
     # two replicas, each tp=2 with KV heads sharded
     _tp_case(mesh["tp"], dp_rank, True)
     _tp_case(mesh["tp"], dp_rank, False, tie_embeddings=True)
-    # modules without a handler (MLA attention, MoE ffn) stay replicated; the dense ffn is split
+    # MLA attention split by heads (latents whole); the MoE ffn has no handler and stays
+    # replicated; the dense ffn is split. With sequence parallelism, and with a q latent at tp=4.
     _tp_case(mesh["tp"], dp_rank, True, **DEEPSEEK)
+    _tp_case(tp4, 0, False, **DEEPSEEK, q_lora_rank=16)
     _vocab_parallel_loss_case(tp4)
     return _error_cases(tp4, mesh["tp"])
 

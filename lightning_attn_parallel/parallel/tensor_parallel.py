@@ -18,9 +18,12 @@ Layout (Megatron-style, written with DTensor styles):
 Whatever the mode, the model's output (final hidden states) is a plain tensor of the whole
 sequence, identical on every TP rank.
 
+- MLA attention: split by heads (wq or wq_b and wkv_b column-parallel, wo row-parallel); the
+  latent down-projections and norms stay whole on every rank.
+
 Modules the plan does not know are handled through a registry keyed by module class
-(`register_tensor_parallel_handler`); a class without a handler (e.g. MLA attention or an MoE
-ffn until someone registers one) is left replicated: it runs on the full sequence on every TP
+(`register_tensor_parallel_handler`); a class without a handler (e.g. an MoE ffn, whose tokens
+expert parallelism splits instead) is left replicated: it runs on the full sequence on every TP
 rank, with its input gathered and its output re-sharded when sequence parallelism is on.
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from ..models.deepseek import MultiHeadLatentAttention
 from ..models.layers import SwiGLU
 from ..models.llama import GroupedQueryAttention
 
@@ -113,6 +117,11 @@ def tp_replicated_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]
 def _check_heads(model: nn.Module, tp: int) -> None:
     """Fail before touching the model when a head count cannot be split tp ways."""
     for module in model.modules():
+        if isinstance(module, MultiHeadLatentAttention):
+            n_heads = module.wo.in_features // module.v_dim
+            if n_heads % tp:
+                raise ValueError(f"tensor parallelism tp={tp} does not divide the MLA n_heads="
+                                 f"{n_heads}: choose tp among {_divisors(n_heads)}")
         if isinstance(module, GroupedQueryAttention):
             n_heads, n_kv = _head_counts(module)
             if n_heads % tp:
@@ -196,7 +205,45 @@ def _share_replicated_input(module: nn.Module, mesh: DeviceMesh) -> None:
     _on_first_arg(module, lambda x: _as_replicated(x, mesh))
 
 
+def _mla_handler(attn: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Multi-head latent attention split by heads, Megatron-style.
+
+    The per-head projections (wq or wq_b, wkv_b) are column-parallel and wo row-parallel; the
+    down-projections to the latents (wq_a, wkv_a) and the latent norms stay whole, computed on
+    every TP rank. Gradients: a column-parallel projection all-reduces its input's gradient, so
+    the latents, their norms and down-projections receive the full gradient, identical on every
+    rank, and need no reduction. The one exception is the decoupled RoPE key, which leaves wkv_a
+    straight for this rank's heads: its gradient columns are all-reduced over tp explicitly.
+    """
+    per_head = ["wkv_b"] + (["wq"] if hasattr(attn, "wq") else ["wq_b"])
+    out_layout = Shard(1) if sequence_parallel else Replicate()
+    parallelize_module(attn, mesh, {**{name: ColwiseParallel() for name in per_head},
+                                    "wo": RowwiseParallel(output_layouts=out_layout)})
+    start, group = attn.kv_lora_rank, mesh.get_group()
+    attn.wkv_a.register_forward_hook(lambda mod, args, out: _SumGradColumns.apply(out, start, group))
+    if sequence_parallel:  # the latents are computed on the whole sequence
+        _on_first_arg(attn, lambda x: _as_full_local(x, mesh))
+
+
+class _SumGradColumns(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient of the last-dim columns [start:]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, start: int, group) -> torch.Tensor:
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        columns = grad[..., ctx.start:].contiguous()
+        torch.distributed.all_reduce(columns, group=ctx.group)
+        grad[..., ctx.start:] = columns
+        return grad, None, None
+
+
 register_tensor_parallel_handler(GroupedQueryAttention, _attention_handler)
+register_tensor_parallel_handler(MultiHeadLatentAttention, _mla_handler)
 register_tensor_parallel_handler(SwiGLU, _mlp_handler)
 
 

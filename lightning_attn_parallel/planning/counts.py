@@ -28,7 +28,7 @@ class BlockCounts:
     """Parameters of one transformer block, by how parallelism treats them."""
 
     attention: int = 0  # >=2-D attention weights: split by tp
-    attention_small: int = 0  # 1-D attention parameters (MLA's latent norms): whole
+    attention_small: int = 0  # attention parameters tp keeps whole: norms, MLA's latent projections
     ffn_dense: int = 0  # >=2-D dense-MLP weights: split by tp
     ffn_shared: int = 0  # router and shared experts of an MoE layer: whole
     experts: int = 0  # routed experts: split by ep
@@ -143,8 +143,21 @@ def _expert_modules(ffn: nn.Module) -> list[nn.Module]:
     return [m for m in ffn.modules() if float(getattr(m, "active_fraction", 1.0)) < 1.0]
 
 
+# Attention weights that tensor parallelism keeps whole on every rank (MLA's down-projections to
+# its latents; parallel/tensor_parallel.py splits only the per-head projections).
+TP_WHOLE_ATTENTION = ("wq_a", "wkv_a")
+
+
+def _attention_split(attention: nn.Module) -> tuple[int, int]:
+    """(weights tensor parallelism splits, parameters it keeps whole) of one attention layer."""
+    named = list(attention.named_parameters())
+    whole = [p for name, p in named if name.split(".")[0] in TP_WHOLE_ATTENTION]
+    split, small = _split_by_rank(p for name, p in named if name.split(".")[0] not in TP_WHOLE_ATTENTION)
+    return split, small + _numel(whole)
+
+
 def _block_counts(block: nn.Module) -> BlockCounts:
-    attention_big, attention_small = _split_by_rank(block.attention.parameters())
+    attention_big, attention_small = _attention_split(block.attention)
     expert_mods = _expert_modules(block.ffn)
     expert_ids = {id(p) for m in expert_mods for p in m.parameters(recurse=False)}
     ffn_params = list(block.ffn.parameters())
@@ -183,20 +196,20 @@ def _swiglu(d: int, hidden: int) -> int:
 
 
 def _attention_counts(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(>=2-D weights, 1-D params, RoPE table elements) of one attention layer."""
+    """(weights tp splits, parameters tp keeps whole, RoPE table elements) of one attention layer."""
     d, h = cfg.d_model, cfg.n_heads
     if cfg.attention == "gqa":
         big = d * h * cfg.head_dim + 2 * d * cfg.n_kv_heads * cfg.head_dim + h * cfg.head_dim * d
         return big, 0, cfg.max_seq_len * cfg.head_dim
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    if cfg.q_lora_rank:
-        q_big, q_small = d * cfg.q_lora_rank + cfg.q_lora_rank * h * qk, cfg.q_lora_rank
+    if cfg.q_lora_rank:  # wq_a and the q latent norm stay whole under tp, wq_b is split
+        q_big, q_small = cfg.q_lora_rank * h * qk, d * cfg.q_lora_rank + cfg.q_lora_rank
     else:
         q_big, q_small = d * h * qk, 0
-    kv_big = (d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-              + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+    kv_big = cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # wkv_b
+    kv_small = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank  # wkv_a, kv norm
     out = h * cfg.v_head_dim * d
-    return q_big + kv_big + out, q_small + cfg.kv_lora_rank, cfg.max_seq_len * cfg.qk_rope_head_dim
+    return q_big + kv_big + out, q_small + kv_small, cfg.max_seq_len * cfg.qk_rope_head_dim
 
 
 def _analytic_block(cfg: ModelConfig, layer: int) -> BlockCounts:
@@ -221,8 +234,11 @@ def analytic_counts(cfg: ModelConfig) -> ParamCounts:
     embedding = cfg.vocab_size * cfg.d_model
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     top_k_share = cfg.moe_top_k / cfg.n_routed_experts if cfg.is_moe else 1.0
-    active = (sum(b.attention + b.ffn_dense + b.ffn_shared + b.experts * top_k_share for b in blocks)
-              + head)
+    latents = 0  # MLA's down-projections: matmul weights that tp keeps whole
+    if cfg.attention == "mla":
+        latents = cfg.d_model * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    active = (sum(b.attention + latents + b.ffn_dense + b.ffn_shared + b.experts * top_k_share
+                  for b in blocks) + head)
     rope = _attention_counts(cfg)[2]
     moe_layers = sum(b.experts > 0 for b in blocks)
     routing_state = ROUTING_BUFFERS_PER_EXPERT * cfg.n_routed_experts * moe_layers

@@ -364,7 +364,7 @@ def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: Precisi
     copies = counts.head / plan.tp
     for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
         block = next(b for b in counts.blocks if (b.experts > 0) == is_moe)
-        attention = block.attention / plan.tp
+        attention = block.attention / plan.tp + block.attention_small
         ffn = block.ffn_dense / plan.tp + block.ffn_shared + block.experts / plan.ep
         if not checkpointed or policy == "none":
             copies += n * (attention + ffn)
