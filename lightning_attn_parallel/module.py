@@ -51,7 +51,7 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"batch sequence length {seq_len} exceeds the model's "
                              f"max_seq_len={self.model_config.max_seq_len}: raise model.max_seq_len or "
                              "lower data.seq_len")
-        hidden = self.model(input_ids, batch.get("positions"))
+        hidden = self.model(input_ids, batch.get("positions"), batch.get("document_ids"))
         loss_sum, count = cross_entropy_sum(hidden, self.model.output, labels,
                                             self.hparams.loss_chunk_tokens)
         denom = batch.get("num_tokens", count).clamp_min(1)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import LocalAttentionKernel, RMSNorm, RotaryEmbedding, SwiGLU
-from .llama import CausalTransformer, GroupedQueryAttention, TransformerBlock
+from .llama import CausalTransformer, GroupedQueryAttention, TransformerBlock, run_kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +69,8 @@ class MultiHeadLatentAttention(nn.Module):
             return self.wq(x)
         return self.wq_b(self.q_norm(self.wq_a(x)))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self._queries(x).view(b, s, -1, self.qk_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -80,7 +81,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = self.rope(k_rope.view(b, 1, s, self.rope_dim), positions)
         q = torch.cat([q_nope, self.rope(q_rope, positions)], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
-        out = self.kernel(q, k, v, positions)
+        out = run_kernel(self.kernel, q, k, v, positions, document_ids)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 

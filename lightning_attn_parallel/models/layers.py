@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .document_attention import document_attention
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Llama, DeepSeek); F.rms_norm picks the fused kernel."""
@@ -50,9 +52,12 @@ class RotaryEmbedding(nn.Module):
         self.sin.copy_(freqs.sin().to(self.sin.dtype))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate the last dim of x (B, H, S, D) by the angles of `positions` (S,)."""
+        """Rotate the last dim of x (B, H, S, D) by the angles of `positions`: (S,) shared by the
+        batch, or (B, S) per row (packed documents restart at 0)."""
         cos = self.cos[positions].to(x.dtype)
         sin = self.sin[positions].to(x.dtype)
+        if positions.dim() == 2:  # (B, S, D/2) -> (B, 1, S, D/2), broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return out.flatten(-2)
@@ -63,12 +68,17 @@ class LocalAttentionKernel(nn.Module):
 
     q: (B, Hq, S, D), k: (B, Hkv, S, D), v: (B, Hkv, S, Dv); Hq a multiple of Hkv (GQA).
     `positions` are unused here: the local sequence is contiguous from its first token.
+    With `document_ids` (B, S) the mask is causal within each packed document only
+    (models/document_attention.py).
     """
 
     causal = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                positions: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if document_ids is not None:
+            return document_attention(q, k, v, document_ids, scale=getattr(self, "scale", None))
         if k.shape[1] != q.shape[1]:
             rep = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(rep, dim=1)

@@ -2,8 +2,10 @@
 
 Protocol (all that the parallelisms rely on):
 - `model.blocks`: a ModuleList; each block has `attention` and `ffn`;
-- `attention` computes q, k, v and calls `self.kernel(q, k, v, positions)`;
-- `model(tokens, positions)` returns the final hidden states; `model.output` is the LM head;
+- `attention` computes q, k, v and calls `self.kernel(q, k, v, positions)`, adding
+  `document_ids=` only for packed documents (kernels that never see packed batches need not take it);
+- `model(tokens, positions, document_ids)` returns the final hidden states; `model.output` is the
+  LM head;
 - `model.flops_per_token(seq_len)`.
 Reshapes use -1 for head counts so tensor parallelism can shard projections without the model
 knowing how many heads are local.
@@ -20,6 +22,14 @@ from .flops import flops_per_token
 from .layers import LocalAttentionKernel, RMSNorm, RotaryEmbedding, SwiGLU, init_linear_weights
 
 
+def run_kernel(kernel: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor, document_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Call the attention kernel slot; `document_ids` is passed only for packed documents."""
+    if document_ids is None:
+        return kernel(q, k, v, positions)
+    return kernel(q, k, v, positions, document_ids=document_ids)
+
+
 class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -31,13 +41,14 @@ class GroupedQueryAttention(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.kernel: nn.Module = LocalAttentionKernel()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        out = self.kernel(q, k, v, positions)
+        out = run_kernel(self.kernel, q, k, v, positions, document_ids)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -49,8 +60,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, document_ids)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -73,17 +85,23 @@ class CausalTransformer(nn.Module):
             return
         init_linear_weights(self, self.config.init_std)
 
-    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Final hidden states (B, S, d_model); positions default to 0..S-1."""
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final hidden states (B, S, d_model); positions default to 0..S-1.
+
+        Packed documents: `document_ids` (B, S) keeps attention inside each document, and
+        `positions` (B, S) restart at 0 for each one.
+        """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.tok_embeddings(tokens)
         for block in self.blocks:
-            h = block(h, positions)
+            h = block(h, positions, document_ids)
         return self.norm(h)
 
-    def logits(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.output(self(tokens, positions))
+    def logits(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+               document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.output(self(tokens, positions, document_ids))
 
     def flops_per_token(self, seq_len: int) -> float:
         return flops_per_token(self, seq_len)
