@@ -12,12 +12,9 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .config import ConfigError, check_known_keys
 from .models import ModelConfig, build_model, smoke_scale
 from .plan import ParallelPlan, PlanError
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the value and the fix."""
 
 
 def model_config_from(cfg: DictConfig) -> ModelConfig:
@@ -164,6 +161,7 @@ def run(cfg: DictConfig) -> Optional[Any]:
 
     from .module import CausalLMModule
 
+    check_known_keys(cfg)
     model_cfg = model_config_from(cfg)
     plan = plan_from(cfg)
     world = world_size_of(cfg)

@@ -7,18 +7,25 @@ Recipes (recipes/*.yaml) are registered in Hydra's ConfigStore under the group `
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from .errors import UserError, one_line
 from .models.config import ModelConfig
 from .plan import ParallelPlan
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
+
+
+class ConfigError(UserError):
+    """A configuration that cannot run; the message names the value and the fix."""
 
 
 @dataclass
@@ -115,3 +122,68 @@ def register_configs() -> None:
         node = OmegaConf.load(path)
         node.recipe_name = path.stem
         store.store(group="recipe", name=path.stem, node=node, package="_global_")
+
+
+def _known_fields(schema: type) -> dict[str, Any]:
+    """Field name -> type of a dataclass schema (types resolved, so nested schemas are classes)."""
+    hints = get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def check_known_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> None:
+    """Refuse keys the schema does not know, in every group.
+
+    Hydra lets `+group.key=value` add a key even to a structured config; such a key would be
+    read by nothing, so the run would silently ignore it.
+    """
+    schema = schema or TrainConfig
+    known = _known_fields(schema)
+    for key in cfg.keys():
+        if key not in known:
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(f"{prefix}{key} is not a known key of {where}: remove it or fix its "
+                              f"spelling (known keys: {', '.join(known)})")
+        value = cfg._get_node(key)
+        if dataclasses.is_dataclass(known[key]) and isinstance(value, DictConfig) and not value._is_none():
+            check_known_keys(value, known[key], f"{prefix}{key}.")
+
+
+def config_user_error(error: BaseException) -> Optional[ConfigError]:
+    """Hydra's and OmegaConf's composition errors as one-line ConfigErrors (None for others).
+
+    Hydra prints these over several lines with hints about its own search path; the user needs
+    the key, the value and the choices.
+    """
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, OverrideParseException):
+        return ConfigError(f"the override {error.override!r} is not valid Hydra syntax "
+                           f"({str(error).splitlines()[0]}): write key=value, +key=value to add a "
+                           "key, and quote values with special characters")
+    if isinstance(error, MissingConfigException):
+        found = re.search(r"Could not find '([^']+)'", str(error))
+        missing = found.group(1) if found else (error.missing_cfg_file or "?")
+        group, _, name = missing.rpartition("/")
+        options = list(error.options or [])
+        if group == "recipe":
+            options = options or available_recipes()
+        if group:
+            return ConfigError(f"{group} '{name}' is unknown: choose one of {', '.join(options) or '(none)'} "
+                               f"(e.g. {'+' if group in ('recipe', 'scale') else ''}{group}="
+                               f"{options[0] if options else 'NAME'})")
+        return ConfigError(one_line(str(error)))
+    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else None
+    omega = error if isinstance(error, OmegaConfBaseException) else cause
+    if omega is not None:
+        key = getattr(omega, "full_key", None)
+        message = str(omega).split("\n")[0].strip()
+        if "not in" in message and key:
+            return ConfigError(f"{key} is not a known key: fix its spelling, or see `python train.py "
+                               f"--cfg job` for every key ({message})")
+        if key:
+            return ConfigError(f"{key}: {message}: give a value of the right type")
+        return ConfigError(one_line(message))
+    if isinstance(error, HydraException):
+        return ConfigError(one_line(str(error)))
+    return None

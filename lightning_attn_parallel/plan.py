@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
+from .errors import UserError
+
 CP_KERNELS = ("allgather", "ring", "ulysses")
 HIERARCHICAL_MODES = ("auto", "always", "never")
 CHECKPOINT_POLICIES = ("none", "attention", "block", "selective")
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan that cannot run on this world size or this model."""
 
 
