@@ -153,7 +153,11 @@ def build_strategy(cfg: DictConfig, plan: ParallelPlan):
         return cfg.strategy.name
     from .strategy import AttnHybridStrategy
 
-    return AttnHybridStrategy(plan=plan, save_distributed_checkpoint=cfg.strategy.save_distributed_checkpoint)
+    try:
+        return AttnHybridStrategy(plan=plan, save_distributed_checkpoint=cfg.strategy.save_distributed_checkpoint,
+                                  timeout_s=cfg.strategy.timeout_s)
+    except ValueError as error:  # e.g. strategy.timeout_s <= 0
+        raise ConfigError(str(error)) from None
 
 
 def run(cfg: DictConfig) -> Optional[Any]:

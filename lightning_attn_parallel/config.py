@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError, one_line
+from .faults import DEFAULT_TIMEOUT_S
 from .models.config import ModelConfig
 from .plan import ParallelPlan
 
@@ -64,6 +65,7 @@ class StrategyConfig:
     name: str = "attn_hybrid"  # or any Lightning strategy name, for comparisons
     plan: ParallelPlan = field(default_factory=ParallelPlan)
     save_distributed_checkpoint: bool = True
+    timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait of any collective (attn_hybrid only)
 
 
 @dataclass

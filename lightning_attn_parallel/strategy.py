@@ -15,7 +15,6 @@ from typing import Any, Generator, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
@@ -32,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 
+from .faults import Heartbeat, configure_nccl, resolve_timeout, start_heartbeat
 from .mesh import ParallelMeshes, build_meshes
 from .parallel.collectives import LinkModel
 from .parallel.gradient_reducer import GradientReducer
@@ -53,6 +53,8 @@ class AttnHybridStrategy(ParallelStrategy):
 
     Args:
         plan: a ParallelPlan, a dict of its fields, "auto" or None (auto: the planner chooses).
+        timeout_s: how long any collective may wait for the other ranks (default
+            faults.DEFAULT_TIMEOUT_S); past it the rank exits naming the ranks that did not arrive.
         save_distributed_checkpoint: sharded checkpoints (a folder, loadable under another plan)
             when parameters are sharded; replicated plans always write one file.
         process_group_backend: "nccl" on CUDA and "gloo" on CPU unless given.
@@ -64,7 +66,7 @@ class AttnHybridStrategy(ParallelStrategy):
                  accelerator=None, parallel_devices: Optional[list[torch.device]] = None,
                  cluster_environment=None, checkpoint_io=None, precision_plugin=None,
                  process_group_backend: Optional[str] = None,
-                 timeout: Optional[timedelta] = default_pg_timeout,
+                 timeout: Optional[timedelta] = None, timeout_s: Optional[float] = None,
                  save_distributed_checkpoint: bool = True) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
@@ -79,7 +81,8 @@ class AttnHybridStrategy(ParallelStrategy):
         self.context_parallel = None
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
-        self._timeout = timeout
+        self._timeout = resolve_timeout(timeout_s, timeout)
+        self._heartbeat: Optional[Heartbeat] = None
         self._save_distributed_checkpoint = save_distributed_checkpoint
         self._parallelized = False
         self._state_loaded_in_place = False
@@ -126,7 +129,10 @@ class AttnHybridStrategy(ParallelStrategy):
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         if self.root_device.type == "cuda":
             kwargs["device_id"] = self.root_device
+        if backend == "nccl":
+            configure_nccl()
         _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        self._heartbeat = self._heartbeat or start_heartbeat(self._timeout)
         self.plan = self._resolve_plan()
         self.meshes = build_meshes(self.plan, self.root_device.type, self.ranks_per_node)
         if self.lightning_module is not None:
@@ -309,7 +315,20 @@ class AttnHybridStrategy(ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
+    def on_exception(self, exception: BaseException) -> None:
+        """A failed collective becomes a PeerFailure naming the ranks that did not arrive."""
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is None:
+            return
+        failure = heartbeat.explain(exception)
+        heartbeat.stop(clean=False)  # this rank failed: the others must not wait for it
+        if failure is not None:
+            raise failure from exception
+
     def teardown(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self.gradient_reducer is not None:
             self.gradient_reducer.remove_hooks()
         super().teardown()

@@ -65,13 +65,14 @@ class SaveAtFirstEpochEnd(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
-def fit(root: str, max_steps: int, ckpt_path=None, save_path=None, callbacks=()) -> dict:
+def fit(root: str, max_steps: int, ckpt_path=None, save_path=None, callbacks=(),
+        strategy="attn_hybrid") -> dict:
     L.seed_everything(0, verbose=False)
     module = lap.CausalLMModule(ModelConfig(**TINY_BYTES_LLAMA), lr=1e-2, warmup_steps=2,
                                 total_steps=FINAL_STEP)
     module.configure_model()
     recorder = LossRecorder()
-    trainer = quiet_trainer(strategy="attn_hybrid", devices=WORLD, max_steps=max_steps,
+    trainer = quiet_trainer(strategy=strategy, devices=WORLD, max_steps=max_steps,
                             limit_train_batches=BATCHES_PER_EPOCH, callbacks=[recorder, *callbacks])
     trainer.fit(module, datamodule=data_module(f"{root}/cache"), ckpt_path=ckpt_path)
     if save_path is not None:
