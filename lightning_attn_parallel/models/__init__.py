@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 from .config import ModelConfig, smoke_scale
+from .hf import from_pretrained, save_pretrained
 from .llama import CausalTransformer, build_llama
 
 
@@ -17,4 +18,5 @@ def build_model(cfg: ModelConfig) -> CausalTransformer:
     raise ValueError(f"model.family={cfg.family!r} is unknown: use 'llama' or 'deepseek'")
 
 
-__all__ = ["ModelConfig", "CausalTransformer", "build_model", "build_llama", "smoke_scale"]
+__all__ = ["ModelConfig", "CausalTransformer", "build_model", "build_llama", "smoke_scale",
+           "from_pretrained", "save_pretrained"]

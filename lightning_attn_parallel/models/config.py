@@ -22,6 +22,20 @@ class ModelConfig:
     ffn_dim: int = 344
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    # RoPE scaling of published checkpoints (see models/rope.py): "none", "llama3" (Llama 3.1+)
+    # or "yarn" (DeepSeek-V2/V3). Both apply at every position; the names follow config.json's
+    # rope_scaling keys. max_seq_len is only the length of the tables.
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_original_max_seq_len: int = 0  # original_max_position_embeddings
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_mscale: float = 0.0  # yarn; 0: unset
+    rope_mscale_all_dim: float = 0.0  # yarn; 0: unset (DeepSeek's MLA scales its softmax by it)
+    rope_attention_factor: Optional[float] = None  # yarn; None: derived from factor and mscales
+    rope_truncate: bool = True  # yarn: round the ramp's ends outwards
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -92,6 +106,7 @@ class ModelConfig:
                     bad(key, getattr(self, key), "MLA needs it positive")
             if self.qk_rope_head_dim % 2:
                 bad("qk_rope_head_dim", self.qk_rope_head_dim, "it must be even for RoPE")
+        self._validate_rope(bad)
         if self.is_moe:
             if not 0 < self.moe_top_k <= self.n_routed_experts:
                 bad("moe_top_k", self.moe_top_k,
@@ -110,6 +125,31 @@ class ModelConfig:
             if self.moe_top_k > self.topk_groups * per_group:
                 bad("moe_top_k", self.moe_top_k,
                     f"the {self.topk_groups} chosen groups hold only {self.topk_groups * per_group} experts")
+
+    def _validate_rope(self, bad) -> None:
+        if self.rope_theta <= 1:
+            bad("rope_theta", self.rope_theta, "it must be greater than 1")
+        if self.rope_scaling not in ("none", "llama3", "yarn"):
+            bad("rope_scaling", self.rope_scaling, "use 'none', 'llama3' or 'yarn'")
+        if self.rope_scaling == "none":
+            return
+        if self.rope_factor < 1:
+            bad("rope_factor", self.rope_factor, "a context-extension factor is at least 1")
+        if self.rope_original_max_seq_len <= 0:
+            bad("rope_original_max_seq_len", self.rope_original_max_seq_len,
+                f"rope_scaling={self.rope_scaling} needs the pre-training length (positive)")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            bad("rope_low_freq_factor", self.rope_low_freq_factor,
+                f"it must be positive and below rope_high_freq_factor={self.rope_high_freq_factor}")
+        if self.rope_scaling == "yarn":
+            if not 0 < self.rope_beta_slow < self.rope_beta_fast:
+                bad("rope_beta_slow", self.rope_beta_slow,
+                    f"it must be positive and below rope_beta_fast={self.rope_beta_fast}")
+            for key in ("rope_mscale", "rope_mscale_all_dim"):
+                if getattr(self, key) < 0:
+                    bad(key, getattr(self, key), "it must be 0 (unset) or positive")
+            if self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
+                bad("rope_attention_factor", self.rope_attention_factor, "it must be positive or null")
 
     def shrunk(self, **overrides: object) -> "ModelConfig":
         return replace(self, **overrides)

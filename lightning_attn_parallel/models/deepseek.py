@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import LocalAttentionKernel, RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import LocalAttentionKernel, RMSNorm, SwiGLU
 from .llama import CausalTransformer, GroupedQueryAttention, TransformerBlock, run_kernel
+from .rope import RopeScaling, RotaryEmbedding, softmax_scale_factor
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,10 +60,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.d_model, bias=False)
-        self.rope = RotaryEmbedding(self.rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        scaling = RopeScaling.of(cfg)
+        self.rope = RotaryEmbedding(self.rope_dim, cfg.max_seq_len, cfg.rope_theta, scaling)
         self.kernel: nn.Module = LocalAttentionKernel()
-        # The published scale is 1/sqrt(qk head dim); v has another width, so set it explicitly.
-        self.kernel.scale = self.qk_dim ** -0.5
+        # The published scale is 1/sqrt(qk head dim) (v has another width, so set it explicitly),
+        # times YaRN's mscale(factor, mscale_all_dim)^2 when the context is extended.
+        self.kernel.scale = self.qk_dim ** -0.5 * softmax_scale_factor(scaling)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "wq"):

@@ -1,4 +1,4 @@
-"""Building blocks shared by every model family: norms, rotary embeddings, MLPs, the local kernel.
+"""Building blocks shared by every model family: norms, MLPs, the local kernel (RoPE: rope.py).
 
 The attention kernel is a separate module held in `attention.kernel` so that context
 parallelism can replace it without the model knowing; `LocalAttentionKernel` is the default.
@@ -27,40 +27,6 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
-
-
-class RotaryEmbedding(nn.Module):
-    """RoPE tables indexed by *global* token positions, so a context-parallel shard rotates its
-    tokens exactly as the unsplit sequence would."""
-
-    def __init__(self, dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
-        super().__init__()
-        self.dim = dim
-        self.max_seq_len = max_seq_len
-        self.theta = theta
-        self.register_buffer("cos", torch.empty(max_seq_len, dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_seq_len, dim // 2), persistent=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.cos.is_meta:
-            return
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim))
-        t = torch.arange(self.max_seq_len, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)
-        self.cos.copy_(freqs.cos().to(self.cos.dtype))
-        self.sin.copy_(freqs.sin().to(self.sin.dtype))
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate the last dim of x (B, H, S, D) by the angles of `positions`: (S,) shared by the
-        batch, or (B, S) per row (packed documents restart at 0)."""
-        cos = self.cos[positions].to(x.dtype)
-        sin = self.sin[positions].to(x.dtype)
-        if positions.dim() == 2:  # (B, S, D/2) -> (B, 1, S, D/2), broadcast over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-        return out.flatten(-2)
 
 
 class LocalAttentionKernel(nn.Module):

@@ -19,7 +19,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .flops import flops_per_token
-from .layers import LocalAttentionKernel, RMSNorm, RotaryEmbedding, SwiGLU, init_linear_weights
+from .layers import LocalAttentionKernel, RMSNorm, SwiGLU, init_linear_weights
+from .rope import RopeScaling, RotaryEmbedding
 
 
 def run_kernel(kernel: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -38,7 +39,7 @@ class GroupedQueryAttention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, RopeScaling.of(cfg))
         self.kernel: nn.Module = LocalAttentionKernel()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,

@@ -1,0 +1,253 @@
+"""Hugging Face checkpoints in and out, against transformers itself.
+
+Tiny random models are built with transformers' own config classes and written with its
+`save_pretrained`; nothing downloads. Parity: fp32 relative error < 1e-5, fp64 < 1e-10.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+from lightning_attn_parallel.models import ModelConfig, build_model  # noqa: E402
+from lightning_attn_parallel.models.hf import (  # noqa: E402
+    Checkpoint, from_pretrained, model_config_from_hf, save_pretrained)
+from lightning_attn_parallel.models.rope import (  # noqa: E402
+    RopeScaling, inverse_frequencies, rotation_scale, softmax_scale_factor)
+
+VOCAB = 96
+TOKENS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=16)
+# Published DeepSeek-V2-Lite values (factor 40, mscale 0.707), pre-training length shrunk to 16.
+YARN_V2 = dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=16, beta_fast=32,
+               beta_slow=1, mscale=0.707, mscale_all_dim=0.707)
+YARN_V3 = dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=16, beta_fast=32,
+               beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+
+
+def llama_config(rope=None, heads=4, kv_heads=2, tie=False, theta=10000.0):
+    rope_parameters = dict(rope_type="default", rope_theta=theta) | (rope or {})
+    return transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_parameters=rope_parameters,
+        initializer_range=0.2, attn_implementation="eager")
+
+
+def deepseek_config(version=2, rope=None, q_lora=None, groups=(1, 1), experts=8, top_k=2,
+                    interleave=True, **extra):
+    rope_parameters = dict(rope_type="default", rope_theta=10000.0) | (rope or {})
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                  q_lora_rank=q_lora, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                  v_head_dim=8, n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=top_k,
+                  moe_intermediate_size=16, first_k_dense_replace=1, n_group=groups[0],
+                  topk_group=groups[1], rms_norm_eps=1e-6, rope_parameters=rope_parameters,
+                  initializer_range=0.2, attn_implementation="eager")
+    if version == 2:
+        method = "group_limited_greedy" if groups[1] < groups[0] else "greedy"
+        return transformers.DeepseekV2Config(topk_method=method, **(common | extra))
+    return transformers.DeepseekV3Config(rope_interleave=interleave, **(common | extra))
+
+
+def save_hf(config, folder: Path, selection_bias: bool = False):
+    """A random transformers model (random selection biases for V3) saved at `folder`."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if selection_bias:
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.3)
+    hf.save_pretrained(folder)
+    return hf
+
+
+def hf_rope(hf):
+    return hf.model.rotary_emb
+
+
+def lift_to_fp64(hf, cfg: ModelConfig, monkeypatch) -> None:
+    """Make transformers compute in float64 where it otherwise drops to float32 whatever the
+    model dtype: RMSNorm, eager attention's softmax (SDPA instead), the RoPE angles and V2's
+    complex rotation. The RoPE frequencies are first checked against transformers' own (fp32)
+    ones, then used in fp64."""
+    hf.double()
+    hf.set_attn_implementation("sdpa")
+    if hasattr(hf.config, "n_routed_experts"):
+        hf.set_experts_implementation("eager")  # the grouped GEMM has no fp64 kernel
+    dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+    scaling = RopeScaling.of(cfg)
+    inv_freq = inverse_frequencies(dim, cfg.rope_theta, scaling)
+    rope = hf_rope(hf)
+    assert_close(rope.original_inv_freq.double(), inv_freq, rtol=1e-6, name="inv_freq")
+    assert rope.attention_scaling == pytest.approx(rotation_scale(scaling), rel=1e-12)
+    complex_rope = type(hf).__name__.startswith("DeepseekV2")
+
+    def rope_forward(x, position_ids):
+        freqs = position_ids[..., None].double() * inv_freq
+        if complex_rope:
+            return torch.polar(torch.ones_like(freqs), freqs) * rope.attention_scaling
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * rope.attention_scaling, emb.sin() * rope.attention_scaling
+
+    rope.forward = rope_forward
+    for module in hf.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = (lambda m: lambda h: m.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True)
+                                                                             + m.variance_epsilon)))(module)
+    if complex_rope:
+        from transformers.models.deepseek_v2 import modeling_deepseek_v2 as v2
+
+        def rotate(xq, xk, freqs_cis):
+            q = torch.view_as_complex(xq.reshape(*xq.shape[:-1], -1, 2))
+            k = torch.view_as_complex(xk.reshape(*xk.shape[:-1], -1, 2))
+            f = freqs_cis.unsqueeze(1)
+            return torch.view_as_real(q * f).flatten(3), torch.view_as_real(k * f).flatten(3)
+
+        monkeypatch.setattr(v2, "apply_rotary_emb", rotate)
+
+
+def logits_of(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model.logits(tokens)
+
+
+def hf_logits(hf, tokens=TOKENS):
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+CASES = {
+    "llama2_mha": lambda: llama_config(heads=4, kv_heads=4),
+    "llama3_gqa_theta": lambda: llama_config(kv_heads=2, theta=500000.0),
+    "llama31_mqa_tied": lambda: llama_config(LLAMA3, kv_heads=1, tie=True, theta=500000.0),
+    "llama_yarn": lambda: llama_config(dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
+    "v2_lite_yarn_greedy": lambda: deepseek_config(2, YARN_V2),
+    "v2_qlora_group_limited": lambda: deepseek_config(2, q_lora=24, groups=(4, 2), routed_scaling_factor=16.0),
+    "v3_qlora_sigmoid_bias_yarn": lambda: deepseek_config(3, YARN_V3, q_lora=24, groups=(4, 2),
+                                                          norm_topk_prob=True, routed_scaling_factor=2.5),
+    "v3_rotate_half": lambda: deepseek_config(3, q_lora=None, groups=(2, 1), interleave=False,
+                                              norm_topk_prob=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_load_matches_transformers(case, tmp_path, monkeypatch):
+    hf = save_hf(CASES[case](), tmp_path, selection_bias=case.startswith("v3"))
+    model = from_pretrained(tmp_path).eval()
+    assert_close(logits_of(model), hf_logits(hf), rtol=1e-5, name=f"{case} fp32")
+    model64 = from_pretrained(tmp_path, dtype=torch.float64).eval()
+    lift_to_fp64(hf, model64.config, monkeypatch)
+    assert_close(logits_of(model64), hf_logits(hf), rtol=1e-10, name=f"{case} fp64")
+
+
+@pytest.mark.parametrize("case", ["llama31_mqa_tied", "v2_lite_yarn_greedy", "v3_qlora_sigmoid_bias_yarn"])
+def test_save_loads_in_transformers(case, tmp_path, monkeypatch):
+    """Project model -> save_pretrained -> transformers: same logits (fp32 and fp64), and back."""
+    hf_cfg = CASES[case]()
+    save_hf(hf_cfg, tmp_path / "src", selection_bias=case.startswith("v3"))
+    model = from_pretrained(tmp_path / "src", dtype=torch.float64).eval()
+    with torch.no_grad():  # move away from the source weights so that a copy cannot pass
+        for p in model.parameters():
+            p.mul_(1.5)
+    save_pretrained(model, tmp_path / "out", dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert_close(hf_logits(hf), logits_of(model), rtol=1e-5, name=f"{case} saved fp32")
+    save_pretrained(model, tmp_path / "out64", dtype=torch.float64, max_shard_size="20KB")
+    assert (tmp_path / "out64" / "model.safetensors.index.json").exists()
+    hf64 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out64", attn_implementation="eager",
+                                                             dtype=torch.float64).eval()
+    lift_to_fp64(hf64, model.config, monkeypatch)
+    assert_close(hf_logits(hf64), logits_of(model), rtol=1e-10, name=f"{case} saved fp64")
+    back = from_pretrained(tmp_path / "out64", dtype=torch.float64).eval()
+    assert_close(logits_of(back), logits_of(model), rtol=1e-12, name=f"{case} round trip")
+
+
+def test_fused_and_per_expert_layouts_load_alike(tmp_path):
+    """transformers 5 holds experts fused (gate_up_proj, down_proj) in memory and writes them per
+    expert; a folder of either layout loads to the same model."""
+    from safetensors.torch import save_file
+
+    hf = save_hf(CASES["v3_qlora_sigmoid_bias_yarn"](), tmp_path / "per_expert", selection_bias=True)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    (fused / "config.json").write_text((tmp_path / "per_expert" / "config.json").read_text())
+    a = from_pretrained(tmp_path / "per_expert").eval()
+    b = from_pretrained(fused).eval()
+    assert_close(logits_of(b), hf_logits(hf), rtol=1e-5, name="fused layout")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+# ---------------------------------------------------------------------------- RoPE
+@pytest.mark.parametrize("rope", [LLAMA3 | dict(original_max_position_embeddings=8192),
+                                  YARN_V2 | dict(original_max_position_embeddings=4096),
+                                  YARN_V3 | dict(original_max_position_embeddings=4096)])
+def test_rope_scalings_match_transformers_at_published_sizes(rope):
+    """Frequencies and attention factor of the published Llama-3.1 and DeepSeek configs."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope["rope_type"] == "llama3":
+        hf_cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                                          rope_parameters=dict(rope_theta=500000.0) | rope)
+        dim, theta = 128, 500000.0
+    else:
+        hf_cfg = transformers.DeepseekV3Config(max_position_embeddings=163840,
+                                               rope_parameters=dict(rope_theta=10000.0) | rope)
+        dim, theta = 64, 10000.0
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg)
+    cfg = model_config_from_hf(hf_cfg.to_dict())
+    scaling = RopeScaling.of(cfg)
+    ours = inverse_frequencies(dim, theta, scaling)
+    plain = inverse_frequencies(dim, theta)
+    assert_close(ours, inv_freq.double(), rtol=1e-6, name="inv_freq")
+    assert rotation_scale(scaling) == pytest.approx(factor, rel=1e-12)
+    assert (ours != plain).sum() > dim // 8, "the scaling should change many frequencies"
+    if rope["rope_type"] == "yarn" and rope["mscale"] == 0.707:  # V2-Lite: softmax scale x ~1.59
+        assert softmax_scale_factor(scaling) == pytest.approx((0.1 * 0.707 * math.log(40) + 1) ** 2)
+        assert (ours != plain).sum() == 21
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_unsupported_config_fields_name_the_field(tmp_path):
+    base = llama_config().to_dict()
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        model_config_from_hf(base | dict(model_type="mistral"))
+    with pytest.raises(ValueError, match="rope_scaling.rope_type='dynamic'"):
+        model_config_from_hf(base | dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)))
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        model_config_from_hf(base | dict(hidden_act="gelu"))
+    with pytest.raises(ValueError, match="attention_bias=True"):
+        model_config_from_hf(base | dict(attention_bias=True))
+    v3 = deepseek_config(3).to_dict()
+    with pytest.raises(ValueError, match="quantization_config"):
+        model_config_from_hf(v3 | dict(quantization_config={"quant_method": "fp8"}))
+
+
+def test_missing_shard_and_mismatched_tensors_are_named(tmp_path):
+    model = build_model(model_config_from_hf(llama_config().to_dict()))
+    save_pretrained(model, tmp_path / "sharded", max_shard_size="10KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    shards[1].unlink()
+    with pytest.raises(ValueError, match=f"shard {shards[1].name} named by model.safetensors.index.json is missing"):
+        from_pretrained(tmp_path / "sharded")
+    save_pretrained(model, tmp_path / "wrong")
+    config = json.loads((tmp_path / "wrong" / "config.json").read_text())
+    (tmp_path / "wrong" / "config.json").write_text(json.dumps(config | dict(intermediate_size=64)))
+    with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(48, 32\) but config.json implies \(64, 32\)"):
+        from_pretrained(tmp_path / "wrong")
+    (tmp_path / "wrong" / "config.json").write_text(json.dumps(config | dict(num_hidden_layers=1)))
+    with pytest.raises(ValueError, match="model.layers.1.* has no place"):
+        from_pretrained(tmp_path / "wrong")
