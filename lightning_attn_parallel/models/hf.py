@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
@@ -46,11 +47,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
-def _error(message: str) -> Exception:
-    try:
-        from ..errors import UserError
-    except ImportError:  # pragma: no cover - before errors.py exists
-        return ValueError(message)
+def _error(message: str) -> UserError:
     return UserError(message)
 
 
