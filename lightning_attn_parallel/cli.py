@@ -83,15 +83,21 @@ def check_machine(cfg: DictConfig, model_cfg: ModelConfig, plan: ParallelPlan) -
 
 def check_fits_gpu(cfg: DictConfig, model_cfg: ModelConfig, plan: ParallelPlan) -> None:
     """The planner's memory budget for this plan on this card; fail with the nearest fit."""
+    from dataclasses import replace
+
     from .planning import ClusterSpec, detect_gpu, estimate_memory, nearest_fit
+    from .planning.select import accumulation_options
 
     gpu = detect_gpu()
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else torch.cuda.device_count()
     cluster = ClusterSpec(num_nodes=cfg.trainer.num_nodes, gpus_per_node=devices)
     resolved = plan.resolve(cluster.world_size)
-    args = (model_cfg, resolved, cfg.data.micro_batch_size, cfg.data.seq_len, cfg.trainer.precision, gpu)
-    estimate = estimate_memory(*args, grad_accum=cfg.trainer.accumulate_grad_batches,
-                               loss_chunk_tokens=cfg.optim.loss_chunk_tokens)
+    accumulate = cfg.trainer.accumulate_grad_batches
+    estimate = min((estimate_memory(model_cfg, replace(resolved, accumulation=policy),
+                                    cfg.data.micro_batch_size, cfg.data.seq_len, cfg.trainer.precision,
+                                    gpu, grad_accum=accumulate, loss_chunk_tokens=cfg.optim.loss_chunk_tokens)
+                    for policy in accumulation_options(resolved, accumulate)),  # "auto": the leanest
+                   key=lambda e: e.total)
     if estimate.fits:
         return
     fixes = nearest_fit(model_cfg, cluster, gpu, cfg.data.micro_batch_size, cfg.data.seq_len,

@@ -13,6 +13,8 @@ from .errors import UserError
 CP_KERNELS = ("allgather", "ring", "ulysses")
 HIERARCHICAL_MODES = ("auto", "always", "never")
 CHECKPOINT_POLICIES = ("none", "attention", "block", "selective")
+# Gradient accumulation under FSDP2/HSDP (parallel/fully_sharded.py says what each sends and keeps)
+ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
 
 
 class PlanError(UserError):
@@ -48,6 +50,8 @@ class ParallelPlan:
     cp_load_balance: bool = True
     # expert parallel
     grouped_gemm: bool = True
+    # sharded data parallel: what micro-batches that only accumulate send ("auto": the planner)
+    accumulation: str = "auto"
     # memory levers
     activation_checkpointing: str = "none"
     ac_every_n: int = 1
@@ -68,6 +72,7 @@ class ParallelPlan:
         self._check_choice("cp_kernel", CP_KERNELS)
         self._check_choice("hierarchical", HIERARCHICAL_MODES)
         self._check_choice("activation_checkpointing", CHECKPOINT_POLICIES)
+        self._check_choice("accumulation", ACCUMULATION_POLICIES)
         if self.bucket_mb <= 0:
             raise PlanError(f"ParallelPlan bucket_mb={self.bucket_mb!r} is invalid: it must be > 0")
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
@@ -174,4 +179,5 @@ def as_plan(value: Any) -> ParallelPlan:
                     "fields, or 'auto'")
 
 
-__all__ = ["ParallelPlan", "PlanError", "as_plan", "CP_KERNELS", "CHECKPOINT_POLICIES"]
+__all__ = ["ParallelPlan", "PlanError", "as_plan", "CP_KERNELS", "CHECKPOINT_POLICIES",
+           "ACCUMULATION_POLICIES"]

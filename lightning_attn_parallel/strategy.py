@@ -148,7 +148,20 @@ class AttnHybridStrategy(ParallelStrategy):
         plan = self._requested_plan
         if plan.is_auto:
             plan = self._auto_plan()
-        return plan.resolve(self.world_size)
+        return self._resolve_accumulation(plan.resolve(self.world_size))
+
+    def _resolve_accumulation(self, plan: ParallelPlan) -> ParallelPlan:
+        """Pin accumulation="auto" to one policy (the planner's, on GPUs) and log the choice."""
+        from dataclasses import replace
+
+        from .planning.auto import accumulation_for_strategy
+
+        module = self.lightning_module
+        policy, reason = accumulation_for_strategy(getattr(module, "model_config", None), self,
+                                                   module, plan)
+        if plan.sharded and plan.accumulation == "auto":
+            rank_zero_info(f"attn_hybrid: gradient accumulation {policy}: {reason}")
+        return replace(plan, accumulation=policy)
 
     def _auto_plan(self) -> ParallelPlan:
         """Ask the planner when the module describes its model; plain data parallelism otherwise."""
@@ -273,14 +286,15 @@ class AttnHybridStrategy(ParallelStrategy):
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
-        """Micro-batches that only accumulate send nothing: no all-reduce, no reduce-scatter."""
+        """Micro-batches that only accumulate send nothing (the replicated reducer), or what the
+        plan's accumulation policy says (FSDP2/HSDP; see parallel.fully_sharded)."""
         reducer = self.gradient_reducer
         if reducer is not None:
             reducer.sync_enabled = False
         if self.fully_sharded:
             from .parallel.fully_sharded import set_gradient_sync
 
-            set_gradient_sync(self.model, False)
+            set_gradient_sync(self.model, False, self.plan.accumulation)
         self._gradients_synced = False
         try:
             yield

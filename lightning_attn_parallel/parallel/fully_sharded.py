@@ -24,6 +24,9 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+# The concrete accumulation policies (plan.ACCUMULATION_POLICIES less "auto", which the planner
+# resolves to one of these).
+ACCUMULATION = ("defer_all", "reduce_scatter_each", "defer_all_reduce")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
@@ -78,17 +81,28 @@ class GradientFixup:
                 local.mul_(self.scale)
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Turn gradient reduction on for the last micro-batch of a step, off for the others.
+def set_gradient_sync(model: nn.Module, enabled: bool, accumulation: str = "defer_all") -> None:
+    """Gradient reduction for the coming backward: `enabled` on a step's last micro-batch, off on
+    the micro-batches that only accumulate, which then send what `accumulation` says:
 
-    Off: FSDP2 keeps accumulating unsharded gradients locally and sends nothing (neither the
-    reduce-scatter nor, under HSDP, the all-reduce across replicas). On: the next backward
-    reduces everything accumulated so far. Costs the memory of unsharded gradients while off.
+    - "defer_all": nothing. FSDP2 accumulates unsharded gradients locally (their full memory,
+      fp32 under "-mixed") and the last backward reduces everything at once: fewest collectives.
+    - "reduce_scatter_each": everything, every micro-batch (reduce-scatter, and under HSDP the
+      all-reduce across replicas); only sharded gradients are ever kept.
+    - "defer_all_reduce": the reduce-scatter every micro-batch (usually inside a node), while
+      HSDP's all-reduce across replicas (usually between nodes) waits for the last one; FSDP2
+      keeps the reduce-scattered partial sums, a sharded size. Without replicas it equals
+      "reduce_scatter_each".
     """
+    if accumulation not in ACCUMULATION:
+        raise ValueError(f"accumulation={accumulation!r} is unknown: use one of {', '.join(ACCUMULATION)}")
+    reduce_scatter = enabled or accumulation != "defer_all"
+    all_reduce = enabled or accumulation == "reduce_scatter_each"
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_requires_gradient_sync(enabled, recurse=False)
-            module.set_requires_all_reduce(enabled, recurse=False)
+            # set_requires_gradient_sync also turns the all-reduce back on: set it first.
+            module.set_requires_gradient_sync(reduce_scatter, recurse=False)
+            module.set_requires_all_reduce(all_reduce, recurse=False)
 
 
 def mixed_precision_for(precision: str) -> MixedPrecisionPolicy:
@@ -170,5 +184,5 @@ def _group_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     return norm.float()
 
 
-__all__ = ["apply_fully_sharded", "set_gradient_sync", "GradientFixup",
+__all__ = ["apply_fully_sharded", "set_gradient_sync", "ACCUMULATION", "GradientFixup",
            "mixed_precision_for", "clip_grad_norm_", "PRECISIONS"]

@@ -5,7 +5,7 @@ from typing import Any
 
 from ..plan import ParallelPlan
 from .hardware import ClusterSpec, detect_gpu
-from .select import select_plan
+from .select import make_workload, resolve_accumulation, select_plan
 
 
 def _workload(module: Any, model_cfg: Any) -> tuple[int, int, int]:
@@ -32,3 +32,27 @@ def auto_plan_for_strategy(model_cfg: Any, strategy: Any, module: Any) -> tuple[
                                str(strategy.precision_plugin.precision), grad_accum=accumulate,
                                template=strategy._requested_plan_template())
     return plan, report.reason
+
+
+def accumulation_for_strategy(model_cfg: Any, strategy: Any, module: Any,
+                              plan: ParallelPlan) -> tuple[str, str]:
+    """(accumulation policy, reason) for a resolved `plan` whose policy may still be "auto".
+
+    On GPUs the planner compares the policies by memory and time; without a card or a model
+    config to plan from, "auto" keeps every reduction for the step's last micro-batch.
+    """
+    if plan.accumulation != "auto":
+        return plan.accumulation, "requested"
+    if not plan.sharded:
+        return "defer_all", "parameters are replicated"
+    if model_cfg is None or strategy.root_device.type != "cuda":
+        return "defer_all", "no card and model to plan against"
+    micro_batch, seq_len, accumulate = _workload(module, model_cfg)
+    if accumulate == 1:
+        return "defer_all", "no accumulation"
+    cluster = ClusterSpec(num_nodes=strategy.num_nodes, gpus_per_node=strategy.num_processes)
+    work = make_workload(model_cfg, cluster, detect_gpu(), micro_batch, seq_len,
+                         str(strategy.precision_plugin.precision), grad_accum=accumulate)
+    chosen = resolve_accumulation(work, plan)
+    fits = "fastest that fits" if chosen.fits else "least memory; nothing fits"
+    return chosen.plan.accumulation, f"{fits} ({chosen.memory.describe()})"

@@ -39,6 +39,8 @@ def _plan_text(plan: ParallelPlan) -> str:
     suffix = {"tp": "+sp" if plan.sequence_parallel else "", "cp": f"({plan.cp_kernel})"}
     parts = [f"{key}={getattr(plan, key)}{suffix.get(key, '')}"
              for key in ("dp_replicate", "dp_shard", "tp", "cp", "ep") if getattr(plan, key) > 1]
+    if plan.sharded and plan.accumulation not in ("auto", "defer_all"):
+        parts.append(plan.accumulation)
     return " ".join(parts) or "single GPU"
 
 

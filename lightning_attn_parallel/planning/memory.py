@@ -13,7 +13,9 @@ Precision accounting (bytes per parameter held by one rank, before sharding):
 - "32-true": 4 + 4 + 8 = 16.
 
 Gradients are counted once: the replicated reducer's flat buckets are the gradients. FSDP keeps
-sharded gradients; while accumulating with gradient sync off it also keeps the unsharded ones.
+sharded gradients; what it adds while accumulating depends on the plan's `accumulation`:
+"defer_all" keeps the unsharded gradients too, "defer_all_reduce" (HSDP) the reduce-scattered
+partial sums (a sharded size), "reduce_scatter_each" nothing.
 
 Activations follow what autograd saves in this package's modules (not a generic formula): eager
 autocast saves one bf16 cast of a norm output per consuming matmul, GQA keys and values are saved
@@ -175,14 +177,28 @@ def largest_unit(counts: ParamCounts, plan: ParallelPlan) -> float:
     return max(block, counts.embedding / vocab_split, counts.head / vocab_split)
 
 
+def accumulation_policy(plan: ParallelPlan, grad_accum: int) -> str:
+    """The accumulation policy a plan runs with, as the cost model sees it: "defer_all" when it
+    makes no difference (no accumulation, no sharding) or is unresolved ("auto": today's default
+    until the planner picks), and "reduce_scatter_each" for "defer_all_reduce" without replicas."""
+    if grad_accum == 1 or not plan.sharded or plan.accumulation == "auto":
+        return "defer_all"
+    if plan.accumulation == "defer_all_reduce" and plan.dp_replicate == 1:
+        return "reduce_scatter_each"
+    return plan.accumulation
+
+
 def _state_bytes(local: LocalParams, plan: ParallelPlan, p: PrecisionSpec,
                  grad_accum: int, buffers: int) -> tuple[float, float, float]:
     """(parameters, gradients, optimizer) bytes."""
     if plan.sharded:
         params = local.sharded * p.param_bytes
         grads = local.sharded * p.grad_bytes
-        if grad_accum > 1:  # no reduce-scatter while accumulating: unsharded grads persist
+        policy = accumulation_policy(plan, grad_accum)
+        if policy == "defer_all":  # no reduce-scatter while accumulating: unsharded grads persist
             grads += local.unsharded * p.grad_bytes
+        elif policy == "defer_all_reduce":  # FSDP2's partial sums, added to the last reduction
+            grads += local.sharded * p.grad_bytes
     else:
         params = local.unsharded * p.param_bytes
         grads = local.unsharded * p.grad_bytes
@@ -443,7 +459,7 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
                     counts: Optional[ParamCounts] = None) -> MemoryEstimate:
     """Peak bytes per GPU for `plan` at `micro_batch` sequences of `seq_len` tokens per DP rank.
 
-    `grad_accum` matters only under FSDP (unsharded gradients kept while accumulating);
+    `grad_accum` matters only under FSDP, with the plan's `accumulation` (see `_state_bytes`);
     `loss_chunk_tokens` is the chunked loss's chunk (None: full fp32 logits).
     """
     if seq_len % plan.cp:
@@ -462,6 +478,6 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
                           capacity=gpu.memory_bytes * calibration.usable_memory_fraction)
 
 
-__all__ = ["MemoryEstimate", "PrecisionSpec", "compute_precision", "LocalParams", "PRECISIONS", "precision_spec",
+__all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "compute_precision", "LocalParams", "PRECISIONS", "precision_spec",
            "estimate_memory", "activation_bytes", "local_params", "largest_unit",
            "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags"]

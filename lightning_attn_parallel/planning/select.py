@@ -56,7 +56,8 @@ class Workload:
                              calibration=self.calibration, counts=self.counts)
 
     def evaluate(self, plan: ParallelPlan) -> "Evaluation":
-        plan = plan.resolve(self.cluster.world_size)
+        """`plan` timed, with its accumulation policy resolved when "auto"."""
+        plan = resolve_accumulation(self, plan).plan
         return Evaluation(plan, self.memory(plan), self.timing(plan))
 
     def describe(self) -> str:
@@ -157,17 +158,51 @@ def _with_checkpointing(plan: ParallelPlan, option: tuple[str, int]) -> Parallel
     return replace(plan, activation_checkpointing=option[0], ac_every_n=option[1])
 
 
+def accumulation_options(plan: ParallelPlan, grad_accum: int) -> list[str]:
+    """The accumulation policies worth comparing for `plan` ("auto" resolved; a choice kept)."""
+    if plan.accumulation != "auto":
+        return [plan.accumulation]
+    if grad_accum == 1 or not plan.sharded:
+        return ["defer_all"]  # nothing to defer or nothing sharded: all policies are the same
+    options = ["defer_all", "reduce_scatter_each"]
+    return options + ["defer_all_reduce"] if plan.dp_replicate > 1 else options
+
+
+def _fastest_fitting(work: Workload, plans: list[ParallelPlan]) -> tuple[Optional[Evaluation], list[Evaluation]]:
+    """(the fastest of `plans` that fits, least memory on ties; the misses, untimed)."""
+    fitting, misses = [], []
+    for plan in plans:
+        memory = work.memory(plan)
+        if memory.fits:
+            fitting.append(Evaluation(plan, memory, work.timing(plan)))
+        else:
+            misses.append(Evaluation(plan, memory))
+    best = min(fitting, key=lambda e: (-e.tokens_per_s_per_gpu, e.memory.total), default=None)
+    return best, misses
+
+
+def resolve_accumulation(work: Workload, plan: ParallelPlan) -> Evaluation:
+    """`plan` with its accumulation policy chosen (when "auto"): the fastest that fits, or the
+    one that needs least memory when none does."""
+    plan = plan.resolve(work.cluster.world_size)
+    plans = [replace(plan, accumulation=a) for a in accumulation_options(plan, work.grad_accum)]
+    best, misses = _fastest_fitting(work, plans)
+    return best or min(misses, key=lambda e: e.memory.total)
+
+
 def _best_for_layout(work: Workload, layout: ParallelPlan,
                      options: list[tuple[str, int]]) -> Evaluation:
-    """The first of `options` (least recompute first) that fits, timed; else the leanest, untimed."""
+    """The first of `options` (least recompute first) that fits with some accumulation policy,
+    with its fastest fitting policy, timed; else the leanest, untimed."""
     resolved = layout.resolve(work.cluster.world_size)
+    policies = accumulation_options(resolved, work.grad_accum)
     misses = []
     for option in options:
         plan = _with_checkpointing(resolved, option)
-        memory = work.memory(plan)
-        if memory.fits:
-            return Evaluation(plan, memory, work.timing(plan))
-        misses.append(Evaluation(plan, memory))
+        best, missed = _fastest_fitting(work, [replace(plan, accumulation=a) for a in policies])
+        if best is not None:
+            return best
+        misses += missed
     return min(misses, key=lambda e: e.memory.total)
 
 
@@ -512,4 +547,5 @@ def heuristic_plan(n_params: int, world_size: int, gpus_per_node: int, gpu_memor
 
 __all__ = ["Workload", "Evaluation", "PlanReport", "FitSuggestion", "NoPlanFitsError",
            "candidate_plans", "layouts", "checkpoint_options", "evaluate_layouts", "make_workload",
-           "choose", "select_plan", "nearest_fit", "heuristic_plan"]
+           "choose", "select_plan", "nearest_fit", "heuristic_plan", "accumulation_options",
+           "resolve_accumulation"]

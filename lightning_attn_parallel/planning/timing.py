@@ -22,8 +22,9 @@ from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ParamCounts, parameter_counts
 from .hardware import ClusterSpec, GpuSpec
-from .memory import (MIB, PrecisionSpec, checkpointed_layers, compute_precision, expert_shard_degree, kv_width,
-                     largest_unit, local_params, moe_layer_flags, precision_spec)
+from .memory import (MIB, PrecisionSpec, accumulation_policy, checkpointed_layers, compute_precision,
+                     expert_shard_degree, kv_width, largest_unit, local_params, moe_layer_flags,
+                     precision_spec)
 
 GB = 1e9
 
@@ -314,8 +315,10 @@ def _fsdp_gather_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec,
 
 
 def _grad_reduce_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec,
-                      cluster: ClusterSpec, cal: Calibration) -> tuple[float, float]:
-    """(gradient reduction of one step, the part that cannot overlap: the last bucket/unit)."""
+                      cluster: ClusterSpec, cal: Calibration) -> tuple[float, float, float]:
+    """Gradient reduction of one micro-batch's gradients: (the reduce-scatters, or the replicated
+    all-reduce; HSDP's all-reduce across replicas; the part that cannot overlap: the last
+    bucket/unit)."""
     g = _groups(plan)
     local = local_params(counts, plan)
     dense, experts = local.dense * p.grad_bytes, local.experts * p.grad_bytes
@@ -323,13 +326,29 @@ def _grad_reduce_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec,
         total = (all_reduce_time(dense, g["dp_cp"], cluster, cal)
                  + all_reduce_time(experts, g["edp"], cluster, cal))
         tail = all_reduce_time(min(dense, plan.bucket_mb * MIB), g["dp_cp"], cluster, cal)
-        return total, tail
-    total = (reduce_scatter_time(dense, g["shard"], cluster, cal)
-             + all_reduce_time(dense / plan.dp_shard, g["replicate"], cluster, cal)
-             + reduce_scatter_time(experts, g["expert_shard"], cluster, cal)
-             + all_reduce_time(experts / local.expert_shard, g["expert_replicate"], cluster, cal))
+        return total, 0.0, tail
+    scatter = (reduce_scatter_time(dense, g["shard"], cluster, cal)
+               + reduce_scatter_time(experts, g["expert_shard"], cluster, cal))
+    replicas = (all_reduce_time(dense / plan.dp_shard, g["replicate"], cluster, cal)
+                + all_reduce_time(experts / local.expert_shard, g["expert_replicate"], cluster, cal))
     tail = reduce_scatter_time(largest_unit(counts, plan) * p.grad_bytes, g["shard"], cluster, cal)
-    return total, tail
+    return scatter, replicas, tail
+
+
+def _step_reduce_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec, cluster: ClusterSpec,
+                      cal: Calibration, grad_accum: int, backward: float) -> tuple[float, float]:
+    """(gradient reduction of one optimizer step, the part of it left exposed), by accumulation
+    policy: each reduction hides behind the backward of the micro-batch that sends it."""
+    scatter, replicas, tail = _grad_reduce_time(counts, plan, p, cluster, cal)
+    window = cal.dp_overlap * backward
+    last = _exposed(scatter + replicas, window, tail)
+    policy = accumulation_policy(plan, grad_accum)
+    if policy == "reduce_scatter_each":
+        return grad_accum * (scatter + replicas), grad_accum * last
+    if policy == "defer_all_reduce":
+        early = (grad_accum - 1) * scatter
+        return early + scatter + replicas, (grad_accum - 1) * _exposed(scatter, window, tail) + last
+    return scatter + replicas, last
 
 
 def _optimizer_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec, gpu: GpuSpec,
@@ -378,9 +397,8 @@ def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSp
     ep = _ep_time(model_cfg, plan, rank_tokens, p, cluster, cal)
     gather, gather_unit = _fsdp_gather_time(counts, plan, p, cluster, cal)
     fsdp_exposed = _exposed(gather, cal.fsdp_overlap * (compute + recompute), gather_unit)
-    reduce, reduce_tail = _grad_reduce_time(counts, plan, p, cluster, cal)
     backward = 2.0 / 3.0 * compute + recompute
-    dp_exposed = _exposed(reduce, cal.dp_overlap * backward, reduce_tail)
+    reduce, dp_exposed = _step_reduce_time(counts, plan, p, cluster, cal, grad_accum, backward)
     return TimingEstimate(
         compute_s=grad_accum * compute, recompute_s=grad_accum * recompute, tp_s=grad_accum * tp,
         cp_s=grad_accum * cp, ep_s=grad_accum * ep, fsdp_gather_s=grad_accum * gather,

@@ -1,0 +1,144 @@
+"""The speed paths are exact on CPU: the accumulation policies under FSDP2/HSDP.
+
+One 4-process spawn runs every distributed case: for each accumulation policy, FSDP (dp_shard=4)
+and HSDP (2 x 2) equal one process on the global batch (2 micro-batches per step, fp64, two
+AdamW steps), and the collectives each micro-batch sends are
+counted. The planner's accumulation terms are checked by hand.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from functools import partial
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+from lightning_attn_parallel.parallel.fully_sharded import ACCUMULATION, apply_fully_sharded, set_gradient_sync
+from lightning_attn_parallel.plan import ParallelPlan, PlanError
+from lightning_attn_parallel.planning import H100_SXM, ClusterSpec, estimate_memory, estimate_time
+from lightning_attn_parallel.planning.select import make_workload, resolve_accumulation
+from dist_utils import run_distributed
+from test_fully_sharded import ROWS, _CountCollectives, global_and_local_batches
+from test_planner import DEEPSEEK_67B, NO_SLACK, PARAMS, TINY
+from test_tensor_parallel import RTOL, check_parity, make_batch, mean_loss, tiny_model
+
+
+# ---------------------------------------------------------------------------- accumulation
+def _accumulation_parity(name: str, dp_rank: int, mesh, policy: str) -> None:
+    """fp64: losses, first-step gradients and parameters after two AdamW steps."""
+    reference = tiny_model(torch.float64)
+    model = apply_fully_sharded(copy.deepcopy(reference), mesh)
+    global_steps, local_steps = global_and_local_batches(dp_rank, mesh.size(), 2)
+    check_parity(model, reference, local_steps, RTOL[torch.float64], f"{name} {policy}",
+                 ref_batches=global_steps, set_sync=partial(set_gradient_sync, accumulation=policy),
+                 average_loss=True)
+
+
+def _counts_per_micro_batch(mesh, policy: str) -> list[dict[str, int]]:
+    """Collectives sent by the backward of an accumulating micro-batch, then of the last one."""
+    model = apply_fully_sharded(tiny_model(), mesh)
+    counts = []
+    for i, last in enumerate((False, True)):
+        set_gradient_sync(model, last, policy)
+        loss = mean_loss(model, *make_batch(ROWS, seed=i))
+        with _CountCollectives() as comm:
+            loss.backward()
+        counts.append(comm.counts)
+    return counts
+
+
+def _accumulation_worker(rank: int, world: int) -> dict:
+    meshes = {"fsdp": init_device_mesh("cpu", (4,), mesh_dim_names=("dp_shard",)),
+              "hsdp": init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))}
+    counts = {}
+    for name, mesh in meshes.items():
+        for policy in ACCUMULATION:
+            if policy != "defer_all":  # test_fully_sharded covers today's default
+                _accumulation_parity(name, rank, mesh, policy)
+            counts[name, policy] = _counts_per_micro_batch(mesh, policy)
+    return counts
+
+
+def test_accumulation_policies_parity_and_collectives_per_micro_batch():
+    groups = tiny_model().config.n_layers + 1  # one FSDP unit per block, plus the root
+    nothing = {"reduce_scatter": 0, "all_reduce": 0}
+    scatter = {"reduce_scatter": groups, "all_reduce": 0}
+    both = {"reduce_scatter": groups, "all_reduce": groups}
+    expected = {  # (accumulating micro-batch, last micro-batch)
+        ("fsdp", "defer_all"): (nothing, scatter),
+        ("fsdp", "reduce_scatter_each"): (scatter, scatter),
+        ("fsdp", "defer_all_reduce"): (scatter, scatter),
+        ("hsdp", "defer_all"): (nothing, both),
+        ("hsdp", "reduce_scatter_each"): (both, both),
+        ("hsdp", "defer_all_reduce"): (scatter, both),
+    }
+    for rank_counts in run_distributed(_accumulation_worker, 4):
+        for key, (accumulating, last) in expected.items():
+            assert rank_counts[key] == [accumulating, last], (key, rank_counts[key])
+
+
+def test_unknown_accumulation_policy_is_refused():
+    with pytest.raises(PlanError, match="accumulation='sometimes'.*defer_all_reduce"):
+        ParallelPlan(accumulation="sometimes")
+    with pytest.raises(ValueError, match="accumulation='auto'"):
+        set_gradient_sync(torch.nn.Linear(1, 1), False, "auto")  # the strategy resolves "auto"
+
+
+# ---------------------------------------------------------------------------- planner terms
+def test_accumulation_memory_by_hand():
+    def grads(dp_replicate: int, policy: str) -> float:
+        plan = ParallelPlan(dp_replicate=dp_replicate, dp_shard=2, accumulation=policy)
+        return estimate_memory(TINY, plan, 1, 8, "bf16-mixed", H100_SXM, grad_accum=4,
+                               calibration=NO_SLACK).grads
+
+    sharded = PARAMS / 2 * 4  # fp32 gradients of this rank's shard
+    assert grads(1, "defer_all") == sharded + PARAMS * 4  # the unsharded ones persist
+    assert grads(1, "reduce_scatter_each") == sharded
+    assert grads(1, "defer_all_reduce") == sharded  # no replicas: the same as reduce_scatter_each
+    assert grads(2, "defer_all_reduce") == 2 * sharded  # FSDP2's partial sums beside them
+    assert grads(1, "auto") == grads(1, "defer_all")  # unresolved: counted at its most
+
+
+def test_accumulation_time_by_hand():
+    """reduce_scatter_each sends everything every micro-batch; defer_all_reduce sends the
+    reduce-scatter every micro-batch and the all-reduce across replicas once."""
+    cluster = ClusterSpec(16, 8)
+
+    def timing(policy: str, accumulate: int = 4):
+        plan = ParallelPlan(dp_replicate=2, dp_shard=8, tp=8, accumulation=policy,
+                            activation_checkpointing="block")
+        return estimate_time(DEEPSEEK_67B, plan, cluster, H100_SXM, 1, 4096, "bf16-mixed",
+                             grad_accum=accumulate)
+
+    once = timing("defer_all")
+    assert timing("defer_all", 1).dp_reduce_s == pytest.approx(once.dp_reduce_s)
+    assert timing("reduce_scatter_each").dp_reduce_s == pytest.approx(4 * once.dp_reduce_s)
+    single = timing("defer_all_reduce", 1).dp_reduce_s
+    scatter_only = (timing("defer_all_reduce", 2).dp_reduce_s - single)  # one more reduce-scatter
+    assert 0 < scatter_only < single
+    assert timing("defer_all_reduce").dp_reduce_s == pytest.approx(single + 3 * scatter_only)
+
+
+def test_planner_resolves_auto_accumulation_by_memory_and_time():
+    """The deepseek_67b recipe on 128 GPUs: deferring everything keeps every unsharded fp32
+    gradient of the tp shard (35 GiB). On an H100 that fits and is fastest (dp_shard spans
+    nodes, so reduce-scatters per micro-batch are exposed); on a 40 GiB card only the sharded
+    policies fit, and the planner takes the faster of them."""
+    plan = ParallelPlan(dp_replicate=2, dp_shard=8, tp=8, activation_checkpointing="block")
+    work = make_workload(DEEPSEEK_67B, ClusterSpec(16, 8), H100_SXM, 1, 4096, "bf16-mixed",
+                         grad_accum=4, loss_chunk_tokens=4096)
+    for gpu, expected in ((H100_SXM, "defer_all"), (replace(H100_SXM, memory_gib=40.0), "defer_all_reduce")):
+        card = replace(work, gpu=gpu)
+        by_policy = {p: card.evaluate(replace(plan, accumulation=p)) for p in ACCUMULATION}
+        assert by_policy["defer_all"].memory.grads - by_policy["reduce_scatter_each"].memory.grads > 30 * 2**30
+        fitting = [e for e in by_policy.values() if e.fits]
+        fastest = max(fitting, key=lambda e: (e.tokens_per_s_per_gpu, -e.memory.total))
+        chosen = resolve_accumulation(card, plan)
+        assert chosen.plan.accumulation == fastest.plan.accumulation == expected
+        assert chosen.fits and chosen.timing is not None
+    assert resolve_accumulation(replace(work, grad_accum=1), plan).plan.accumulation == "defer_all"
+    tight = replace(work, gpu=replace(H100_SXM, memory_gib=40.0))
+    kept = resolve_accumulation(tight, replace(plan, accumulation="defer_all"))
+    assert kept.plan.accumulation == "defer_all" and not kept.fits  # a requested policy is kept
