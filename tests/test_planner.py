@@ -455,9 +455,14 @@ def test_dry_run_from_a_training_config():
                     "accumulate_grad_batches": 4},
         "data": {"micro_batch_size": 4, "seq_len": 4096},
         "optim": {"loss_chunk_tokens": 4096}})
-    plan = ParallelPlan(dp_replicate=2, dp_shard=8, tp=8, activation_checkpointing="block")
+    plan = ParallelPlan(dp_replicate=2, dp_shard=8, tp=8, activation_checkpointing="block",
+                        accumulation="defer_all")
     report = dry_run_from_config(cfg, DEEPSEEK_67B, plan, 128, gpu="h100")
     assert "accumulate 4" in report and "16 node(s) x 8 = 128" in report
-    # accumulating under FSDP keeps unsharded fp32 gradients; at micro-batch 4 the activations
+    # deferring every reduction keeps unsharded fp32 gradients; at micro-batch 4 the activations
     # overflow, and sequence parallelism frees enough
     assert "nearest fit: sequence_parallel=True" in report
+    # accumulation="auto" reduce-scatters every micro-batch instead, and the plan fits
+    report = dry_run_from_config(cfg, DEEPSEEK_67B, replace(plan, accumulation="auto"), 128, gpu="h100")
+    requested = next(line for line in report.splitlines() if line.startswith(">"))
+    assert "rs_each" in requested and " yes " in requested

@@ -34,13 +34,16 @@ def resolve_gpu(gpu: Union[GpuSpec, str, None]) -> tuple[GpuSpec, str]:
     return found, " (detected)"
 
 
+_ACCUMULATION_SHORT = {"reduce_scatter_each": "acc=rs_each", "defer_all_reduce": "acc=defer_ar"}
+
+
 def _plan_text(plan: ParallelPlan) -> str:
     """Compact degrees: 'dp_shard=16 tp=8+sp cp=2(ring) ep=8'."""
     suffix = {"tp": "+sp" if plan.sequence_parallel else "", "cp": f"({plan.cp_kernel})"}
     parts = [f"{key}={getattr(plan, key)}{suffix.get(key, '')}"
              for key in ("dp_replicate", "dp_shard", "tp", "cp", "ep") if getattr(plan, key) > 1]
-    if plan.sharded and plan.accumulation not in ("auto", "defer_all"):
-        parts.append(plan.accumulation)
+    if plan.sharded and plan.accumulation in _ACCUMULATION_SHORT:
+        parts.append(_ACCUMULATION_SHORT[plan.accumulation])
     return " ".join(parts) or "single GPU"
 
 

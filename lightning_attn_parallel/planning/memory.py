@@ -194,7 +194,7 @@ def _state_bytes(local: LocalParams, plan: ParallelPlan, p: PrecisionSpec,
     if plan.sharded:
         params = local.sharded * p.param_bytes
         grads = local.sharded * p.grad_bytes
-        policy = accumulation_policy(plan, grad_accum)
+        policy = accumulation_policy(plan, grad_accum) if grad_accum > 1 else "no accumulation"
         if policy == "defer_all":  # no reduce-scatter while accumulating: unsharded grads persist
             grads += local.unsharded * p.grad_bytes
         elif policy == "defer_all_reduce":  # FSDP2's partial sums, added to the last reduction
