@@ -112,10 +112,13 @@ def check_fits_gpu(cfg: DictConfig, model_cfg: ModelConfig, plan: ParallelPlan) 
 
 def build_datamodule(cfg: DictConfig):
     from .data.datamodule import LMDataModule
+    from .data.documents import DOCUMENT_KEYS, DocumentDataModule
 
     values = OmegaConf.to_container(cfg.data, resolve=True)
     try:
-        return LMDataModule(**values)
+        if values["source"] == "documents":
+            return DocumentDataModule(**{k: values[k] for k in DOCUMENT_KEYS if k in values})
+        return LMDataModule(**{k: v for k, v in values.items() if k not in ("path", "pack")})
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
 

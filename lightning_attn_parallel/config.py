@@ -41,6 +41,8 @@ class DataConfig:
     val_fraction: float = 0.05
     num_workers: int = 0
     lengths: Optional[list[int]] = None  # mixed sequence lengths, one drawn per batch
+    path: Optional[str] = None  # source=documents: a folder written by data.prepare
+    pack: bool = True  # source=documents: pack documents into windows (False: one per window, padded)
 
 
 @dataclass

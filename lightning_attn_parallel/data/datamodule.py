@@ -100,7 +100,7 @@ class LMDataModule(L.LightningDataModule):
                  lengths: Optional[Sequence[int]] = None, max_bytes: Optional[int] = None) -> None:
         super().__init__()
         if source not in ("embedded", "tokens"):
-            raise ValueError(f"data.source={source!r} is unknown: use 'embedded' or 'tokens'")
+            raise ValueError(f"data.source={source!r} is unknown: use 'embedded', 'tokens' or 'documents'")
         if source == "tokens":
             if not train_path:
                 raise ValueError("data.source=tokens needs data.train_path (a uint16/uint32 .bin token file)")

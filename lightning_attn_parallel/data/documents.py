@@ -32,6 +32,7 @@ from .datamodule import TOKEN_DTYPES, LMDataModule
 METADATA = "metadata.json"
 FORMAT = "lap-documents/1"
 PADDING_ID = -1
+DOCUMENT_KEYS = ("path", "seq_len", "micro_batch_size", "pack", "dtype", "num_workers")  # of DataConfig
 
 
 def split_files(directory: Path, split: str) -> tuple[Path, Path]:
@@ -244,7 +245,7 @@ class DocumentDataModule(LMDataModule):
 
     def __init__(self, path: Optional[str] = None, seq_len: int = 256, micro_batch_size: int = 8,
                  pack: bool = True, dtype: Optional[str] = None, num_workers: int = 0,
-                 seed: int = 1234, **unused) -> None:
+                 seed: int = 1234) -> None:
         super().__init__(seq_len=seq_len, micro_batch_size=micro_batch_size, num_workers=num_workers,
                          seed=seed)
         if not path:
