@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from ..models.loss import IGNORE_INDEX
 from .datamodule import TOKEN_DTYPES, LMDataModule
 
@@ -161,7 +162,7 @@ class DocumentWindows(Dataset):
 # ---------------------------------------------------------------------------------- the corpus
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A prepared corpus that cannot be trained on; the message names the file and the fix."""
 
 

@@ -40,6 +40,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..errors import UserError, run_or_exit
 from .documents import FORMAT, METADATA, split_files
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
@@ -47,7 +48,7 @@ GOLDEN = (5 ** 0.5 - 1) / 2
 BATCH_BYTES = 1 << 20  # documents handed to a worker at a time
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
     """An input that cannot be prepared; the message names it and the fix."""
 
 
@@ -383,14 +384,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--eos", default=None, help="the end-of-document token (default: found in the tokenizer)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        meta = prepare(args.tokenizer, args.input, args.output, field=args.field,
-                       val_fraction=args.val_fraction, workers=args.workers,
-                       whole_txt_files=args.txt_documents == "files", eos=args.eos,
-                       progress=not args.no_progress)
-    except PrepareError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    meta = run_or_exit(lambda: prepare(args.tokenizer, args.input, args.output, field=args.field,
+                                       val_fraction=args.val_fraction, workers=args.workers,
+                                       whole_txt_files=args.txt_documents == "files", eos=args.eos,
+                                       progress=not args.no_progress), log_dir=args.output)
     splits = meta["splits"]
     print(f"{args.output}: {splits['train']['documents']} train / {splits['val']['documents']} val "
           f"documents, {splits['train']['tokens'] + splits['val']['tokens']} {meta['dtype']} tokens "
