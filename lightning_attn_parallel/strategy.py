@@ -227,6 +227,9 @@ class AttnHybridStrategy(ParallelStrategy):
         self.context_parallel = result.context_parallel
         if self.global_rank == 0:
             print(result.table, flush=True)
+        from .models.attention_backend import describe_sdpa_backends
+
+        rank_zero_info(describe_sdpa_backends(self.root_device.type))  # chosen once, here
 
     @property
     def expert_parallel_group(self) -> Optional[dist.ProcessGroup]:

@@ -1,4 +1,5 @@
-"""The speed paths are exact on CPU: the accumulation policies under FSDP2/HSDP.
+"""The speed paths are exact on CPU: the accumulation policies under FSDP2/HSDP, and the local
+attention kernel's native GQA against copying K/V heads.
 
 One 4-process spawn runs every distributed case: for each accumulation policy, FSDP (dp_shard=4)
 and HSDP (2 x 2) equal one process on the global batch (2 micro-batches per step, fp64, two
@@ -15,11 +16,14 @@ import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
+from torch.nn.attention import SDPBackend
+
+from lightning_attn_parallel.models.layers import LocalAttentionKernel
 from lightning_attn_parallel.parallel.fully_sharded import ACCUMULATION, apply_fully_sharded, set_gradient_sync
 from lightning_attn_parallel.plan import ParallelPlan, PlanError
 from lightning_attn_parallel.planning import H100_SXM, ClusterSpec, estimate_memory, estimate_time
 from lightning_attn_parallel.planning.select import make_workload, resolve_accumulation
-from dist_utils import run_distributed
+from dist_utils import assert_close, run_distributed
 from test_fully_sharded import ROWS, _CountCollectives, global_and_local_batches
 from test_planner import DEEPSEEK_67B, NO_SLACK, PARAMS, TINY
 from test_tensor_parallel import RTOL, check_parity, make_batch, mean_loss, tiny_model
@@ -142,3 +146,49 @@ def test_planner_resolves_auto_accumulation_by_memory_and_time():
     tight = replace(work, gpu=replace(H100_SXM, memory_gib=40.0))
     kept = resolve_accumulation(tight, replace(plan, accumulation="defer_all"))
     assert kept.plan.accumulation == "defer_all" and not kept.fits  # a requested policy is kept
+
+
+# ---------------------------------------------------------------------------- attention backend
+def _attention_by_copying_heads(q, k, v, scale=None):
+    """The kernel as it was: K/V heads repeated to every query head, then plain SDPA."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+def test_native_gqa_equals_copied_heads(dtype, kv_heads):
+    kernel = LocalAttentionKernel()
+    gen = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn(2, 8, 16, 8, generator=gen, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, kv_heads, 16, 8, generator=gen, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, kv_heads, 16, 4, generator=gen, dtype=dtype, requires_grad=True)
+    out = kernel(q, k, v)
+    expected = _attention_by_copying_heads(q, k, v)
+    assert_close(out, expected, RTOL[dtype], name="output")
+    grad = torch.randn(out.shape, generator=gen, dtype=dtype)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b, RTOL[dtype], name=f"d{name}")
+    kernel.scale = 0.3  # MLA-style explicit scale goes through too
+    assert_close(kernel(q, k, v), _attention_by_copying_heads(q, k, v, 0.3), RTOL[dtype])
+
+
+def test_sdpa_backend_order(monkeypatch):
+    from lightning_attn_parallel.models import attention_backend
+
+    def backends(capability, cudnn=True):
+        monkeypatch.setattr(attention_backend, "_CHOSEN", {})
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+        monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: cudnn)
+        return attention_backend.sdpa_backends("cuda")
+
+    assert backends((9, 0))[:2] == (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
+    assert backends((8, 0))[0] == SDPBackend.FLASH_ATTENTION  # Ampere: flash first
+    assert backends((9, 0), cudnn=False)[0] == SDPBackend.FLASH_ATTENTION
+    assert SDPBackend.MATH in backends((9, 0))  # every shape still has a kernel
+    assert "cudnn_attention > flash_attention" in attention_backend.describe_sdpa_backends("cuda")
+    assert attention_backend.sdpa_backends("cpu") == ()

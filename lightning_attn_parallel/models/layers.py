@@ -5,12 +5,15 @@ parallelism can replace it without the model knowing; `LocalAttentionKernel` is 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 
+from .attention_backend import sdpa_backends
 from .document_attention import document_attention
 
 
@@ -30,7 +33,9 @@ class RMSNorm(nn.Module):
 
 
 class LocalAttentionKernel(nn.Module):
-    """Causal attention of a whole, unsplit sequence through SDPA (flash/efficient on GPU).
+    """Causal attention of a whole, unsplit sequence through SDPA, with the fused backends of
+    attention_backend.py (cuDNN first on sm90+, then flash) and native GQA: K/V heads are never
+    copied to every query head.
 
     q: (B, Hq, S, D), k: (B, Hkv, S, D), v: (B, Hkv, S, Dv); Hq a multiple of Hkv (GQA).
     `positions` are unused here: the local sequence is contiguous from its first token.
@@ -45,12 +50,11 @@ class LocalAttentionKernel(nn.Module):
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if document_ids is not None:
             return document_attention(q, k, v, document_ids, scale=getattr(self, "scale", None))
-        if k.shape[1] != q.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                              scale=getattr(self, "scale", None))
+        backends = sdpa_backends(q.device.type)
+        with sdpa_kernel(list(backends), set_priority=True) if backends else nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                                  scale=getattr(self, "scale", None),
+                                                  enable_gqa=k.shape[1] != q.shape[1])
 
 
 class SwiGLU(nn.Module):
