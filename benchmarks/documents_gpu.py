@@ -1,0 +1,153 @@
+"""Packed documents on one GPU: the document-masked kernel and useful tokens/s of the 1B model.
+
+1. Agreement: FlexAttention (the GPU path of models/document_attention.py) against SDPA with the
+   explicit mask, forward and backward, GQA (1B shape) and MLA head widths (192 / 128).
+2. Kernel: document-masked attention against plain causal SDPA at equal tokens, fwd + bwd.
+3. Model: the 1B Llama shape, bf16, forward + backward + loss on one window of seq_len tokens of
+   heavy-tailed documents (lognormal lengths, median ~ 1k tokens, longest cut at seq_len):
+   - packed with masks (data=documents),
+   - packed without masks (plain causal over the window: the wrong but common baseline),
+   - padded, one document per window: its step costs the same as the unmasked window of the same
+     shape, so its useful tokens/s is (mean document tokens per window) / (that step time).
+
+    python benchmarks/documents_gpu.py --out benchmarks/results/documents_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lightning_attn_parallel.data.documents import pack_documents, packed_window  # noqa: E402
+from lightning_attn_parallel.models import ModelConfig, build_model  # noqa: E402
+from lightning_attn_parallel.models.document_attention import (  # noqa: E402
+    flex_document_attention, masked_document_attention)
+from lightning_attn_parallel.models.loss import cross_entropy_sum  # noqa: E402
+
+LLAMA_1B = dict(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                ffn_dim=5632, max_seq_len=32768)
+
+
+def timed(fn, steps: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def heavy_tailed_offsets(total: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    gen = np.random.default_rng(seed)
+    lengths = np.clip(gen.lognormal(mean=np.log(1000), sigma=1.2, size=total // 200), 16, seq_len + 1)
+    lengths = lengths.astype(np.int64)
+    lengths = lengths[np.cumsum(lengths) <= total]
+    return np.concatenate([[0], np.cumsum(lengths)])
+
+
+def agreement() -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    for name, hq, hkv, dqk, dv in (("gqa 32/4 x 64", 32, 4, 64, 64), ("mla 16 x 192/128", 16, 16, 192, 128)):
+        s = 4096
+        ids = torch.as_tensor(np.repeat(np.arange(8), [900, 5, 1, 700, 1200, 190, 1000, 100]))[None].cuda()
+        for dtype in (torch.float32, torch.bfloat16):
+            q = torch.randn(1, hq, s, dqk, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(1, hkv, s, dqk, device="cuda", dtype=dtype, requires_grad=True)
+            v = torch.randn(1, hkv, s, dv, device="cuda", dtype=dtype, requires_grad=True)
+            grad = torch.randn(1, hq, s, dv, device="cuda", dtype=dtype)
+            outs = []
+            for fn in (flex_document_attention, masked_document_attention):
+                out = fn(q, k, v, ids, dqk ** -0.5)
+                gq, gk, gv = torch.autograd.grad(out, (q, k, v), grad)
+                outs.append([out, gq, gk, gv])
+            err = {n: float((a.double() - b.double()).norm() / b.double().norm())
+                   for n, a, b in zip(("out", "dq", "dk", "dv"), *outs)}
+            rows.append({"case": name, "dtype": str(dtype), **err})
+            print("agreement", name, dtype, {k: f"{v:.2e}" for k, v in err.items()}, flush=True)
+    return rows
+
+
+def kernel_speed(seq_lens) -> list[dict]:
+    rows = []
+    for s in seq_lens:
+        offsets = heavy_tailed_offsets(4 * s, s, seed=s)
+        packing = pack_documents(offsets, s)
+        ids = packed_window(np.zeros(offsets[-1], dtype=np.int64), packing, 0, 0)["document_ids"][None].cuda()
+        q = torch.randn(1, 32, s, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(1, 4, s, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(1, 4, s, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+        def masked():
+            flex_document_attention(q, k, v, ids).sum().backward()
+
+        def causal():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+        t_mask, t_causal = timed(masked, 10, 3), timed(causal, 10, 3)
+        docs = int((ids[0].unique() >= 0).sum())
+        rows.append({"seq_len": s, "documents": docs, "masked_ms": t_mask * 1e3, "causal_ms": t_causal * 1e3,
+                     "masked_over_causal": t_mask / t_causal})
+        print(f"kernel seq {s}: {docs} documents, flex masked {t_mask * 1e3:.2f} ms, causal SDPA "
+              f"{t_causal * 1e3:.2f} ms (ratio {t_mask / t_causal:.2f})", flush=True)
+    return rows
+
+
+def model_speed(seq_lens) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**LLAMA_1B)).cuda().to(torch.bfloat16)
+    for s in seq_lens:
+        offsets = heavy_tailed_offsets(8 * s, s, seed=s)
+        tokens = np.random.default_rng(0).integers(0, 32000, size=int(offsets[-1]))
+        packing = pack_documents(offsets, s)
+        window = {k: t[None].cuda() for k, t in packed_window(tokens, packing, 0, 0).items()}
+        useful = int((window["labels"] != -100).sum())
+
+        def step(document_ids, positions):
+            hidden = model(window["input_ids"], positions, document_ids)
+            loss, count = cross_entropy_sum(hidden, model.output, window["labels"], 8192)
+            (loss / count).backward()
+
+        t_masked = timed(lambda: step(window["document_ids"], window["positions"]))
+        t_plain = timed(lambda: step(None, None))
+        padded = pack_documents(offsets, s, pack=False)
+        per_padded_window = float(padded.length.sum()) / padded.num_windows
+        row = {"seq_len": s, "useful_tokens_per_window": useful,
+               "packing_efficiency": packing.stats(offsets)["packing_efficiency"],
+               "packed_masked_tok_s": useful / t_masked, "packed_unmasked_tok_s": useful / t_plain,
+               "padded_tok_s": per_padded_window / t_plain, "padded_useful_per_window": per_padded_window}
+        row["masked_over_padded"] = row["packed_masked_tok_s"] / row["padded_tok_s"]
+        row["masked_over_unmasked"] = row["packed_masked_tok_s"] / row["packed_unmasked_tok_s"]
+        rows.append(row)
+        print("model", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "agreement": agreement(), "kernel": kernel_speed(args.seq_lens),
+              "model": model_speed(args.seq_lens)}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
