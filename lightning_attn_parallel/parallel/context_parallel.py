@@ -25,8 +25,8 @@ from torch import nn
 
 from ..models.layers import LocalAttentionKernel
 from ..plan import CP_KERNELS
-from .cp_kernels import (BlockPlan, allgather_attention, check_ulysses_heads, ring_attention,
-                         ring_block_plan, ulysses_attention)
+from .cp_kernels import (BlockPlan, allgather_attention, check_ulysses_heads, document_layout,
+                         ring_attention, ring_block_plan, ulysses_attention)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +131,12 @@ class ContextParallelAttention(nn.Module):
     layer (the causal mask depends only on the order of positions, so an offset is harmless).
 
     `active=False` runs `local_kernel` on the local data as it is, for batches that run
-    batch-parallel on the CP ranks.
+    batch-parallel on the CP ranks. `group` may change per batch (`set_context_parallel_active`):
+    a sub-group of the CP group when a micro-batch needs a lower degree.
+
+    Packed documents (`document_ids` (B, S_local) given, with per-document `positions`): a token
+    sees the earlier tokens of its own document only, whatever the layout - the kernels read
+    every rank's ids and positions, gathered once per batch (`document_layout`).
     """
 
     causal = True
@@ -156,9 +161,12 @@ class ContextParallelAttention(nn.Module):
         return f"kernel={self.kernel!r}, load_balance={self.load_balance}, active={self.active}"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                positions: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.active:
-            return self.local_kernel(q, k, v, positions)
+            return self._local(q, k, v, positions, document_ids)
+        if document_ids is not None:
+            return self._documents(q, k, v, positions, document_ids)
         layout = self._layout(q.shape[2], q.device)
         if self.kernel == "allgather":
             return allgather_attention(q, k, v, layout.chunks, self.scale, self.group)
@@ -166,8 +174,28 @@ class ContextParallelAttention(nn.Module):
             return ring_attention(q, k, v, layout.ring_plans, layout.positions, self.scale, self.group)
         return ulysses_attention(q, k, v, layout.ulysses_order, self.scale, self.group)
 
+    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: Optional[torch.Tensor],
+               document_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        if document_ids is None:
+            return self.local_kernel(q, k, v, positions)
+        return self.local_kernel(q, k, v, positions, document_ids=document_ids)
+
+    def _documents(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   positions: Optional[torch.Tensor], document_ids: torch.Tensor) -> torch.Tensor:
+        layout = document_layout(positions, document_ids, self.group)
+        if self.kernel == "allgather":
+            return allgather_attention(q, k, v, layout, self.scale, self.group)
+        if self.kernel == "ring":
+            return ring_attention(q, k, v, layout, None, self.scale, self.group)
+        to_sorted, from_sorted, sorted_ids = layout.ulysses_order()
+        # The gathered sequence, sorted so each document is contiguous and in position order, is
+        # exactly what the local document-masked kernel computes (its fast path on GPU).
+        return ulysses_attention(q, k, v, (to_sorted, from_sorted), self.scale, self.group,
+                                 attend=lambda q, k, v: self._local(q, k, v, None, sorted_ids))
+
     def _layout(self, local_len: int, device: torch.device) -> _Layout:
-        key = (local_len, device)
+        key = (local_len, device, self.group)
         if key not in self._layouts:
             rank, size = dist.get_rank(self.group), dist.get_world_size(self.group)
             self._layouts[key] = _build_layout(local_len, rank, size, self.load_balance, device)
@@ -200,12 +228,18 @@ def apply_context_parallel(model: nn.Module, group: Optional[dist.ProcessGroup],
     return model
 
 
-def set_context_parallel_active(model: nn.Module, active: bool) -> None:
+_UNCHANGED = object()
+
+
+def set_context_parallel_active(model: nn.Module, active: bool, group=_UNCHANGED) -> None:
     """Per batch: True runs attention context-parallel (the batch is sharded along the
-    sequence); False runs the local kernel (each CP rank holds whole, shorter sequences)."""
+    sequence) over `group` if given (the CP group or one of its sub-groups); False runs the
+    local kernel (each CP rank holds whole, shorter sequences)."""
     for module in model.modules():
         if isinstance(module, ContextParallelAttention):
             module.active = active
+            if group is not _UNCHANGED:
+                module.group = group
 
 
 def validate_cp(cp: int, kernel: str, n_heads: int, seq_len: int, max_seq_len: int,

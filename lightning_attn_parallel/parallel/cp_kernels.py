@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -360,6 +360,7 @@ class _Piece:
     cols: slice
     causal: bool = False
     mask: Optional[torch.Tensor] = None
+    batch: slice = field(default_factory=lambda: slice(None))  # its batch rows: documents differ per row
 
 
 def _plan_piece(plan: Optional[BlockPlan], own: bool, local_len: int,
@@ -383,22 +384,53 @@ def _accumulators(q: torch.Tensor, dv: int) -> tuple[torch.Tensor, torch.Tensor]
             q.new_full(q.shape[:-1], float("-inf"), dtype=acc))
 
 
+def _at(t: torch.Tensor, batch: slice, seq: slice) -> torch.Tensor:
+    """The (batch, all heads, seq) view of a (B, H, S[, D]) tensor."""
+    return t[batch, :, seq]
+
+
 def _attend_piece(piece: _Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   out: torch.Tensor, lse: torch.Tensor) -> _Saved:
     """One piece's forward, merged into the running (out, lse) of its rows."""
+    b, rows, cols = piece.batch, piece.rows, piece.cols
     block_out, block_lse, saved = _piece_forward(
-        q[..., piece.rows, :], k[..., piece.cols, :], v[..., piece.cols, :], piece.causal, scale,
-        piece.mask)
-    _merge(out[..., piece.rows, :], lse[..., piece.rows], block_out, block_lse)
+        _at(q, b, rows), _at(k, b, cols), _at(v, b, cols), piece.causal, scale, piece.mask)
+    _merge(_at(out, b, rows), _at(lse, b, rows), block_out, block_lse)
     return saved
 
 
 def _piece_grads(piece: _Piece, saved: _Saved, dout: torch.Tensor, q: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, cols = piece.rows, piece.cols
-    return _piece_backward(dout[..., rows, :], q[..., rows, :], k[..., cols, :], v[..., cols, :],
-                           out[..., rows, :], lse[..., rows], piece.causal, scale, piece.mask, saved)
+    b, rows, cols = piece.batch, piece.rows, piece.cols
+    return _piece_backward(_at(dout, b, rows), _at(q, b, rows), _at(k, b, cols), _at(v, b, cols),
+                           _at(out, b, rows), _at(lse, b, rows), piece.causal, scale, piece.mask,
+                           saved)
+
+
+Pieces = Union[None, _Piece, Sequence[_Piece]]  # of one source rank's block: none, one, several
+
+
+def _piece_list(pieces: Pieces) -> Sequence[_Piece]:
+    if pieces is None:
+        return ()
+    return (pieces,) if isinstance(pieces, _Piece) else pieces
+
+
+def _attend_block(pieces: Pieces, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  out: torch.Tensor, lse: torch.Tensor) -> list[_Saved]:
+    return [_attend_piece(piece, q, k, v, scale, out, lse) for piece in _piece_list(pieces)]
+
+
+def _block_grads(pieces: Pieces, saved: Sequence[_Saved], dout: torch.Tensor, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Accumulate the gradients of one source block's pieces into dq and that block's dk, dv."""
+    for piece, state in zip(_piece_list(pieces), saved):
+        dq_p, dk_p, dv_p = _piece_grads(piece, state, dout, q, k, v, out, lse, scale)
+        _at(dq, piece.batch, piece.rows).add_(dq_p)
+        _at(dk, piece.batch, piece.cols).add_(dk_p)
+        _at(dv, piece.batch, piece.cols).add_(dv_p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,6 +531,141 @@ def _pieces_from_chunks(chunks: Sequence[Chunks], rank: int, local_len: int,
 
 
 
+# ---------------------------------------------------------------------------------------------
+# packed documents: a token sees the earlier tokens of its own document only
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive local tokens of one document at consecutive positions."""
+
+    doc: int
+    first: int  # position (within its document) of the run's first token
+    start: int  # local index range [start, stop)
+    stop: int
+
+    @property
+    def last(self) -> int:
+        return self.first + self.stop - self.start - 1
+
+
+def _document_runs(docs: Sequence[int], positions: Sequence[int]) -> list[_Run]:
+    runs, start = [], 0
+    for i in range(1, len(docs) + 1):
+        if i == len(docs) or docs[i] != docs[i - 1] or positions[i] != positions[i - 1] + 1:
+            runs.append(_Run(docs[start], positions[start], start, i))
+            start = i
+    return runs
+
+
+def _document_block_pieces(q_runs: Sequence[_Run], k_runs: Sequence[_Run], own: bool,
+                           batch: slice, device: torch.device) -> list[_Piece]:
+    """Pieces of one (local queries, block of keys) pair of one batch row under the document
+    mask (same document, key position <= query position). Runs of one document on different
+    ranks never overlap in positions, so each pair of runs is all visible, all hidden, or - a
+    run against itself - the causal square; fully visible key runs adjacent in the block merge
+    into one rectangle, and rows with the same rectangle merge too. A pair that overlaps in
+    positions otherwise (repeated positions inside a document) keeps an explicit mask."""
+    by_doc: dict[int, list[_Run]] = {}
+    for run in k_runs:
+        by_doc.setdefault(run.doc, []).append(run)
+    pieces, full = [], []
+    for qr in q_runs:
+        rows, cols = slice(qr.start, qr.stop), []
+        for kr in by_doc.get(qr.doc, ()):
+            if kr.last < qr.first:
+                if cols and cols[-1][1] == kr.start:
+                    cols[-1] = (cols[-1][0], kr.stop)
+                else:
+                    cols.append((kr.start, kr.stop))
+            elif own and kr.start == qr.start:
+                pieces.append(_Piece(rows, slice(kr.start, kr.stop), causal=True, batch=batch))
+            elif kr.first <= qr.last:
+                mask = (torch.arange(qr.first, qr.last + 1, device=device)[:, None]
+                        >= torch.arange(kr.first, kr.last + 1, device=device)[None, :])
+                pieces.append(_Piece(rows, slice(kr.start, kr.stop), mask=mask, batch=batch))
+        full += [(start, stop, qr.start, qr.stop) for start, stop in cols]
+    merged: list[list[int]] = []
+    for c0, c1, r0, r1 in sorted(full):
+        if merged and merged[-1][:2] == [c0, c1] and merged[-1][3] == r0:
+            merged[-1][3] = r1
+        else:
+            merged.append([c0, c1, r0, r1])
+    return pieces + [_Piece(slice(r0, r1), slice(c0, c1), batch=batch) for c0, c1, r0, r1 in merged]
+
+
+class DocumentLayout:
+    """Every rank's document ids and positions for one batch, and what the kernels derive from
+    them: the pieces of each source block for the local queries (all-gather, ring) and the
+    order that makes the gathered sequence document-contiguous (Ulysses).
+
+    Built once per batch (`document_layout`): one all-gather of two small int64 tensors and one
+    host sync, shared by every layer."""
+
+    def __init__(self, docs: torch.Tensor, positions: torch.Tensor, rank: int,
+                 device: torch.device) -> None:
+        self.docs, self.positions, self.rank = docs, positions, rank  # (cp, B, S_local), host
+        self.device = device
+        self._pieces: Optional[list[list[_Piece]]] = None
+        self._order: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def pieces(self) -> list[list[_Piece]]:
+        if self._pieces is None:
+            cp, batch, _ = self.docs.shape
+            docs, positions = self.docs.tolist(), self.positions.tolist()
+            runs = [[_document_runs(docs[r][b], positions[r][b]) for b in range(batch)]
+                    for r in range(cp)]
+            self._pieces = [
+                [piece for b in range(batch)
+                 for piece in _document_block_pieces(runs[self.rank][b], runs[src][b],
+                                                     src == self.rank, slice(b, b + 1),
+                                                     self.device)]
+                for src in range(cp)]
+        return self._pieces
+
+    def ulysses_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(to_sorted, from_sorted, sorted document ids), each (B, cp*S_local): the gathered
+        sequence (rank order) sorted by document, then position; any such order is exactly
+        what a document-masked causal kernel over contiguous documents expects."""
+        if self._order is None:
+            docs = self.docs.permute(1, 0, 2).flatten(1)  # (B, cp*S_local), rank order
+            positions = self.positions.permute(1, 0, 2).flatten(1)
+            by_position = torch.argsort(positions, dim=1, stable=True)
+            to_sorted = by_position.gather(
+                1, torch.argsort(docs.gather(1, by_position), dim=1, stable=True))
+            self._order = tuple(t.to(self.device) for t in (
+                to_sorted, torch.argsort(to_sorted, dim=1), docs.gather(1, to_sorted)))
+        return self._order
+
+
+_DOCUMENT_LAYOUTS: dict[int, tuple[weakref.ref, object, DocumentLayout]] = {}
+
+
+def document_layout(positions: torch.Tensor, document_ids: torch.Tensor,
+                    group: Optional[dist.ProcessGroup]) -> DocumentLayout:
+    """The layout of this batch, gathered over `group` once and kept for as long as the
+    `document_ids` tensor lives (the model hands the same tensor to every layer and to the
+    recomputation of checkpointed ones, so every rank gathers at the same call)."""
+    hit = _DOCUMENT_LAYOUTS.get(id(document_ids))
+    if hit is not None and hit[0]() is document_ids and hit[1] is group:
+        return hit[2]
+    for key in [key for key, (ref, _, _) in _DOCUMENT_LAYOUTS.items() if ref() is None]:
+        del _DOCUMENT_LAYOUTS[key]
+    if positions is None or positions.shape != document_ids.shape:
+        raise ValueError("context parallelism over packed documents needs per-document positions "
+                         f"of the documents' shape {tuple(document_ids.shape)}, got "
+                         f"{None if positions is None else tuple(positions.shape)}")
+    cp = dist.get_world_size(group)
+    local = torch.stack([document_ids.long(), positions.long()]).reshape(1, -1)
+    full = local.new_empty(cp, local.shape[1])
+    _all_gather(full, local, group=group)
+    meta = full.reshape(cp, 2, *document_ids.shape).cpu()
+    layout = DocumentLayout(meta[:, 0], meta[:, 1], dist.get_rank(group), document_ids.device)
+    _DOCUMENT_LAYOUTS[id(document_ids)] = (weakref.ref(document_ids), group, layout)
+    return layout
+
+
 def _save_merged(ctx, q, k, v, out, lse, pieces, saved, scale, group) -> torch.Tensor:
     """Keep what the backward of a merged (all-gather or ring) attention needs; return the output
     in the input dtype."""
@@ -516,9 +683,8 @@ class _AllGatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pieces, scale, group):
         k_all, v_all = _gather_kv(k, v, group)
         out, lse = _accumulators(q, v.shape[-1])
-        saved = [None if piece is None else
-                 _attend_piece(piece, q, k_all[src], v_all[src], scale, out, lse)
-                 for src, piece in enumerate(pieces)]
+        saved = [_attend_block(block, q, k_all[src], v_all[src], scale, out, lse)
+                 for src, block in enumerate(pieces)]
         return _save_merged(ctx, q, k, v, out, lse, pieces, saved, scale, group)
 
     @staticmethod
@@ -530,14 +696,9 @@ class _AllGatherAttention(torch.autograd.Function):
         dq = torch.zeros_like(q, dtype=acc)
         dk_all = torch.zeros_like(k_all, dtype=acc)
         dv_all = torch.zeros_like(v_all, dtype=acc)
-        for src, piece in enumerate(ctx.pieces):
-            if piece is None:
-                continue
-            dq_p, dk_p, dv_p = _piece_grads(piece, ctx.piece_state[src], dout, q, k_all[src],
-                                            v_all[src], out, lse, ctx.scale)
-            dq[..., piece.rows, :] += dq_p
-            dk_all[src][..., piece.cols, :] += dk_p
-            dv_all[src][..., piece.cols, :] += dv_p
+        for src, block in enumerate(ctx.pieces):
+            _block_grads(block, ctx.piece_state[src], dout, q, k_all[src], v_all[src], out, lse,
+                         ctx.scale, dq, dk_all[src], dv_all[src])
         dk, dv = _scatter_kv_grads(dk_all, dv_all, ctx.group)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
@@ -546,8 +707,8 @@ class _AllGatherAttention(torch.autograd.Function):
 # point-to-point: compiled blocks run these kernels eagerly, as a graph break.
 @torch.compiler.disable
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: Union[torch.Tensor, Sequence[Chunks]], scale: Optional[float],
-                        group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+                        mask: Union[torch.Tensor, Sequence[Chunks], DocumentLayout],
+                        scale: Optional[float], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Local queries against the gathered K/V, one fused call per visible piece of each rank's
     block, merged by log-sum-exp.
 
@@ -555,10 +716,13 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (S_local, cp*S_local) bool tensor, True where a query may see a key, keys in rank order
     (read once per mask object, which costs one device sync). The mask is never applied as
     such: only its block structure is used, unless it has none of the chunked layouts' shape.
+    Or the `DocumentLayout` of a batch of packed documents (`document_layout`).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    if isinstance(mask, torch.Tensor):
+    if isinstance(mask, DocumentLayout):
+        pieces = mask.pieces
+    elif isinstance(mask, torch.Tensor):
         pieces = _pieces_from_mask(mask, cp)
     else:
         pieces = _pieces_from_chunks(mask, rank, q.shape[2], q.device)
@@ -615,18 +779,17 @@ class _RingAttention(torch.autograd.Function):
     softmax statistics and gradient accumulators stay fp32 for exactness."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plans, positions, scale, group):
+    def forward(ctx, q, k, v, pieces, scale, group):
         ring = _Ring(group)
-        pieces = _ring_pieces(plans, positions, ring.rank, q.shape[2])
         out, lse = _accumulators(q, v.shape[-1])
-        saved: list[Optional[_Saved]] = [None] * ring.size
+        saved: list[list[_Saved]] = [[] for _ in range(ring.size)]
         kv = _pack([k, v])
         for step in range(ring.size):
             src = (ring.rank - step) % ring.size
             arriving = ring.shift(kv) if step < ring.size - 1 else None
-            if pieces[src] is not None:
+            if _piece_list(pieces[src]):
                 k_blk, v_blk = _unpack(kv, [k.shape, v.shape])
-                saved[src] = _attend_piece(pieces[src], q, k_blk, v_blk, scale, out, lse)
+                saved[src] = _attend_block(pieces[src], q, k_blk, v_blk, scale, out, lse)
             if arriving is not None:
                 kv = arriving()
         return _save_merged(ctx, q, k, v, out, lse, pieces, saved, scale, group)
@@ -643,34 +806,36 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             src = (ring.rank - step) % ring.size
             kv_arriving = ring.shift(kv) if step < ring.size - 1 else None
-            piece = ctx.pieces[src]
-            if piece is not None:
-                k_blk, v_blk = _unpack(kv, [k.shape, v.shape])
-                dq_p, dk_p, dv_p = _piece_grads(piece, ctx.piece_state[src], dout, q, k_blk, v_blk,
-                                                out, lse, ctx.scale)
-                dq[..., piece.rows, :] += dq_p
             # The accumulator of block `src` comes from the rank that held it one step ago.
             dkv = grads_arriving() if grads_arriving else kv.new_zeros(kv.shape, dtype=acc)
-            if piece is not None:
+            if _piece_list(ctx.pieces[src]):
+                k_blk, v_blk = _unpack(kv, [k.shape, v.shape])
                 dk, dv = _unpack(dkv, [k.shape, v.shape])
-                dk[..., piece.cols, :] += dk_p
-                dv[..., piece.cols, :] += dv_p
+                _block_grads(ctx.pieces[src], ctx.piece_state[src], dout, q, k_blk, v_blk, out,
+                             lse, ctx.scale, dq, dk, dv)
             grads_arriving = ring.shift(dkv)
             if kv_arriving is not None:
                 kv = kv_arriving()
         dk, dv = _unpack(grads_arriving(), [k.shape, v.shape])  # one more hop: back to the owner
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 @torch.compiler.disable
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   plans: Sequence[Optional[BlockPlan]], positions: Sequence[torch.Tensor],
+                   plans: Union[Sequence[Optional[BlockPlan]], DocumentLayout],
+                   positions: Optional[Sequence[torch.Tensor]],
                    scale: Optional[float], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """`plans[src]`: the part of K/V block `src` the local queries see (`ring_block_plan`);
     `positions[r]`: global positions of rank r's tokens, used only for masked blocks other than
-    the rank's own (none in the chunked layouts)."""
+    the rank's own (none in the chunked layouts). Or `plans`: the `DocumentLayout` of a batch
+    of packed documents (then `positions` is unused): the blocks' document ids need not travel
+    with them, the layout already holds every rank's."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _RingAttention.apply(q, k, v, plans, positions, scale, group)
+    if isinstance(plans, DocumentLayout):
+        pieces = plans.pieces
+    else:
+        pieces = _ring_pieces(plans, positions, dist.get_rank(group), q.shape[2])
+    return _RingAttention.apply(q, k, v, pieces, scale, group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,11 +878,22 @@ def check_ulysses_heads(n_heads: int, cp: int) -> None:
             f"{n_heads}, or kernel 'allgather' or 'ring'")
 
 
+def _reorder(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t (B, H, S, D) reordered along S by `index`: (S,) for every row, or (B, S) per row."""
+    if index.dim() == 1:
+        return t.index_select(2, index)
+    return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       order: Optional[tuple[torch.Tensor, torch.Tensor]],
-                      scale: Optional[float], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+                      scale: Optional[float], group: Optional[dist.ProcessGroup],
+                      attend: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
     """`order`: (to_natural, from_natural) permutations between the gathered rank order of the
-    sequence and position order, or None when the gathered order is already position order."""
+    sequence and position order ((S,), or (B, S) per row), or None when the gathered order is
+    already position order. `attend(q, k, v)`: the attention over the whole reordered sequence
+    for the local heads (K/V heads already repeated to Hq); causal SDPA by default, the
+    document-masked local kernel for packed documents."""
     cp = dist.get_world_size(group)
     n_heads = q.shape[1]
     check_ulysses_heads(n_heads, cp)
@@ -725,10 +901,13 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = (_ranks_to_seq(t) for t in _AllToAll.apply(
         group, _heads_to_ranks(q, cp), _heads_to_ranks(k, cp), _heads_to_ranks(v, cp)))
     if order is not None:
-        q, k, v = (t.index_select(2, order[0]) for t in (q, k, v))
+        q, k, v = (_reorder(t, order[0]) for t in (q, k, v))
     k, v = _repeat_kv(k, v, q.shape[1])
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if attend is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        out = attend(q, k, v)
     if order is not None:
-        out = out.index_select(2, order[1])
+        out = _reorder(out, order[1])
     (out,) = _AllToAll.apply(group, _seq_to_ranks(out, cp))
     return _ranks_to_heads(out)
