@@ -1,18 +1,13 @@
 """Side-by-side GPU benchmarks: attn_hybrid against Lightning's built-in strategies.
 
-Each configuration trains the same model on the same synthetic tokens in its own process (so
-peak memory is its own), and one table compares them: tokens/s, TFLOP/s per GPU, MFU (FLOPs per
-token by TorchTitan's convention, DESIGN section 5), peak memory, and the ratio to the first row.
+The suites are data (benchmarks/suites.yaml); this file is their one runner. Each row trains the
+same model on the same synthetic tokens in its own process (so peak memory is its own), and one
+table compares them: tokens/s, TFLOP/s per GPU, MFU, peak memory, and the ratio to the first row.
+MFU follows docs/ARCHITECTURE.md ("MFU"): model FLOPs per token x tokens/s per GPU / the card's
+datasheet peak at the run's precision (lightning_attn_parallel.hardware).
 
-    python benchmarks/bench.py suite=strategies            # issue: foundation
-    python benchmarks/bench.py suite=long_context          # longest sequence per memory lever
-    python benchmarks/bench.py suite=moe                   # grouped GEMM vs per-expert loop
-    python benchmarks/bench.py suite=callbacks             # observability overhead
-    python benchmarks/bench.py suite=planner_fit           # planner calibration set (fitted)
-    python benchmarks/bench.py suite=planner_check         # planner validation set (predicted first)
-    python benchmarks/bench.py suite=sharding              # FSDP/ModelParallel baselines vs ours, 1 GPU
-    python benchmarks/bench.py suite=planner_moe_check     # planner on MoE runs (predicted first)
-    python benchmarks/bench.py suite=multi_gpu             # 2 GPUs: DDP vs reducer, FSDP2, TP, CP
+    python benchmarks/bench.py strategies          # or any suite of suites.yaml
+    python benchmarks/bench.py multi_gpu --only 0 2
 Append `--out FILE.json` to keep the raw results.
 """
 from __future__ import annotations
@@ -29,15 +24,15 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-LLAMA_1B = dict(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                ffn_dim=5632, max_seq_len=262144)
-# DeepSeek-V2-Lite's widths (MLA, 64 routed + 2 shared experts, top-6) cut to 4 layers to fit one GPU.
-V2_LITE_CUT = dict(family="deepseek", attention="mla", vocab_size=102400, d_model=2048, n_layers=4,
-                   n_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
-                   qk_rope_head_dim=64, v_head_dim=128, ffn_dim=10944, max_seq_len=4096,
-                   n_routed_experts=64, n_shared_experts=2, moe_top_k=6, moe_ffn_dim=1408,
-                   first_k_dense_replace=1, norm_eps=1e-6)
-PEAK_BF16 = 989e12
+SUITES_FILE = Path(__file__).with_name("suites.yaml")
+
+
+def load_suites(path: Path = SUITES_FILE) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(models by name, suites by name) of the suites file."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    return data["models"], data["suites"]
 
 
 @dataclass
@@ -56,8 +51,23 @@ class Config:
     callbacks: bool = False
     grouped_gemm: bool = True
     devices: int = 1
-    plan: dict = field(default_factory=dict)  # extra ParallelPlan degrees, e.g. {"tp": 2}
-    model: dict = field(default_factory=lambda: dict(LLAMA_1B))
+    plan: dict = field(default_factory=dict)  # extra ParallelPlan fields, e.g. {"tp": 2}
+    model: dict = field(default_factory=dict)  # ModelConfig fields (a row names one of `models:`)
+
+
+def suite(name: str, path: Path = SUITES_FILE) -> tuple[list[Config], bool]:
+    """(the rows of suite `name` as Configs, whether to add the planner's predictions)."""
+    models, suites = load_suites(path)
+    if name not in suites:
+        print(f"error: unknown suite {name!r}: use one of {', '.join(suites)} (or add it to "
+              f"{path.name})", file=sys.stderr)
+        raise SystemExit(2)
+    configs = []
+    for row in suites[name]["rows"]:
+        row = dict(row)
+        model = row.pop("model", "llama_1b")
+        configs.append(Config(**row, model=dict(models[model])))
+    return configs, bool(suites[name].get("predict", False))
 
 
 # ---------------------------------------------------------------------------- one run
@@ -68,6 +78,7 @@ def run_one(cfg: Config) -> dict[str, Any]:
     from torch.utils.data import DataLoader, Dataset
 
     import lightning_attn_parallel as lap
+    from lightning_attn_parallel.hardware import device_peak_tflops
     from lightning_attn_parallel.models import ModelConfig
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -122,22 +133,8 @@ def run_one(cfg: Config) -> dict[str, Any]:
 
     module = Module(model_cfg, lr=1e-4, warmup_steps=2, total_steps=1000,
                     loss_chunk_tokens=cfg.loss_chunk_tokens)
-    if cfg.strategy == "attn_hybrid":
-        plan = lap.ParallelPlan(compile=cfg.compile, activation_checkpointing=cfg.checkpointing,
-                                offload_activations=cfg.offload, grouped_gemm=cfg.grouped_gemm, **cfg.plan)
-        strategy: Any = lap.AttnHybridStrategy(plan=plan)
-    elif cfg.strategy == "model_parallel":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy()
-    elif cfg.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        from lightning_attn_parallel.models.llama import TransformerBlock
-
-        strategy = FSDPStrategy(auto_wrap_policy={TransformerBlock}, sharding_strategy="FULL_SHARD")
-    else:
-        strategy = cfg.strategy
+    builder = STRATEGIES.get(cfg.strategy)
+    strategy: Any = builder(cfg) if builder is not None else cfg.strategy  # a Lightning name
     callbacks: list = [Timer()]
     if cfg.callbacks:
         from lightning_attn_parallel.callbacks import default_callbacks
@@ -159,10 +156,11 @@ def run_one(cfg: Config) -> dict[str, Any]:
 
         flops_per_token = build_model(model_cfg).flops_per_token(cfg.seq_len)
     tps = tokens / seconds
+    peak = device_peak_tflops(torch.device("cuda", 0), cfg.precision)
     per_gpu = tps / cfg.devices
     result = {"tokens_per_s": tps, "tokens_per_s_per_gpu": per_gpu,
               "tflops_per_gpu": flops_per_token * per_gpu / 1e12,
-              "mfu": flops_per_token * per_gpu / PEAK_BF16,
+              "mfu": flops_per_token * per_gpu / (peak * 1e12) if peak else None,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
               "static_gib": timer.static / 2**30,
               "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
@@ -173,117 +171,35 @@ def run_one(cfg: Config) -> dict[str, Any]:
     return result
 
 
-# ---------------------------------------------------------------------------- suites
-def suite(name: str) -> list[Config]:
-    if name == "strategies":
-        return [
-            Config("lightning single-device, eager", strategy="auto"),
-            Config("lightning DDP (1 GPU), eager", strategy="ddp"),
-            Config("attn_hybrid, eager", strategy="attn_hybrid"),
-            Config("lightning single-device + compile", strategy="auto", compile=True, steps=14, warmup=6),
-            Config("attn_hybrid + compile", compile=True, steps=14, warmup=6),
-            Config("attn_hybrid best: compile, chunked loss, bf16-true", compile=True,
-                   loss_chunk_tokens=8192, precision="bf16-true", steps=14, warmup=6),
-            Config("attn_hybrid best: compile, chunked loss, bf16-mixed, mb 12", compile=True,
-                   loss_chunk_tokens=8192, micro_batch=12, steps=14, warmup=6),
-        ]
-    if name == "long_context":
-        lever = dict(micro_batch=1, loss_chunk_tokens=4096)
-        return [
-            Config("lightning single-device 16k", strategy="auto", micro_batch=1, seq_len=16384, steps=5, warmup=2),
-            Config("lightning single-device 32k", strategy="auto", micro_batch=1, seq_len=32768, steps=4, warmup=2),
-            Config("attn_hybrid selective AC + chunked loss 16k", seq_len=16384, checkpointing="selective",
-                   steps=5, warmup=2, **lever),
-            Config("attn_hybrid selective AC + chunked loss 32k", seq_len=32768, checkpointing="selective",
-                   steps=4, warmup=2, **lever),
-            Config("attn_hybrid block AC + chunked loss 64k", seq_len=65536, checkpointing="block",
-                   steps=3, warmup=1, **lever),
-            Config("attn_hybrid block AC + chunked loss 128k", seq_len=131072, checkpointing="block",
-                   steps=3, warmup=1, **lever),
-        ]
-    if name == "moe":
-        moe = dict(V2_LITE_CUT)
-        return [
-            Config("V2-Lite cut, per-expert loop", grouped_gemm=False, micro_batch=4, seq_len=2048, model=moe),
-            Config("V2-Lite cut, grouped GEMM", grouped_gemm=True, micro_batch=4, seq_len=2048, model=moe),
-            Config("V2-Lite cut, lightning single-device (loop)", strategy="auto", grouped_gemm=False,
-                   micro_batch=4, seq_len=2048, model=moe),
-        ]
-    if name == "multi_gpu":
-        return [
-            Config("attn_hybrid DP, 1 GPU", steps=10),
-            Config("lightning DDP, 2 GPUs", strategy="ddp", devices=2, steps=10),
-            Config("attn_hybrid DP (bucketed reducer), 2 GPUs", devices=2, steps=10),
-            Config("attn_hybrid FSDP2 dp_shard=2, 2 GPUs", devices=2, plan={"dp_shard": 2}, steps=10),
-            Config("attn_hybrid TP attention tp=2, 2 GPUs", devices=2, plan={"tp": 2}, steps=10),
-            Config("attn_hybrid cp=2 ring, 64k, block AC, 2 GPUs", devices=2, micro_batch=1, seq_len=65536,
-                   checkpointing="block", loss_chunk_tokens=4096, plan={"cp": 2, "cp_kernel": "ring"},
-                   steps=4, warmup=2),
-            Config("attn_hybrid cp=2 allgather, 64k, block AC, 2 GPUs", devices=2, micro_batch=1,
-                   seq_len=65536, checkpointing="block", loss_chunk_tokens=4096,
-                   plan={"cp": 2, "cp_kernel": "allgather"}, steps=4, warmup=2),
-            Config("attn_hybrid cp=2 ring, 128k, block AC, 2 GPUs", devices=2, micro_batch=1,
-                   seq_len=131072, checkpointing="block", loss_chunk_tokens=4096,
-                   plan={"cp": 2, "cp_kernel": "ring"}, steps=4, warmup=2),
-        ]
-    if name == "callbacks":
-        return [Config("attn_hybrid, callbacks off", steps=24, warmup=4),
-                Config("attn_hybrid, callbacks on", callbacks=True, steps=24, warmup=4)]
-    if name == "sharding":  # one GPU: sharding itself is a no-op, the wrappers' cost is not
-        return [
-            Config("lightning single-device", strategy="auto"),
-            Config("lightning FSDPStrategy (FSDP1, full shard), 1 GPU", strategy="fsdp"),
-            Config("lightning ModelParallelStrategy (fully_shard per block), 1 GPU", strategy="model_parallel",
-                   precision="bf16-true"),
-            Config("attn_hybrid (replicated, bucketed reducer), 1 GPU"),
-            Config("attn_hybrid bf16-true, 1 GPU", precision="bf16-true"),
-        ]
-    if name == "planner_fit":  # the measurements the planner's constants are fitted to
-        return [
-            Config("fit: mb8 s2048 none bf16-mixed", micro_batch=8),
-            Config("fit: mb4 s2048 block bf16-mixed", micro_batch=4, checkpointing="block"),
-            Config("fit: mb1 s16384 selective chunked bf16-mixed", micro_batch=1, seq_len=16384,
-                   checkpointing="selective", loss_chunk_tokens=4096, steps=8, warmup=3),
-            Config("fit: mb2 s4096 none bf16-true", micro_batch=2, seq_len=4096, precision="bf16-true"),
-            Config("fit: mb8 s2048 none bf16-mixed compile", micro_batch=8, compile=True, steps=14, warmup=6),
-            Config("fit: mb1 s32768 block chunked bf16-mixed", micro_batch=1, seq_len=32768,
-                   checkpointing="block", loss_chunk_tokens=4096, steps=6, warmup=2),
-            Config("fit: mb4 s4096 attention bf16-mixed", micro_batch=4, seq_len=4096,
-                   checkpointing="attention"),
-        ]
-    if name == "planner_check":  # fresh configurations, predicted before they were measured
-        return [
-            Config("check: mb6 s2048 selective bf16-mixed", micro_batch=6, checkpointing="selective"),
-            Config("check: mb2 s8192 block chunked bf16-true", micro_batch=2, seq_len=8192,
-                   checkpointing="block", loss_chunk_tokens=4096, precision="bf16-true"),
-            Config("check: mb1 s16384 none chunked bf16-mixed", micro_batch=1, seq_len=16384,
-                   loss_chunk_tokens=4096, steps=8, warmup=3),
-            Config("check: mb4 s2048 none bf16-true compile", micro_batch=4, precision="bf16-true",
-                   compile=True, steps=14, warmup=6),
-            Config("check: mb16 s1024 block bf16-mixed", micro_batch=16, seq_len=1024, checkpointing="block"),
-            Config("check: mb2 s8192 selective bf16-mixed", micro_batch=2, seq_len=8192,
-                   checkpointing="selective"),
-        ]
-    if name == "planner_moe_check":  # MoE runs the planner's expert constants never saw
-        moe = dict(V2_LITE_CUT)
-        return [
-            Config("moe check: mb4 s2048 grouped bf16-mixed", micro_batch=4, model=moe),
-            Config("moe check: mb2 s4096 grouped bf16-mixed", micro_batch=2, seq_len=4096, model=moe),
-            Config("moe check: mb8 s1024 grouped bf16-mixed", micro_batch=8, seq_len=1024, model=moe),
-            Config("moe check: mb4 s2048 grouped bf16-true", micro_batch=4, precision="bf16-true", model=moe),
-        ]
-    if name == "planner":
-        return [
-            Config("mb8 s2048 none bf16-mixed", micro_batch=8),
-            Config("mb4 s2048 block bf16-mixed", micro_batch=4, checkpointing="block"),
-            Config("mb2 s4096 selective bf16-true", micro_batch=2, seq_len=4096, checkpointing="selective",
-                   precision="bf16-true"),
-            Config("mb1 s8192 none chunked bf16-mixed", micro_batch=1, seq_len=8192, loss_chunk_tokens=4096),
-        ]
-    raise SystemExit(f"unknown suite {name!r}: strategies, long_context, moe, callbacks, multi_gpu, "
-                     "sharding, planner, planner_fit, planner_check, planner_moe_check")
+# ---------------------------------------------------------------------------- strategies
+def _attn_hybrid(cfg: Config) -> Any:
+    import lightning_attn_parallel as lap
+
+    plan = lap.ParallelPlan(compile=cfg.compile, activation_checkpointing=cfg.checkpointing,
+                            offload_activations=cfg.offload, grouped_gemm=cfg.grouped_gemm, **cfg.plan)
+    return lap.AttnHybridStrategy(plan=plan)
 
 
+def _model_parallel(cfg: Config) -> Any:
+    """Lightning's ModelParallelStrategy; the module applies fully_shard in configure_model."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy()
+
+
+def _fsdp(cfg: Config) -> Any:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_attn_parallel.models.llama import TransformerBlock
+
+    return FSDPStrategy(auto_wrap_policy={TransformerBlock}, sharding_strategy="FULL_SHARD")
+
+
+# A row's `strategy` names one of these, or is passed to the Trainer as a Lightning name.
+STRATEGIES = {"attn_hybrid": _attn_hybrid, "model_parallel": _model_parallel, "fsdp": _fsdp}
+
+
+# ---------------------------------------------------------------------------- planner
 def predicted(cfg: Config, device: str) -> dict[str, float]:
     """The planner's memory and speed for `cfg` on the card named `device`."""
     from lightning_attn_parallel.models import ModelConfig
@@ -311,9 +227,9 @@ def table(rows: list[tuple[Config, dict]]) -> str:
             lines.append(f"| {cfg.name} | {r.get('error', 'failed')} | | | | | |")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"]
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         lines.append(f"| {cfg.name} | {r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | "
-                     f"{r['tflops_per_gpu']:.0f} | "
-                     f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {ratio:.3f}x |")
+                     f"{r['tflops_per_gpu']:.0f} | {mfu} | {r['peak_gib']:.1f} | {ratio:.3f}x |")
     return "\n".join(lines)
 
 
@@ -328,7 +244,7 @@ def main() -> None:
         cfg = Config(**json.loads(args.one))
         print("RESULT " + json.dumps(run_one(cfg)), flush=True)
         return
-    configs = suite(args.suite.removeprefix("suite="))
+    configs, predict = suite(args.suite.removeprefix("suite="))
     if args.only:
         configs = [configs[i] for i in args.only]
     rows = []
@@ -342,7 +258,7 @@ def main() -> None:
             tail = proc.stderr.strip().splitlines()[-3:]
             oom = "out of memory" in proc.stderr.lower()
             result = {"error": "out of memory" if oom else " / ".join(tail)[-300:]}
-        if "planner" in args.suite and "tokens_per_s" in result:
+        if predict and "tokens_per_s" in result:
             try:  # a planner error must not lose the measurement
                 result.update(predicted(cfg, result["device"]))
             except Exception as err:  # noqa: BLE001

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .faults import Heartbeat, configure_nccl, resolve_timeout, start_heartbeat
 from .mesh import ParallelMeshes, build_meshes
-from .parallel.collectives import LinkModel
+from .hardware import cluster_for_plan
 from .parallel.gradient_reducer import GradientReducer
 from .plan import ParallelPlan, as_plan
 
@@ -218,9 +218,8 @@ class AttnHybridStrategy(ParallelStrategy):
         assert self.plan is not None and self.meshes is not None
         result = parallelize(module, find_transformer(module), self.plan, self.meshes,
                              precision=str(self.precision_plugin.precision),
-                             links=LinkModel(inter_bw=self.plan.inter_node_gbps * 1e9,
-                                             intra_bw=self.plan.intra_node_gbps * 1e9),
-                             ranks_per_node=self.ranks_per_node)
+                             cluster=cluster_for_plan(self.plan, max(1, self.world_size // self.ranks_per_node),
+                                                      self.ranks_per_node))
         self.gradient_reducer = result.reducer
         self.fully_sharded = result.fully_sharded
         self._gradient_fixups = result.gradient_fixups

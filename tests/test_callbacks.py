@@ -25,7 +25,7 @@ from lightning_attn_parallel.callbacks import (LayerProfiler, LoadBalanceCallbac
                                                ThroughputCallback, default_callbacks,
                                                metrics as m)
 from lightning_attn_parallel.callbacks.load_balance import balance_metrics, spread
-from lightning_attn_parallel.callbacks.peak_flops import peak_tflops_for
+from lightning_attn_parallel.hardware import device_peak_tflops, peak_tflops
 from lightning_attn_parallel.callbacks.throughput import throughput_metrics
 from lightning_attn_parallel.models import ModelConfig, build_model
 from lightning_attn_parallel.models.flops import attention_flops_per_token
@@ -394,8 +394,27 @@ def test_spread_and_balance_metrics():
     ("NVIDIA H100 80GB HBM3", "64-true", None, None),
 ])
 def test_peak_table(name, precision, matmul, expected):
-    peak = peak_tflops_for(name, precision, matmul)
+    peak = peak_tflops(name, precision, matmul)
     assert peak == expected or (expected is not None and math.isclose(peak, expected))
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-true", "32-true"])
+def test_peak_table_agrees_with_lightning(monkeypatch, name, precision):
+    """Where Lightning's table has the dense figure of a card, ours is the same number."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32}[precision.split("-")[0]]
+    monkeypatch.setattr("lightning.fabric.accelerators.cuda._is_ampere_or_later", lambda: True)
+    assert peak_tflops(name, precision) == pytest.approx(get_available_flops(torch.device("cuda", 0), dtype) / 1e12)
+
+
+def test_peak_of_a_card_only_lightning_knows(monkeypatch):
+    """A card missing from the table takes Lightning's figure; a CPU has none."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    assert device_peak_tflops(torch.device("cuda", 0), "bf16-mixed") == pytest.approx(82.6)
+    assert device_peak_tflops(torch.device("cpu"), "bf16-mixed") is None
 
 
 def test_no_mfu_without_a_known_peak(tmp_path):

@@ -22,7 +22,7 @@ from lightning_attn_parallel.planning import (H100_SXM, Calibration, ClusterSpec
                                               precision_spec, reduce_scatter_time, select_plan)
 from lightning_attn_parallel.planning.counts import count_model
 from lightning_attn_parallel.planning.memory import activation_bytes
-from lightning_attn_parallel.planning.hardware import GIB
+from lightning_attn_parallel.hardware import GIB
 
 MODELS_DIR = os.path.join(os.path.dirname(__file__), "..", "lightning_attn_parallel", "models")
 
@@ -293,7 +293,7 @@ def test_precision_spellings():
     assert precision_spec(32).name == "32-true"
     with pytest.raises(ValueError, match="precision='64-true'"):
         precision_spec("64-true")
-    assert gpu_spec("NVIDIA H100 80GB HBM3").bf16_tflops == 989.0
+    assert gpu_spec("NVIDIA H100 80GB HBM3").bf16_tflops == 989.4
     assert gpu_spec("NVIDIA H200").memory_gib > 130
 
 
@@ -334,13 +334,13 @@ def test_step_time_arithmetic():
     counts = parameter_counts(ANCHOR_1B)
     matmul = 6 * counts.active_matmul
     attention = 12 * 22 * 32 * 64 * 2048
-    per_token = (matmul / (989e12 * 0.5) + attention / (989e12 * 0.8) + 22 * 2048 * 300.0 / 3350e9)
+    per_token = (matmul / (989.4e12 * 0.5) + attention / (989.4e12 * 0.8) + 22 * 2048 * 300.0 / 3350e9)
     assert t.compute_s == pytest.approx(tokens * per_token)
     assert t.flops_per_token == pytest.approx(matmul + attention)
     assert t.tp_s == t.cp_s == t.ep_s == t.dp_exposed_s == t.fsdp_exposed_s == 0.0
     assert t.step_s == pytest.approx(t.compute_s + t.optimizer_s)
     assert t.tokens_per_s_per_gpu == pytest.approx(tokens / t.step_s)
-    assert t.mfu == pytest.approx(t.flops_per_token * tokens / t.step_s / 989e12)
+    assert t.mfu == pytest.approx(t.flops_per_token * tokens / t.step_s / 989.4e12)
     block = estimate_time(ANCHOR_1B, ParallelPlan(activation_checkpointing="block"), one,
                           H100_SXM, 8, 2048, "bf16-true", calibration=cal)
     assert 0.25 < block.recompute_s / block.compute_s < 1 / 3  # a forward of the blocks
@@ -466,3 +466,23 @@ def test_dry_run_from_a_training_config():
     report = dry_run_from_config(cfg, DEEPSEEK_67B, replace(plan, accumulation="auto"), 128, gpu="h100")
     requested = next(line for line in report.splitlines() if line.startswith(">"))
     assert "rs_each" in requested and " yes " in requested
+
+
+def test_reducer_choice_and_planner_use_one_cost_model():
+    """The reducer's "auto" flat-or-hierarchical choice is the form the planner costs: the
+    planner's time is the chosen form's, and slow intra-node links keep the ring flat."""
+    from lightning_attn_parallel.collective_cost import flat_time, hierarchical_time
+    from lightning_attn_parallel.mesh import ReductionGroup
+    from lightning_attn_parallel.parallel.collectives import choose_hierarchical
+
+    cluster = ClusterSpec(num_nodes=2, gpus_per_node=8)
+    group = ReductionGroup("dp", None, list(range(16)), 1 / 16, intra=object(), inter=object(),
+                           intra_size=8, inter_size=2)
+    slow_nvlink = replace(cluster, intra_node_gbps=1.0)
+    choices = {}
+    for links in (cluster, slow_nvlink):
+        hierarchical = choose_hierarchical("auto", 1e9, group, links)
+        chosen = (hierarchical_time(1e9, 8, 2, links) if hierarchical else flat_time(1e9, 16, 2, links))
+        assert all_reduce_time(1e9, Group(16), links, EXACT) == pytest.approx(chosen)
+        choices[links.intra_node_gbps] = hierarchical
+    assert choices == {450.0: True, 1.0: False}

@@ -18,11 +18,11 @@ from typing import Optional, Sequence
 
 import lightning as L
 
+from ..hardware import device_peak_tflops
 from . import metrics as m
 from .accounting import FlopsPerToken, tensor_parallel_degree
 from .base import TokenCountingMetrics
 from .distributed import gather_rows
-from .peak_flops import device_peak_tflops
 
 
 def throughput_metrics(rows: Sequence[Sequence[float]], tp: int, steps: int,

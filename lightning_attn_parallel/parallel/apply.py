@@ -16,7 +16,7 @@ from torch import nn
 from ..mesh import ParallelMeshes
 from ..plan import ParallelPlan, PlanError
 from .activation_checkpointing import apply_activation_checkpointing
-from .collectives import LinkModel
+from ..hardware import ClusterSpec
 from .gradient_reducer import GradientReducer, broadcast_parameters
 
 
@@ -41,8 +41,7 @@ def _is_expert_param(name: str) -> bool:
 
 
 def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
-                meshes: ParallelMeshes, precision: str, links: LinkModel,
-                ranks_per_node: int) -> ParallelizeResult:
+                meshes: ParallelMeshes, precision: str, cluster: ClusterSpec) -> ParallelizeResult:
     """Apply every parallelism of `plan` to `module` (whose protocol model is `transformer`)."""
     needs_protocol = plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.activation_checkpointing != "none"
     if transformer is None and needs_protocol:
@@ -96,7 +95,7 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         if plan.ep > 1 and plan.tp > 1:
             fixups.append(_token_split_fixup(transformer, meshes))
     else:
-        reducer = _build_reducer(module, transformer, plan, meshes, links)
+        reducer = _build_reducer(module, transformer, plan, meshes, cluster)
     return ParallelizeResult(reducer=reducer, fully_sharded=plan.dp_shard > 1,
                              context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, reducer),
@@ -183,7 +182,7 @@ def meshes_with_experts(meshes: ParallelMeshes) -> None:
 
 
 def _build_reducer(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
-                   meshes: ParallelMeshes, links: LinkModel) -> GradientReducer:
+                   meshes: ParallelMeshes, cluster: ClusterSpec) -> GradientReducer:
     """Replicated parameters by reduction group: dense over dp x cp, experts over edp, and (under
     tp x ep) the router and shared experts over every rank, as each TP rank saw other tokens."""
     split_ids: set[int] = set()
@@ -206,7 +205,8 @@ def _build_reducer(module: nn.Module, transformer: Optional[nn.Module], plan: Pa
         groups.append((split, meshes.token_split_grads))
     for params, group in groups:
         broadcast_parameters(params, group)
-    return GradientReducer(groups, bucket_mb=plan.bucket_mb, hierarchical=plan.hierarchical, links=links)
+    return GradientReducer(groups, bucket_mb=plan.bucket_mb, hierarchical=plan.hierarchical,
+                           cluster=cluster)
 
 
 def layer_table(transformer: Optional[nn.Module], plan: ParallelPlan, meshes: ParallelMeshes,

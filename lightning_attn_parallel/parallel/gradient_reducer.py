@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..mesh import ReductionGroup
-from .collectives import LinkModel, choose_hierarchical, hierarchical_all_reduce
+from ..hardware import ClusterSpec
+from .collectives import choose_hierarchical, hierarchical_all_reduce
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,6 @@ class Bucket:
     hierarchical: bool
     ready: set[int] = field(default_factory=set)
     work: Optional[object] = None
-    launched: bool = False
 
     @property
     def complete(self) -> bool:
@@ -76,9 +76,9 @@ class GradientReducer:
 
     def __init__(self, param_groups: list[tuple[list[nn.Parameter], ReductionGroup]],
                  bucket_mb: float = 25.0, hierarchical: str = "auto",
-                 links: LinkModel = LinkModel()) -> None:
+                 cluster: ClusterSpec = ClusterSpec()) -> None:
         self.sync_enabled = True
-        self.links = links
+        self.cluster = cluster
         self.hierarchical_mode = hierarchical
         self.buckets: list[Bucket] = []
         self._views: dict[int, torch.Tensor] = {}
@@ -126,7 +126,7 @@ class GradientReducer:
         buffer = torch.zeros(numel, dtype=dtype, device=local_tensor(params[0]).device)
         nbytes = numel * buffer.element_size()
         bucket = Bucket(index=len(self.buckets), group=group, buffer=buffer, params=params,
-                        hierarchical=choose_hierarchical(self.hierarchical_mode, nbytes, group, self.links))
+                        hierarchical=choose_hierarchical(self.hierarchical_mode, nbytes, group, self.cluster))
         offset = 0
         for p in params:
             local = local_tensor(p)
@@ -134,10 +134,6 @@ class GradientReducer:
             self._bucket_of[id(p)] = bucket
             offset += local.numel()
         self.buckets.append(bucket)
-
-    @property
-    def parameters(self) -> Iterable[nn.Parameter]:
-        return (p for b in self.buckets for p in b.params)
 
     # ------------------------------------------------------------------ backward
     def prepare_for_backward(self) -> None:
@@ -153,7 +149,7 @@ class GradientReducer:
         for bucket in self.buckets:
             bucket.buffer.zero_()
             bucket.ready.clear()
-            bucket.work, bucket.launched = None, False
+            bucket.work = None
             for p in bucket.params:
                 p.grad = grad_view_for(p, self._views[id(p)])
 
@@ -178,7 +174,6 @@ class GradientReducer:
     def _launch(self, bucket: Bucket) -> None:
         group = bucket.group
         bucket.buffer.mul_(group.scale)  # pre-scale: no overflow of low-precision sums
-        bucket.launched = True
         if group.group is None:
             return  # one rank: scaling was all there was to do
         self.stats.collectives += 1

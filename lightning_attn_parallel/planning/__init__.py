@@ -6,7 +6,7 @@ every estimate is arithmetic, so a dry run for a large cluster completes in seco
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ModelSummary, ParamCounts, analytic_counts, parameter_counts
 from .dry_run import dry_run, dry_run_from_config, resolve_gpu
-from .hardware import A100_80GB, CPU, H100_SXM, H200, ClusterSpec, GpuSpec, detect_gpu, gpu_spec
+from ..hardware import A100_80GB, CPU, H100_SXM, H200, ClusterSpec, GpuSpec, detect_gpu, gpu_spec
 from .memory import MemoryEstimate, estimate_memory, precision_spec
 from .select import (Evaluation, FitSuggestion, NoPlanFitsError, PlanReport, candidate_plans,
                      heuristic_plan, nearest_fit, select_plan)

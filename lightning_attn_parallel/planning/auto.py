@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..plan import ParallelPlan
-from .hardware import ClusterSpec, detect_gpu
+from ..hardware import ClusterSpec, detect_gpu
 from .select import make_workload, resolve_accumulation, select_plan
 
 

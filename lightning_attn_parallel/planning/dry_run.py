@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 from ..models.config import ModelConfig
 from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, Calibration
-from .hardware import CPU, H100_SXM, ClusterSpec, GpuSpec, detect_gpu, gpu_spec
+from ..hardware import CPU, H100_SXM, ClusterSpec, GpuSpec, cluster_for_plan, detect_gpu, gpu_spec
 from .memory import precision_spec
 from .select import (Evaluation, NoPlanFitsError, PlanReport, Workload, choose, evaluate_layouts,
                      make_workload, nearest_fit)
@@ -175,8 +175,7 @@ def dry_run_from_config(cfg: Any, model_cfg: ModelConfig, plan: ParallelPlan, wo
     if world_size % num_nodes:
         raise ValueError(f"world size {world_size} is not a multiple of trainer.num_nodes="
                          f"{num_nodes}: set trainer.devices to the GPUs of one node")
-    cluster = ClusterSpec(num_nodes=num_nodes, gpus_per_node=world_size // num_nodes,
-                          intra_node_gbps=plan.intra_node_gbps, inter_node_gbps=plan.inter_node_gbps)
+    cluster = cluster_for_plan(plan, num_nodes, world_size // num_nodes)
     if gpu is None and str(cfg.trainer.accelerator) == "cpu":
         gpu = CPU
     return dry_run(model_cfg, cluster, gpu, micro_batch=int(cfg.data.micro_batch_size),

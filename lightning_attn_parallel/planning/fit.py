@@ -23,7 +23,7 @@ from ..models.config import ModelConfig
 from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import parameter_counts
-from .hardware import ClusterSpec, GpuSpec, gpu_spec
+from ..hardware import ClusterSpec, GpuSpec, gpu_spec
 from .memory import precision_spec
 from .timing import compute_terms, estimate_time
 

@@ -36,7 +36,7 @@ from ..models.flops import attention_dims
 from ..plan import ParallelPlan, PlanError
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ParamCounts, parameter_counts
-from .hardware import GIB, GpuSpec
+from ..hardware import GIB, GpuSpec
 
 MIB = 1024 ** 2
 

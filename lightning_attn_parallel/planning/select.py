@@ -15,7 +15,7 @@ from ..models.config import ModelConfig
 from ..plan import ParallelPlan, PlanError
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ModelSummary, ParamCounts, parameter_counts
-from .hardware import GIB, ClusterSpec, GpuSpec
+from ..hardware import GIB, ClusterSpec, GpuSpec
 from .memory import MemoryEstimate, estimate_memory, precision_spec
 from .timing import TimingEstimate, estimate_time, recompute_share
 

@@ -21,12 +21,14 @@ from ..models.flops import attention_dims, attention_flops_per_token
 from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ParamCounts, parameter_counts
-from .hardware import ClusterSpec, GpuSpec
+from .. import collective_cost
+from ..collective_cost import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, collective_time
+from ..hardware import ClusterSpec, GpuSpec
 from .memory import (MIB, PrecisionSpec, accumulation_policy, checkpointed_layers, compute_precision,
                      expert_shard_degree, kv_width, largest_unit, local_params, moe_layer_flags,
                      precision_spec)
 
-GB = 1e9
+GB = collective_cost.GB
 
 
 # ------------------------------------------------------------------------- collectives
@@ -45,65 +47,37 @@ class Group:
         return per_node, -(-self.size // per_node)
 
 
-def _ring(nbytes: float, n: int, factor: float, gbps: float, alpha: float, cal: Calibration,
-          steps_per_rank: int) -> float:
-    """alpha x steps + bytes x factor x (n-1)/n / bandwidth, for a ring over n ranks."""
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    beta = factor * (n - 1) / n * nbytes / (gbps * GB * cal.collective_efficiency)
-    return steps_per_rank * (n - 1) * alpha + beta
-
-
-def _collective(nbytes: float, group: Group, cluster: ClusterSpec, cal: Calibration,
-                factor: float) -> float:
-    """Ring collective moving factor x (n-1)/n x nbytes per rank (2: all-reduce, 1: RS/AG)."""
+def _costed(group: Group, cluster: ClusterSpec) -> tuple[int, int, int]:
     per_node, nodes = group.layout(cluster.gpus_per_node)
-    steps = int(factor)
-    if nodes == 1:
-        return _ring(nbytes, group.size, factor, cluster.intra_node_gbps, cluster.intra_node_alpha_s,
-                     cal, steps)
-    flat = _ring(nbytes, group.size, factor, cluster.inter_node_gbps, cluster.inter_node_alpha_s,
-                 cal, steps)
-    if per_node == 1:
-        return flat
-    inside = factor * _ring(nbytes, per_node, 1.0, cluster.intra_node_gbps,
-                            cluster.intra_node_alpha_s, cal, 1)
-    across = _ring(nbytes / per_node, nodes, factor, cluster.inter_node_gbps,
-                   cluster.inter_node_alpha_s, cal, steps)
-    return min(flat, inside + across)
+    return group.size, per_node, nodes
 
 
 def all_reduce_time(nbytes: float, group: Group, cluster: ClusterSpec,
                     calibration: Calibration = DEFAULT_CALIBRATION) -> float:
     """Seconds to all-reduce `nbytes` over `group` (ring: 2(n-1)/n of the bytes per rank)."""
-    return _collective(nbytes, group, cluster, calibration, 2.0)
+    return collective_time(nbytes, *_costed(group, cluster), cluster, ALL_REDUCE,
+                           calibration.collective_efficiency)
 
 
 def reduce_scatter_time(nbytes: float, group: Group, cluster: ClusterSpec,
                         calibration: Calibration = DEFAULT_CALIBRATION) -> float:
     """Seconds to reduce-scatter an unsharded `nbytes` tensor ((n-1)/n of it per rank)."""
-    return _collective(nbytes, group, cluster, calibration, 1.0)
+    return collective_time(nbytes, *_costed(group, cluster), cluster, REDUCE_SCATTER,
+                           calibration.collective_efficiency)
 
 
 def all_gather_time(nbytes: float, group: Group, cluster: ClusterSpec,
                     calibration: Calibration = DEFAULT_CALIBRATION) -> float:
     """Seconds to all-gather into an `nbytes` tensor ((n-1)/n of it arrives per rank)."""
-    return _collective(nbytes, group, cluster, calibration, 1.0)
+    return collective_time(nbytes, *_costed(group, cluster), cluster, ALL_GATHER,
+                           calibration.collective_efficiency)
 
 
 def all_to_all_time(nbytes: float, group: Group, cluster: ClusterSpec,
                     calibration: Calibration = DEFAULT_CALIBRATION) -> float:
-    """Seconds for an all-to-all where each rank holds `nbytes` spread evenly over the group:
-    the node-local share goes over NVLink while the rest crosses the network concurrently."""
-    n = group.size
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    per_node, nodes = group.layout(cluster.gpus_per_node)
-    eff = calibration.collective_efficiency
-    inside = nbytes * (per_node - 1) / n / (cluster.intra_node_gbps * GB * eff)
-    across = nbytes * (n - per_node) / n / (cluster.inter_node_gbps * GB * eff)
-    alpha = cluster.inter_node_alpha_s if nodes > 1 else cluster.intra_node_alpha_s
-    return (n - 1) * alpha + max(inside, across)
+    """Seconds for an all-to-all where each rank holds `nbytes` spread evenly over the group."""
+    return collective_cost.all_to_all_time(nbytes, *_costed(group, cluster), cluster,
+                                           calibration.collective_efficiency)
 
 
 # ------------------------------------------------------------------------- groups of a plan
@@ -231,7 +205,7 @@ def recompute_share(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, s
                     calibration: Calibration = DEFAULT_CALIBRATION, gpu: Optional[GpuSpec] = None,
                     precision: object = "bf16-mixed") -> float:
     """Recomputation time as a fraction of one pass's compute time."""
-    from .hardware import H100_SXM
+    from ..hardware import H100_SXM
 
     base, redo = compute_terms(cfg, counts, plan, gpu or H100_SXM, seq_len, precision)
     autocast = compute_precision(precision_spec(precision), plan).autocast
