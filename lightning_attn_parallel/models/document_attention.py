@@ -18,6 +18,7 @@ both against plain causal SDPA at equal tokens; keep the faster as the fast path
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from typing import Any, Optional
 
@@ -57,11 +58,7 @@ def _flex_usable(q: torch.Tensor, v: torch.Tensor) -> bool:
     # memory (seen at head dim 64), and fp32/fp64 runs are the exactness tests' business anyway.
     if _FLEX_FAILED or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def _document_block_mask(document_ids: torch.Tensor):
