@@ -29,13 +29,16 @@ class CausalLMModule(L.LightningModule):
     def __init__(self, model: Union[ModelConfig, dict], lr: float = 3e-4, min_lr_ratio: float = 0.1,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 20, total_steps: Optional[int] = None,
-                 loss_chunk_tokens: Optional[int] = None) -> None:
+                 loss_chunk_tokens: Optional[int] = None, pretrained: Optional[str] = None) -> None:
         super().__init__()
         self.model_config = model if isinstance(model, ModelConfig) else ModelConfig(**model)
+        # A Hugging Face folder whose weights the strategy loads once the model is parallelized
+        # (pretrained.py); recorded so that an export can carry its tokenizer through.
+        self.pretrained = pretrained
         self.save_hyperparameters({"model": asdict(self.model_config), "lr": lr, "min_lr_ratio": min_lr_ratio,
                                    "weight_decay": weight_decay, "betas": tuple(betas),
                                    "warmup_steps": warmup_steps, "total_steps": total_steps,
-                                   "loss_chunk_tokens": loss_chunk_tokens})
+                                   "loss_chunk_tokens": loss_chunk_tokens, "pretrained": pretrained})
         self.model: Optional[nn.Module] = None
 
     def configure_model(self) -> None:

@@ -36,6 +36,7 @@ from .mesh import ParallelMeshes, build_meshes
 from .hardware import cluster_for_plan
 from .parallel.gradient_reducer import GradientReducer
 from .plan import ParallelPlan, as_plan
+from .pretrained import load_pretrained_into
 
 
 def find_transformer(module: nn.Module) -> Optional[nn.Module]:
@@ -199,6 +200,7 @@ class AttnHybridStrategy(ParallelStrategy):
         if not self._parallelized:
             self._parallelize(self.lightning_module)
             self._parallelized = True
+            load_pretrained_into(self.lightning_module)  # each rank reads only its slices
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()

@@ -251,3 +251,83 @@ def test_missing_shard_and_mismatched_tensors_are_named(tmp_path):
     (tmp_path / "wrong" / "config.json").write_text(json.dumps(config | dict(num_hidden_layers=1)))
     with pytest.raises(ValueError, match="model.layers.1.* has no place"):
         from_pretrained(tmp_path / "wrong")
+
+
+# ---------------------------------------------------------------------------- under a plan
+PLANS = {  # plan -> the HF model it loads
+    "tp2_dp_shard2": (dict(tp=2, dp_shard=2, dp_replicate=1), "llama"),
+    "ep4": (dict(ep=4), "v3"),
+    "cp2_dp2": (dict(cp=2, dp_shard=2, dp_replicate=1, cp_kernel="allgather"), "v2"),
+}
+FOLDERS = {"llama": lambda: llama_config(LLAMA3, kv_heads=2, theta=500000.0),
+           "v3": CASES["v3_rotate_half"],
+           "v2": CASES["v2_lite_yarn_greedy"]}
+VAL_TOKENS = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(3))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The same 4 sequences on every rank: the mean loss is then that of the 4 sequences."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return {"input_ids": VAL_TOKENS[:, :-1], "labels": VAL_TOKENS[:, 1:]}
+
+
+def _load_under_plans(rank: int, world: int, root: str) -> dict:
+    import lightning as L
+    from lightning_utils import quiet_trainer
+
+    import lightning_attn_parallel as lap
+    from lightning_attn_parallel.checkpoint import export_consolidated
+    from lightning_attn_parallel.pretrained import load_pretrained
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, (plan, folder) in PLANS.items():
+        path = f"{root}/{folder}"
+        cfg = Checkpoint(path).model_config()
+        L.seed_everything(1, verbose=False)
+        module = lap.CausalLMModule(cfg, pretrained=path)
+        trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan)), devices=world,
+                                limit_val_batches=1)
+        data = torch.utils.data.DataLoader(_Batches(), batch_size=None)
+        metrics = trainer.validate(module, data, verbose=False)[0]
+        export_consolidated(f"{root}/{name}.pt", module.model)
+        again = load_pretrained(module.model, path)  # the same load, to count what this rank reads
+        local = 0
+        for key, tensor in module.model.state_dict(keep_vars=True).items():
+            if key.endswith(("rope.cos", "rope.sin")):
+                continue
+            t = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            local += t.numel() * 4  # the folders are fp32
+        out[name] = dict(val_loss=metrics["val/loss"], bytes_read=again.bytes_read, local_bytes=local)
+    return out
+
+
+def test_load_under_plans_matches_transformers(tmp_path):
+    """tp2 x dp_shard2 (FSDP2 over tensor-parallel shards), ep4 and cp2 x dp_shard2 on 4 gloo
+    ranks: the validation loss of the parallel model and the gathered weights' logits equal
+    transformers'; each rank reads little more than the slices it holds."""
+    from dist_utils import run_distributed
+
+    hf = {name: save_hf(make(), tmp_path / name, selection_bias=name == "v3") for name, make in FOLDERS.items()}
+    results = run_distributed(_load_under_plans, 4, str(tmp_path), timeout=600)
+    for name, (plan, folder) in PLANS.items():
+        with torch.no_grad():
+            logits = hf[folder](VAL_TOKENS[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), VAL_TOKENS[:, 1:].flatten())
+        cfg = Checkpoint(tmp_path / folder).model_config()
+        model = build_model(cfg).eval()
+        model.load_state_dict(torch.load(tmp_path / f"{name}.pt", weights_only=True))
+        assert_close(logits_of(model, VAL_TOKENS[:, :-1]), logits, rtol=1e-5, name=f"{name} gathered logits")
+        for rank, result in enumerate(results):
+            r = result[name]
+            assert r["val_loss"] == pytest.approx(loss.item(), rel=1e-5), f"{name} rank {rank} loss"
+            total = sum(p.stat().st_size for p in (tmp_path / folder).glob("*.safetensors"))
+            # whole heads around a cut: at most a few KiB per tensor over the rank's own share
+            assert r["bytes_read"] <= 1.25 * r["local_bytes"] + 32 * 1024, (name, rank, r)
+            if "dp_shard" in plan:  # sharded everywhere: a rank reads about a quarter
+                assert r["bytes_read"] < 0.4 * total, (name, rank, r, total)
+            print(f"{name} rank {rank}: read {r['bytes_read']} B, holds {r['local_bytes']} B, folder {total} B")

@@ -484,11 +484,6 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def project_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers by name (tied weights under both names)."""
-    return dict(model.state_dict(keep_vars=True))
-
-
 def from_pretrained(path: PathLike, dtype: torch.dtype = torch.float32,
                     max_seq_len: Optional[int] = None) -> nn.Module:
     """The project's model holding the weights of the Hugging Face folder `path`.
@@ -505,7 +500,7 @@ def from_pretrained(path: PathLike, dtype: torch.dtype = torch.float32,
     model.to_empty(device="cpu")
     with _default_dtype(dtype):
         reset_buffers(model)
-    load_into(ckpt, model, cfg, lambda name, tensor: _full_index(tensor.shape))
+    load_into(ckpt, model.state_dict(keep_vars=True), cfg)
     return model
 
 
@@ -519,15 +514,13 @@ def reset_buffers(model: nn.Module) -> None:
             module.reset_parameters()
 
 
-def load_into(ckpt: Checkpoint, model: nn.Module, cfg: ModelConfig,
-              local_index: Callable[[str, torch.Tensor], Optional[Index]],
-              local_of: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-              global_shape: Callable[[str, torch.Tensor], Sequence[int]] = lambda n, t: t.shape) -> None:
-    """Copy every tensor of `model` from `ckpt`, reading only `local_index(name, tensor)` of each
-    (None: this process holds nothing of it). `local_of` gives the tensor's local storage (a
-    DTensor's local shard) and `global_shape` its full shape; both default to plain tensors."""
+def load_into(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], cfg: ModelConfig,
+              local_index: Callable[[str, torch.Tensor], Optional[Index]] = lambda n, t: _full_index(t.shape),
+              local_of: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+    """Copy every tensor of a model (`tensors`: state-dict name -> tensor with its global shape)
+    from `ckpt`, reading only `local_index(name, tensor)` of each (None: this process holds none
+    of it) into `local_of(tensor)`, its local storage (a DTensor's shard; plain tensors: itself)."""
     specs = ckpt.specs(cfg)
-    tensors = project_tensors(model)
     # V2 (softmax) routing has no selection bias: the project's stays zero.
     unknown = sorted(n for n in set(tensors) - set(specs) if not n.endswith("router.expert_bias"))
     if unknown:
@@ -536,11 +529,11 @@ def load_into(ckpt: Checkpoint, model: nn.Module, cfg: ModelConfig,
     with torch.no_grad():
         for name, spec in specs.items():
             tensor = tensors[name]
-            ckpt.check_shape(spec, global_shape(name, tensor), cfg)
+            ckpt.check_shape(spec, tensor.shape, cfg)
             local = local_of(tensor)
-            if id(local) in done:  # tied embeddings: loaded once
+            if id(tensor) in done:  # tied embeddings: loaded once
                 continue
-            done.add(id(local))
+            done.add(id(tensor))
             index = local_index(name, tensor)
             if index is None or local.numel() == 0:
                 continue
