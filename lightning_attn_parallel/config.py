@@ -51,7 +51,8 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     precision: str = "32-true"
-    max_steps: int = 150
+    max_steps: int = 150  # -1: until max_epochs (the schedule then spans the steps of max_epochs)
+    max_epochs: Optional[int] = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = 1.0
     val_check_interval: Any = 150

@@ -5,7 +5,10 @@ with one message naming the value and the fix.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import functools
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 from .errors import UserError
@@ -21,6 +24,11 @@ class PlanError(UserError):
     """A plan that cannot run on this world size or this model."""
 
 
+def _limits(*, minimum: Any = None, above: Any = None, also: tuple = (), choices: tuple = ()) -> dict:
+    """Range metadata for a plan field; `__post_init__` checks every field's type and range."""
+    return {"minimum": minimum, "above": above, "also": also, "choices": choices}
+
+
 @dataclass
 class ParallelPlan:
     """Degrees and options. `dp_replicate=-1` fills the world with replicated data parallelism.
@@ -28,33 +36,37 @@ class ParallelPlan:
     Dense layers run on the mesh (dp_replicate, dp_shard, cp, tp); experts on (edp, ep), a second
     view of the same ranks, so `ep` is chosen independently of the attention layout.
     `ParallelPlan("auto")` defers the choice to the planner (see planning/).
+
+    Every field is checked against its annotated type (a bool is not an int, "true" is not a
+    bool) and the `_limits` in its metadata, so a field added later is validated by declaring it.
     """
 
-    mode: str = "manual"  # "manual" or "auto"
-    dp_replicate: int = -1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
-    ep: int = 1
+    mode: str = field(default="manual", metadata=_limits(choices=("manual", "auto")))
+    dp_replicate: int = field(default=-1, metadata=_limits(minimum=1, also=(-1,)))
+    dp_shard: int = field(default=1, metadata=_limits(minimum=1))
+    cp: int = field(default=1, metadata=_limits(minimum=1))
+    tp: int = field(default=1, metadata=_limits(minimum=1))
+    ep: int = field(default=1, metadata=_limits(minimum=1))
     # data parallel (replicated parameters)
-    bucket_mb: float = 25.0
-    hierarchical: str = "auto"
-    ranks_per_node: Optional[int] = None  # None: the launcher's devices per node
-    intra_node_gbps: float = 450.0  # NVLink 4 per-direction bandwidth, GB/s
-    inter_node_gbps: float = 50.0  # 400 Gb/s InfiniBand, GB/s
+    bucket_mb: float = field(default=25.0, metadata=_limits(above=0))
+    hierarchical: str = field(default="auto", metadata=_limits(choices=HIERARCHICAL_MODES))
+    ranks_per_node: Optional[int] = field(default=None, metadata=_limits(minimum=1))  # None: the launcher's
+    intra_node_gbps: float = field(default=450.0, metadata=_limits(above=0))  # NVLink 4 per direction, GB/s
+    inter_node_gbps: float = field(default=50.0, metadata=_limits(above=0))  # 400 Gb/s InfiniBand, GB/s
     # tensor parallel
     sequence_parallel: bool = False
     # context parallel
-    cp_kernel: str = "allgather"
-    cp_min_seq_len: int = 0  # sequences shorter than this run batch-parallel on the CP ranks
+    cp_kernel: str = field(default="allgather", metadata=_limits(choices=CP_KERNELS))
+    # sequences shorter than this run batch-parallel on the CP ranks
+    cp_min_seq_len: int = field(default=0, metadata=_limits(minimum=0))
     cp_load_balance: bool = True
     # expert parallel
     grouped_gemm: bool = True
     # sharded data parallel: what micro-batches that only accumulate send ("auto": the planner)
-    accumulation: str = "auto"
+    accumulation: str = field(default="auto", metadata=_limits(choices=ACCUMULATION_POLICIES))
     # memory levers
-    activation_checkpointing: str = "none"
-    ac_every_n: int = 1
+    activation_checkpointing: str = field(default="none", metadata=_limits(choices=CHECKPOINT_POLICIES))
+    ac_every_n: int = field(default=1, metadata=_limits(minimum=1))
     offload_activations: bool = False
     compile: bool = False
 
@@ -62,27 +74,9 @@ class ParallelPlan:
         if self.mode not in ("manual", "auto"):
             raise PlanError(f"ParallelPlan mode={self.mode!r} is unknown: use ParallelPlan('auto') "
                             "or give degrees, e.g. ParallelPlan(tp=2, dp_shard=2)")
-        for key in ("dp_shard", "cp", "tp", "ep", "ac_every_n"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise PlanError(f"ParallelPlan {key}={value!r} is invalid: it must be an integer >= 1")
-        if not isinstance(self.dp_replicate, int) or (self.dp_replicate < 1 and self.dp_replicate != -1):
-            raise PlanError(f"ParallelPlan dp_replicate={self.dp_replicate!r} is invalid: use an "
-                            "integer >= 1, or -1 to fill the world")
-        self._check_choice("cp_kernel", CP_KERNELS)
-        self._check_choice("hierarchical", HIERARCHICAL_MODES)
-        self._check_choice("activation_checkpointing", CHECKPOINT_POLICIES)
-        self._check_choice("accumulation", ACCUMULATION_POLICIES)
-        if self.bucket_mb <= 0:
-            raise PlanError(f"ParallelPlan bucket_mb={self.bucket_mb!r} is invalid: it must be > 0")
-        if self.ranks_per_node is not None and self.ranks_per_node < 1:
-            raise PlanError(f"ParallelPlan ranks_per_node={self.ranks_per_node!r} is invalid: "
-                            "it must be >= 1 or None")
-
-    def _check_choice(self, key: str, choices: tuple[str, ...]) -> None:
-        if getattr(self, key) not in choices:
-            raise PlanError(f"ParallelPlan {key}={getattr(self, key)!r} is unknown: choose one of "
-                            f"{', '.join(choices)}")
+        hints = _field_types(type(self))
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name), hints[f.name], f.metadata)
 
     # ------------------------------------------------------------------ degrees
     @property
@@ -130,26 +124,57 @@ class ParallelPlan:
                             f"choose ep among the divisors of {world_size}")
         return plan
 
-    def check_model(self, model_cfg: Any) -> None:
-        """Check the degrees against a ModelConfig (heads, KV heads, experts, sequence length)."""
+    def check_model(self, model_cfg: Any, seq_len: Optional[int] = None,
+                    micro_batch_size: Optional[int] = None) -> None:
+        """The one check of the degrees against a model (ModelConfig) and, when given, the batch
+        shape: heads and KV heads for tp, heads for Ulysses, experts for ep, and sequence
+        lengths for context and sequence parallelism. The CLI's pre-flight and the strategy's
+        set-up both call it; parallel/ keeps only cheap internal asserts."""
         heads = model_cfg.n_heads
         if heads % self.tp:
             raise PlanError(f"ParallelPlan tp={self.tp} does not divide the model's n_heads={heads}: "
-                            f"choose tp among {_divisors(heads)}")
+                            f"choose tp among {divisors(heads)}")
+        kv = getattr(model_cfg, "n_kv_heads", None) or heads
+        if getattr(model_cfg, "attention", "gqa") == "gqa" and kv % self.tp and self.tp % kv:
+            fits = [d for d in divisors(heads) if kv % d == 0 or d % kv == 0]
+            raise PlanError(f"ParallelPlan tp={self.tp} with the model's n_kv_heads={kv}: tp must divide "
+                            f"the KV heads (sharded) or be a multiple of them (replicated); choose tp "
+                            f"among {fits}")
         if self.cp_kernel == "ulysses" and self.cp > 1:
             local_heads = heads // self.tp
             if local_heads % self.cp:
                 raise PlanError(
                     f"ParallelPlan cp={self.cp} with cp_kernel='ulysses' must divide the heads per "
                     f"tensor-parallel rank ({local_heads}): use cp_kernel='allgather' or 'ring', "
-                    f"or cp among {_divisors(local_heads)}")
+                    f"or cp among {divisors(local_heads)}")
         if model_cfg.n_routed_experts and model_cfg.n_routed_experts % self.ep:
             raise PlanError(
                 f"ParallelPlan ep={self.ep} does not divide the model's n_routed_experts="
-                f"{model_cfg.n_routed_experts}: choose ep among {_divisors(model_cfg.n_routed_experts)}")
+                f"{model_cfg.n_routed_experts}: choose ep among {divisors(model_cfg.n_routed_experts)}")
         if not model_cfg.n_routed_experts and self.ep > 1:
             raise PlanError(f"ParallelPlan ep={self.ep} needs a mixture-of-experts model; this model "
                             "has no routed experts: set ep=1")
+        if seq_len is not None:
+            self.check_sequence(seq_len, micro_batch_size)
+
+    def check_sequence(self, seq_len: int, micro_batch_size: Optional[int] = None) -> None:
+        """A batch of `micro_batch_size` sequences of `seq_len` tokens splits evenly under the plan."""
+        if self.cp > 1 and seq_len >= self.cp_min_seq_len:
+            multiple = 2 * self.cp if self.cp_load_balance else self.cp
+            if seq_len % multiple:
+                how = f"2 x cp={self.cp} (cp_load_balance=true)" if self.cp_load_balance else f"cp={self.cp}"
+                raise PlanError(f"data.seq_len={seq_len} is not a multiple of {how}: use a multiple of "
+                                f"{multiple} (e.g. {seq_len - seq_len % multiple or multiple})")
+        elif self.cp > 1 and micro_batch_size is not None and micro_batch_size % self.cp:
+            raise PlanError(f"data.micro_batch_size={micro_batch_size} runs batch-parallel over cp={self.cp} "
+                            f"(data.seq_len={seq_len} < cp_min_seq_len={self.cp_min_seq_len}): use a "
+                            f"multiple of {self.cp}")
+        if self.tp > 1 and self.sequence_parallel:
+            local = seq_len // self.cp if self.cp > 1 and seq_len >= self.cp_min_seq_len else seq_len
+            if local % self.tp:
+                raise PlanError(f"sequence_parallel=true needs each rank's sequence length ({local}) to "
+                                f"be a multiple of tp={self.tp}: change data.seq_len or set "
+                                "sequence_parallel=false")
 
     def degrees(self) -> dict[str, int]:
         return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
@@ -163,8 +188,48 @@ class ParallelPlan:
         return "ParallelPlan(" + (", ".join(parts) or "single process") + ")"
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The divisors of n, ascending: the degrees that split n evenly (named in error messages)."""
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", str(kind))
+
+
+def _check_field(name: str, value: Any, annotation: Any, limits: Any) -> None:
+    """Check one plan field against its annotation (Optional allowed) and its `_limits`."""
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    optional = type(None) in kinds
+    if value is None and optional:
+        return
+    # bool is an int subclass, and a float field takes an int: spell the accepted types out.
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    known = [k for k in kinds if k in accepted]
+    if known and not any(isinstance(value, accepted[k]) and not (k is not bool and isinstance(value, bool))
+                         for k in known):
+        wanted = " or ".join(_type_name(k) for k in known) + (" or None" if optional else "")
+        raise PlanError(f"ParallelPlan {name}={value!r} is invalid: it must be {wanted}, "
+                        f"not {type(value).__name__}")
+    if not limits:
+        return
+    if limits.get("choices") and value not in limits["choices"]:
+        raise PlanError(f"ParallelPlan {name}={value!r} is unknown: choose one of "
+                        f"{', '.join(limits['choices'])}")
+    if value in limits.get("also", ()):
+        return
+    extra = f" (or {', '.join(map(str, limits['also']))})" if limits.get("also") else ""
+    if limits.get("minimum") is not None and value < limits["minimum"]:
+        raise PlanError(f"ParallelPlan {name}={value!r} is invalid: it must be >= "
+                        f"{limits['minimum']}{extra}")
+    if limits.get("above") is not None and value <= limits["above"]:
+        raise PlanError(f"ParallelPlan {name}={value!r} is invalid: it must be > {limits['above']}{extra}")
 
 
 def as_plan(value: Any) -> ParallelPlan:

@@ -7,16 +7,26 @@ subprocess to prove the whole path: one stderr line, exit code, no traceback, no
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
 
+from lightning_attn_parallel import preflight
+from lightning_attn_parallel.config import register_configs
 from lightning_attn_parallel.errors import UserError, run_or_exit
+from lightning_attn_parallel.models import ModelConfig
+from lightning_attn_parallel.plan import ParallelPlan, PlanError
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false"]
+TINY = dict(family="llama", vocab_size=256, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2,
+            ffn_dim=512, max_seq_len=1024)  # conf/model/tiny.yaml
 
 
 def train(args: list[str], tmp_path: Path, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -37,16 +47,217 @@ def assert_one_line_user_error(result: subprocess.CompletedProcess, *words: str)
     return lines[0]
 
 
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Token files and checkpoints, each broken in one way."""
+    d = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 256, size=4096)
+    out = {"good": d / "good.bin", "short": d / "short.bin", "odd": d / "odd.bin",
+           "wide": d / "wide.bin", "big_ids": d / "big_ids.bin", "meta_dir": d / "meta"}
+    ids.astype(np.uint16).tofile(out["good"])
+    ids[:100].astype(np.uint16).tofile(out["short"])
+    out["odd"].write_bytes(ids.astype(np.uint16).tobytes() + b"x")
+    ids.astype(np.uint32).tofile(out["wide"])
+    np.concatenate([ids, [300]]).astype(np.uint16).tofile(out["big_ids"])
+    out["meta_dir"].mkdir()
+    ids.astype(np.uint32).tofile(out["meta_dir"] / "train.bin")
+    (out["meta_dir"] / "metadata.json").write_text('{"dtype": "uint32", "vocab_size": 50000}')
+    out["meta"] = out["meta_dir"] / "train.bin"
+    # checkpoints: a complete one of this model, one of another model, a truncated one
+    state = {"state_dict": {"model.w": torch.zeros(256, 64)}, "hyper_parameters": {"model": TINY}}
+    out["ckpt"] = d / "ok.ckpt"
+    torch.save(state, out["ckpt"])
+    out["other"] = d / "other.ckpt"
+    torch.save({**state, "hyper_parameters": {"model": {**TINY, "n_layers": 8}}}, out["other"])
+    out["truncated"] = d / "truncated.ckpt"
+    out["truncated"].write_bytes(out["ckpt"].read_bytes()[:-5000])
+    # a sharded (DCP) checkpoint folder with one shard removed
+    import torch.distributed.checkpoint as dcp
+
+    out["dcp"] = d / "dcp"
+    dcp.save({"model": {"w": torch.ones(64, 64)}}, checkpoint_id=str(out["dcp"]))
+    for shard in out["dcp"].glob("*.distcp"):
+        shard.unlink()
+    out["dcp_nometa"] = d / "dcp_nometa"
+    out["dcp_nometa"].mkdir()
+    return out
+
+
+def compose_config(overrides: list[str], run_dir: Path):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("config", overrides=[*overrides, *QUICK, f"run_dir={run_dir}"])
+
+
+def refused(overrides: list[str], tmp_path: Path) -> str:
+    """The pre-flight's message for these overrides (it must refuse them, writing nothing)."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError) as info:
+        preflight.check_run(compose_config(overrides, run_dir))
+    assert not run_dir.exists(), "nothing may be written before the checks pass"
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+CPU3 = ["trainer.accelerator=cpu", "trainer.devices=3"]
+CPU2 = ["trainer.accelerator=cpu", "trainer.devices=2"]
+
+# (overrides, words the one line must hold); "{name}" is replaced by files[name]
+CASES = {
+    # config keys added with + in every group, and at the top level
+    "+optim key": (["+optim.betaz=0.9"], ["optim.betaz", "lr"]),
+    "+data key": (["+data.shuffle=false"], ["data.shuffle"]),
+    "+trainer key": (["+trainer.max_step=3"], ["trainer.max_step"]),
+    "+model key": (["+model.n_head=4"], ["model.n_head"]),
+    "+plan key": (["+strategy.plan.tensor_parallel=2"], ["strategy.plan.tensor_parallel"]),
+    "+logger key": (["+logger.entity=me"], ["logger.entity"]),
+    "+callbacks key": (["+callbacks.mfu=true"], ["callbacks.mfu"]),
+    "+top-level key": (["+seeds=3"], ["seeds"]),
+    # values
+    "lr zero": (["optim.lr=0"], ["optim.lr=0"]),
+    "lr negative": (["optim.lr=-1e-3"], ["optim.lr=-0.001"]),
+    "negative warm-up": (["optim.warmup_steps=-5"], ["optim.warmup_steps=-5"]),
+    "min_lr_ratio above 1": (["optim.min_lr_ratio=2"], ["optim.min_lr_ratio=2"]),
+    "negative weight decay": (["optim.weight_decay=-0.1"], ["optim.weight_decay"]),
+    "max_steps=-1 without max_epochs": (["trainer.max_steps=-1"], ["trainer.max_steps=-1", "max_epochs"]),
+    "max_steps=0": (["trainer.max_steps=0"], ["trainer.max_steps=0"]),
+    "seq_len 0": (["data.seq_len=0"], ["data.seq_len=0"]),
+    "micro-batch 0": (["data.micro_batch_size=0"], ["data.micro_batch_size=0"]),
+    "seq_len above max_seq_len": (["data.seq_len=4096"], ["data.seq_len=4096", "max_seq_len=1024"]),
+    "smoke + data path": (["+scale=smoke", "data=tokens", "data.train_path={good}"], ["+scale=smoke", "data.source=tokens"]),
+    # Trainer arguments
+    "precision": (["trainer.precision=bf17"], ["trainer.precision='bf17'", "bf16-mixed"]),
+    "devices=0": (["trainer.devices=0"], ["trainer.devices=0"]),
+    "num_nodes=0": (["trainer.num_nodes=0"], ["trainer.num_nodes=0"]),
+    "accelerator": (["trainer.accelerator=tpuu"], ["trainer.accelerator='tpuu'", "cpu"]),
+    "accumulate 0": (["trainer.accumulate_grad_batches=0"], ["trainer.accumulate_grad_batches=0"]),
+    "negative clip": (["trainer.gradient_clip_val=-1"], ["trainer.gradient_clip_val=-1"]),
+    "val_check_interval 0": (["trainer.val_check_interval=0"], ["trainer.val_check_interval=0"]),
+    # the plan's own fields, against the world, and against the model
+    "plan negative cp_min_seq_len": (["strategy.plan.cp_min_seq_len=-1"], ["cp_min_seq_len=-1", ">= 0"]),
+    "plan negative bandwidth": (["strategy.plan.inter_node_gbps=-5"], ["inter_node_gbps=-5"]),
+    "plan zero bucket": (["strategy.plan.bucket_mb=0"], ["bucket_mb=0"]),
+    "plan cp kernel": (["strategy.plan.cp_kernel=zigzag"], ["cp_kernel='zigzag'", "allgather"]),
+    "tp vs world": ([*CPU3, "strategy.plan.tp=2"], ["tp=2", "world size 3"]),
+    "degrees vs world": ([*CPU2, "strategy.plan.dp_replicate=1", "strategy.plan.dp_shard=1"], ["world size 2"]),
+    "tp vs heads": ([*CPU2, "strategy.plan.tp=2", "model.n_heads=3", "model.n_kv_heads=3", "model.d_model=96"],
+                    ["tp=2", "n_heads=3"]),
+    "tp vs KV heads": ([*CPU3, "strategy.plan.tp=3"], ["tp=3", "n_kv_heads=2"]),
+    "cp vs seq_len": ([*CPU2, "strategy.plan.cp=2", "data.seq_len=250"], ["data.seq_len=250", "2 x cp=2", "248"]),
+    "ulysses vs heads": ([*CPU2, "strategy.plan.cp=2", "strategy.plan.cp_kernel=ulysses", "model.n_heads=3",
+                          "model.n_kv_heads=3", "model.d_model=96"], ["ulysses", "cp=2"]),
+    "ep vs experts": (["+recipe=tiny_moe", *CPU3, "strategy.plan.ep=3"], ["ep=3", "n_routed_experts=8", "[1, 2, 4, 8]"]),
+    "ep on a dense model": ([*CPU2, "strategy.plan.ep=2"], ["ep=2", "set ep=1"]),
+    "model too big for RAM": (["model.d_model=16384", "model.n_heads=128", "model.n_kv_heads=8",
+                               "model.ffn_dim=65536", "model.n_layers=200"], ["GiB", "dp_shard"]),
+    # data files
+    "data file missing": (["data=tokens", "data.seq_len=256", "data.train_path=/nonexistent/tokens.bin"],
+                          ["data.train_path='/nonexistent/tokens.bin'", "does not exist"]),
+    "data shorter than a sequence": (["data=tokens", "data.seq_len=256", "data.train_path={short}"], ["100 tokens", "data.seq_len=256"]),
+    "size not a multiple of dtype": (["data=tokens", "data.seq_len=256", "data.train_path={odd}"], ["8193 bytes", "data.dtype"]),
+    "uint32 read as uint16": (["data=tokens", "data.seq_len=256", "data.train_path={wide}"], ["uint32", "data.dtype=uint32"]),
+    "ids above the vocabulary": (["data=tokens", "data.seq_len=256", "data.train_path={big_ids}"], ["token id 300", "model.vocab_size=256"]),
+    "dtype against metadata": (["data=tokens", "data.seq_len=256", "data.train_path={meta}"], ["data.dtype=uint32"]),
+    "vocabulary against metadata": (["data=tokens", "data.seq_len=256", "data.dtype=uint32", "data.train_path={meta}"],
+                                    ["model.vocab_size=256", "50000"]),
+    "val file missing": (["data=tokens", "data.seq_len=256", "data.train_path={good}", "data.val_path=/nope.bin"], ["data.val_path"]),
+    "unknown dtype": (["data=tokens", "data.seq_len=256", "data.train_path={good}", "data.dtype=int8"], ["data.dtype='int8'"]),
+    # checkpoints
+    "checkpoint missing": (["ckpt_path=/nonexistent.ckpt"], ["/nonexistent.ckpt", "does not exist"]),
+    "checkpoint truncated": (["ckpt_path={truncated}"], ["truncated"]),
+    "checkpoint of another model": (["ckpt_path={other}"], ["another model", "model.n_layers=8 there but 4 here"]),
+    "sharded checkpoint missing a shard": (["ckpt_path={dcp}"], ["incomplete", ".distcp", "missing"]),
+    "sharded checkpoint without metadata": (["ckpt_path={dcp_nometa}"], [".metadata"]),
+    # output folders
+    "run_dir read-only": (["run_dir=/proc/lap-run"], ["run_dir='/proc/lap-run'", "not writable"]),
+    "run_dir under a file": (["run_dir={good}/run"], ["is a file"]),
+    "export_path is a folder": (["export_path={meta_dir}"], ["export_path=", "is a folder"]),
+    "export_path read-only": (["export_path=/proc/lap/model.pt"], ["export_path='/proc/lap'", "not writable"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_preflight_refuses_each_bad_input_with_one_line(name, files, tmp_path):
+    overrides, words = CASES[name]
+    overrides = [o.format(**files) for o in overrides]
+    if any(o.startswith("run_dir=") for o in overrides):
+        run_dir = next(o for o in overrides if o.startswith("run_dir="))[len("run_dir="):]
+        overrides = [o for o in overrides if not o.startswith("run_dir=")]
+        with pytest.raises(UserError) as info:
+            preflight.check_run(compose_config(overrides, Path(run_dir)))
+        message = str(info.value)
+    else:
+        message = refused(overrides, tmp_path)
+    for word in words:
+        assert word.format(**files) in message, message
+
+
+def test_the_good_inputs_pass(files, tmp_path):
+    """The same checks accept the unbroken files: each case above fails for its own reason."""
+    for extra in (["data=tokens", "data.seq_len=256", f"data.train_path={files['good']}"],
+                  ["data=tokens", "data.seq_len=256", "data.dtype=uint32", "model.vocab_size=50000",
+                   f"data.train_path={files['meta']}"],
+                  [f"ckpt_path={files['ckpt']}"], ["+scale=smoke", "data.source=tokens", f"data.train_path={files['good']}"],
+                  ["trainer.max_steps=-1", "trainer.max_epochs=1"]):
+        preflight.check_run(compose_config(extra, tmp_path / "run"))
+
+
+def test_no_room_for_a_checkpoint_is_refused(monkeypatch, tmp_path):
+    real = preflight.shutil.disk_usage
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    message = refused([], tmp_path)
+    assert "run_dir=" in message and "GiB free" in message and "enable_checkpointing=false" in message
+
+
+@pytest.mark.parametrize("field, value", [("tp", True), ("dp_shard", "2"), ("sequence_parallel", "true"),
+                                          ("cp_min_seq_len", -1), ("intra_node_gbps", -1.0),
+                                          ("inter_node_gbps", 0), ("ranks_per_node", 0), ("ac_every_n", 1.5),
+                                          ("offload_activations", 1), ("hierarchical", "sometimes")])
+def test_parallel_plan_checks_the_type_and_range_of_every_field(field, value):
+    with pytest.raises(PlanError) as info:
+        ParallelPlan(**{field: value})
+    assert f"{field}={value!r}" in str(info.value)
+
+
+def test_a_field_added_later_is_validated_from_its_declaration():
+    from lightning_attn_parallel.plan import _limits
+
+    @dataclasses.dataclass
+    class Extended(ParallelPlan):
+        prefetch: int = dataclasses.field(default=1, metadata=_limits(minimum=0))
+        pin: bool = False
+
+    assert Extended(prefetch=3).prefetch == 3
+    for bad in (dict(prefetch=-1), dict(prefetch=True), dict(pin="yes")):
+        with pytest.raises(PlanError):
+            Extended(**bad)
+
+
 # ---------------------------------------------------------------- the whole path, as a subprocess
 @pytest.mark.parametrize("args, words", [
     (["+recipe=no_such_recipe"], ["no_such_recipe", "tiny", "deepseek_67b"]),
-    (["trainer.max_stepz=3"], ["trainer.max_stepz"]),
     (["+optim.betaz=0.9"], ["optim.betaz", "lr"]),
     (["trainer.max_steps=[1"], ["trainer.max_steps=[1"]),
-    (["trainer.accelerator=cpu", "trainer.devices=3", "strategy.plan.tp=2"], ["tp=2", "world size 3"]),
+    (["trainer.accelerator=cpu", "trainer.devices=3", "strategy.plan.tp=3"], ["tp=3", "n_kv_heads=2"]),
+    (["data=tokens", "data.seq_len=256", "data.train_path={big_ids}"], ["token id 300"]),
+    (["ckpt_path={truncated}"], ["truncated"]),
 ])
-def test_train_py_reports_bad_input_as_one_line(args, words, tmp_path):
-    assert_one_line_user_error(train(args, tmp_path), *words)
+def test_train_py_reports_bad_input_as_one_line(args, words, files, tmp_path):
+    assert_one_line_user_error(train([a.format(**files) for a in args], tmp_path), *words)
+
+
+def test_train_py_reports_a_failure_during_the_run_with_its_log(tmp_path):
+    """A failure that is not bad input (here: the corpus cache cannot be created) -> one line with
+    the traceback's path, exit code 1."""
+    result = train(["data.cache_dir=/proc/lap-cache", "trainer.max_steps=1"], tmp_path, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and "(traceback: " in lines[-1], lines[-1]
+    log = Path(lines[-1].rsplit("(traceback: ", 1)[1].rstrip(")"))
+    assert log.parent == tmp_path / "run" and "Traceback" in log.read_text()
+    assert "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------- the helper other entry points use

@@ -13,7 +13,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dist_utils import run_distributed
 
-from lightning_attn_parallel.cli import ConfigError, run
+from lightning_attn_parallel.cli import run
+from lightning_attn_parallel.errors import UserError
 from lightning_attn_parallel.config import available_recipes, register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ def test_bad_config_keys_and_types_fail_at_composition(override, key):
 ])
 def test_bad_values_raise_one_clear_error_before_training(overrides, words, tmp_path):
     cfg = compose_config(overrides + QUICK, run_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         run(cfg)
     for word in words:
         assert word in str(info.value), str(info.value)

@@ -15,9 +15,73 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..errors import UserError
 from .corpus import build_embedded_corpus
 
 TOKEN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
+METADATA_FILE = "metadata.json"  # written beside prepared token files (data/prepare)
+WIDTH_SAMPLE = 1 << 20  # tokens read to tell a uint32 file from a uint16 one
+
+
+def token_file_metadata(path: Union[str, Path]) -> Optional[dict]:
+    """The metadata JSON beside a token file (dtype, vocab_size), or None for a raw .bin file."""
+    import json
+
+    meta = Path(path).parent / METADATA_FILE
+    if not meta.is_file():
+        return None
+    try:
+        values = json.loads(meta.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{meta} is not valid JSON ({err}): prepare the data again or remove it") from None
+    return values if isinstance(values, dict) else None
+
+
+def check_token_file(path: Union[str, Path], dtype: str, seq_len: int, vocab_size: Optional[int] = None,
+                     key: str = "data.train_path") -> None:
+    """Check a token file before any process starts, naming the file and the fix.
+
+    - it exists, and its size is a whole number of `dtype` tokens;
+    - the metadata beside it (if any) agrees on the dtype and fits the model's vocabulary;
+    - a raw uint16 file is not really uint32 (every second uint16 word zero: the high halves);
+    - it holds at least one sequence of `seq_len + 1` tokens;
+    - its largest id is below `vocab_size` (a vectorised max over the memory map: seconds per GB).
+    """
+    path = Path(path).expanduser()
+    if dtype not in TOKEN_DTYPES:
+        raise UserError(f"data.dtype={dtype!r} is unknown: use one of {', '.join(TOKEN_DTYPES)}")
+    if not path.is_file():
+        raise UserError(f"{key}={str(path)!r} does not exist: give an existing token file, or use "
+                        "data.source=embedded")
+    meta = token_file_metadata(path)
+    if meta is not None:
+        saved = meta.get("dtype")
+        if saved and saved != dtype:
+            raise UserError(f"data.dtype={dtype} but {path.parent / METADATA_FILE} says the tokens are "
+                            f"{saved}: set data.dtype={saved}")
+        if vocab_size is not None and meta.get("vocab_size") and int(meta["vocab_size"]) > vocab_size:
+            raise UserError(f"model.vocab_size={vocab_size} is smaller than the vocabulary of {path} "
+                            f"({meta['vocab_size']}, from {METADATA_FILE}): raise model.vocab_size")
+    itemsize = np.dtype(TOKEN_DTYPES[dtype]).itemsize
+    size = path.stat().st_size
+    if size % itemsize:
+        raise UserError(f"{key}={str(path)!r} has {size} bytes, not a whole number of {dtype} tokens: "
+                        f"it is truncated or of another dtype; set data.dtype to the width it was written with")
+    tokens = np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r") if size else np.zeros(0, TOKEN_DTYPES[dtype])
+    if meta is None and dtype == "uint16" and len(tokens) >= 4:
+        sample = np.asarray(tokens[: min(len(tokens), WIDTH_SAMPLE) // 2 * 2])
+        if not sample[1::2].any() and sample[0::2].any():
+            raise UserError(f"{key}={str(path)!r} read as uint16 has every second token 0: it looks like a "
+                            "uint32 file; set data.dtype=uint32")
+    if len(tokens) < seq_len + 1:
+        raise UserError(f"{key}={str(path)!r} holds {len(tokens)} tokens, fewer than one sequence "
+                        f"(data.seq_len={seq_len} + 1): lower data.seq_len or use more data")
+    if vocab_size is not None:
+        largest = int(tokens.max())
+        if largest >= vocab_size:
+            raise UserError(f"{key}={str(path)!r} holds token id {largest}, not below model.vocab_size="
+                            f"{vocab_size}: raise model.vocab_size to at least {largest + 1}, or check "
+                            "data.dtype and the tokenizer")
 
 
 def open_tokens(path: Union[str, Path], dtype: str = "uint16") -> np.ndarray:

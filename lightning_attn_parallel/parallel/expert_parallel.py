@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.deepseek import DeepSeekMoE, RoutedExperts, combine, sort_by_expert
+from ..plan import divisors
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -108,7 +109,7 @@ def _check_degree(layers: list[DeepSeekMoE], ep: int) -> None:
     for layer in layers:
         if layer.experts.n_experts % ep:
             n = layer.experts.n_experts
-            choices = [d for d in range(1, n + 1) if n % d == 0]
+            choices = divisors(n)
             raise ValueError(
                 f"expert parallel degree ep={ep} does not divide model.n_routed_experts={n}: "
                 f"choose ep from {choices} (plan.ep) or change the expert count")

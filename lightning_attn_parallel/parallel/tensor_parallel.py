@@ -45,6 +45,7 @@ from torch.distributed.tensor.parallel import (
 from ..models.deepseek import MultiHeadLatentAttention
 from ..models.layers import SwiGLU
 from ..models.llama import GroupedQueryAttention
+from ..plan import divisors
 
 TensorParallelHandler = Callable[[nn.Module, DeviceMesh, bool], None]
 """handler(slot_module, tp_mesh, sequence_parallel) parallelizes a block's `attention` or `ffn`.
@@ -121,26 +122,22 @@ def _check_heads(model: nn.Module, tp: int) -> None:
             n_heads = module.wo.in_features // module.v_dim
             if n_heads % tp:
                 raise ValueError(f"tensor parallelism tp={tp} does not divide the MLA n_heads="
-                                 f"{n_heads}: choose tp among {_divisors(n_heads)}")
+                                 f"{n_heads}: choose tp among {divisors(n_heads)}")
         if isinstance(module, GroupedQueryAttention):
             n_heads, n_kv = _head_counts(module)
             if n_heads % tp:
                 raise ValueError(
                     f"tensor parallelism tp={tp} does not divide n_heads={n_heads}: choose tp "
-                    f"among {_divisors(n_heads)}")
+                    f"among {divisors(n_heads)}")
             if n_kv % tp and tp % n_kv:
                 raise ValueError(
                     f"tensor parallelism tp={tp} with n_kv_heads={n_kv}: tp must divide "
                     f"n_kv_heads (KV heads sharded) or be a multiple of it (KV heads replicated); "
-                    f"choose tp among {[d for d in _divisors(n_heads) if n_kv % d == 0 or d % n_kv == 0]}")
+                    f"choose tp among {[d for d in divisors(n_heads) if n_kv % d == 0 or d % n_kv == 0]}")
 
 
 def _head_counts(attn: GroupedQueryAttention) -> tuple[int, int]:
     return attn.wq.out_features // attn.head_dim, attn.wk.out_features // attn.head_dim
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _sequence_length_check(tp: int) -> Callable:

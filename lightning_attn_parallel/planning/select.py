@@ -12,7 +12,7 @@ from math import gcd
 from typing import Iterator, Optional
 
 from ..models.config import ModelConfig
-from ..plan import ParallelPlan, PlanError
+from ..plan import ParallelPlan, PlanError, divisors
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ModelSummary, ParamCounts, parameter_counts
 from ..hardware import GIB, ClusterSpec, GpuSpec
@@ -83,14 +83,10 @@ class Evaluation:
 
 
 # ------------------------------------------------------------------------- enumeration
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _tp_degrees(cfg: ModelConfig, world_size: int, gpus_per_node: int) -> list[int]:
     """Tensor parallelism stays inside a node and splits whole query and KV heads."""
     heads = gcd(cfg.n_heads, cfg.n_kv_heads) if cfg.attention == "gqa" else cfg.n_heads
-    return [t for t in _divisors(gcd(gpus_per_node, world_size)) if heads % t == 0]
+    return [t for t in divisors(gcd(gpus_per_node, world_size)) if heads % t == 0]
 
 
 def _cp_degrees(rest: int, seq_len: Optional[int]) -> list[int]:
@@ -98,7 +94,7 @@ def _cp_degrees(rest: int, seq_len: Optional[int]) -> list[int]:
     leave each rank at least MIN_CP_CHUNK tokens."""
     if seq_len is None:
         return [1]
-    return [c for c in _divisors(rest)
+    return [c for c in divisors(rest)
             if c == 1 or (seq_len % (2 * c) == 0 and seq_len // c >= MIN_CP_CHUNK)]
 
 
@@ -114,7 +110,7 @@ def _cp_kernels(cfg: ModelConfig, tp: int, cp: int) -> list[str]:
 
 
 def _ep_degrees(cfg: ModelConfig, world_size: int) -> list[int]:
-    return _divisors(gcd(cfg.n_routed_experts, world_size)) if cfg.is_moe else [1]
+    return divisors(gcd(cfg.n_routed_experts, world_size)) if cfg.is_moe else [1]
 
 
 def layouts(model_cfg: ModelConfig, world_size: int, gpus_per_node: int,
@@ -131,7 +127,7 @@ def layouts(model_cfg: ModelConfig, world_size: int, gpus_per_node: int,
         for cp in _cp_degrees(world_size // tp, seq_len):
             dp = world_size // (tp * cp)
             for kernel in _cp_kernels(model_cfg, tp, cp):
-                for dp_shard in _divisors(dp):
+                for dp_shard in divisors(dp):
                     for ep in _ep_degrees(model_cfg, world_size):
                         yield replace(base, dp_replicate=dp // dp_shard, dp_shard=dp_shard, cp=cp,
                                       tp=tp, ep=ep, cp_kernel=kernel, sequence_parallel=tp > 1)
@@ -385,7 +381,7 @@ def _plan_changes(work: Workload, plan: ParallelPlan) -> list[FitSuggestion]:
     dp = plan.dp_replicate * plan.dp_shard
     found += _first_layout_fit(work, [(f"dp_shard={d}", replace(plan, dp_shard=d,
                                                                 dp_replicate=dp // d))
-                                      for d in _divisors(dp) if d > plan.dp_shard], options)
+                                      for d in divisors(dp) if d > plan.dp_shard], options)
     return found
 
 
@@ -534,12 +530,12 @@ def heuristic_plan(n_params: int, world_size: int, gpus_per_node: int, gpu_memor
     state = n_params * per_param
     if state <= budget:
         return ParallelPlan(dp_replicate=world_size)
-    for shard in _divisors(world_size):
+    for shard in divisors(world_size):
         if state / shard <= budget:
             checkpointing = "block" if shard > gpus_per_node else "none"
             return ParallelPlan(dp_replicate=world_size // shard, dp_shard=shard,
                                 activation_checkpointing=checkpointing)
-    tp = max((t for t in _divisors(gcd(gpus_per_node, world_size)) if n_heads and n_heads % t == 0),
+    tp = max((t for t in divisors(gcd(gpus_per_node, world_size)) if n_heads and n_heads % t == 0),
              default=1)
     return ParallelPlan(dp_replicate=1, dp_shard=world_size // tp, tp=tp, sequence_parallel=tp > 1,
                         activation_checkpointing="block")
