@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_attn_parallel.data.documents import pack_documents, packed_window  # noqa: E402
 from lightning_attn_parallel.models import ModelConfig, build_model  # noqa: E402
+from lightning_attn_parallel.models import document_attention  # noqa: E402
 from lightning_attn_parallel.models.document_attention import (  # noqa: E402
-    flex_document_attention, masked_document_attention)
+    flex_document_attention, masked_document_attention, varlen_document_attention)
 from lightning_attn_parallel.models.loss import cross_entropy_sum  # noqa: E402
 
 LLAMA_1B = dict(family="llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
@@ -56,6 +57,13 @@ def heavy_tailed_offsets(total: int, seq_len: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)])
 
 
+def typical_window(packing) -> int:
+    """The window holding the median number of documents (best-fit decreasing opens its first
+    windows with the longest documents, so window 0 is not typical)."""
+    counts = np.diff(packing.starts)
+    return int(np.argsort(counts, kind="stable")[len(counts) // 2])
+
+
 def agreement() -> list[dict]:
     """bf16 FlexAttention and bf16 masked SDPA, each against masked SDPA in fp32 on the same inputs."""
     rows = []
@@ -73,7 +81,8 @@ def agreement() -> list[dict]:
             return [out, *torch.autograd.grad(out, (q, k, v), grad.to(dtype))]
 
         reference = run(masked_document_attention, torch.float32)
-        for label, fn in (("flex bf16", flex_document_attention), ("masked sdpa bf16", masked_document_attention)):
+        for label, fn in (("flex bf16", flex_document_attention), ("varlen bf16", varlen_document_attention),
+                          ("masked sdpa bf16", masked_document_attention)):
             try:
                 got = run(fn, torch.bfloat16)
             except Exception as err:  # noqa: BLE001 - report, keep measuring the rest
@@ -92,23 +101,23 @@ def kernel_speed(seq_lens) -> list[dict]:
     for s in seq_lens:
         offsets = heavy_tailed_offsets(4 * s, s, seed=s)
         packing = pack_documents(offsets, s)
-        ids = packed_window(np.zeros(offsets[-1], dtype=np.int64), packing, 0, 0)["document_ids"][None].cuda()
+        ids = packed_window(np.zeros(offsets[-1], dtype=np.int64), packing, typical_window(packing),
+                            0)["document_ids"][None].cuda()
         q = torch.randn(1, 32, s, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(1, 4, s, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(1, 4, s, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-
-        def masked():
-            flex_document_attention(q, k, v, ids).sum().backward()
-
-        def causal():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
-
-        t_mask, t_causal = timed(masked, 10, 3), timed(causal, 10, 3)
+        kernels = {"flex": lambda: flex_document_attention(q, k, v, ids),
+                   "varlen": lambda: varlen_document_attention(q, k, v, ids),
+                   "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
         docs = int((ids[0].unique() >= 0).sum())
-        rows.append({"seq_len": s, "documents": docs, "masked_ms": t_mask * 1e3, "causal_ms": t_causal * 1e3,
-                     "masked_over_causal": t_mask / t_causal})
-        print(f"kernel seq {s}: {docs} documents, flex masked {t_mask * 1e3:.2f} ms, causal SDPA "
-              f"{t_causal * 1e3:.2f} ms (ratio {t_mask / t_causal:.2f})", flush=True)
+        row = {"seq_len": s, "documents": docs}
+        for name, fn in kernels.items():
+            try:
+                row[f"{name}_ms"] = timed(lambda: fn().sum().backward(), 10, 3) * 1e3
+            except Exception as err:  # noqa: BLE001
+                row[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        rows.append(row)
+        print("kernel", row, flush=True)
     return rows
 
 
@@ -120,7 +129,7 @@ def model_speed(seq_lens) -> list[dict]:
         offsets = heavy_tailed_offsets(8 * s, s, seed=s)
         tokens = np.random.default_rng(0).integers(0, 32000, size=int(offsets[-1]))
         packing = pack_documents(offsets, s)
-        window = {k: t[None].cuda() for k, t in packed_window(tokens, packing, 0, 0).items()}
+        window = {k: t[None].cuda() for k, t in packed_window(tokens, packing, typical_window(packing), 0).items()}
         useful = int((window["labels"] != -100).sum())
 
         def step(document_ids, positions):
@@ -128,11 +137,20 @@ def model_speed(seq_lens) -> list[dict]:
             loss, count = cross_entropy_sum(hidden, model.output, window["labels"], 8192)
             (loss / count).backward()
 
-        t_masked = timed(lambda: step(window["document_ids"], window["positions"]))
+        times = {}
+        for path in ("flex", "varlen"):
+            document_attention.GPU_PATHS = (path,)
+            times[path] = timed(lambda: step(window["document_ids"], window["positions"]))
+            if path in document_attention._FAILED:  # it fell back to the explicit mask: not this path
+                del times[path]
+                print("model", s, path, "FAILED (fell back)", flush=True)
         t_plain = timed(lambda: step(None, None))
+        t_masked = min(times.values())
         padded = pack_documents(offsets, s, pack=False)
         per_padded_window = float(padded.length.sum()) / padded.num_windows
-        row = {"seq_len": s, "useful_tokens_per_window": useful,
+        row = {"seq_len": s, "useful_tokens_per_window": useful, "documents_in_window":
+               int(window["document_ids"].max()) + 1, **{f"{p}_step_s": t for p, t in times.items()},
+               "unmasked_step_s": t_plain,
                "packing_efficiency": packing.stats(offsets)["packing_efficiency"],
                "packed_masked_tok_s": useful / t_masked, "packed_unmasked_tok_s": useful / t_plain,
                "padded_tok_s": per_padded_window / t_plain, "padded_useful_per_window": per_padded_window}

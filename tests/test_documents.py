@@ -90,6 +90,23 @@ def test_packed_window_equals_each_document_alone(case, dtype, rtol, model_kind,
     assert_close(packed_grads, alone_grad, rtol, name=f"{case}: gradients")
 
 
+@pytest.mark.parametrize("hkv, dv", [(2, 8), (4, 6)])
+def test_segments_of_the_varlen_path_give_the_masked_result(hkv, dv):
+    """The GPU varlen path runs each segment of `document_segments` as its own causal sequence;
+    that loop, on CPU, equals the explicit mask (fp64), padding and length-1 documents included."""
+    from lightning_attn_parallel.models.document_attention import (document_segments,
+                                                                   masked_document_attention,
+                                                                   segment_loop_attention)
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[0, 0, 0, 1, 2, 2, -1, -1], [0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 2, 3, 4, 5, 6, -1]])
+    cu, longest = document_segments(ids)
+    assert cu.tolist() == [0, 3, 4, 6, 8, 16] + list(range(17, 25)) and longest == 8
+    q = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    k, v = torch.randn(3, hkv, 8, 8, dtype=torch.float64), torch.randn(3, hkv, 8, dv, dtype=torch.float64)
+    assert_close(segment_loop_attention(q, k, v, ids, 0.3), masked_document_attention(q, k, v, ids, 0.3), 1e-12)
+
+
 def test_padding_is_ignored_and_positions_restart():
     tokens, offsets = _documents([4, 2, 3])
     packing = pack_documents(offsets, 10)

@@ -25,9 +25,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-_FLEX_FAILED = False
+# GPU fast paths, tried in this order (benchmarks/documents_gpu.py measures them on H200).
+GPU_PATHS: tuple[str, ...] = ("flex", "varlen")
+_FAILED: set[str] = set()
 _compiled_flex: Any = None
 _block_mask_cache: dict[str, Any] = {"ids": None, "shape": None, "mask": None}
+_segments_cache: dict[str, Any] = {"ids": None, "shape": None, "segments": None}
 
 
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -53,12 +56,17 @@ def masked_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                           scale=scale)
 
 
-def _flex_usable(q: torch.Tensor, v: torch.Tensor) -> bool:
-    # Half precision only: fp32 tiles of FlexAttention's default blocks overflow an H200's shared
-    # memory (seen at head dim 64), and fp32/fp64 runs are the exactness tests' business anyway.
-    if _FLEX_FAILED or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+def _gpu_paths(q: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """The fast paths this call may take, in the order of GPU_PATHS. Half precision only: fp32
+    tiles of FlexAttention's default blocks overflow an H200's shared memory (seen at head dim 64),
+    and fp32/fp64 runs are the exactness tests' business. The flash varlen kernel needs equal q and
+    v head widths (not MLA's 192 / 128)."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return []
+    usable = {"flex": importlib.util.find_spec("torch.nn.attention.flex_attention") is not None,
+              "varlen": (importlib.util.find_spec("torch.nn.attention.varlen") is not None
+                         and q.shape[-1] == v.shape[-1])}
+    return [p for p in GPU_PATHS if usable.get(p) and p not in _FAILED]
 
 
 def _document_block_mask(document_ids: torch.Tensor):
@@ -91,22 +99,76 @@ def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           enable_gqa=k.shape[1] != q.shape[1])
 
 
+def document_segments(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens (N + 1,) int32, longest segment) of the flattened (B * S) tokens: a segment
+    starts at every row start and wherever the document id changes (padding is a segment too).
+    Reading the longest length syncs with the host once; callers cache it per batch."""
+    b, s = document_ids.shape
+    flat = document_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::s] = True
+    cu = torch.cat([torch.nonzero(starts).flatten(), flat.new_tensor([b * s])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def segment_loop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor,
+                           scale: Optional[float] = None) -> torch.Tensor:
+    """Reference of the varlen path: plain causal SDPA on each segment of `document_segments`."""
+    b, hq, s, _ = q.shape
+    k, v = _repeat_kv(q, k, v)
+    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3]) for t in (q, k, v)]
+    cu, _ = document_segments(document_ids)
+    outs = [F.scaled_dot_product_attention(*(t[a:e].transpose(0, 1) for t in flat), is_causal=True,
+                                           scale=scale).transpose(0, 1)
+            for a, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    return torch.cat(outs).view(b, s, hq, -1).transpose(1, 2)
+
+
+def varlen_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              document_ids: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """GPU path through torch's varlen flash kernel: every segment is a sequence of its own, so no
+    masked tile is ever computed. Causal is `is_causal=True` (torch 2.11) or `window_size=(-1, 0)`
+    (later); GQA is native where `enable_gqa` exists."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    cache = _segments_cache
+    if not (cache["ids"] is document_ids and cache["shape"] == tuple(document_ids.shape)):
+        cache.update(ids=document_ids, shape=tuple(document_ids.shape), segments=document_segments(document_ids))
+    cu, longest = cache["segments"]
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = k.shape[1] != q.shape[1]
+    else:
+        k, v = _repeat_kv(q, k, v)
+    b, hq, s, _ = q.shape
+    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3]) for t in (q, k, v)]
+    out = varlen_attn(*flat, cu, cu, longest, longest, scale=scale, **kwargs)
+    return out.view(b, s, hq, -1).transpose(1, 2)
+
+
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor,
                        scale: Optional[float] = None) -> torch.Tensor:
     """Document-masked causal attention of q (B, Hq, S, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv)."""
-    global _FLEX_FAILED
     if document_ids.shape != (q.shape[0], q.shape[2]):
         raise ValueError(f"document_ids of shape {tuple(document_ids.shape)} do not match the batch "
                          f"and sequence of q {tuple(q.shape)}: expected ({q.shape[0]}, {q.shape[2]})")
-    if _flex_usable(q, v):
+    for path in _gpu_paths(q, v):
         try:
-            return flex_document_attention(q, k, v, document_ids, scale)
+            return _PATHS[path](q, k, v, document_ids, scale)
         except Exception as err:  # noqa: BLE001 - an unsupported shape or GPU: keep training, exactly
-            _FLEX_FAILED = True
-            warnings.warn(f"FlexAttention failed ({type(err).__name__}: {err}); document masks now use "
-                          "SDPA with an explicit mask")
+            _FAILED.add(path)
+            warnings.warn(f"document attention: the {path} path failed ({type(err).__name__}: {err}); "
+                          "falling back")
     return masked_document_attention(q, k, v, document_ids, scale)
 
 
+_PATHS = {"flex": flex_document_attention, "varlen": varlen_document_attention}
+
+
 __all__ = ["document_attention", "document_causal_mask", "masked_document_attention",
-           "flex_document_attention"]
+           "flex_document_attention", "varlen_document_attention", "segment_loop_attention",
+           "document_segments"]
