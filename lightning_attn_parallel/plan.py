@@ -16,6 +16,8 @@ from .errors import UserError
 CP_KERNELS = ("allgather", "ring", "ulysses")
 HIERARCHICAL_MODES = ("auto", "always", "never")
 CHECKPOINT_POLICIES = ("none", "attention", "block", "selective")
+# "-mixed" precisions on replicated parameters (parallel/fully_sharded.py: casts_parameters)
+MIXED_PRECISION_MODES = ("autocast", "cast_params")
 # Gradient accumulation under FSDP2/HSDP (parallel/fully_sharded.py says what each sends and keeps)
 ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
 
@@ -62,6 +64,9 @@ class ParallelPlan:
     cp_load_balance: bool = True
     # expert parallel
     grouped_gemm: bool = True
+    # "-mixed" precisions without sharding: Lightning's autocast (fp32 residual stream, a cast per
+    # matmul) or "cast_params" (bf16 parameter copies, fp32 master weights and reduction)
+    mixed_precision: str = field(default="autocast", metadata=_limits(choices=MIXED_PRECISION_MODES))
     # sharded data parallel: what micro-batches that only accumulate send ("auto": the planner)
     accumulation: str = field(default="auto", metadata=_limits(choices=ACCUMULATION_POLICIES))
     # memory levers
@@ -245,4 +250,4 @@ def as_plan(value: Any) -> ParallelPlan:
 
 
 __all__ = ["ParallelPlan", "PlanError", "as_plan", "CP_KERNELS", "CHECKPOINT_POLICIES",
-           "ACCUMULATION_POLICIES"]
+           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES"]

@@ -17,6 +17,7 @@ from ..mesh import ParallelMeshes
 from ..plan import ParallelPlan, PlanError
 from .activation_checkpointing import apply_activation_checkpointing
 from ..hardware import ClusterSpec
+from .fully_sharded import casts_parameters
 from .gradient_reducer import GradientReducer, broadcast_parameters
 
 
@@ -84,10 +85,14 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
                 block.compile()
     reducer = None
     fixups: list = []
-    if plan.dp_shard > 1:
+    fully_sharded = casts_parameters(plan, precision)
+    if fully_sharded:
         from .fully_sharded import apply_fully_sharded, mixed_precision_for
 
         policy = mixed_precision_for(precision)
+        if not plan.sharded:  # replicas must start equal: nothing else would make them so
+            broadcast_parameters([p for n, p in module.named_parameters()
+                                  if not (plan.ep > 1 and _is_expert_param(n))], meshes.dense_grads)
         if plan.ep > 1:
             fixups += shard_experts(transformer, meshes, policy)
         apply_fully_sharded(transformer if transformer is not None else module, sharding_mesh(meshes),
@@ -96,7 +101,7 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
             fixups.append(_token_split_fixup(transformer, meshes))
     else:
         reducer = _build_reducer(module, transformer, plan, meshes, cluster)
-    return ParallelizeResult(reducer=reducer, fully_sharded=plan.dp_shard > 1,
+    return ParallelizeResult(reducer=reducer, fully_sharded=fully_sharded,
                              context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, reducer),
                              gradient_fixups=tuple(fixups))

@@ -9,7 +9,7 @@ gradients reduce-scattered inside the group and all-reduced across groups.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -105,6 +105,21 @@ def set_gradient_sync(model: nn.Module, enabled: bool, accumulation: str = "defe
             module.set_requires_all_reduce(all_reduce, recurse=False)
 
 
+def casts_parameters(plan: Any, precision: str) -> bool:
+    """Whether FSDP2 manages the parameters: always when they are sharded, and for a "-mixed"
+    precision on replicated parameters when the plan asks for mixed_precision="cast_params".
+
+    The latter is FSDP2 over a shard dimension of size 1 (HSDP across replicas): nothing is
+    sharded, but its MixedPrecisionPolicy runs every unit on low-precision copies of the fp32
+    master weights, cast once per unit and forward, so the residual stream, norms and
+    element-wise work run in bf16 too (autocast keeps them in fp32 and casts at every matmul),
+    and gradients are upcast and reduced in fp32. This reuses FSDP2's exact, tested casts and
+    hooks rather than a hand-written master-weight optimizer wrapper; gradients are then
+    reduced by FSDP2's all-reduce instead of the bucketed, hierarchical reducer.
+    """
+    return plan.dp_shard > 1 or (precision.endswith("-mixed") and plan.mixed_precision == "cast_params")
+
+
 def mixed_precision_for(precision: str) -> MixedPrecisionPolicy:
     """FSDP2 policy for a Lightning precision string.
 
@@ -184,5 +199,5 @@ def _group_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     return norm.float()
 
 
-__all__ = ["apply_fully_sharded", "set_gradient_sync", "ACCUMULATION", "GradientFixup",
+__all__ = ["apply_fully_sharded", "set_gradient_sync", "ACCUMULATION", "casts_parameters", "GradientFixup",
            "mixed_precision_for", "clip_grad_norm_", "PRECISIONS"]

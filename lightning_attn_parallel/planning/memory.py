@@ -77,13 +77,20 @@ def precision_spec(precision: object) -> PrecisionSpec:
 def compute_precision(p: PrecisionSpec, plan: ParallelPlan) -> PrecisionSpec:
     """The precision the forward and backward actually run in.
 
-    Under FSDP2 a "-mixed" precision computes like "-true": the MixedPrecisionPolicy hands every
+    Under FSDP2 (sharded, or replicated with mixed_precision="cast_params") a "-mixed" precision
+    computes like "-true": the MixedPrecisionPolicy hands every
     unit low-precision parameters and casts its inputs, so the residual stream and the
     activations are in the compute dtype and autocast has almost nothing left to cast.
     """
-    if p.autocast and plan.sharded:
+    if p.autocast and casts_parameters(plan):
         return PRECISIONS["bf16-true" if p.name.startswith("bf16") else "16-true"]
     return p
+
+
+def casts_parameters(plan: ParallelPlan) -> bool:
+    """FSDP2 manages the parameters ("-mixed" computes on cast copies): sharded, or replicated
+    with mixed_precision="cast_params" (parallel.fully_sharded.casts_parameters)."""
+    return plan.sharded or plan.mixed_precision == "cast_params"
 
 
 # ------------------------------------------------------------------------- result
@@ -424,7 +431,7 @@ def comm_bytes(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, micro_
     """Buffers the collectives need on top of the tensors they move."""
     tokens = micro_batch * seq_len / plan.cp
     total = 0.0
-    if plan.sharded:  # unsharded units in flight: all-gathered params, grads to reduce-scatter
+    if casts_parameters(plan):  # FSDP2 units in flight: gathered (cast) params, grads to reduce
         unit = largest_unit(counts, plan)
         total += unit * (cal.fsdp_prefetch_units * p.compute_bytes + p.grad_bytes)
     elif plan.dp_replicate != 1 or plan.cp > 1:
@@ -478,6 +485,6 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
                           capacity=gpu.memory_bytes * calibration.usable_memory_fraction)
 
 
-__all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "compute_precision", "LocalParams", "PRECISIONS", "precision_spec",
+__all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "LocalParams", "PRECISIONS", "precision_spec",
            "estimate_memory", "activation_bytes", "local_params", "largest_unit",
            "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags"]
