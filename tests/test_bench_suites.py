@@ -1,0 +1,128 @@
+"""The benchmark suites as data: every row of benchmarks/suites.yaml builds a valid plan for its
+device count and model (and so does its CPU dry-run shrink), so a typo fails here rather than
+on a GPU machine; and the runner's arithmetic (scaling efficiency, shrinking, comparison)."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from lightning_attn_parallel.models import ModelConfig
+from lightning_attn_parallel.plan import ParallelPlan
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+try:
+    import bench
+finally:
+    sys.path.pop(0)
+
+PREDICTIONS = ROOT / "benchmarks" / "results" / "multi_gpu_8_predictions_h200.json"
+
+
+def _all_rows() -> list:
+    _, suites = bench.load_suites()
+    return [pytest.param(cfg, id=f"{name}-{i}") for name in suites
+            for i, cfg in enumerate(bench.suite(name)[0])]
+
+
+def _check_row(cfg: bench.Config) -> None:
+    """The plan the row runs resolves on its devices and fits its model's heads and experts."""
+    assert cfg.devices >= 1 and cfg.warmup < cfg.steps, cfg.name
+    assert cfg.script or cfg.pending or bench.strategy_known(cfg.strategy), cfg.name
+    if cfg.script:
+        assert (ROOT / "benchmarks" / cfg.script).is_file(), cfg.name
+        return
+    model = bench._model_for(cfg)
+    plan, _ = bench.prediction_plan(cfg)  # ParallelPlan(**row.plan).resolve(devices)
+    assert plan.world_size == cfg.devices, cfg.name
+    plan.check_model(model)
+    assert model.n_kv_heads % plan.tp == 0 or plan.tp % model.n_kv_heads == 0, cfg.name
+    multiple = 2 * plan.cp if plan.cp > 1 and plan.cp_load_balance else 1
+    assert cfg.seq_len % multiple == 0, cfg.name
+    if plan.ranks_per_node:
+        assert cfg.devices % plan.ranks_per_node == 0, cfg.name
+    if cfg.search_max_seq_len:
+        assert cfg.search_max_seq_len >= cfg.seq_len, cfg.name
+
+
+@pytest.mark.parametrize("cfg", _all_rows())
+def test_every_row_builds_a_valid_plan(cfg):
+    _check_row(cfg)
+    _check_row(bench.cpu_dry_run_config(cfg))
+
+
+def test_multi_gpu_suites_cover_the_proof_and_fit_the_time_limit():
+    """multi_gpu_8 is the union of the runs; names are unique (the comparison matches by name);
+    every family has its 1-GPU row in the same run; every parallelism and kernel is there."""
+    configs, predict = bench.suite("multi_gpu_8")
+    assert predict
+    names = [c.name for c in configs]
+    assert len(names) == len(set(names))
+    _, suites = bench.load_suites()
+    for run in suites["multi_gpu_8"]["include"]:  # each run computes its own scaling efficiencies
+        rows, _ = bench.suite(run)
+        assert {c.family for c in rows if c.family} == {c.family for c in rows if c.family and c.devices == 1}
+    families = {c.family for c in configs if c.family}
+    assert {"attn_hybrid", "lightning_ddp", "lightning_fsdp", "lightning_model_parallel",
+            "torchtitan"} <= families
+    plans = [c.plan for c in configs]
+    for degree in ("tp", "cp", "ep"):
+        assert {p.get(degree, 1) for p in plans} >= {2, 4, 8}, degree
+    assert {p.get("cp_kernel") for p in plans if p.get("cp", 1) > 1} == {"allgather", "ring", "ulysses"}
+    assert max(c.search_max_seq_len or 0 for c in configs) >= 2**20
+
+
+def test_committed_predictions_are_of_the_current_rows():
+    """The predictions were made of exactly these rows (re-run --predict-only after editing one),
+    and every row the planner can model is predicted to fit an H200 (a search row: at its
+    first length)."""
+    configs, _ = bench.suite("multi_gpu_8")
+    recorded = json.loads(PREDICTIONS.read_text())
+    assert [c for c, _ in recorded] == [asdict(c) for c in configs]
+    for cfg, pred in recorded:
+        if cfg["script"]:
+            continue
+        assert pred["pred_tokens_per_s"] > 0, cfg["name"]
+        assert pred["pred_fits"], cfg["name"]
+
+
+def test_cpu_dry_run_halves_the_largest_degrees_until_the_plan_fits():
+    cfg = bench.Config(name="x", devices=8, plan={"dp_replicate": 2, "dp_shard": 4, "ep": 8,
+                                                  "ranks_per_node": 4},
+                       model=asdict(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                                n_kv_heads=2, ffn_dim=64)))
+    small = bench.cpu_dry_run_config(cfg, max_devices=4)
+    assert (small.devices, small.accelerator, small.precision) == (4, "cpu", "32-true")
+    assert small.plan == {"dp_replicate": 2, "dp_shard": 2, "ep": 4, "ranks_per_node": 2}
+    ParallelPlan(**small.plan).resolve(small.devices)
+    cp = bench.cpu_dry_run_config(replace(cfg, plan={"cp": 8, "tp": 2}), max_devices=4)
+    assert cp.plan == {"cp": 2, "tp": 2} and cp.seq_len % 4 == 0
+
+
+def test_scaling_efficiency_is_against_the_family_one_device_row():
+    rows = [(bench.Config(name="a1", family="a"), {"tokens_per_s": 100.0}),
+            (bench.Config(name="a8", family="a", devices=8), {"tokens_per_s": 760.0}),
+            (bench.Config(name="b8", family="b", devices=8), {"tokens_per_s": 700.0}),
+            (bench.Config(name="a4", family="a", devices=4), {"error": "out of memory"})]
+    bench.add_scaling_efficiency(rows)
+    assert rows[0][1]["scaling_efficiency"] == 1.0
+    assert rows[1][1]["scaling_efficiency"] == pytest.approx(0.95)
+    assert "scaling_efficiency" not in rows[2][1] and "scaling_efficiency" not in rows[3][1]
+
+
+def test_pending_row_reports_not_available_without_launching():
+    cfg = bench.Config(name="t", strategy="no_such_runner", pending="a runner")
+    assert bench.launch(cfg, timeout_s=1) == {"error": "not available: a runner"}
+
+
+def test_compare_reports_errors_per_row(tmp_path):
+    cfg = asdict(bench.Config(name="r"))
+    (tmp_path / "p.json").write_text(json.dumps([[cfg, {"pred_peak_gib": 10.5, "pred_tokens_per_s": 130.0}]]))
+    (tmp_path / "r.json").write_text(json.dumps([[cfg, {"peak_gib": 10.0, "tokens_per_s": 100.0}]]))
+    text = bench.compare(str(tmp_path / "p.json"), str(tmp_path / "r.json"))
+    assert "+5.0%" in text and "+30.0%" in text
+    assert "memory within 10% on 1, tokens/s within 25% on 0" in text
