@@ -272,6 +272,16 @@ def check_data_files(data: DictConfig, model_cfg: ModelConfig) -> None:
             raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the embedded "
                               "corpus's byte vocabulary (256): raise model.vocab_size to 256 or more")
         return
+    if data.source == "documents" and data.path:  # no path: the data module says what to set
+        from .data.documents import DocumentCorpus
+
+        corpus = DocumentCorpus.open(data.path, data.dtype)  # files against their metadata
+        if corpus.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the vocabulary of "
+                              f"the corpus {data.path} ({corpus.vocab_size}, tokenizer "
+                              f"{corpus.metadata['tokenizer']['name']!r}): set model.vocab_size to at least "
+                              f"{corpus.vocab_size}")
+        return
     if data.source != "tokens":
         return  # other sources check their own files when their data module is built
     if not data.train_path:

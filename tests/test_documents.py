@@ -342,12 +342,38 @@ def _broken(corpus: Path, tmp_path: Path, how: str) -> Path:
     ("no metadata", ["model.vocab_size=320"], ["metadata.json", "data.prepare"]),
 ])
 def test_bad_corpus_fails_with_one_clear_error_before_training(corpus_dir, tmp_path, how, overrides, words):
-    from lightning_attn_parallel.cli import ConfigError, run
+    from lightning_attn_parallel.cli import run
+    from lightning_attn_parallel.errors import UserError
 
     path = _broken(corpus_dir, tmp_path, how)
     cfg = _compose(["data=documents", f"data.path={path}"] + overrides + QUICK, str(tmp_path / "run"))
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         run(cfg)
     message = str(info.value)
     assert "\n" not in message and all(w in message for w in words), message
     assert not (tmp_path / "run").exists()
+
+
+def test_train_command_refuses_a_larger_vocabulary_in_one_line(corpus_dir, tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "data=documents", f"data.path={corpus_dir}",
+                             f"run_dir={tmp_path / 'run'}"] + QUICK, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: model.vocab_size=256") and "set model.vocab_size" in lines[0], lines
+
+
+def test_padded_mode_gives_one_document_per_window_and_counts_the_waste(corpus_dir):
+    from lightning_attn_parallel.data.documents import DocumentDataModule
+
+    packed = DocumentDataModule(str(corpus_dir), seq_len=32, micro_batch_size=4)
+    padded = DocumentDataModule(str(corpus_dir), seq_len=32, micro_batch_size=4, pack=False)
+    for dm in (packed, padded):
+        dm.setup()
+    assert padded.stats["train"]["wasted_tokens"] > packed.stats["train"]["wasted_tokens"]
+    assert padded.stats["train"]["packing_efficiency"] < packed.stats["train"]["packing_efficiency"]
+    for i in range(len(padded.train_set)):
+        assert padded.train_set[i]["document_ids"].max() == 0  # one document (or piece) per window
+    batch = next(iter(packed.train_dataloader()))
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (4, 32) for k in
+                                                             ("input_ids", "labels", "positions", "document_ids")}

@@ -5,16 +5,17 @@ to another.
 token i may attend to token j exactly when j <= i and both carry the same id (padding carries its
 own id and only attends to padding, so no row is empty and nothing is NaN).
 
-Two paths compute the same function:
-- exact path (CPU, and any GPU case FlexAttention cannot take): SDPA with the boolean
+Three paths compute the same function:
+- exact path (CPU, fp32/fp64, and any GPU case the others cannot take): SDPA with the boolean
   block-diagonal causal mask. It materialises a (B, 1, S, S) mask, fine at test sizes.
-- GPU fast path: FlexAttention with a block mask built from `document_ids`, so fully masked
-  tiles (other documents) are skipped rather than computed. The block mask is built once per
-  batch and shared by every layer (they all see the same `document_ids` tensor).
+- GPU, first choice: torch's varlen flash kernel, each document (segment) a sequence of its own,
+  so no masked tile is computed. Needs equal q and v head widths.
+- GPU, otherwise (MLA): FlexAttention with a block mask built from `document_ids`, which skips
+  fully masked tiles. Segments and block mask are built once per batch and shared by every layer
+  (they all see the same `document_ids` tensor).
 
-To measure on H100/H200 (bench.py): FlexAttention here against a varlen flash kernel
-(`torch.nn.attention.varlen` / flash_attn_varlen_func with cu_seqlens from `document_ids`), and
-both against plain causal SDPA at equal tokens; keep the faster as the fast path.
+benchmarks/documents_gpu.py measures the GPU paths against each other and against plain causal
+SDPA at equal tokens (results in benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-# GPU fast paths, tried in this order (benchmarks/documents_gpu.py measures them on H200).
-GPU_PATHS: tuple[str, ...] = ("flex", "varlen")
+# GPU fast paths, tried in this order. Measured on one H200 (benchmarks/documents_gpu.py,
+# RESULTS.md): the varlen flash kernel ran the 1B model's step 1.15-1.22x faster than FlexAttention
+# at 8k-32k tokens; FlexAttention remains for MLA (q and v head widths differ).
+GPU_PATHS: tuple[str, ...] = ("varlen", "flex")
 _FAILED: set[str] = set()
 _compiled_flex: Any = None
 _block_mask_cache: dict[str, Any] = {"ids": None, "shape": None, "mask": None}
