@@ -9,7 +9,7 @@ import functools
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .errors import UserError
 
@@ -19,6 +19,8 @@ CHECKPOINT_POLICIES = ("none", "attention", "block", "selective")
 # "-mixed" precisions on replicated parameters (parallel/fully_sharded.py: casts_parameters)
 MIXED_PRECISION_MODES = ("autocast", "cast_params")
 # Gradient accumulation under FSDP2/HSDP (parallel/fully_sharded.py says what each sends and keeps)
+# torch.compile: nothing, each block (composes with every plan), or the whole model (replicated only)
+COMPILE_MODES = ("none", "block", "model")
 ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
 
 
@@ -73,15 +75,23 @@ class ParallelPlan:
     activation_checkpointing: str = field(default="none", metadata=_limits(choices=CHECKPOINT_POLICIES))
     ac_every_n: int = field(default=1, metadata=_limits(minimum=1))
     offload_activations: bool = False
-    compile: bool = False
+    # a bool is kept for older configs: True is "block", False "none"
+    compile: Union[bool, str] = field(default="none", metadata=_limits(choices=COMPILE_MODES))
 
     def __post_init__(self) -> None:
         if self.mode not in ("manual", "auto"):
             raise PlanError(f"ParallelPlan mode={self.mode!r} is unknown: use ParallelPlan('auto') "
                             "or give degrees, e.g. ParallelPlan(tp=2, dp_shard=2)")
+        if isinstance(self.compile, bool):
+            self.compile = "block" if self.compile else "none"
         hints = _field_types(type(self))
         for f in fields(self):
             _check_field(f.name, getattr(self, f.name), hints[f.name], f.metadata)
+        if self.compile == "model" and (max(self.tp, self.cp, self.ep, self.dp_shard) > 1
+                                        or self.mixed_precision == "cast_params"):
+            raise PlanError("ParallelPlan compile='model' composes with replicated data parallelism "
+                            "only (tp, cp, ep and dp_shard 1, mixed_precision='autocast'), where no "
+                            "collective or FSDP hook runs inside the forward: use compile='block'")
 
     # ------------------------------------------------------------------ degrees
     @property
@@ -100,6 +110,10 @@ class ParallelPlan:
     def edp(self) -> int:
         """Data-parallel degree of the experts: the ranks left over once ep is taken."""
         return self.world_size // self.ep
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile != "none"
 
     @property
     def sharded(self) -> bool:
@@ -250,4 +264,4 @@ def as_plan(value: Any) -> ParallelPlan:
 
 
 __all__ = ["ParallelPlan", "PlanError", "as_plan", "CP_KERNELS", "CHECKPOINT_POLICIES",
-           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES"]
+           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES", "COMPILE_MODES"]

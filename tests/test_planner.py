@@ -209,7 +209,7 @@ def _recorded_runs():
         for m, r in zip(measurements_from_bench(os.path.join(RESULTS, name)), rows):
             runs.append(pytest.param(m, r, id=f"{name.split('.')[0]}-mb{m.micro_batch}-s{m.seq_len}-"
                                                 f"{m.plan.activation_checkpointing}-{m.precision}"
-                                                f"{'-compile' if m.plan.compile else ''}"))
+                                                f"{'-compile' if m.plan.compiled else ''}"))
     return runs
 
 

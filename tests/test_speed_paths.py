@@ -298,3 +298,23 @@ def test_planner_counts_cast_params_like_fsdp_mixed_precision():
     true = memory(ParallelPlan(), "bf16-true")
     assert (cast.params, cast.grads, cast.optimizer) == (autocast.params, autocast.grads, autocast.optimizer)
     assert cast.activations == true.activations < autocast.activations
+
+
+# ---------------------------------------------------------------------------- compile modes
+def test_compile_modes_and_the_old_bool():
+    from lightning_attn_parallel.parallel.apply import apply_compile
+
+    assert ParallelPlan(compile=True).compile == "block" and ParallelPlan(compile=True).compiled
+    assert ParallelPlan(compile=False).compile == "none" and not ParallelPlan(compile=False).compiled
+    assert not ParallelPlan().compiled
+    with pytest.raises(PlanError, match="compile='fast'.*block, model"):
+        ParallelPlan(compile="fast")
+    for bad in (dict(tp=2), dict(dp_shard=2), dict(cp=2), dict(mixed_precision="cast_params")):
+        with pytest.raises(PlanError, match="compile='model' composes with replicated"):
+            ParallelPlan(compile="model", **bad)
+    for mode, model_compiled, blocks_compiled in (("block", False, True), ("model", True, False),
+                                                  ("none", False, False)):
+        model = tiny_model()
+        apply_compile(model, mode)
+        assert (model._compiled_call_impl is not None) == model_compiled, mode
+        assert all((b._compiled_call_impl is not None) == blocks_compiled for b in model.blocks), mode

@@ -44,12 +44,14 @@ def _is_expert_param(name: str) -> bool:
 def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
                 meshes: ParallelMeshes, precision: str, cluster: ClusterSpec) -> ParallelizeResult:
     """Apply every parallelism of `plan` to `module` (whose protocol model is `transformer`)."""
-    needs_protocol = plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.activation_checkpointing != "none"
+    needs_protocol = (plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.activation_checkpointing != "none"
+                      or plan.compiled)
     if transformer is None and needs_protocol:
         raise PlanError(
-            f"{plan.describe()} with activation_checkpointing={plan.activation_checkpointing!r} needs "
+            f"{plan.describe()} with activation_checkpointing={plan.activation_checkpointing!r} and "
+            f"compile={plan.compile!r} needs "
             "a model with `blocks` whose items have `attention` (the model protocol); this "
-            "LightningModule has none. Use data parallelism only (tp=cp=ep=1) or build the model "
+            "LightningModule has none. Use data parallelism only (tp=cp=ep=1, compile='none') or build the model "
             "from lightning_attn_parallel.models")
     cfg = getattr(transformer, "config", None)
     if cfg is not None:
@@ -80,9 +82,7 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
             if hasattr(sub, "use_grouped_mm"):
                 sub.use_grouped_mm = plan.grouped_gemm
         apply_activation_checkpointing(transformer, plan.activation_checkpointing, plan.ac_every_n)
-        if plan.compile:
-            for block in transformer.blocks:
-                block.compile()
+        apply_compile(transformer, plan.compile)
     reducer = None
     fixups: list = []
     fully_sharded = casts_parameters(plan, precision)
@@ -105,6 +105,18 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
                              context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, reducer),
                              gradient_fixups=tuple(fixups))
+
+
+def apply_compile(transformer: nn.Module, mode: str) -> None:
+    """torch.compile per `mode`: "block" compiles each block on its own (FSDP2 hooks, collectives
+    and checkpointing stay between graphs, so it composes with every plan); "model" compiles the
+    transformer as one graph, embedding to final norm (the plan allows it on replicated plans
+    only); "none" leaves it eager."""
+    if mode == "block":
+        for block in transformer.blocks:
+            block.compile()
+    elif mode == "model":
+        transformer.compile()
 
 
 def sharding_mesh(meshes: ParallelMeshes):

@@ -53,7 +53,7 @@ def _row(m: Measurement, cal: Calibration) -> tuple[np.ndarray, float]:
     base, redo = compute_terms(m.model, counts, plan, m.gpu, m.seq_len, p.name)
     tokens = m.micro_batch * m.seq_len
     elementwise = base["elementwise"] + redo["elementwise"]
-    mode = "compiled" if plan.compile else ("autocast" if p.autocast else "eager")
+    mode = "compiled" if plan.compiled else ("autocast" if p.autocast else "eager")
     matmul = base["matmul"] + redo["matmul"]
     if m.loss_chunk_tokens:
         matmul += 2.0 * counts.head_matmul / m.gpu.peak_flops(p.compute_bytes)

@@ -405,14 +405,14 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
     two are never alive together: the loss's backward finishes before any layer recomputes),
     plus autocast's weight copies (given `counts`)."""
     p = compute_precision(precision_spec(precision), plan)
-    s = _Shape(cfg, p, plan.tp, plan.cp, plan.sequence_parallel and plan.tp > 1, plan.compile,
+    s = _Shape(cfg, p, plan.tp, plan.cp, plan.sequence_parallel and plan.tp > 1, plan.compiled,
                plan.cp_kernel == "allgather" and plan.cp > 1)
     tokens = micro_batch * seq_len / plan.cp
     attn = _mla(s) if cfg.attention == "mla" else _gqa(s)
     dense = _dense_ffn(s)
     moe = _moe_ffn(s, calibration.moe_imbalance) if cfg.is_moe else dense
     # torch.compile's partitioner keeps some fused intermediates the formulas do not name
-    compiled_extra = calibration.compiled_saved_elements * s.a * s.d_norm if plan.compile else 0.0
+    compiled_extra = calibration.compiled_saved_elements * s.a * s.d_norm if plan.compiled else 0.0
     saved, recompute_peak = 0.0, 0.0
     for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
         ffn = moe if is_moe else dense

@@ -209,8 +209,8 @@ def recompute_share(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, s
 
     base, redo = compute_terms(cfg, counts, plan, gpu or H100_SXM, seq_len, precision)
     autocast = compute_precision(precision_spec(precision), plan).autocast
-    return (combine_terms(redo, calibration, plan.compile, autocast)
-            / combine_terms(base, calibration, plan.compile, autocast))
+    return (combine_terms(redo, calibration, plan.compiled, autocast)
+            / combine_terms(base, calibration, plan.compiled, autocast))
 
 
 def _tp_time(cfg: ModelConfig, plan: ParallelPlan, tokens: float, p: PrecisionSpec,
@@ -359,12 +359,12 @@ def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSp
     rank_tokens = mb_tokens / plan.cp
     base, redo = compute_terms(model_cfg, counts, plan, gpu, seq_len, p.name)
     autocast = compute_precision(p, plan).autocast  # FSDP2 computes "-mixed" like "-true"
-    compute = rank_tokens * combine_terms(base, cal, plan.compile, autocast, plan)
-    recompute = rank_tokens * combine_terms(redo, cal, plan.compile, autocast, plan)
+    compute = rank_tokens * combine_terms(base, cal, plan.compiled, autocast, plan)
+    recompute = rank_tokens * combine_terms(redo, cal, plan.compiled, autocast, plan)
     if loss_chunk_tokens:  # the chunked loss recomputes the LM head's forward
         recompute += rank_tokens * 2.0 * counts.head_matmul / peak / cal.matmul_efficiency
     attention_only = {**dict.fromkeys(COMPUTE_TERMS, 0.0), "attention": base["attention"]}
-    attention_s = rank_tokens * combine_terms(attention_only, cal, plan.compile, autocast, plan)
+    attention_s = rank_tokens * combine_terms(attention_only, cal, plan.compiled, autocast, plan)
     flops_per_token = counts.flops_per_token(model_cfg, seq_len)
     tp = _tp_time(model_cfg, plan, rank_tokens, p, cluster, cal)
     cp = _cp_time(model_cfg, plan, micro_batch, seq_len, p, attention_s, cluster, cal)
