@@ -377,3 +377,15 @@ def test_padded_mode_gives_one_document_per_window_and_counts_the_waste(corpus_d
     batch = next(iter(packed.train_dataloader()))
     assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (4, 32) for k in
                                                              ("input_ids", "labels", "positions", "document_ids")}
+
+
+def test_the_window_sampler_resumes_where_it_stopped(corpus_dir):
+    from lightning_attn_parallel.data.datamodule import ResumableSampler
+    from lightning_attn_parallel.data.documents import DocumentDataModule
+
+    dm = DocumentDataModule(str(corpus_dir), seq_len=32, micro_batch_size=4)
+    dm.setup()
+    full = list(ResumableSampler(dm.train_set, 1, 0, 4, seed=7))
+    resumed = ResumableSampler(dm.train_set, 1, 0, 4, seed=7)
+    resumed.skip_batches = 3
+    assert list(resumed) == full[12:] and len(full) >= 16
