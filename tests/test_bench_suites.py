@@ -121,8 +121,12 @@ def test_pending_row_reports_not_available_without_launching():
 
 def test_compare_reports_errors_per_row(tmp_path):
     cfg = asdict(bench.Config(name="r"))
-    (tmp_path / "p.json").write_text(json.dumps([[cfg, {"pred_peak_gib": 10.5, "pred_tokens_per_s": 130.0}]]))
-    (tmp_path / "r.json").write_text(json.dumps([[cfg, {"peak_gib": 10.0, "tokens_per_s": 100.0}]]))
+    base = asdict(bench.Config(name="baseline", strategy="ddp"))
+    (tmp_path / "p.json").write_text(json.dumps([
+        [cfg, {"pred_peak_gib": 10.5, "pred_tokens_per_s": 130.0, "pred_basis": "plan"}],
+        [base, {"pred_peak_gib": 10.0, "pred_tokens_per_s": 100.0, "pred_basis": "equivalent plan"}]]))
+    (tmp_path / "r.json").write_text(json.dumps([[cfg, {"peak_gib": 10.0, "tokens_per_s": 100.0}],
+                                                 [base, {"peak_gib": 10.0, "tokens_per_s": 100.0}]]))
     text = bench.compare(str(tmp_path / "p.json"), str(tmp_path / "r.json"))
-    assert "+5.0%" in text and "+30.0%" in text
-    assert "memory within 10% on 1, tokens/s within 25% on 0" in text
+    assert "+5.0%" in text and "+30.0%" in text and "| baseline | equivalent plan |" in text
+    assert "1 attn_hybrid rows compared: memory within 10% on 1, tokens/s within 25% on 0" in text
