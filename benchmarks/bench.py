@@ -123,7 +123,6 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
     from torch.utils.data import DataLoader, Dataset
 
     import lightning_attn_parallel as lap
-    from lightning_attn_parallel.hardware import device_peak_tflops
     from lightning_attn_parallel.models import ModelConfig
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -182,8 +181,13 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
                 if hasattr(sub, "use_grouped_mm"):
                     sub.use_grouped_mm = cfg.grouped_gemm
 
-    module = Module(model_cfg, lr=1e-4, warmup_steps=2, total_steps=1000,
-                    loss_chunk_tokens=cfg.loss_chunk_tokens)
+    if cfg.strategy == "plain":  # a Lightning user's own Llama: nothing of the project's
+        from plain_llama import PlainLlamaModule
+
+        module: L.LightningModule = PlainLlamaModule(cfg.model, compile=cfg.compile)
+    else:
+        module = Module(model_cfg, lr=1e-4, warmup_steps=2, total_steps=1000,
+                        loss_chunk_tokens=cfg.loss_chunk_tokens)
     builder = STRATEGIES.get(cfg.strategy)
     strategy: Any = builder(cfg) if builder is not None else cfg.strategy  # a Lightning name
     callbacks: list = [Timer()]
@@ -204,21 +208,13 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
     # micro_batch is per data-parallel rank; tensor- and context-parallel ranks share samples
     dp = cfg.devices // (cfg.plan.get("tp", 1) * cfg.plan.get("cp", 1))
     tokens = (cfg.steps - cfg.warmup) * cfg.micro_batch * cfg.seq_len * dp
-    with torch.device("meta"):
-        from lightning_attn_parallel.models import build_model
-
-        flops_per_token = build_model(model_cfg).flops_per_token(cfg.seq_len)
     tps = tokens / seconds
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
-    peak = device_peak_tflops(device, cfg.precision)
     per_gpu = tps / cfg.devices
-    result = {"tokens_per_s": tps, "tokens_per_s_per_gpu": per_gpu,
-              "tflops_per_gpu": flops_per_token * per_gpu / 1e12,
-              "mfu": flops_per_token * per_gpu / (peak * 1e12) if peak else None,
+    result = {"tokens_per_s": tps, "tokens_per_s_per_gpu": per_gpu, **flop_metrics(cfg, per_gpu, device),
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0,
               "static_gib": timer.static / 2**30,
               "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0.0,
-              "flops_per_token": flops_per_token,
               "device": torch.cuda.get_device_name(device) if gpu else "cpu"}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("throughput/")}
     if logged:
@@ -230,8 +226,9 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
 def _attn_hybrid(cfg: Config) -> Any:
     import lightning_attn_parallel as lap
 
-    plan = lap.ParallelPlan(compile=cfg.compile, activation_checkpointing=cfg.checkpointing,
-                            offload_activations=cfg.offload, grouped_gemm=cfg.grouped_gemm, **cfg.plan)
+    levers = dict(compile=cfg.compile, activation_checkpointing=cfg.checkpointing,
+                  offload_activations=cfg.offload, grouped_gemm=cfg.grouped_gemm)
+    plan = lap.ParallelPlan(**{**levers, **cfg.plan})  # the row's plan overrides the levers
     return lap.AttnHybridStrategy(plan=plan)
 
 
@@ -250,8 +247,15 @@ def _fsdp(cfg: Config) -> Any:
     return FSDPStrategy(auto_wrap_policy={TransformerBlock}, sharding_strategy="FULL_SHARD")
 
 
+def _plain(cfg: Config) -> Any:
+    """The plain baseline (benchmarks/plain_llama.py) runs under Lightning's default strategy."""
+    return "auto"
+
+
 # A row's `strategy` names one of these, or is passed to the Trainer as a Lightning name.
-STRATEGIES = {"attn_hybrid": _attn_hybrid, "model_parallel": _model_parallel, "fsdp": _fsdp}
+# `torchtitan` rows run outside Lightning, in TorchTitan's own set-up (launch_torchtitan).
+STRATEGIES = {"attn_hybrid": _attn_hybrid, "model_parallel": _model_parallel, "fsdp": _fsdp,
+              "plain": _plain, "torchtitan": None}
 
 
 # ---------------------------------------------------------------------------- planner
@@ -369,6 +373,8 @@ def launch(cfg: Config, timeout_s: float) -> dict[str, Any]:
             return {"error": f"not run: needs {cfg.devices} GPUs, this host has {torch.cuda.device_count()}"}
     if cfg.script:
         return _launch_script(cfg, timeout_s)
+    if cfg.strategy == "torchtitan":
+        return _launch_torchtitan(cfg, timeout_s)
     return _run([sys.executable, __file__, "x", "--one", json.dumps(asdict(cfg))], timeout_s,
                 lambda out: next((json.loads(ln[7:]) for ln in reversed(out.splitlines())
                                   if ln.startswith("RESULT ")), None))
@@ -383,6 +389,37 @@ def _launch_script(cfg: Config, timeout_s: float) -> dict[str, Any]:
                f"--nproc-per-node={cfg.devices}", str(Path(__file__).with_name(cfg.script)),
                *map(str, args), "--out", str(out)]
         return _run(cmd, timeout_s, lambda _: {"script": json.loads(out.read_text())} if out.exists() else None)
+
+
+def _launch_torchtitan(cfg: Config, timeout_s: float) -> dict[str, Any]:
+    """TorchTitan's Llama (benchmarks/torchtitan_llama.py) under torchrun, with this file's
+    FLOP and MFU accounting added to its timing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={cfg.devices}", str(Path(__file__).with_name("torchtitan_llama.py")),
+               "--row", json.dumps(asdict(cfg)), "--out", str(out)]
+        result = _run(cmd, timeout_s, lambda _: json.loads(out.read_text()) if out.exists() else None)
+    if "tokens_per_s" in result:
+        result.update(flop_metrics(cfg, result["tokens_per_s_per_gpu"]))
+    return result
+
+
+def flop_metrics(cfg: Config, tokens_per_s_per_gpu: float, device: Any = None) -> dict[str, Any]:
+    """TFLOP/s per GPU and MFU of a row, by the project's FLOP count of the row's model shape
+    (docs/ARCHITECTURE.md, "MFU"), against the datasheet peak of `device` (default: GPU 0)."""
+    import torch
+
+    from lightning_attn_parallel.hardware import device_peak_tflops
+    from lightning_attn_parallel.models import ModelConfig, build_model
+
+    with torch.device("meta"):
+        flops_per_token = build_model(ModelConfig(**cfg.model)).flops_per_token(cfg.seq_len)
+    if device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    peak = device_peak_tflops(device, cfg.precision)
+    return {"flops_per_token": flops_per_token, "tflops_per_gpu": flops_per_token * tokens_per_s_per_gpu / 1e12,
+            "mfu": flops_per_token * tokens_per_s_per_gpu / (peak * 1e12) if peak else None}
 
 
 def _run(cmd: list[str], timeout_s: float, parse) -> dict[str, Any]:
