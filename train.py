@@ -1,33 +1,5 @@
-"""Train a causal LM with the attn_hybrid strategy, configured by Hydra.
-
-    python train.py                                   # embedded default: tiny model, CPU ok
-    python train.py +recipe=deepseek_67b +scale=smoke # any recipe, shrunk to run on a laptop
-    python train.py +recipe=deepseek_67b dry_run=true trainer.num_nodes=16 trainer.devices=8
-
-Every failure ends as one line on stderr: `error: ...` with exit code 2 for bad input (before
-any process group starts), exit code 1 with the path of a traceback log for anything else.
-"""
-from __future__ import annotations
-
-import os
-
-import hydra
-from omegaconf import DictConfig
-
-from lightning_attn_parallel.config import config_user_error, register_configs
-from lightning_attn_parallel.errors import run_or_exit
-
-register_configs()
-# Hydra must re-raise composition errors so that run_or_exit reports them as one line.
-os.environ["HYDRA_FULL_ERROR"] = "1"
-
-
-@hydra.main(version_base=None, config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    from lightning_attn_parallel.cli import run
-
-    run_or_exit(lambda: run(cfg), log_dir=lambda: cfg.run_dir, translate=config_user_error)
-
+"""Train from a source checkout: `python train.py [overrides]` (see lightning_attn_parallel/train.py)."""
+from lightning_attn_parallel.train import main
 
 if __name__ == "__main__":
-    run_or_exit(main, translate=config_user_error)
+    main()

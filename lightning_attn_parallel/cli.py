@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .config import ConfigError, StrategyConfig
 from .plan import ParallelPlan
-from .preflight import check_run
+from .preflight import check_run, target_class, target_kwargs
 
 
 def build_datamodule(cfg: DictConfig):
@@ -29,24 +29,25 @@ def build_datamodule(cfg: DictConfig):
         raise ConfigError(str(error)) from None
 
 
-def build_logger(cfg: DictConfig, run_dir: Path):
-    name = cfg.logger.name
-    if name == "none":
+def build_logger(cfg: DictConfig):
+    """The logger of conf/logger (a `_target_` node; an empty node means none)."""
+    from hydra.utils import instantiate
+
+    if not cfg.logger or "_target_" not in cfg.logger:
         return False
-    if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers import WandbLogger
 
-        return CSVLogger(save_dir=str(run_dir), name="csv")
-    if name == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
+    extra = {}
+    if issubclass(target_class(cfg.logger), WandbLogger):
         os.environ.setdefault("WANDB_SILENT", "true")
-        return WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), offline=cfg.logger.offline,
-                           config=OmegaConf.to_container(cfg, resolve=True))
-    raise ConfigError(f"logger.name={name!r} is unknown: use wandb, csv or none")
+        extra["config"] = OmegaConf.to_container(cfg, resolve=True)  # the whole run, for W&B's table
+    return instantiate(cfg.logger, **extra)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    """Checkpointing, plus the callbacks of conf/callbacks (a `_target_` returning a callback or
+    a list of them; an empty node means none)."""
+    from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks: list = []
@@ -56,26 +57,20 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
         every = max(1, cfg.trainer.max_steps // 2) if cfg.trainer.max_steps > 0 else None
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                          every_n_train_steps=every, enable_version_counter=False))
-    if cfg.callbacks.enabled:
-        from .callbacks import default_callbacks
-
-        callbacks += default_callbacks(log_every_n_steps=cfg.callbacks.log_every_n_steps,
-                                       peak_tflops=cfg.callbacks.peak_tflops,
-                                       profile_steps=cfg.callbacks.profile_steps,
-                                       report=cfg.callbacks.report, run_dir=str(run_dir))
+    if cfg.callbacks and "_target_" in cfg.callbacks:
+        made = instantiate(cfg.callbacks)
+        callbacks += list(made) if isinstance(made, (list, tuple)) else [made]
     return callbacks
 
 
 def build_strategy(cfg: DictConfig, plan: ParallelPlan):
-    if cfg.strategy.name != "attn_hybrid":
-        return cfg.strategy.name
-    from .strategy import AttnHybridStrategy
+    """The strategy of conf/strategy, with the plan the pre-flight checked."""
+    from hydra.utils import instantiate
 
-    try:
-        return AttnHybridStrategy(plan=plan, save_distributed_checkpoint=cfg.strategy.save_distributed_checkpoint,
-                                  timeout_s=cfg.strategy.timeout_s)
-    except ValueError as error:  # e.g. strategy.timeout_s <= 0
-        raise ConfigError(str(error)) from None
+    keys = target_kwargs(cfg.strategy, StrategyConfig)
+    node = OmegaConf.masked_copy(cfg.strategy, ["_target_", *[k for k in keys if k != "plan"]])
+    # partial, then called: instantiate would turn the ParallelPlan into a DictConfig
+    return instantiate(node, _partial_=True)(**({"plan": plan} if "plan" in keys else {}))
 
 
 def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
@@ -85,7 +80,7 @@ def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    logger = build_logger(cfg, run_dir)
+    logger = build_logger(cfg)
     try:
         return L.Trainer(strategy=build_strategy(cfg, plan), logger=logger,
                          callbacks=build_callbacks(cfg, run_dir), default_root_dir=str(run_dir),
@@ -125,7 +120,9 @@ def run(cfg: DictConfig) -> Optional[Any]:
         export_consolidated(cfg.export_path, module.model)
     if trainer.is_global_zero:
         print(f"run directory: {run_dir.resolve()}")
-        if cfg.logger.name == "wandb" and logger and logger.experiment is not None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if isinstance(logger, WandbLogger) and logger.experiment is not None:
             print(f"W&B offline run: {logger.experiment.dir.rsplit('/files', 1)[0]}  "
                   "(upload with: wandb sync <that folder>)")
     return trainer

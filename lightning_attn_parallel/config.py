@@ -17,12 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError, one_line
-from .faults import DEFAULT_TIMEOUT_S
 from .models.config import ModelConfig
 from .plan import ParallelPlan
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = PROJECT_ROOT / "recipes"
+# Inside the package, so an installed (not editable) package finds them too.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 class ConfigError(UserError):
@@ -65,10 +65,14 @@ class TrainerConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "attn_hybrid"  # or any Lightning strategy name, for comparisons
+    """The strategy group: a `_target_` plus the keys AttnHybridStrategy takes, typed here so that
+    `strategy.plan.tp=2` is checked when Hydra composes. Another target (Lightning's DDP) must
+    leave the keys it does not take at these defaults (preflight.py refuses otherwise)."""
+
+    _target_: str = "lightning_attn_parallel.AttnHybridStrategy"
     plan: ParallelPlan = field(default_factory=ParallelPlan)
     save_distributed_checkpoint: bool = True
-    timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait of any collective (attn_hybrid only)
+    timeout_s: Optional[float] = None  # None: the strategy's default
 
 
 @dataclass
@@ -81,30 +85,16 @@ class OptimConfig:
 
 
 @dataclass
-class LoggerConfig:
-    name: str = "wandb"  # wandb | csv | none
-    project: str = "lightning-attn-parallel"
-    offline: bool = True
-
-
-@dataclass
-class CallbacksConfig:
-    enabled: bool = True
-    log_every_n_steps: int = 10
-    peak_tflops: Optional[float] = None
-    profile_steps: Optional[list[int]] = None
-    report: bool = True
-
-
-@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # strategy, logger and callbacks are `_target_` nodes (conf/<group>/*.yaml) that Hydra
+    # instantiates; their keys are checked against the target's parameters (preflight.py).
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    logger: Any = None
+    callbacks: Any = None
     smoke: bool = False  # set by +scale=smoke: shrink widths and depths, keep the structure
     recipe_name: str = "default"
     dry_run: bool = False
@@ -149,6 +139,8 @@ def check_known_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> 
             raise ConfigError(f"{prefix}{key} is not a known key of {where}: remove it or fix its "
                               f"spelling (known keys: {', '.join(known)})")
         value = cfg._get_node(key)
+        if isinstance(value, DictConfig) and "_target_" in value:
+            continue  # checked against its target's parameters (preflight.check_target_node)
         if dataclasses.is_dataclass(known[key]) and isinstance(value, DictConfig) and not value._is_none():
             check_known_keys(value, known[key], f"{prefix}{key}.")
 

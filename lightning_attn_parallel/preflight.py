@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, check_known_keys
+from .config import ConfigError, StrategyConfig, check_known_keys
 from .errors import UserError
 from .models import ModelConfig, smoke_scale
 from .plan import ParallelPlan
@@ -44,11 +44,15 @@ class CheckedRun:
 def check_run(cfg: DictConfig) -> CheckedRun:
     """Check everything about the run `cfg` describes; raise ConfigError on the first problem."""
     check_known_keys(cfg)
+    check_target_node(cfg.strategy, "strategy", StrategyConfig)
+    check_target_node(cfg.logger, "logger")
+    check_target_node(cfg.callbacks, "callbacks")
     check_scale_overrides(cfg)
     check_optim(cfg)
     check_trainer(cfg.trainer)
-    _require(cfg.strategy.timeout_s > 0, "strategy.timeout_s", cfg.strategy.timeout_s,
-             "give the longest wait for a collective in seconds, > 0")
+    timeout = cfg.strategy.timeout_s
+    _require(timeout is None or (not isinstance(timeout, bool) and isinstance(timeout, (int, float)) and timeout > 0),
+             "strategy.timeout_s", timeout, "give the longest wait for a collective in seconds, > 0")
     model_cfg = model_config_from(cfg)
     plan = plan_from(cfg)
     world = world_size_of(cfg)
@@ -88,6 +92,55 @@ def check_scale_overrides(cfg: DictConfig) -> None:
         raise ConfigError(f"+scale=smoke trains on the embedded corpus, so {what} would be ignored: "
                           "add data.source=tokens to smoke-test on your token file, or drop the data "
                           "override to smoke-test on the embedded corpus")
+
+
+def target_class(node: DictConfig) -> Any:
+    """The class or function a `_target_` node names (imported, not called)."""
+    from hydra._internal.utils import _locate
+
+    return _locate(node._target_)
+
+
+def target_parameters(node: Any) -> tuple[set[str], bool]:
+    """(named parameters, whether it also takes **kwargs) of a `_target_` node's target."""
+    import inspect
+
+    parameters = inspect.signature(target_class(node)).parameters
+    var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return {n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}, var_keyword
+
+
+def target_kwargs(node: Any, schema: Optional[type] = None) -> list[str]:
+    """The keys of a `_target_` node that go to its target: those it names, and with **kwargs
+    any key the group's schema does not declare for another target."""
+    named, var_keyword = target_parameters(node)
+    declared = {f.name for f in dataclasses.fields(schema)} if schema else set()
+    return [k for k in node if not str(k).startswith("_") and (k in named or (var_keyword and k not in declared))]
+
+
+def check_target_node(node: Any, key: str, schema: Optional[type] = None) -> None:
+    """A `_target_` node names something importable, and each of its keys is a parameter of it:
+    a misspelt key would otherwise fail only once the run starts, or be passed on silently.
+    Keys the group's `schema` declares but this target does not take must keep their defaults."""
+    if not node or "_target_" not in node:
+        return
+    try:
+        named, var_keyword = target_parameters(node)
+    except Exception as err:  # noqa: BLE001 - Hydra raises ImportError or its own errors
+        raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported ({_first_line(err)}): "
+                          "give the dotted path of a class or function") from None
+    defaults = OmegaConf.structured(schema) if schema else {}
+    for name in node:
+        if str(name).startswith("_") or name in named:
+            continue
+        if name in defaults:
+            if node[name] != defaults[name]:
+                raise ConfigError(f"{key}.{name} does not apply to {node._target_}, which takes no {name}: "
+                                  f"use the default strategy (strategy=attn_hybrid), or drop {key}.{name}")
+            continue
+        if not var_keyword:
+            raise ConfigError(f"{key}.{name} is not a parameter of {node._target_}: remove it or fix its "
+                              f"spelling (parameters: {', '.join(sorted(named - {'self'}))})")
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -170,7 +223,14 @@ def model_config_from(cfg: DictConfig) -> ModelConfig:
 
 
 def plan_from(cfg: DictConfig) -> ParallelPlan:
+    from .plan import PlanError
+
     values = OmegaConf.to_container(cfg.strategy.plan, resolve=True)
+    known = {f.name for f in dataclasses.fields(ParallelPlan)}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise PlanError(f"strategy.plan.{unknown[0]} is not a ParallelPlan field: remove it or fix its "
+                        f"spelling (fields: {', '.join(sorted(known))})")
     return ParallelPlan(**values)
 
 
@@ -412,5 +472,5 @@ def check_writable_folder(folder: Any, need_bytes: int, key: str, what: str) -> 
                           "trainer.enable_checkpointing=false")
 
 
-__all__ = ["CheckedRun", "check_run", "check_checkpoint_readable", "check_writable_folder",
+__all__ = ["CheckedRun", "check_run", "check_target_node", "target_class", "target_kwargs", "check_checkpoint_readable", "check_writable_folder",
            "estimated_checkpoint_bytes", "model_config_from", "plan_from", "world_size_of", "UserError"]

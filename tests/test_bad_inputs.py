@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from lightning_attn_parallel import preflight
-from lightning_attn_parallel.config import register_configs
+from lightning_attn_parallel.config import CONF_DIR, register_configs
 from lightning_attn_parallel.errors import UserError, run_or_exit
 from lightning_attn_parallel.models import ModelConfig
 from lightning_attn_parallel.plan import ParallelPlan, PlanError
@@ -86,8 +86,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def compose_config(overrides: list[str], run_dir: Path):
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose("config", overrides=[*overrides, *QUICK, f"run_dir={run_dir}"])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        keys = {o.split("=")[0] for o in overrides}
+        quick = [q for q in QUICK if q.split("=")[0] not in keys]
+        return compose("config", overrides=[*overrides, *quick, f"run_dir={run_dir}"])
 
 
 def refused(overrides: list[str], tmp_path: Path) -> str:
@@ -101,6 +103,7 @@ def refused(overrides: list[str], tmp_path: Path) -> str:
     return message
 
 
+
 CPU3 = ["trainer.accelerator=cpu", "trainer.devices=3"]
 CPU2 = ["trainer.accelerator=cpu", "trainer.devices=2"]
 
@@ -112,8 +115,12 @@ CASES = {
     "+trainer key": (["+trainer.max_step=3"], ["trainer.max_step"]),
     "+model key": (["+model.n_head=4"], ["model.n_head"]),
     "+plan key": (["+strategy.plan.tensor_parallel=2"], ["strategy.plan.tensor_parallel"]),
-    "+logger key": (["+logger.entity=me"], ["logger.entity"]),
-    "+callbacks key": (["+callbacks.mfu=true"], ["callbacks.mfu"]),
+    "+logger key": (["logger=csv", "+logger.flush_every=3"], ["logger.flush_every", "CSVLogger"]),
+    "+callbacks key": (["callbacks=default", "+callbacks.mfu=true"], ["callbacks.mfu", "peak_tflops"]),
+    "+strategy key": (["+strategy.timeout_sec=3"], ["strategy.timeout_sec", "timeout_s"]),
+    "strategy target": (["strategy._target_=lightning.NoSuchStrategy"], ["strategy._target_", "cannot be imported"]),
+    "plan on a strategy without one": (["strategy=lightning_ddp", *CPU2, "strategy.plan.tp=2"], ["strategy.plan", "DDPStrategy"]),
+    "strategy timeout": (["strategy.timeout_s=-1"], ["strategy.timeout_s=-1"]),
     "+top-level key": (["+seeds=3"], ["seeds"]),
     # values
     "lr zero": (["optim.lr=0"], ["optim.lr=0"]),
@@ -282,3 +289,35 @@ def test_run_or_exit_logs_the_traceback_of_other_failures(capsys, tmp_path):
     log = tmp_path / "run" / "error-rank0.log"
     assert err == f"error: RuntimeError: collective timed out (traceback: {log})\n"
     assert "Traceback" in log.read_text() and "second line" in log.read_text()
+
+
+# ---------------------------------------------------------------- an installed (not editable) package
+def test_an_installed_package_finds_every_recipe_from_another_folder(tmp_path):
+    """`pip install .` (built, not editable) ships conf/ and recipes/: from a folder with no
+    source tree, the recipe list and an unknown recipe's error name every recipe."""
+    import shutil
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "lightning_attn_parallel", source / "lightning_attn_parallel",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
+    expected = sorted(p.stem for p in (ROOT / "lightning_attn_parallel" / "recipes").glob("*.yaml"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
+    listed = subprocess.run([sys.executable, "-c", "import lightning_attn_parallel.config as c; "
+                             "print(c.__file__); print(','.join(c.available_recipes()))"],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    where, names = listed.stdout.split()
+    assert where.startswith(str(target)), where  # the installed copy, not the source tree
+    assert names.split(",") == expected
+    result = subprocess.run([sys.executable, "-m", "lightning_attn_parallel.train", "+recipe=nope",
+                             f"run_dir={tmp_path / 'run'}"], cwd=elsewhere, env=env, capture_output=True,
+                            text=True, timeout=120)
+    line = assert_one_line_user_error(result, "recipe 'nope'")
+    assert all(name in line for name in expected)

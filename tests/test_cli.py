@@ -15,7 +15,7 @@ from dist_utils import run_distributed
 
 from lightning_attn_parallel.cli import run
 from lightning_attn_parallel.errors import UserError
-from lightning_attn_parallel.config import available_recipes, register_configs
+from lightning_attn_parallel.config import CONF_DIR, available_recipes, register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["logger=none", "callbacks=none", "trainer.enable_checkpointing=false",
@@ -24,7 +24,7 @@ QUICK = ["logger=none", "callbacks=none", "trainer.enable_checkpointing=false",
 
 def compose_config(overrides: list[str], run_dir: str = "/tmp/lap-test-run"):
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose("config", overrides=overrides + [f"run_dir={run_dir}"])
 
 

@@ -268,10 +268,10 @@ QUICK = ["logger=none", "callbacks=none", "trainer.enable_checkpointing=false",
 def _compose(overrides: list[str], run_dir: str):
     from hydra import compose, initialize_config_dir
 
-    from lightning_attn_parallel.config import register_configs
+    from lightning_attn_parallel.config import CONF_DIR, register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose("config", overrides=overrides + [f"run_dir={run_dir}"])
 
 

@@ -1,0 +1,39 @@
+"""Train a causal LM with the attn_hybrid strategy, configured by Hydra.
+
+    python train.py                                   # embedded default: tiny model, CPU ok
+    python train.py +recipe=deepseek_67b +scale=smoke # any recipe, shrunk to run on a laptop
+    python train.py +recipe=deepseek_67b dry_run=true trainer.num_nodes=16 trainer.devices=8
+
+An installed package runs the same as `python -m lightning_attn_parallel.train` or `lap-train`:
+the configs (conf/) and recipes (recipes/) ship inside the package.
+
+Every failure ends as one line on stderr: `error: ...` with exit code 2 for bad input (before
+any process group starts), exit code 1 with the path of a traceback log for anything else.
+"""
+from __future__ import annotations
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+from lightning_attn_parallel.config import CONF_DIR, config_user_error, register_configs
+from lightning_attn_parallel.errors import run_or_exit
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from lightning_attn_parallel.cli import run
+
+    run_or_exit(lambda: run(cfg), log_dir=lambda: cfg.run_dir, translate=config_user_error)
+
+
+def main() -> None:
+    register_configs()
+    # Hydra must re-raise composition errors so that run_or_exit reports them as one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    run_or_exit(_hydra_main, translate=config_user_error)
+
+
+if __name__ == "__main__":
+    main()
