@@ -254,8 +254,9 @@ class AttnHybridStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ training step
     def _layout_batch(self, args: tuple, log: bool) -> tuple:
-        """Context parallelism: split this batch along the sequence or the batch (decided by
-        its length) and tell the module the global sequence length (for FLOP counts)."""
+        """Context parallelism: split this batch along the sequence over a degree decided by its
+        longest document (or its length), and tell the module the global sequence length (for
+        FLOP counts)."""
         if self.context_parallel is None or not args:
             return args
         batch = self.context_parallel.prepare_batch(args[0])
@@ -264,6 +265,7 @@ class AttnHybridStrategy(ParallelStrategy):
         if log:
             module.log("parallel/context_parallel_active",
                        float(self.context_parallel.last_mode == "context"), on_step=True)
+            module.log("parallel/cp_degree", float(self.context_parallel.last_degree), on_step=True)
         return (batch,) + tuple(args[1:])
 
     def training_step(self, *args: Any, **kwargs: Any):

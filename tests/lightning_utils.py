@@ -100,3 +100,22 @@ class LossRecorder(L.Callback):
             dist.all_reduce(loss)
             loss /= dist.get_world_size()
         self.losses.append(float(loss))
+
+
+class PackedDocumentWindows(FixedTokens):
+    """FixedTokens as packed documents: every run of `group` consecutive items (one global batch)
+    shares the document lengths `patterns[(i // group) % len(patterns)]` (summing to seq_len);
+    positions restart per document and nothing is predicted across documents."""
+
+    def __init__(self, patterns: list[list[int]], group: int, **kwargs) -> None:
+        super().__init__(seq_len=sum(patterns[0]), **kwargs)
+        self.patterns, self.group = patterns, group
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        lengths = self.patterns[(i // self.group) % len(self.patterns)]
+        ids = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])
+        labels = item["labels"].clone()
+        labels[torch.tensor(lengths).cumsum(0) - 1] = -100
+        return {**item, "labels": labels, "document_ids": ids,
+                "positions": torch.cat([torch.arange(n) for n in lengths])}

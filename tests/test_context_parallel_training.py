@@ -2,7 +2,8 @@
 
 World 4 on gloo: cp=4 (all-gather kernel), cp=2 x dp=2 (ring, with accumulation), and
 cp=2 x dp=2 with Ulysses and a length threshold, on data whose batches alternate between a
-length above the threshold (context parallel) and one below it (batch parallel on the CP ranks).
+length above the threshold (context parallel) and one below it (batch parallel on the CP ranks),
+and cp=4 (ring) on packed documents whose longest document sets the degree per batch: 4, 2, 1.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import lightning as L
 import pytest
 
 from dist_utils import assert_close, run_distributed
-from lightning_utils import FixedTokens, MixedLengthTokens, loader, params_of, quiet_trainer
+from lightning_utils import (FixedTokens, MixedLengthTokens, PackedDocumentWindows, loader,
+                             params_of, quiet_trainer)
 
 import lightning_attn_parallel as lap
 from lightning_attn_parallel.models import ModelConfig
@@ -21,6 +23,9 @@ CASES = {
     "cp4_allgather": (dict(cp=4, cp_kernel="allgather"), 2, 1, None),
     "cp2_dp2_ring_accumulate": (dict(cp=2, cp_kernel="ring"), 2, 2, None),
     "cp2_dp2_ulysses_switching": (dict(cp=2, cp_kernel="ulysses", cp_min_seq_len=16), 2, 1, [16, 8]),
+    # longest document 16 -> degree 4, 9 -> 2, 5 -> 1 (cp_min_seq_len 8)
+    "cp4_ring_documents_degree": (dict(cp=4, cp_kernel="ring", cp_min_seq_len=8), 4, 1,
+                                  [[16], [9, 1, 6], [5, 3, 4, 1, 3]]),
 }
 STEPS = 4
 
@@ -28,13 +33,17 @@ STEPS = 4
 class ModeRecorder(L.Callback):
     def __init__(self) -> None:
         self.modes: list[str] = []
+        self.degrees: list[int] = []
 
     def on_train_batch_end(self, trainer, *args) -> None:
         batcher = getattr(trainer.strategy, "context_parallel", None)
         self.modes.append(batcher.last_mode if batcher else "single")
+        self.degrees.append(batcher.last_degree if batcher else 1)
 
 
 def dataset(lengths, global_batch):
+    if lengths and isinstance(lengths[0], list):
+        return PackedDocumentWindows(lengths, global_batch)
     if lengths:
         return MixedLengthTokens(lengths, global_batch)
     return FixedTokens()
@@ -55,7 +64,7 @@ def train(plan_kwargs, micro_batch, accumulate, lengths, world, rank=0):
     trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=STEPS,
                             accumulate_grad_batches=accumulate, callbacks=[recorder])
     trainer.fit(module, loader(data, micro_batch, replicas=dp, rank=dp_rank))
-    return {"params": params_of(module), "modes": recorder.modes}
+    return {"params": params_of(module), "modes": recorder.modes, "degrees": recorder.degrees}
 
 
 def _worker(rank, world):
@@ -81,3 +90,4 @@ def test_length_threshold_switches_mode_per_batch(results):
     modes = results[0]["cp2_dp2_ulysses_switching"]["modes"]
     assert modes == ["context", "batch"] * (STEPS // 2)
     assert set(results[0]["cp4_allgather"]["modes"]) == {"context"}
+    assert results[0]["cp4_ring_documents_degree"]["degrees"] == [4, 2, 1, 4]

@@ -180,7 +180,7 @@ def layout_index(document_ids: torch.Tensor, cp: int, min_split_len: int) -> tor
     for row in document_ids.tolist():
         chunks = balanced_document_chunks(document_spans(row), cp, min_split_len)
         rows.append([i for runs in chunks for start, stop in runs for i in range(start, stop)])
-    return torch.tensor(rows, dtype=torch.long, device=document_ids.device)
+    return torch.tensor(rows, dtype=torch.long, device=document_ids.device).view(document_ids.shape)
 
 
 def longest_document(document_ids: torch.Tensor) -> int:

@@ -642,6 +642,7 @@ class DocumentLayout:
 _DOCUMENT_LAYOUTS: dict[int, tuple[weakref.ref, object, DocumentLayout]] = {}
 
 
+@torch.compiler.disable  # a collective and a host sync, once per batch
 def document_layout(positions: torch.Tensor, document_ids: torch.Tensor,
                     group: Optional[dist.ProcessGroup]) -> DocumentLayout:
     """The layout of this batch, gathered over `group` once and kept for as long as the
