@@ -46,7 +46,9 @@ def load_suites(path: Path = SUITES_FILE) -> tuple[dict[str, dict], dict[str, di
         spec = dict(spec)
         recipe = spec.pop("recipe", None)
         if recipe is not None:
-            spec = {**yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())["model"], **spec}
+            from lightning_attn_parallel.config import RECIPES_DIR
+
+            spec = {**yaml.safe_load((RECIPES_DIR / f"{recipe}.yaml").read_text())["model"], **spec}
         models[name] = spec
     return models, data["suites"]
 
@@ -76,6 +78,7 @@ class Config:
     script_args: list = field(default_factory=list)
     script_cpu_args: list = field(default_factory=list)  # its arguments under --cpu-dry-run
     pending: Optional[str] = None  # what the row waits for while its strategy has no runner
+    profile: bool = False  # kernel time by category over the timed steps (kernel_profile.py)
 
 
 def suite(name: str, path: Path = SUITES_FILE) -> tuple[list[Config], bool]:
@@ -191,6 +194,10 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
     builder = STRATEGIES.get(cfg.strategy)
     strategy: Any = builder(cfg) if builder is not None else cfg.strategy  # a Lightning name
     callbacks: list = [Timer()]
+    if cfg.profile:
+        from kernel_profile import KernelProfile
+
+        callbacks.append(KernelProfile(cfg.warmup, cfg.steps))
     if cfg.callbacks:
         from lightning_attn_parallel.callbacks import default_callbacks
 
@@ -216,6 +223,8 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
               "static_gib": timer.static / 2**30,
               "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0.0,
               "device": torch.cuda.get_device_name(device) if gpu else "cpu"}
+    if cfg.profile:
+        result.update(callbacks[-1].summary)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("throughput/")}
     if logged:
         result["callback_metrics"] = logged
