@@ -42,10 +42,12 @@ class GpuSpec:
         return (self.bf16_tflops if compute_bytes <= 2 else self.fp32_tflops) * 1e12
 
     def peak_tflops(self, precision: str, float32_matmul_precision: Optional[str] = None) -> Optional[float]:
-        """Peak TFLOP/s at a Lightning `precision` ("bf16-mixed", "32-true", ...): bf16/fp16 for
+        """Peak TFLOP/s at a Lightning `precision` ("bf16-mixed", "32-true", ...) or "fp8": bf16/fp16 for
         mixed or true half precision; for fp32, TF32 when torch may use it (float32 matmul
         precision "high" or "medium"), plain fp32 otherwise; None for other precisions."""
         precision = str(precision)
+        if precision == "fp8":  # ParallelPlan(fp8=...): the fp8 tensor-core peak
+            return self.fp8_tflops
         if precision.startswith(("bf16", "16")):
             return self.bf16_tflops
         if precision.startswith("32"):

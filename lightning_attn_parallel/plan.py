@@ -21,6 +21,7 @@ MIXED_PRECISION_MODES = ("autocast", "cast_params")
 # Gradient accumulation under FSDP2/HSDP (parallel/fully_sharded.py says what each sends and keeps)
 # torch.compile: nothing, each block (composes with every plan), or the whole model (replicated only)
 COMPILE_MODES = ("none", "block", "model")
+FP8_MODES = ("none", "tensorwise", "rowwise")  # parallel/float8.py
 ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
 
 
@@ -75,6 +76,8 @@ class ParallelPlan:
     activation_checkpointing: str = field(default="none", metadata=_limits(choices=CHECKPOINT_POLICIES))
     ac_every_n: int = field(default=1, metadata=_limits(minimum=1))
     offload_activations: bool = False
+    # fp8 matmuls in the blocks' large linear layers (torchao float8): "tensorwise" or "rowwise" scales
+    fp8: str = field(default="none", metadata=_limits(choices=FP8_MODES))
     # a bool is kept for older configs: True is "block", False "none"
     compile: Union[bool, str] = field(default="none", metadata=_limits(choices=COMPILE_MODES))
 
@@ -87,6 +90,9 @@ class ParallelPlan:
         hints = _field_types(type(self))
         for f in fields(self):
             _check_field(f.name, getattr(self, f.name), hints[f.name], f.metadata)
+        if self.fp8 != "none" and self.tp > 1:
+            raise PlanError(f"ParallelPlan fp8={self.fp8!r} does not compose with tensor parallelism "
+                            f"(tp={self.tp}) yet: set tp=1 or fp8='none'")
         if self.compile == "model" and (max(self.tp, self.cp, self.ep, self.dp_shard) > 1
                                         or self.mixed_precision == "cast_params"):
             raise PlanError("ParallelPlan compile='model' composes with replicated data parallelism "
@@ -264,4 +270,4 @@ def as_plan(value: Any) -> ParallelPlan:
 
 
 __all__ = ["ParallelPlan", "PlanError", "as_plan", "CP_KERNELS", "CHECKPOINT_POLICIES",
-           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES", "COMPILE_MODES"]
+           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES", "COMPILE_MODES", "FP8_MODES"]

@@ -35,7 +35,7 @@ from .faults import Heartbeat, configure_nccl, resolve_timeout, start_heartbeat
 from .mesh import ParallelMeshes, build_meshes
 from .hardware import cluster_for_plan
 from .parallel.gradient_reducer import GradientReducer
-from .plan import ParallelPlan, as_plan
+from .plan import ParallelPlan, PlanError, as_plan
 from .pretrained import load_pretrained_into
 
 
@@ -144,6 +144,12 @@ class AttnHybridStrategy(ParallelStrategy):
         plan = self._requested_plan
         if not plan.is_auto:
             plan.resolve(self.num_nodes * self.num_processes)
+        if plan.fp8 != "none":
+            from .parallel.float8 import float8_unavailable
+
+            reason = float8_unavailable(self.root_device)
+            if reason is not None:
+                raise PlanError(f"ParallelPlan fp8={plan.fp8!r} cannot run: {reason}; or set fp8='none'")
 
     def _resolve_plan(self) -> ParallelPlan:
         plan = self._requested_plan

@@ -318,3 +318,84 @@ def test_compile_modes_and_the_old_bool():
         apply_compile(model, mode)
         assert (model._compiled_call_impl is not None) == model_compiled, mode
         assert all((b._compiled_call_impl is not None) == blocks_compiled for b in model.blocks), mode
+
+
+# ---------------------------------------------------------------------------- fp8
+def test_fp8_converts_the_large_block_linears_only():
+    """The blocks' projections wider than 1024 become Float8Linear; the LM head and the GQA key
+    and value projections (1024 -> 256) stay in bf16."""
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    from lightning_attn_parallel.models import ModelConfig, build_model
+    from lightning_attn_parallel.parallel.float8 import apply_float8
+
+    cfg = ModelConfig(vocab_size=2048, d_model=1024, n_layers=2, n_heads=16, n_kv_heads=4,
+                      ffn_dim=2816, max_seq_len=64)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    chosen = apply_float8(model, "tensorwise", fsdp_all_gather=True)
+    converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    expected = {f"blocks.{i}.{name}" for i in range(2) for name in
+                ("attention.wq", "attention.wo", "ffn.w1", "ffn.w2", "ffn.w3")}
+    assert converted == set(chosen) == expected
+    assert model.blocks[0].ffn.w1.config.enable_fsdp_float8_all_gather
+    with torch.device("meta"):
+        rowwise = build_model(cfg)
+    apply_float8(rowwise, "rowwise", fsdp_all_gather=True)
+    assert not rowwise.blocks[0].ffn.w1.config.enable_fsdp_float8_all_gather  # tensorwise only
+
+
+def test_fp8_filter_without_torchao():
+    from lightning_attn_parallel.parallel.float8 import float8_module_filter
+
+    convert = float8_module_filter()
+    assert convert(torch.nn.Linear(2048, 5632, device="meta"), "blocks.0.ffn.w1")
+    assert not convert(torch.nn.Linear(2048, 256, device="meta"), "blocks.0.attention.wk")  # small
+    assert not convert(torch.nn.Linear(2048, 32000, device="meta"), "output")  # the LM head
+    assert not convert(torch.nn.Linear(2048, 2056, device="meta"), "blocks.0.x")  # not a multiple of 16
+    assert not convert(torch.nn.LayerNorm(2048, device="meta"), "blocks.0.norm")
+
+
+def test_fp8_errors_name_the_missing_piece(monkeypatch):
+    import importlib.util
+
+    from lightning_attn_parallel.parallel import float8
+
+    assert "compute capability 8.9" in float8.float8_unavailable(torch.device("cpu"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "pip install -e '.[fp8]'" in float8.float8_unavailable(torch.device("cuda", 0))
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    if importlib.util.find_spec("torchao") is not None:
+        assert "A100-SXM4-80GB has 8.0" in float8.float8_unavailable(torch.device("cuda", 0))
+    with pytest.raises(PlanError, match="fp8='tensorwise' does not compose with tensor parallelism"):
+        ParallelPlan(fp8="tensorwise", tp=2)
+    with pytest.raises(PlanError, match="fp8='e4m3'"):
+        ParallelPlan(fp8="e4m3")
+
+
+def test_fp8_refused_on_a_cpu_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "train.py", "strategy.plan.fp8=tensorwise", "logger=none",
+                           f"hydra.run.dir={tmp_path}"], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: ParallelPlan fp8='tensorwise' cannot run: fp8 matmuls need an NVIDIA GPU")
+
+
+def test_planner_knows_fp8():
+    from lightning_attn_parallel.hardware import H200
+    from test_planner import ANCHOR_1B
+
+    def step(fp8: str) -> float:
+        return estimate_time(ANCHOR_1B, ParallelPlan(fp8=fp8, compile=True), ClusterSpec(1, 1), H200,
+                             8, 2048, "bf16-true").compute_s
+
+    assert step("tensorwise") < step("none") < step("rowwise")
+    assert H200.peak_tflops("fp8") == H200.fp8_tflops  # the MFU accounting of fp8 rows

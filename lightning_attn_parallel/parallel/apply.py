@@ -45,7 +45,7 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
                 meshes: ParallelMeshes, precision: str, cluster: ClusterSpec) -> ParallelizeResult:
     """Apply every parallelism of `plan` to `module` (whose protocol model is `transformer`)."""
     needs_protocol = (plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.activation_checkpointing != "none"
-                      or plan.compiled)
+                      or plan.compiled or plan.fp8 != "none")
     if transformer is None and needs_protocol:
         raise PlanError(
             f"{plan.describe()} with activation_checkpointing={plan.activation_checkpointing!r} and "
@@ -57,6 +57,10 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
     if cfg is not None:
         plan.check_model(cfg)
     context_parallel = None
+    if plan.fp8 != "none":  # before checkpointing, compile and FSDP2, as torchao requires
+        from .float8 import apply_float8
+
+        apply_float8(transformer, plan.fp8, fsdp_all_gather=plan.sharded)
     if plan.tp > 1:
         from .tensor_parallel import apply_tensor_parallel
 

@@ -66,3 +66,9 @@ class Calibration:
 DEFAULT_CALIBRATION = Calibration()
 
 __all__ = ["Calibration", "DEFAULT_CALIBRATION"]
+
+
+# Speed of the blocks' matmuls in fp8 relative to bf16 (ParallelPlan.fp8), measured with torchao
+# 0.18 on an H200 on a compiled SwiGLU MLP of the 1.1B model's shape (d 2048, ffn 5632): tensorwise
+# 2.68 ms against 3.30 ms in bf16, rowwise 3.94 ms. Casts and scales are inside those timings.
+FP8_MATMUL_SPEEDUP = {"none": 1.0, "tensorwise": 3.30 / 2.68, "rowwise": 3.30 / 3.94}

@@ -19,7 +19,7 @@ from typing import Optional
 from ..models.config import ModelConfig
 from ..models.flops import attention_dims, attention_flops_per_token
 from ..plan import ParallelPlan
-from .calibration import DEFAULT_CALIBRATION, Calibration
+from .calibration import DEFAULT_CALIBRATION, FP8_MATMUL_SPEEDUP, Calibration
 from .counts import ParamCounts, parameter_counts
 from .. import collective_cost
 from ..collective_cost import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, collective_time
@@ -165,6 +165,9 @@ def compute_terms(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, gpu
     experts = 6.0 * counts.experts * (cfg.moe_top_k / cfg.n_routed_experts if cfg.is_moe else 0.0)
     matmul = 6.0 * counts.active_matmul - experts
     blocks_matmul = matmul - 6.0 * counts.head_matmul
+    if plan.fp8 != "none":  # the blocks' linears run in fp8 (the head stays in bf16)
+        blocks_matmul /= FP8_MATMUL_SPEEDUP[plan.fp8]
+        matmul = blocks_matmul + 6.0 * counts.head_matmul
     attention_matmul = 6.0 * counts.attention
     # element-wise work scales with the layer width a rank holds; tp splits most of it
     elementwise = cfg.n_layers * cfg.d_model / plan.tp / bandwidth

@@ -1,0 +1,68 @@
+"""FP8 training of the blocks' linear layers through torchao's float8 (`[fp8]` extra).
+
+torchao swaps each chosen `nn.Linear` for a `Float8Linear` whose matmuls run in fp8 with dynamic
+scales: per tensor ("tensorwise") or per row ("rowwise"). Under FSDP2 with tensorwise scales the
+weights are also all-gathered in fp8 (`enable_fsdp_float8_all_gather`), halving that traffic.
+Left in bf16: the LM head (its logits feed the loss, where fp8's error hurts most) and layers
+with a dimension under `min_features` or not a multiple of 16 (fp8 GEMMs need the multiple;
+on small shapes the casts cost more than the faster GEMM saves, e.g. the KV projections of GQA).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+FP8_RECIPES = ("tensorwise", "rowwise")
+MIN_FEATURES = 1024  # torchao's own guidance: fp8 pays off from about this width at these shapes
+
+
+def float8_module_filter(min_features: int = MIN_FEATURES,
+                         skip: tuple[str, ...] = ("output",)) -> Callable[[nn.Module, str], bool]:
+    """torchao's `module_filter_fn`: True for the linear layers to convert."""
+    def convert(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear) or fqn.split(".")[-1] in skip:
+            return False
+        dims = (module.in_features, module.out_features)
+        return all(d % 16 == 0 and d >= min_features for d in dims)
+
+    return convert
+
+
+def float8_unavailable(device: torch.device) -> Optional[str]:
+    """Why fp8 cannot run on `device` (None when it can): torchao missing, or no sm89+ GPU."""
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install -e '.[fp8]')"
+    if device.type != "cuda":
+        return f"fp8 matmuls need an NVIDIA GPU of compute capability 8.9 or newer; this run is on {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        return (f"fp8 matmuls need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+                f"{name} has {capability[0]}.{capability[1]}")
+    return None
+
+
+def apply_float8(model: nn.Module, recipe: str, fsdp_all_gather: bool,
+                 min_features: int = MIN_FEATURES, emulate: bool = False) -> list[str]:
+    """Convert `model`'s chosen linear layers in place; returns their names. Apply before
+    activation checkpointing, compile and FSDP2 (as torchao requires), without tensor parallelism.
+    `emulate` runs the fp8 arithmetic in higher precision (for CPU tests)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"fp8={recipe!r} is unknown: use one of {', '.join(FP8_RECIPES)}")
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    # fp8 all-gather exists for tensorwise scales only (a rowwise scale is per gathered row)
+    config = replace(config, enable_fsdp_float8_all_gather=fsdp_all_gather and recipe == "tensorwise",
+                     emulate=emulate)
+    convert = float8_module_filter(min_features)
+    chosen = [name for name, module in model.named_modules() if convert(module, name)]
+    convert_to_float8_training(model, config=config, module_filter_fn=convert)
+    return chosen
+
+
+__all__ = ["FP8_RECIPES", "float8_module_filter", "float8_unavailable", "apply_float8"]
