@@ -112,12 +112,14 @@ def run(cfg: DictConfig) -> Optional[Any]:
     total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else None
     module = CausalLMModule(model_cfg, lr=cfg.optim.lr, min_lr_ratio=cfg.optim.min_lr_ratio,
                             weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
-                            total_steps=total_steps, loss_chunk_tokens=cfg.optim.loss_chunk_tokens)
+                            total_steps=total_steps, loss_chunk_tokens=cfg.optim.loss_chunk_tokens,
+                            pretrained=cfg.model.pretrained)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if cfg.export_path:
-        from .checkpoint import export_consolidated
+        from .export import export_model
 
-        export_consolidated(cfg.export_path, module.model)
+        export_model(module.model, cfg.export_path, cfg.export_format, cfg.export_dtype,
+                     tokenizer_from=cfg.model.pretrained)
     if trainer.is_global_zero:
         print(f"run directory: {run_dir.resolve()}")
         from lightning.pytorch.loggers import WandbLogger

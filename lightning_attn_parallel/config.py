@@ -85,8 +85,15 @@ class OptimConfig:
 
 
 @dataclass
+class ModelSection(ModelConfig):
+    """The `model` group: a ModelConfig, or a Hugging Face folder to build it from and load."""
+
+    pretrained: Optional[str] = None  # see pretrained.py: config.json decides the shape
+
+
+@dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # strategy, logger and callbacks are `_target_` nodes (conf/<group>/*.yaml) that Hydra
@@ -102,7 +109,9 @@ class TrainConfig:
     seed: int = 1234
     run_dir: str = "runs/${recipe_name}"
     ckpt_path: Optional[str] = None
-    export_path: Optional[str] = None  # write a consolidated model file at the end
+    export_path: Optional[str] = None  # write the trained model there at the end
+    export_format: str = "consolidated"  # or "hf": a Hugging Face folder (export.py)
+    export_dtype: str = "bf16"  # hf only: bf16 or fp32
 
 
 def available_recipes() -> list[str]:

@@ -65,7 +65,15 @@ def check_run(cfg: DictConfig) -> CheckedRun:
         for length in cfg.data.lengths or []:
             plan.check_sequence(length, cfg.data.micro_batch_size)
     check_machine(cfg, model_cfg, plan)
+    if cfg.model.pretrained:
+        from .pretrained import check_data_vocabulary
+
+        check_data_vocabulary(cfg.data, model_cfg, cfg.model.pretrained)
     check_data_files(cfg.data, model_cfg)
+    if cfg.export_path:
+        from .export import check_export_request
+
+        check_export_request(cfg.export_format, cfg.export_dtype, model_cfg)
     if cfg.ckpt_path:
         check_checkpoint_readable(cfg.ckpt_path, model_cfg)
     check_outputs(cfg, model_cfg)
@@ -213,6 +221,11 @@ def check_trainer(t: DictConfig) -> None:
 
 def model_config_from(cfg: DictConfig) -> ModelConfig:
     values = OmegaConf.to_container(cfg.model, resolve=True)
+    pretrained = values.pop("pretrained", None)
+    if pretrained:  # config.json decides (pretrained.py)
+        from .pretrained import model_config_for
+
+        return model_config_for(pretrained, values, cfg.recipe_name, smoke=cfg.smoke)
     try:
         model_cfg = ModelConfig(**values)
     except ValueError as error:
@@ -438,7 +451,9 @@ def check_outputs(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     check_writable_folder(cfg.run_dir, need, "run_dir", "the run's checkpoints")
     if cfg.export_path:
         export = Path(cfg.export_path).expanduser()
-        if export.is_dir():
+        if cfg.export_format == "hf":  # a Hugging Face folder
+            export = export / "model.safetensors"
+        elif export.is_dir():
             raise ConfigError(f"export_path={cfg.export_path!r} is a folder: give a file path, e.g. "
                               f"{cfg.export_path.rstrip('/')}/model.pt")
         from .planning import parameter_counts

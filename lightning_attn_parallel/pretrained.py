@@ -10,6 +10,7 @@ where q/k rows are reordered), so no rank ever reads or builds a whole tensor it
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Optional
 
 import torch
@@ -22,15 +23,62 @@ from .models.hf import Checkpoint, Index, PathLike, determined_fields, load_into
 from .parallel.expert_state import clean_name, expert_shards, global_view
 
 
-def check_config_matches(cfg: ModelConfig, ckpt: Checkpoint) -> None:
-    """Error naming the first field of `cfg` that the folder's config.json decides otherwise."""
-    theirs = ckpt.model_config(cfg.max_seq_len)
+def command_line_model_keys() -> set[str]:
+    """`model.X` keys given on the command line of this Hydra run (empty outside one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except (ImportError, ValueError):
+        return set()
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides)
+    return {k.split(".", 1)[1] for k in keys if k.startswith("model.")}
+
+
+def model_config_for(path: PathLike, values: dict, recipe: str, smoke: bool = False,
+                     overridden: Optional[set[str]] = None) -> ModelConfig:
+    """The ModelConfig of `python train.py model.pretrained=PATH ...`: config.json's, except
+    for fields given explicitly on the command line. Under a recipe, a recipe value that
+    config.json contradicts is an error naming the field (the recipe describes another model)."""
+    if smoke:
+        raise UserError(f"model.pretrained={path!s} cannot be shrunk by +scale=smoke: drop one of them")
+    overridden = command_line_model_keys() if overridden is None else overridden
+    ckpt = Checkpoint(path)
+    table_len = values.get("max_seq_len") or None
+    theirs = asdict(ckpt.model_config(table_len))
     for name in sorted(determined_fields()):
-        ours_value, their_value = getattr(cfg, name), getattr(theirs, name)
-        if ours_value != their_value:
-            raise UserError(f"model.{name}={ours_value!r} but {ckpt.path}/config.json says "
-                            f"{their_value!r}: drop model.{name} from the overrides (the model is "
-                            "built from config.json)")
+        if name in overridden or name not in values:
+            continue
+        if recipe != "default" and values[name] != theirs[name]:
+            raise UserError(f"model.{name}={values[name]!r} in recipe {recipe} but {path}/config.json says "
+                            f"{theirs[name]!r}: use the recipe of this model, or override "
+                            f"model.{name}={theirs[name]} on the command line")
+    chosen = {k: values[k] for k in overridden if k in values}
+    keep = {k: values[k] for k in ("init_std", "aux_loss_coef", "bias_update_speed") if k in values}
+    try:
+        return ModelConfig(**(theirs | keep | chosen))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def check_data_vocabulary(data, cfg: ModelConfig, path: PathLike) -> None:
+    """The data's token ids fit the pretrained model's vocabulary (else the data was tokenized
+    with another tokenizer than the folder's)."""
+    from .config import ConfigError
+
+    fix = f"tokenize the data with the tokenizer of {path}"
+    if data.source == "embedded" and cfg.vocab_size < 256:
+        raise UserError(f"model.vocab_size={cfg.vocab_size} (from {path}/config.json) is smaller than the "
+                        f"data's vocabulary (256, the embedded corpus's bytes): {fix}")
+    if data.source == "tokens":
+        from .data.datamodule import check_token_file
+
+        for key in ("train_path", "val_path"):
+            if data[key]:
+                try:
+                    check_token_file(data[key], data.dtype, data.seq_len, cfg.vocab_size, key=f"data.{key}")
+                except ConfigError as error:
+                    raise UserError(f"{error} (model.pretrained={path}: {fix})") from None
 
 
 def _local_index(name: str, tensor: torch.Tensor) -> Optional[Index]:
@@ -52,8 +100,7 @@ def load_pretrained(model: nn.Module, path: PathLike) -> Checkpoint:
     """Fill `model` (a project model, parallelized or not) with the weights of the Hugging Face
     folder `path`; return the opened checkpoint (its `bytes_read` counts what this rank read)."""
     ckpt = Checkpoint(path)
-    cfg = model.config
-    check_config_matches(cfg, ckpt)
+    cfg = model.config  # every tensor's shape is checked against config.json's on the way
     shards = expert_shards(model)
     tensors = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -71,4 +118,4 @@ def load_pretrained_into(module: nn.Module) -> Optional[Checkpoint]:
     return load_pretrained(module.model, path)
 
 
-__all__ = ["load_pretrained", "load_pretrained_into", "check_config_matches"]
+__all__ = ["load_pretrained", "load_pretrained_into", "model_config_for"]

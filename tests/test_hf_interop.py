@@ -331,3 +331,120 @@ def test_load_under_plans_matches_transformers(tmp_path):
             if "dp_shard" in plan:  # sharded everywhere: a rank reads about a quarter
                 assert r["bytes_read"] < 0.4 * total, (name, rank, r, total)
             print(f"{name} rank {rank}: read {r['bytes_read']} B, holds {r['local_bytes']} B, folder {total} B")
+
+
+# ---------------------------------------------------------------------------- export
+def _save_checkpoints(rank: int, world: int, root: str) -> None:
+    """ep=4 (world 4): a sharded folder; world 1: a single .ckpt file; both straight after
+    loading the same Hugging Face folder."""
+    from lightning_utils import quiet_trainer
+
+    import lightning_attn_parallel as lap
+
+    path = f"{root}/v3"
+    module = lap.CausalLMModule(Checkpoint(path).model_config(), pretrained=path)
+    plan = lap.ParallelPlan(ep=world)
+    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=plan, save_distributed_checkpoint=world > 1),
+                            devices=world, limit_val_batches=1)
+    trainer.validate(module, torch.utils.data.DataLoader(_Batches(), batch_size=None), verbose=False)
+    trainer.save_checkpoint(f"{root}/ep4_ckpt" if world > 1 else f"{root}/one.ckpt", weights_only=True)
+
+
+def test_export_from_ep4_folder_equals_export_from_one_process_file(tmp_path):
+    """Experts are not lost under ep=4: both exports hold the same tensors, which transformers
+    loads with the source model's logits; the source folder's tokenizer files come along."""
+    from dist_utils import run_distributed
+    from safetensors.torch import load_file
+
+    from lightning_attn_parallel.export import main as export_main
+
+    hf = save_hf(CASES["v3_rotate_half"](), tmp_path / "v3", selection_bias=True)
+    (tmp_path / "v3" / "tokenizer.json").write_text('{"version": "1.0"}')
+    run_distributed(_save_checkpoints, 4, str(tmp_path), timeout=600)
+    run_distributed(_save_checkpoints, 1, str(tmp_path), timeout=600)
+    assert (tmp_path / "ep4_ckpt").is_dir() and (tmp_path / "one.ckpt").is_file()
+    export_main([str(tmp_path / "ep4_ckpt"), str(tmp_path / "from_ep4"), "--dtype", "fp32", "--max-shard-size", "50KB"])
+    export_main([str(tmp_path / "one.ckpt"), str(tmp_path / "from_one"), "--dtype", "fp32"])
+
+    def tensors(folder):
+        out = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(file))
+        return out
+
+    a, b = tensors(tmp_path / "from_ep4"), tensors(tmp_path / "from_one")
+    assert len(list((tmp_path / "from_ep4").glob("*.safetensors"))) > 1, "50KB shards expected"
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(".experts." in k for k in a) == 2 * 3 * 8  # 2 MoE layers x 3 projections x 8 experts
+    assert json.loads((tmp_path / "from_ep4" / "config.json").read_text()) == \
+        json.loads((tmp_path / "from_one" / "config.json").read_text())
+    assert (tmp_path / "from_ep4" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from_ep4", attn_implementation="eager")
+    assert_close(hf_logits(exported.eval()), hf_logits(hf), rtol=1e-5, name="exported from ep=4")
+
+
+# ---------------------------------------------------------------------------- train.py
+def test_train_from_pretrained_and_export_hf(tmp_path):
+    """python train.py model.pretrained=PATH ... export_format=hf: the run trains the folder's
+    model and ends in a folder (tokenizer files included) that transformers loads with the
+    trained model's logits."""
+    import subprocess
+    import sys
+
+    from test_cli import QUICK, ROOT
+
+    hf_cfg = llama_config(LLAMA3, kv_heads=2, theta=500000.0)
+    hf_cfg.vocab_size = 256  # the embedded data is bytes
+    save_hf(hf_cfg, tmp_path / "src")
+    (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "train.py", f"model.pretrained={tmp_path / 'src'}", "trainer.max_steps=2",
+         "trainer.accelerator=cpu", "trainer.devices=1", "data.seq_len=32", "data.micro_batch_size=2",
+         "trainer.limit_val_batches=0", f"run_dir={tmp_path / 'run'}", f"export_path={tmp_path / 'out'}",
+         "export_format=hf", "export_dtype=fp32"] + QUICK, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    trained = from_pretrained(tmp_path / "out").eval()
+    start = from_pretrained(tmp_path / "src").eval()
+    assert not torch.equal(trained.tok_embeddings.weight, start.tok_embeddings.weight), "it trained"
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    tokens = TOKENS % 256
+    assert_close(hf_logits(exported.eval(), tokens), logits_of(trained, tokens), rtol=1e-5, name="train.py export")
+
+
+def test_recipe_disagreeing_with_config_json_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from test_cli import QUICK, ROOT
+
+    save_hf(llama_config(), tmp_path / "src")
+    result = subprocess.run([sys.executable, "train.py", "+recipe=llama3_8b", f"model.pretrained={tmp_path / 'src'}",
+                             f"run_dir={tmp_path / 'run'}"] + QUICK,
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.d_model=4096 in recipe llama3_8b but "), lines
+    assert "config.json says 32" in lines[0]
+
+
+def test_command_line_overrides_win_and_bad_input_is_named(tmp_path):
+    from test_cli import QUICK, compose_config
+
+    from lightning_attn_parallel.cli import run
+    from lightning_attn_parallel.pretrained import model_config_for
+
+    save_hf(llama_config(LLAMA3), tmp_path / "src")
+    values = dict(model_config_from_hf(llama_config(LLAMA3).to_dict()).__dict__)
+    cfg = model_config_for(tmp_path / "src", values | dict(rope_factor=16.0), "llama3_1_8b",
+                           overridden={"rope_factor"})
+    assert cfg.rope_factor == 16.0 and cfg.rope_scaling == "llama3"
+    with pytest.raises(ValueError, match=r"model.rope_factor=16.0 in recipe llama3_1_8b but .* says 8.0"):
+        model_config_for(tmp_path / "src", values | dict(rope_factor=16.0), "llama3_1_8b", overridden=set())
+    # the data's vocabulary (bytes: 256) does not fit the folder's (96)
+    with pytest.raises(ValueError, match="embedded corpus's bytes\\): tokenize the data with the tokenizer of"):
+        run(compose_config([f"model.pretrained={tmp_path / 'src'}", "trainer.accelerator=cpu",
+                            "data.seq_len=32"] + QUICK, run_dir=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="cannot be shrunk by \\+scale=smoke"):
+        run(compose_config([f"model.pretrained={tmp_path / 'src'}", "+scale=smoke"] + QUICK,
+                           run_dir=str(tmp_path / "run")))
