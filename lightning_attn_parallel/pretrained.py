@@ -64,8 +64,6 @@ def model_config_for(path: PathLike, values: dict, recipe: str, smoke: bool = Fa
 def check_data_vocabulary(data, cfg: ModelConfig, path: PathLike) -> None:
     """The data's token ids fit the pretrained model's vocabulary (else the data was tokenized
     with another tokenizer than the folder's)."""
-    from .config import ConfigError
-
     fix = f"tokenize the data with the tokenizer of {path}"
     if data.source == "embedded" and cfg.vocab_size < 256:
         raise UserError(f"model.vocab_size={cfg.vocab_size} (from {path}/config.json) is smaller than the "
@@ -77,7 +75,7 @@ def check_data_vocabulary(data, cfg: ModelConfig, path: PathLike) -> None:
             if data[key]:
                 try:
                     check_token_file(data[key], data.dtype, data.seq_len, cfg.vocab_size, key=f"data.{key}")
-                except ConfigError as error:
+                except UserError as error:
                     raise UserError(f"{error} (model.pretrained={path}: {fix})") from None
 
 
