@@ -130,8 +130,11 @@ def check_target_node(node: Any, key: str, schema: Optional[type] = None) -> Non
     """A `_target_` node names something importable, and each of its keys is a parameter of it:
     a misspelt key would otherwise fail only once the run starts, or be passed on silently.
     Keys the group's `schema` declares but this target does not take must keep their defaults."""
-    if not node or "_target_" not in node:
+    if not node:
         return
+    if "_target_" not in node:
+        raise ConfigError(f"{key}.{next(iter(node))} is set but {key} has no _target_ to pass it to: pick a "
+                          f"{key} that has one (e.g. {key}=<name>) or drop the key")
     try:
         named, var_keyword = target_parameters(node)
     except Exception as err:  # noqa: BLE001 - Hydra raises ImportError or its own errors

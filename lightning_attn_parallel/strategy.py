@@ -140,10 +140,14 @@ class AttnHybridStrategy(ParallelStrategy):
             self.lightning_module._device_mesh = self.meshes.dense
 
     def _requested_plan_checked(self) -> None:
-        """Fail before any process group starts when the degrees cannot fit the world."""
+        """Fail before any process group starts when the degrees cannot fit the world or the model
+        (the same check_model the CLI's pre-flight runs)."""
         plan = self._requested_plan
         if not plan.is_auto:
-            plan.resolve(self.num_nodes * self.num_processes)
+            resolved = plan.resolve(self.num_nodes * self.num_processes)
+            model_cfg = getattr(self.lightning_module, "model_config", None)
+            if model_cfg is not None:
+                resolved.check_model(model_cfg)
         if plan.fp8 != "none":
             from .parallel.float8 import float8_unavailable
 

@@ -115,6 +115,7 @@ CASES = {
     "+trainer key": (["+trainer.max_step=3"], ["trainer.max_step"]),
     "+model key": (["+model.n_head=4"], ["model.n_head"]),
     "+plan key": (["+strategy.plan.tensor_parallel=2"], ["strategy.plan.tensor_parallel"]),
+    "+key on an empty logger": (["+logger.entity=me"], ["logger.entity", "no _target_"]),
     "+logger key": (["logger=csv", "+logger.flush_every=3"], ["logger.flush_every", "CSVLogger"]),
     "+callbacks key": (["callbacks=default", "+callbacks.mfu=true"], ["callbacks.mfu", "peak_tflops"]),
     "+strategy key": (["+strategy.timeout_sec=3"], ["strategy.timeout_sec", "timeout_s"]),
@@ -321,3 +322,16 @@ def test_an_installed_package_finds_every_recipe_from_another_folder(tmp_path):
                             text=True, timeout=120)
     line = assert_one_line_user_error(result, "recipe 'nope'")
     assert all(name in line for name in expected)
+
+
+def test_the_strategy_checks_the_plan_against_the_model_before_the_process_group():
+    """Python-API users get the same check_model, from the strategy's set-up, before
+    init_process_group (setup_environment calls it first)."""
+    from lightning_attn_parallel import AttnHybridStrategy, CausalLMModule
+
+    strategy = AttnHybridStrategy(plan=ParallelPlan(tp=3), parallel_devices=[torch.device("cpu")] * 3)
+    strategy._lightning_module = CausalLMModule(ModelConfig(**TINY))
+    with pytest.raises(PlanError, match="n_kv_heads=2"):
+        strategy._requested_plan_checked()
+    strategy._lightning_module = CausalLMModule(ModelConfig(**{**TINY, "n_kv_heads": 3}))
+    strategy._requested_plan_checked()
