@@ -16,7 +16,10 @@ presented with their global shapes, as views of each rank's block (parallel/expe
 they reshard like everything else and the consolidated export holds every expert.
 
 Every save goes to `<path>.tmp` first and is renamed into place once complete, so an
-interrupted save never destroys the checkpoint already at `path`.
+interrupted save never destroys the checkpoint already at `path`. Before writing, the free space
+of the target's file system is checked against the checkpoint's size (the tensors' bytes); a
+save that fails anyway (a disk filling up meanwhile, a rank's write error) removes what it wrote,
+and every rank raises the same CheckpointError naming the path and the free space.
 """
 from __future__ import annotations
 
@@ -149,12 +152,7 @@ def export_consolidated(path: PathLike, model: nn.Module) -> None:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank() == 0:
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    _barrier()
+    save_file(path, state, is_writer=_rank() == 0)
 
 
 def load_consolidated(path: PathLike, model: nn.Module, strict: bool = True) -> None:
@@ -238,19 +236,120 @@ def _read_extra(path: Path) -> dict:
 # ---------------------------------------------------------------------------- writing
 def _write(path: Path, model_state: dict, optim_states: list, extra: dict,
            is_rank_zero: Optional[bool] = None) -> None:
-    """DCP-save into `<path>.tmp`, then rank 0 adds extra.pt and renames it over `path`."""
+    """DCP-save into `<path>.tmp`, then rank 0 adds extra.pt and renames it over `path`. Refused
+    before writing when the file system lacks the room; on any rank's failure the partial folder
+    is removed and every rank raises the same CheckpointError."""
     leader = _rank() == 0 if is_rank_zero is None else is_rank_zero
     tmp = path.with_name(path.name + ".tmp")
-    if leader:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
-        tmp.mkdir(parents=True)
-    _barrier()
     state = {"model": model_state, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
-    dcp.save(state, checkpoint_id=str(tmp))
-    if leader:
-        torch.save(extra, tmp / EXTRA_FILE)
-        _replace(tmp, path)
-    _barrier()
+    error = None
+    try:
+        if leader:
+            _remove(tmp)  # leftovers of an interrupted save
+            tmp.mkdir(parents=True)
+        check_free_space(path, state_bytes(state) + state_bytes(extra))
+    except Exception as err:  # noqa: BLE001 - shared with every rank below
+        error = _save_error(path, err)
+    _raise_if_any(error, tmp if leader else None)  # every rank agrees before DCP starts
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+        if leader:
+            torch.save(extra, tmp / EXTRA_FILE)
+            _replace(tmp, path)
+    except (Exception, dcp.CheckpointException) as err:  # DCP gathers every rank's failure
+        error = _save_error(path, err)
+    _raise_if_any(error, tmp if leader else None)
+
+
+def save_file(path: PathLike, obj: Any, is_writer: Optional[bool] = None) -> None:
+    """torch.save `obj` to `path` through `<path>.tmp` and a rename, by the writer (rank 0
+    unless given). Collective when distributed: every rank raises the writer's CheckpointError
+    (no room, a write error), and the .tmp is removed whatever went wrong."""
+    writer = _rank() == 0 if is_writer is None else is_writer
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    error = None
+    if writer:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_free_space(path, state_bytes(obj))
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+        except Exception as err:  # noqa: BLE001 - shared with every rank below
+            error = _save_error(path, err)
+    _raise_if_any(error, tmp if writer else None)
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: DTensors by their global size (what a DCP
+    folder holds once), plain tensors by their own."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()  # a DTensor's numel is the global one
+    if isinstance(obj, Mapping):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def check_free_space(path: PathLike, needed: int) -> None:
+    """Refuse a save of about `needed` bytes to `path` when its file system has less room (with 5%
+    and 1 MiB to spare for file headers and metadata)."""
+    path = Path(path)
+    folder = _existing_folder(path)
+    need = int(needed * 1.05) + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise CheckpointError(f"not enough space to save checkpoint {path}: it needs about "
+                              f"{_human(need)} ({need} bytes) but {folder} has {_human(free)} "
+                              f"({free} bytes) free: free space there or save elsewhere")
+
+
+def _save_error(path: Path, err: BaseException) -> str:
+    if isinstance(err, CheckpointError):
+        return str(err)
+    folder = _existing_folder(path)
+    free = shutil.disk_usage(folder).free
+    return (f"could not write checkpoint {path} ({_first_line(err)}); {folder} has {_human(free)} "
+            f"({free} bytes) free: free space there or save elsewhere (the partial save was removed; "
+            "the previous checkpoint is unchanged)")
+
+
+def _raise_if_any(error: Optional[str], partial: Optional[Path]) -> None:
+    """Share this rank's error (or None) with every rank (this is the save's barrier); if any rank
+    failed, remove `partial` and raise the first error on every rank."""
+    errors = [error]
+    if _distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is None:
+        return
+    if partial is not None:
+        _remove(partial)
+    raise CheckpointError(first)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _existing_folder(path: Path) -> Path:
+    folder = path.parent.resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -297,4 +396,4 @@ def _first_line(err: BaseException) -> str:
 
 __all__ = ["CheckpointError", "save_distributed", "load_distributed", "export_consolidated",
            "load_consolidated", "save_lightning_checkpoint", "load_lightning_checkpoint",
-           "read_checkpoint_file"]
+           "read_checkpoint_file", "save_file", "check_free_space", "state_bytes"]

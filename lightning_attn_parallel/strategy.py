@@ -7,7 +7,6 @@ checkpointing -> compile -> data parallel (GradientReducer, or FSDP2/HSDP when d
 from __future__ import annotations
 
 import copy
-import os
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -429,12 +428,9 @@ class AttnHybridStrategy(ParallelStrategy):
             save_lightning_checkpoint(path, checkpoint, is_rank_zero=self.is_global_zero)
             self.barrier()
             return
-        if self.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        self.barrier()
+        from .checkpoint import save_file
+
+        save_file(path, checkpoint, is_writer=self.is_global_zero)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """A checkpoint folder (saved under any plan) is loaded into the model and optimizers in

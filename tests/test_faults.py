@@ -98,3 +98,120 @@ def test_lost_rank_is_named_and_the_run_resumes(base, uninterrupted, fault):
                      name=f"{fault} rank{rank} losses")
         for key, value in full["params"].items():
             assert_close(resumed["params"][key], value, rtol=1e-6, name=f"{fault} rank{rank} {key}")
+
+
+# ---------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: checkpoints of a 1 MiB model fill it after two saves."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"a full disk is simulated with a small tmpfs, and mounting one needs root "
+                    f"(CAP_SYS_ADMIN): {done.stderr.strip() or done.returncode}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 256))  # 1 MiB
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 256)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Take all the free space of `disk` but `leave` bytes."""
+    import shutil
+
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+def _leftovers(disk: Path) -> list[str]:
+    return sorted(p.name for p in disk.iterdir() if p.name.endswith((".tmp", ".old")))
+
+
+@pytest.mark.parametrize("fill", ["before", "during"])
+def test_full_disk_keeps_the_previous_folder_checkpoint(small_disk, monkeypatch, fill):
+    """A sharded (DCP folder) save onto a disk without room: refused up front when the room is
+    known to be short, or failing half-way when the disk fills while writing; either way one
+    clear error naming the path, nothing partial left, and the previous checkpoint loads."""
+    from lightning_attn_parallel import checkpoint as ckpt
+
+    model, optimizer = _model_and_optimizer()
+    path = small_disk / "last"
+    ckpt.save_distributed(path, model, optimizer, {"step": 1})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    _fill(small_disk, leave=512 * 1024)  # room for half of a save
+    if fill == "during":  # the check passes, then the writes hit ENOSPC
+        monkeypatch.setattr(ckpt, "check_free_space", lambda *args: None)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.save_distributed(path, model, optimizer, {"step": 2})
+    message = str(error.value)
+    assert str(path) in message and "free" in message and "\n" not in message, message
+    if fill == "before":
+        assert message.startswith(f"not enough space to save checkpoint {path}: it needs about"), message
+    else:
+        assert message.startswith(f"could not write checkpoint {path}"), message
+    assert _leftovers(small_disk) == []
+    restored, restored_opt = _model_and_optimizer()
+    assert ckpt.load_distributed(path, restored, restored_opt) == {"step": 1}
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+@pytest.mark.parametrize("fill", ["before", "during"])
+def test_full_disk_keeps_the_previous_file_checkpoint(small_disk, monkeypatch, fill):
+    """The single-file path (replicated plans, consolidated exports): same guarantees; without
+    them torch.save says only "iostream error" and leaves a .tmp that keeps the disk full."""
+    from lightning_attn_parallel import checkpoint as ckpt
+
+    model, _ = _model_and_optimizer()
+    path = small_disk / "model.pt"
+    ckpt.export_consolidated(path, model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    _fill(small_disk, leave=512 * 1024)
+    if fill == "during":
+        monkeypatch.setattr(ckpt, "check_free_space", lambda *args: None)
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint {path}.*free") as error:
+        ckpt.export_consolidated(path, model)
+    assert "\n" not in str(error.value)
+    assert _leftovers(small_disk) == []
+    restored, _ = _model_and_optimizer()
+    ckpt.load_consolidated(path, restored)
+
+
+def _save_on_full_disk(rank: int, world: int, disk: str) -> list[str]:
+    """Each save fails (on the writer only, for the file); every rank must raise, none hang."""
+    from lightning_attn_parallel import checkpoint as ckpt
+
+    model, optimizer = _model_and_optimizer()
+    messages = []
+    for save in (lambda: ckpt.save_file(f"{disk}/state.pt", model.state_dict()),
+                 lambda: ckpt.save_distributed(f"{disk}/last", model, optimizer, {"step": 2})):
+        try:
+            save()
+        except ckpt.CheckpointError as error:
+            messages.append(str(error))
+    return messages
+
+
+def test_full_disk_error_reaches_every_rank(small_disk):
+    from dist_utils import run_distributed
+
+    _fill(small_disk, leave=512 * 1024)
+    first, second = run_distributed(_save_on_full_disk, 2, str(small_disk), timeout=120)
+    assert len(first) == 2 and first == second, (first, second)
+    assert all("not enough space to save checkpoint" in m for m in first)
+    assert _leftovers(small_disk) == []
