@@ -28,6 +28,9 @@ CASES = {
     "flat_accumulate": ("user", 2, dict(hierarchical="never", bucket_mb=0.005)),
     "hierarchical_accumulate": ("user", 2, dict(hierarchical="always", ranks_per_node=2, bucket_mb=0.005)),
     "llama_auto_hierarchy": ("llama", 2, dict(hierarchical="auto", ranks_per_node=2, bucket_mb=0.01)),
+    # a plain LightningModule (no model protocol) sharded: FSDP2 over 4 ranks, HSDP 2 x 2
+    "user_fsdp2": ("user", 2, dict(dp_shard=4)),
+    "user_hsdp": ("user", 1, dict(dp_shard=2)),
 }
 
 
@@ -51,10 +54,26 @@ def train(kind: str, accumulate: int, strategy, devices: int, batch_size: int, r
 
 
 def _parity_worker(rank: int, world: int) -> dict:
+    """Every case, counting the calls of the two-level all-reduce (the hierarchical path)."""
+    from lightning_attn_parallel.parallel import gradient_reducer
+
+    calls = {"n": 0}
+    original = gradient_reducer.hierarchical_all_reduce
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    gradient_reducer.hierarchical_all_reduce = counting
     results = {}
-    for name, (kind, accumulate, plan_kwargs) in CASES.items():
-        strategy = lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs))
-        results[name] = train(kind, accumulate, strategy, world, MICRO_BATCH, rank)
+    try:
+        for name, (kind, accumulate, plan_kwargs) in CASES.items():
+            strategy = lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs))
+            calls["n"] = 0
+            results[name] = train(kind, accumulate, strategy, world, MICRO_BATCH, rank)
+            results[name]["hierarchical_calls"] = calls["n"]
+    finally:
+        gradient_reducer.hierarchical_all_reduce = original
     return results
 
 
@@ -72,10 +91,19 @@ def test_parity_with_single_process(distributed_results, name):
             assert_close(result[name]["params"][key], expected, name=f"{name} rank{rank} {key}")
 
 
+STEPS = 3  # optimizer steps of `train`, each with one synchronised backward
+
+
 def test_hierarchical_cases_really_ran_hierarchically(distributed_results):
-    assert distributed_results[0]["hierarchical_accumulate"]["hierarchical"] >= 2
-    assert distributed_results[0]["flat"]["hierarchical"] == 0
-    assert distributed_results[0]["flat_accumulate"]["buckets"] >= 2
+    """Buckets marked hierarchical really went through the two-level all-reduce, once per step,
+    and the flat ones never did."""
+    for result in distributed_results:
+        hier, flat = result["hierarchical_accumulate"], result["flat"]
+        assert hier["hierarchical"] >= 2 and hier["hierarchical_calls"] == STEPS * hier["hierarchical"]
+        assert flat["hierarchical"] == 0 and flat["hierarchical_calls"] == 0
+        assert result["flat_accumulate"]["buckets"] >= 2 and result["flat_accumulate"]["hierarchical_calls"] == 0
+        auto = result["llama_auto_hierarchy"]  # whatever the cost model chose ran as chosen
+        assert auto["hierarchical_calls"] == STEPS * auto["hierarchical"]
 
 
 # --------------------------------------------------------------------------- reducer behaviour

@@ -21,6 +21,7 @@ from torch.distributed.fsdp import (
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
+    register_fsdp_forward_method,
 )
 from torch.distributed.tensor import DTensor
 
@@ -36,7 +37,10 @@ def apply_fully_sharded(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Opti
     """Shard `model` over `dp_mesh` (1-D: FSDP; 2-D (dp_replicate, dp_shard): HSDP).
 
     One unit per item of `model.blocks` plus the root; a model without `blocks` becomes a
-    single unit (all its parameters gathered at once).
+    single unit (all its parameters gathered at once). A LightningModule without the model
+    protocol is that root: Lightning calls its `training_step` (and the other step methods), not
+    `forward`, so those methods are registered to gather the parameters as `forward` would
+    (without it, the step runs on the sharded parameters: "mixed torch.Tensor and DTensor").
 
     Apply last, after tensor parallelism and activation checkpointing. With tensor parallelism,
     `dp_mesh` must be a sub-mesh of the same parent mesh as the TP mesh, so the parameters
@@ -54,7 +58,13 @@ def apply_fully_sharded(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: Opti
     # the loss applies `model.output` outside the model's forward, and the backward needs them
     # right away, so freeing them would only add an all-gather.
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    for method in STEP_METHODS:
+        if callable(getattr(model, method, None)):
+            register_fsdp_forward_method(model, method)
     return model
+
+
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 
 
 @dataclass
