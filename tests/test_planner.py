@@ -194,39 +194,52 @@ def test_parallel_degrees_divide_what_they_should():
 
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
-# single-GPU runs of the 1.1B model (the fit set on H200 and H100, the held-out set on H200) and
-# held-out MoE runs on H200
-RECORDED = ("planner_fit_h200.json", "planner_check_h200.json", "planner.json",
-            "planner_moe_check_h200.json")  # the last: a 4-layer DeepSeek-V2-Lite cut
+# Single-GPU runs of the 1.1B model the constants were fitted to (H200 and H100): held to the
+# planner's stated accuracy, as a guard.
+FITTED = {"planner_fit_h200.json": (0.10, 0.25), "planner.json": (0.10, 0.25)}
+# Runs held out of the fit and predicted before they ran (dense on H200; MoE on H200, a 4-layer
+# DeepSeek-V2-Lite cut): held to the accuracy README.md quotes for them (memory, tokens/s), plus
+# half of its last digit.
+HELD_OUT = {"planner_check_h200.json": (0.0305, 0.1065), "planner_moe_check_h200.json": (0.0635, 0.1515)}
 
 
-def _recorded_runs():
+def _recorded_runs(files: dict):
     from lightning_attn_parallel.planning.fit import measurements_from_bench
 
     runs = []
-    for name in RECORDED:
+    for name, (memory_rel, speed_rel) in files.items():
         rows = [r for _, r in __import__("json").load(open(os.path.join(RESULTS, name)))]
         for m, r in zip(measurements_from_bench(os.path.join(RESULTS, name)), rows):
-            runs.append(pytest.param(m, r, id=f"{name.split('.')[0]}-mb{m.micro_batch}-s{m.seq_len}-"
-                                                f"{m.plan.activation_checkpointing}-{m.precision}"
-                                                f"{'-compile' if m.plan.compiled else ''}"))
+            runs.append(pytest.param(m, r, memory_rel, speed_rel,
+                                     id=f"{name.split('.')[0]}-mb{m.micro_batch}-s{m.seq_len}-"
+                                        f"{m.plan.activation_checkpointing}-{m.precision}"
+                                        f"{'-compile' if m.plan.compiled else ''}"))
     return runs
 
 
-@pytest.mark.parametrize("run,result", _recorded_runs())
-def test_planner_against_recorded_gpu_runs(run, result):
-    """Every recorded GPU run (benchmarks/results): allocated peak within 10% and tokens/s within
-    25% (the planner's stated accuracy), and the static part (parameters, gradients, optimizer
-    states, measured between steps) within 2%."""
+def _check_recorded_run(run, result, memory_rel: float, speed_rel: float) -> None:
     plan = run.plan.resolve(1)
     m = estimate_memory(run.model, plan, run.micro_batch, run.seq_len, run.precision, run.gpu,
                         loss_chunk_tokens=run.loss_chunk_tokens)
-    assert m.allocated / GIB == pytest.approx(result["peak_gib"], rel=0.10)
+    assert m.allocated / GIB == pytest.approx(result["peak_gib"], rel=memory_rel)
     if "static_gib" in result:
         assert m.static / GIB == pytest.approx(result["static_gib"], rel=0.02)
     t = estimate_time(run.model, plan, ClusterSpec(1, 1), run.gpu, run.micro_batch, run.seq_len,
                       run.precision, loss_chunk_tokens=run.loss_chunk_tokens)
-    assert t.tokens_per_s == pytest.approx(run.tokens_per_s, rel=0.25)
+    assert t.tokens_per_s == pytest.approx(run.tokens_per_s, rel=speed_rel)
+
+
+@pytest.mark.parametrize("run,result,memory_rel,speed_rel", _recorded_runs(FITTED))
+def test_planner_against_the_runs_it_was_fitted_to(run, result, memory_rel, speed_rel):
+    """Allocated peak within 10% and tokens/s within 25% (the planner's stated accuracy), and the
+    static part (parameters, gradients, optimizer states, measured between steps) within 2%."""
+    _check_recorded_run(run, result, memory_rel, speed_rel)
+
+
+@pytest.mark.parametrize("run,result,memory_rel,speed_rel", _recorded_runs(HELD_OUT))
+def test_planner_against_held_out_runs(run, result, memory_rel, speed_rel):
+    """The runs the fit never saw, to the accuracy the README states for them."""
+    _check_recorded_run(run, result, memory_rel, speed_rel)
 
 
 def _recorded_multi_gpu_runs():

@@ -115,9 +115,10 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
 
     def scores(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(T, E) fp32 affinities: softmax (V2) or independent sigmoids (V3)."""
+        """(T, E) affinities in fp32 (fp64 for fp64 tokens): softmax (V2) or independent sigmoids (V3)."""
+        dtype = torch.promote_types(tokens.dtype, torch.float32)
         with torch.autocast(tokens.device.type, enabled=False):
-            logits = F.linear(tokens.float(), self.gate.weight.float())
+            logits = F.linear(tokens.to(dtype), self.gate.weight.to(dtype))
         return logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
 
     @torch.no_grad()

@@ -139,14 +139,15 @@ def sharding_mesh(meshes: ParallelMeshes):
 def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> list:
     """FSDP2 for each MoE layer's local experts over the expert-data-parallel ranks (edp), before
     the blocks are sharded over the dense mesh (which then leaves the experts alone). Expert
-    gradients are summed over edp and divided by the dense data-parallel size, the same rule as
-    the replicated reducer's expert group. Checkpoints then describe each expert tensor on the
+    gradients must be summed over edp and divided by the dense data-parallel size, the same rule
+    as the replicated reducer's expert group. Checkpoints then describe each expert tensor on the
     (ep, edp) layout: FSDP2's edp split lies inside each ep block.
 
-    With ep equal to the world (edp = 1) nothing is reduced, and FSDP2 applies a divide factor
-    to a one-rank group inconsistently across torch versions (twice, in float64, on 2.13), so
-    the experts get no factor there, and a GradientFixup scaling them by 1 / (dense data-parallel
-    size) is returned for the strategy to apply once they are final (else nothing).
+    FSDP2 averages over edp by default; the rest of the rule is a GradientFixup scaling the
+    experts by edp / (dense data-parallel size) once they are final. One mechanism for every edp:
+    FSDP2's own custom divide factor needs ReduceOp.PREMUL_SUM, which gloo lacks, and over a
+    one-rank group (edp = 1) torch applies it inconsistently across versions (twice, in float64,
+    on 2.13).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -156,18 +157,14 @@ def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> lis
     plan = meshes.plan
     dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
     layout = ep_edp_mesh(meshes.expert)  # built once, on every rank, from the existing groups
-    single = plan.edp == 1
     scaled: list[nn.Parameter] = []
     for block in transformer.blocks:
         experts = getattr(block.ffn, "experts", None)
         if experts is not None:
             fully_shard(experts, mesh=meshes.expert["edp"], mp_policy=policy)
-            if single:
-                scaled += list(experts.parameters())
-            else:
-                experts.set_gradient_divide_factor(float(dense_dp))
+            scaled += list(experts.parameters())
             record_edp_sharding(experts, layout)
-    return [GradientFixup(scaled, scale=1.0 / dense_dp)] if scaled else []
+    return [GradientFixup(scaled, scale=plan.edp / dense_dp)] if scaled else []
 
 
 def _token_split_fixup(transformer: nn.Module, meshes: ParallelMeshes):

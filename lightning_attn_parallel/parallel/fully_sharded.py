@@ -189,7 +189,7 @@ def _sharded_norm(grads: list[torch.Tensor], norm_type: float,
              else torch.zeros((), device=device))
     if isinstance(local, DTensor):  # experts sharded by FSDP over edp: norm of this ep slice
         local = local.full_tensor()
-    local = local.float()
+    local = _at_least_fp32(local)
     power = local.pow(norm_type)
     dist.all_reduce(power, group=group)
     return power.pow(1.0 / norm_type)
@@ -206,7 +206,13 @@ def _group_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     norm = torch.nn.utils.get_total_norm(grads, norm_type)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    return norm.float()
+    return _at_least_fp32(norm)
+
+
+def _at_least_fp32(norm: torch.Tensor) -> torch.Tensor:
+    """Norms of low-precision gradients are summed in fp32; fp64 ones stay fp64 (rounding them to
+    fp32 would move every clipped gradient by ~1e-8)."""
+    return norm if norm.dtype == torch.float64 else norm.float()
 
 
 __all__ = ["apply_fully_sharded", "set_gradient_sync", "ACCUMULATION", "casts_parameters", "GradientFixup",
