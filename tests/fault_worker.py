@@ -35,13 +35,14 @@ class SaveEveryStep(L.Callback):
 
 
 class Fault(L.Callback):
-    """Rank 1 stops or kills itself after step `step` (and its checkpoint)."""
+    """Rank 1 (or the rank in FAULT_RANK) stops or kills itself after step `step` (and its
+    checkpoint)."""
 
     def __init__(self, mode: str, step: int, root: str) -> None:
         self.mode, self.step, self.root = mode, step, root
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step and trainer.global_rank == 1 and self.mode != "none":
+        if trainer.global_step == self.step and trainer.global_rank == int(os.environ.get("FAULT_RANK", 1)) and self.mode != "none":
             with open(f"{self.root}/fault_time", "w") as f:
                 f.write(repr(time.time()))
             os.kill(os.getpid(), signal.SIGSTOP if self.mode == "stop" else signal.SIGKILL)
