@@ -335,3 +335,25 @@ def test_the_strategy_checks_the_plan_against_the_model_before_the_process_group
         strategy._requested_plan_checked()
     strategy._lightning_module = CausalLMModule(ModelConfig(**{**TINY, "n_kv_heads": 3}))
     strategy._requested_plan_checked()
+
+
+def test_max_steps_minus_one_schedules_over_lightnings_estimate_and_resumes_add_no_versions(monkeypatch, tmp_path):
+    """max_steps=-1 with max_epochs: the module gets no fixed length, so its schedule spans
+    trainer.estimated_stepping_batches; the checkpoint callback never writes `-vN` copies."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_attn_parallel.cli import run
+
+    seen = {}
+
+    def fit(trainer, module, datamodule=None, ckpt_path=None):
+        seen.update(trainer=trainer, module=module)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    run(compose_config(["trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.enable_checkpointing=true"],
+                       tmp_path / "run"))
+    assert seen["module"].hparams.total_steps is None
+    assert seen["trainer"].max_epochs == 2
+    checkpoints = [c for c in seen["trainer"].callbacks if isinstance(c, ModelCheckpoint)]
+    assert checkpoints and all(not c._enable_version_counter for c in checkpoints)
