@@ -68,6 +68,9 @@ def check_run(cfg: DictConfig) -> CheckedRun:
     if cfg.model.pretrained:
         from .pretrained import check_data_vocabulary
 
+        if not str(cfg.strategy.get("_target_", "")).endswith("AttnHybridStrategy"):
+            raise ConfigError(f"model.pretrained is loaded by the attn_hybrid strategy, but strategy."
+                              f"_target_={cfg.strategy.get('_target_')!r}: use strategy=attn_hybrid")
         check_data_vocabulary(cfg.data, model_cfg, cfg.model.pretrained)
     check_data_files(cfg.data, model_cfg)
     if cfg.export_path:

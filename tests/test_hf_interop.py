@@ -294,6 +294,8 @@ def _load_under_plans(rank: int, world: int, root: str) -> dict:
                                 limit_val_batches=1)
         data = torch.utils.data.DataLoader(_Batches(), batch_size=None)
         metrics = trainer.validate(module, data, verbose=False)[0]
+        if name == "ep4":  # a sharded checkpoint folder, for the export test
+            trainer.save_checkpoint(f"{root}/ep4_ckpt", weights_only=True)
         export_consolidated(f"{root}/{name}.pt", module.model)
         again = load_pretrained(module.model, path)  # the same load, to count what this rank reads
         local = 0
@@ -306,14 +308,22 @@ def _load_under_plans(rank: int, world: int, root: str) -> dict:
     return out
 
 
-def test_load_under_plans_matches_transformers(tmp_path):
+@pytest.fixture(scope="module")
+def under_plans(tmp_path_factory):
+    """One spawn of 4 gloo ranks loads each folder under its plan (and saves an ep=4 checkpoint)."""
+    from dist_utils import run_distributed
+
+    root = tmp_path_factory.mktemp("plans")
+    hf = {name: save_hf(make(), root / name, selection_bias=name == "v3") for name, make in FOLDERS.items()}
+    (root / "v3" / "tokenizer.json").write_text('{"version": "1.0"}')
+    return root, hf, run_distributed(_load_under_plans, 4, str(root), timeout=600)
+
+
+def test_load_under_plans_matches_transformers(under_plans):
     """tp2 x dp_shard2 (FSDP2 over tensor-parallel shards), ep4 and cp2 x dp_shard2 on 4 gloo
     ranks: the validation loss of the parallel model and the gathered weights' logits equal
     transformers'; each rank reads little more than the slices it holds."""
-    from dist_utils import run_distributed
-
-    hf = {name: save_hf(make(), tmp_path / name, selection_bias=name == "v3") for name, make in FOLDERS.items()}
-    results = run_distributed(_load_under_plans, 4, str(tmp_path), timeout=600)
+    tmp_path, hf, results = under_plans
     for name, (plan, folder) in PLANS.items():
         with torch.no_grad():
             logits = hf[folder](VAL_TOKENS[:, :-1]).logits
@@ -334,34 +344,32 @@ def test_load_under_plans_matches_transformers(tmp_path):
 
 
 # ---------------------------------------------------------------------------- export
-def _save_checkpoints(rank: int, world: int, root: str) -> None:
-    """ep=4 (world 4): a sharded folder; world 1: a single .ckpt file; both straight after
-    loading the same Hugging Face folder."""
+def _save_one_process_checkpoint(rank: int, world: int, root: str) -> None:
+    """One process loads the folder and saves a single .ckpt file."""
     from lightning_utils import quiet_trainer
 
     import lightning_attn_parallel as lap
 
     path = f"{root}/v3"
     module = lap.CausalLMModule(Checkpoint(path).model_config(), pretrained=path)
-    plan = lap.ParallelPlan(ep=world)
-    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=plan, save_distributed_checkpoint=world > 1),
-                            devices=world, limit_val_batches=1)
+    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(save_distributed_checkpoint=False),
+                            devices=1, limit_val_batches=1)
     trainer.validate(module, torch.utils.data.DataLoader(_Batches(), batch_size=None), verbose=False)
-    trainer.save_checkpoint(f"{root}/ep4_ckpt" if world > 1 else f"{root}/one.ckpt", weights_only=True)
+    trainer.save_checkpoint(f"{root}/one.ckpt", weights_only=True)
 
 
-def test_export_from_ep4_folder_equals_export_from_one_process_file(tmp_path):
-    """Experts are not lost under ep=4: both exports hold the same tensors, which transformers
-    loads with the source model's logits; the source folder's tokenizer files come along."""
+def test_export_from_ep4_folder_equals_export_from_one_process_file(under_plans):
+    """Experts are not lost under ep=4: the export of the ep=4 checkpoint folder and that of a
+    one-process .ckpt file hold the same tensors, which transformers loads with the source
+    model's logits; the source folder's tokenizer files come along."""
     from dist_utils import run_distributed
     from safetensors.torch import load_file
 
     from lightning_attn_parallel.export import main as export_main
 
-    hf = save_hf(CASES["v3_rotate_half"](), tmp_path / "v3", selection_bias=True)
-    (tmp_path / "v3" / "tokenizer.json").write_text('{"version": "1.0"}')
-    run_distributed(_save_checkpoints, 4, str(tmp_path), timeout=600)
-    run_distributed(_save_checkpoints, 1, str(tmp_path), timeout=600)
+    tmp_path, hf_models, _ = under_plans
+    hf = hf_models["v3"]
+    run_distributed(_save_one_process_checkpoint, 1, str(tmp_path), timeout=600)
     assert (tmp_path / "ep4_ckpt").is_dir() and (tmp_path / "one.ckpt").is_file()
     export_main([str(tmp_path / "ep4_ckpt"), str(tmp_path / "from_ep4"), "--dtype", "fp32", "--max-shard-size", "50KB"])
     export_main([str(tmp_path / "one.ckpt"), str(tmp_path / "from_one"), "--dtype", "fp32"])
@@ -445,6 +453,9 @@ def test_command_line_overrides_win_and_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="embedded corpus's bytes\\): tokenize the data with the tokenizer of"):
         run(compose_config([f"model.pretrained={tmp_path / 'src'}", "trainer.accelerator=cpu",
                             "data.seq_len=32"] + QUICK, run_dir=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="model.pretrained is loaded by the attn_hybrid strategy"):
+        run(compose_config([f"model.pretrained={tmp_path / 'src'}", "strategy=lightning_ddp"] + QUICK,
+                           run_dir=str(tmp_path / "run")))
     with pytest.raises(ValueError, match="cannot be shrunk by \\+scale=smoke"):
         run(compose_config([f"model.pretrained={tmp_path / 'src'}", "+scale=smoke"] + QUICK,
                            run_dir=str(tmp_path / "run")))
