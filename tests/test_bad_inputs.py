@@ -60,6 +60,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["odd"].write_bytes(ids.astype(np.uint16).tobytes() + b"x")
     ids.astype(np.uint32).tofile(out["wide"])
     np.concatenate([ids, [300]]).astype(np.uint16).tofile(out["big_ids"])
+    out["edge_id"] = d / "edge_id.bin"  # one id equal to the vocabulary size: the first one out
+    np.concatenate([ids, [256]]).astype(np.uint16).tofile(out["edge_id"])
     out["meta_dir"].mkdir()
     ids.astype(np.uint32).tofile(out["meta_dir"] / "train.bin")
     (out["meta_dir"] / "metadata.json").write_text('{"dtype": "uint32", "vocab_size": 50000}')
@@ -167,6 +169,8 @@ CASES = {
     "size not a multiple of dtype": (["data=tokens", "data.seq_len=256", "data.train_path={odd}"], ["8193 bytes", "data.dtype"]),
     "uint32 read as uint16": (["data=tokens", "data.seq_len=256", "data.train_path={wide}"], ["uint32", "data.dtype=uint32"]),
     "ids above the vocabulary": (["data=tokens", "data.seq_len=256", "data.train_path={big_ids}"], ["token id 300", "model.vocab_size=256"]),
+    "an id equal to the vocabulary size": (["data=tokens", "data.seq_len=256", "data.train_path={edge_id}"],
+                                           ["token id 256", "at least 257"]),
     "dtype against metadata": (["data=tokens", "data.seq_len=256", "data.train_path={meta}"], ["data.dtype=uint32"]),
     "vocabulary against metadata": (["data=tokens", "data.seq_len=256", "data.dtype=uint32", "data.train_path={meta}"],
                                     ["model.vocab_size=256", "50000"]),
