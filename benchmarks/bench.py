@@ -64,6 +64,7 @@ class Config:
     warmup: int = 4
     compile: bool = False
     loss_chunk_tokens: Optional[int] = None
+    fused_loss: bool = False  # liger's fused LM head + cross-entropy (attn_hybrid's module)
     checkpointing: str = "none"
     offload: bool = False
     callbacks: bool = False
@@ -190,7 +191,7 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
         module: L.LightningModule = PlainLlamaModule(cfg.model, compile=cfg.compile)
     else:
         module = Module(model_cfg, lr=1e-4, warmup_steps=2, total_steps=1000,
-                        loss_chunk_tokens=cfg.loss_chunk_tokens)
+                        loss_chunk_tokens=cfg.loss_chunk_tokens, fused_loss=cfg.fused_loss)
     builder = STRATEGIES.get(cfg.strategy)
     strategy: Any = builder(cfg) if builder is not None else cfg.strategy  # a Lightning name
     callbacks: list = [Timer()]

@@ -113,7 +113,7 @@ def run(cfg: DictConfig) -> Optional[Any]:
     module = CausalLMModule(model_cfg, lr=cfg.optim.lr, min_lr_ratio=cfg.optim.min_lr_ratio,
                             weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
                             total_steps=total_steps, loss_chunk_tokens=cfg.optim.loss_chunk_tokens,
-                            pretrained=cfg.model.pretrained)
+                            pretrained=cfg.model.pretrained, fused_loss=cfg.optim.fused_loss)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if cfg.export_path:
         from .export import export_model

@@ -82,6 +82,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 15
     loss_chunk_tokens: Optional[int] = None
+    fused_loss: bool = False  # liger's fused LM head + cross-entropy where it runs (extra [liger])
 
 
 @dataclass

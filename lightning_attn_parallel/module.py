@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .models import ModelConfig, build_model
+from .models.fused_loss import fused_cross_entropy_sum
 from .models.loss import cross_entropy_sum
 
 
@@ -29,7 +30,8 @@ class CausalLMModule(L.LightningModule):
     def __init__(self, model: Union[ModelConfig, dict], lr: float = 3e-4, min_lr_ratio: float = 0.1,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 20, total_steps: Optional[int] = None,
-                 loss_chunk_tokens: Optional[int] = None, pretrained: Optional[str] = None) -> None:
+                 loss_chunk_tokens: Optional[int] = None, pretrained: Optional[str] = None,
+                 fused_loss: bool = False) -> None:
         super().__init__()
         self.model_config = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         # A Hugging Face folder whose weights the strategy loads once the model is parallelized
@@ -38,7 +40,8 @@ class CausalLMModule(L.LightningModule):
         self.save_hyperparameters({"model": asdict(self.model_config), "lr": lr, "min_lr_ratio": min_lr_ratio,
                                    "weight_decay": weight_decay, "betas": tuple(betas),
                                    "warmup_steps": warmup_steps, "total_steps": total_steps,
-                                   "loss_chunk_tokens": loss_chunk_tokens, "pretrained": pretrained})
+                                   "loss_chunk_tokens": loss_chunk_tokens, "pretrained": pretrained,
+                                   "fused_loss": fused_loss})
         self.model: Optional[nn.Module] = None
 
     def configure_model(self) -> None:
@@ -55,8 +58,9 @@ class CausalLMModule(L.LightningModule):
                              f"max_seq_len={self.model_config.max_seq_len}: raise model.max_seq_len or "
                              "lower data.seq_len")
         hidden = self.model(input_ids, batch.get("positions"), batch.get("document_ids"))
-        loss_sum, count = cross_entropy_sum(hidden, self.model.output, labels,
-                                            self.hparams.loss_chunk_tokens)
+        # fused_loss: liger's fused head + cross-entropy where it can run (models/fused_loss.py)
+        loss_fn = fused_cross_entropy_sum if self.hparams.get("fused_loss") else cross_entropy_sum
+        loss_sum, count = loss_fn(hidden, self.model.output, labels, self.hparams.loss_chunk_tokens)
         denom = batch.get("num_tokens", count).clamp_min(1)
         mean = loss_sum / denom
         loss = mean * batch.get("loss_scale", 1.0)

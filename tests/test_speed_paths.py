@@ -420,3 +420,44 @@ def test_strategy_sends_what_the_plan_accumulation_says(monkeypatch):
     assert resolved.accumulation == "defer_all"
     kept = strategy._resolve_accumulation(ParallelPlan(dp_shard=2, accumulation="reduce_scatter_each").resolve(2))
     assert kept.accumulation == "reduce_scatter_each"
+
+
+# ---------------------------------------------------------------------------- fused loss
+def test_fused_loss_falls_back_to_the_chunked_loss_exactly(monkeypatch):
+    """On a CPU (or without liger, or with a vocabulary-parallel head) the fused loss is the
+    chunked loss: the same sum, count and gradients, bit for bit."""
+    from lightning_attn_parallel.models import fused_loss
+    from lightning_attn_parallel.models.loss import cross_entropy_sum
+
+    model = tiny_model(torch.float64)
+    tokens, targets = make_batch(2, seed=3)
+    targets = targets.clone()
+    targets[0, :3] = -100  # ignored positions are not counted
+    hidden = model(tokens)
+    assert not fused_loss.liger_available(model.output.weight)
+    got = fused_loss.fused_cross_entropy_sum(hidden, model.output, targets, chunk_tokens=4)
+    want = cross_entropy_sum(hidden, model.output, targets, 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[1] == 2 * 8 - 3
+    grads = torch.autograd.grad(got[0], model.output.weight, retain_graph=True)[0]
+    assert torch.equal(grads, torch.autograd.grad(want[0], model.output.weight)[0])
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not fused_loss.liger_available(model.output.weight)  # a GPU but no liger: fallback
+
+
+def test_module_selects_the_fused_loss(monkeypatch):
+    from lightning_attn_parallel import module as module_file
+    from lightning_attn_parallel.models import ModelConfig
+    from test_tensor_parallel import TINY as TINY_MODEL
+
+    used = []
+    real = module_file.fused_cross_entropy_sum
+    monkeypatch.setattr(module_file, "fused_cross_entropy_sum",
+                        lambda *a: used.append("fused") or real(*a))
+    tokens, targets = make_batch(2, seed=0)
+    for fused in (False, True):
+        module = module_file.CausalLMModule(ModelConfig(**TINY_MODEL), fused_loss=fused)
+        module.configure_model()
+        module._loss({"input_ids": tokens, "labels": targets})
+    assert used == ["fused"]
