@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -445,8 +446,14 @@ def _run(cmd: list[str], timeout_s: float, parse) -> dict[str, Any]:
     result = parse(stdout)
     if result is not None:
         return result
-    tail = stderr.strip().splitlines()[-3:]
-    return {"error": "out of memory" if "out of memory" in stderr.lower() else " / ".join(tail)[-300:]}
+    if "out of memory" in stderr.lower():
+        return {"error": "out of memory"}
+    # the last exception line (torchrun and Lightning's launcher print their own trailers after it)
+    raised = [ln.strip() for ln in stderr.splitlines() if _EXCEPTION.match(ln.strip())]
+    return {"error": (raised[-1] if raised else " / ".join(stderr.strip().splitlines()[-3:]))[-300:]}
+
+
+_EXCEPTION = re.compile(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception|Failure): ")
 
 
 def run_row(cfg: Config, timeout_s: float) -> dict[str, Any]:

@@ -132,3 +132,10 @@ def test_compare_reports_errors_per_row(tmp_path):
     text = bench.compare(str(tmp_path / "p.json"), str(tmp_path / "r.json"))
     assert "+5.0%" in text and "+30.0%" in text and "| baseline | equivalent plan |" in text
     assert "1 attn_hybrid rows compared: memory within 10% on 1, tokens/s within 25% on 0" in text
+
+
+def test_a_failed_row_reports_its_exception_not_the_launcher_trailer():
+    trailer = "Traceback ...\\nValueError: bad row\\n=====\\n  error_file: <N/A>\\n  traceback : see above\\n"
+    code = f"import sys; sys.stderr.write('{trailer}'); sys.exit(1)"
+    result = bench._run([sys.executable, "-c", code], 60, lambda _: None)
+    assert result == {"error": "ValueError: bad row"}
