@@ -78,9 +78,9 @@ def run(args, meshes, min_seq_len: int, data, device: torch.device) -> dict:
         start = time.perf_counter()
         local = batcher.prepare_batch(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hidden = model(local["input_ids"], local["positions"], local.get("document_ids"))
-            loss_sum, _ = cross_entropy_sum(hidden, model.output, local["labels"], 8192)
-        (loss_sum / local["num_tokens"] * local["loss_scale"]).backward()
+            hidden = model(local.input_ids, local.positions, local.document_ids)
+            loss_sum, _ = cross_entropy_sum(hidden, model.output, local.labels, 8192)
+        (loss_sum / local.num_tokens * local.loss_scale).backward()
         for p in model.parameters():
             dist.all_reduce(p.grad)
         synchronize(device)

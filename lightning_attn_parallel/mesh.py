@@ -130,8 +130,7 @@ class ParallelMeshes:
         return self.dense[dims] if len(dims) > 1 else self.dense[dims[0]]
 
 
-def build_meshes(plan: ParallelPlan, device_type: str, ranks_per_node: int,
-                 with_experts: bool = False) -> ParallelMeshes:
+def build_meshes(plan: ParallelPlan, device_type: str, ranks_per_node: int) -> ParallelMeshes:
     """Create every mesh and gradient group of `plan` (a resolved plan) on this world."""
     world = dist.get_world_size()
     assert plan.world_size == world, "resolve the plan against the world size first"
@@ -144,14 +143,23 @@ def build_meshes(plan: ParallelPlan, device_type: str, ranks_per_node: int,
     dense_partition = groups_along(layout, (0, 1, 2))
     dense_grads = make_reduction_groups(dense_partition, "dense", 1.0 / len(dense_partition[0]),
                                         ranks_per_node)
-    expert = None
-    expert_grads = None
-    if with_experts:
-        expert = init_device_mesh(device_type, (world // plan.ep, plan.ep), mesh_dim_names=EXPERT_DIMS)
-        dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
-        edp_partition = groups_along(expert.mesh, (0,))
-        # Each expert already sums the tokens of its whole EP group, so the edp sum is scaled by
-        # the dense data-parallel size, not by edp (the same rule as Megatron-Core's experts).
-        expert_grads = make_reduction_groups(edp_partition, "expert", 1.0 / dense_dp, ranks_per_node)
-    return ParallelMeshes(plan=plan, dense=dense, expert=expert, dense_grads=dense_grads,
-                          expert_grads=expert_grads, ranks_per_node=ranks_per_node)
+    return ParallelMeshes(plan=plan, dense=dense, expert=None, dense_grads=dense_grads,
+                          expert_grads=None, ranks_per_node=ranks_per_node)
+
+
+def add_expert_mesh(meshes: ParallelMeshes) -> None:
+    """Create the expert mesh on demand (every rank reaches this at the same point)."""
+    if meshes.expert is not None:
+        return
+    plan = meshes.plan
+    meshes.expert = init_device_mesh(meshes.dense.device_type, (plan.world_size // plan.ep, plan.ep),
+                                     mesh_dim_names=EXPERT_DIMS)
+    dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
+    # Each expert already sums its EP group's tokens, so the edp sum is scaled by the dense
+    # data-parallel size (Megatron-Core's rule for expert gradients).
+    meshes.expert_grads = make_reduction_groups(groups_along(meshes.expert.mesh, (0,)), "expert",
+                                                1.0 / dense_dp, meshes.ranks_per_node)
+    if plan.tp > 1:  # router and shared experts fed a TP slice of the tokens: sum over tp too
+        meshes.token_split_grads = make_reduction_groups(groups_along(meshes.dense.mesh, (0, 1, 2, 3)),
+                                                         "moe-token-split", 1.0 / dense_dp,
+                                                         meshes.ranks_per_node)

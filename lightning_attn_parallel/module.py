@@ -1,8 +1,9 @@
 """The causal-LM LightningModule: builds a model from the zoo, computes the loss, optimizes.
 
-It never touches parallelism: the strategy hands it batches already laid out for this rank
-(under context parallelism: a sequence shard with its global positions, the token count to divide
-by and the scale that makes averaging over dp x cp exact).
+It never touches parallelism: the strategy hands it batches already laid out for this rank, as a
+`StepBatch` (step.py) under context parallelism: a sequence shard with its global positions, the
+token count to divide by, the scale that makes averaging over dp x cp exact, and how the shards'
+losses add up.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 from .models import ModelConfig, build_model
 from .models.fused_loss import fused_cross_entropy_sum
 from .models.loss import cross_entropy_sum
+from .step import StepBatch
 
 
 def _moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
@@ -49,42 +51,42 @@ class CausalLMModule(L.LightningModule):
             self.model = build_model(self.model_config)
 
     # ------------------------------------------------------------------ loss
-    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: Union[StepBatch, dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to differentiate, mean token loss of the whole step to log)."""
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        seq_len = batch.get("global_seq_len", input_ids.shape[1])
-        if seq_len > self.model_config.max_seq_len:
-            raise ValueError(f"batch sequence length {seq_len} exceeds the model's "
+        step = StepBatch.of(batch)
+        if step.seq_len > self.model_config.max_seq_len:
+            raise ValueError(f"batch sequence length {step.seq_len} exceeds the model's "
                              f"max_seq_len={self.model_config.max_seq_len}: raise model.max_seq_len or "
                              "lower data.seq_len")
-        hidden = self.model(input_ids, batch.get("positions"), batch.get("document_ids"))
+        hidden = self.model(step.input_ids, step.positions, step.document_ids)
         # fused_loss: liger's fused head + cross-entropy where it can run (models/fused_loss.py)
         loss_fn = fused_cross_entropy_sum if self.hparams.get("fused_loss") else cross_entropy_sum
-        loss_sum, count = loss_fn(hidden, self.model.output, labels, self.hparams.loss_chunk_tokens)
-        denom = batch.get("num_tokens", count).clamp_min(1)
-        mean = loss_sum / denom
-        loss = mean * batch.get("loss_scale", 1.0)
+        loss_sum, count = loss_fn(hidden, self.model.output, step.labels, self.hparams.loss_chunk_tokens,
+                                  self.model.loss_kernel)
+        mean = loss_sum / step.loss_denominator(count)
+        loss = mean * step.loss_scale
         aux = _moe_aux_loss(self.model)
         if aux is not None:
             loss = loss + aux
-        reported = mean.detach()
-        group = batch.get("loss_group")
-        if group is not None:  # sequence shards: each holds part of the token sum
-            reported = reported.clone()
-            torch.distributed.all_reduce(reported, group=group)
-        return loss, reported
+        return loss, step.step_loss(mean)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Union[StepBatch, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         loss, reported = self._loss(batch)
         self.log("train/loss", reported, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Union[StepBatch, dict[str, Any]], batch_idx: int) -> None:
         _, reported = self._loss(batch)
         self.log("val/loss", reported, prog_bar=True, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1 and self.model_config.is_moe:
+            from .parallel.expert_parallel import share_routing_loads
+
+            share_routing_loads(self.model)  # every replica of a router sees the same loads
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -102,14 +104,9 @@ class CausalLMModule(L.LightningModule):
             return
         if gradient_clip_algorithm not in (None, "norm"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        from .parallel.fully_sharded import clip_grad_norm_
+        from .parallel.expert_parallel import clip_model_grad_norm_
 
-        expert_group = getattr(self.trainer.strategy, "expert_parallel_group", None)
-        experts, others = [], []
-        for name, p in self.model.named_parameters():
-            (experts if expert_group is not None and ".experts." in name else others).append(p)
-        norm = clip_grad_norm_(others, gradient_clip_val, sharded=experts, sharded_group=expert_group)
-        self.log("train/grad_norm", norm)
+        self.log("train/grad_norm", clip_model_grad_norm_(self.model, gradient_clip_val))
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

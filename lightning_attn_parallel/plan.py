@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Union
 
 from .errors import UserError
@@ -204,9 +204,6 @@ class ParallelPlan:
     def degrees(self) -> dict[str, int]:
         return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
                 "tp": self.tp, "ep": self.ep}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def describe(self) -> str:
         parts = [f"{k}={v}" for k, v in self.degrees().items() if v != 1]

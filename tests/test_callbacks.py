@@ -25,6 +25,7 @@ from lightning_attn_parallel.callbacks import (LayerProfiler, LoadBalanceCallbac
                                                ThroughputCallback, default_callbacks,
                                                metrics as m)
 from lightning_attn_parallel.callbacks.load_balance import balance_metrics, spread
+from lightning_attn_parallel.step import StepBatch
 from lightning_attn_parallel.hardware import device_peak_tflops, peak_tflops
 from lightning_attn_parallel.callbacks.throughput import throughput_metrics
 from lightning_attn_parallel.models import ModelConfig, build_model
@@ -80,8 +81,9 @@ class TinyLM(L.LightningModule):
             self.slept.append((self.trainer.global_step, time.perf_counter() - start))
         input_ids, labels = batch["input_ids"], batch["labels"]
         if self.sequence_shards > 1:  # keep one shard of each sequence, as context parallelism does
-            self.global_seq_len = input_ids.shape[1]
             keep = input_ids.shape[1] // self.sequence_shards
+            self.trainer.strategy.step_batch = StepBatch(input_ids[:, :keep], labels[:, :keep],
+                                                         global_seq_len=input_ids.shape[1])
             input_ids, labels = input_ids[:, :keep], labels[:, :keep]
         logits = self.model.logits(input_ids)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())

@@ -34,6 +34,7 @@ from lightning_attn_parallel.parallel.cp_batch import ContextParallelBatcher
 from lightning_attn_parallel.parallel.cp_documents import (
     balanced_document_chunks, choose_cp_degree, document_spans, head_tail_runs, layout_index,
     longest_document, rank_work)
+from lightning_attn_parallel.step import StepBatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from cp_document_balance import balance_table, document_mix, pack  # noqa: E402
@@ -222,11 +223,11 @@ def _batch(rows):
 
 def _batch_loss(model, batch):
     """The module's loss: summed token loss / num_tokens * loss_scale."""
-    logits = model.logits(batch["input_ids"], batch.get("positions"), batch.get("document_ids"))
-    loss_sum = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+    step = StepBatch.of(batch)
+    logits = model.logits(step.input_ids, step.positions, step.document_ids)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), step.labels.flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (batch["labels"] != IGNORE_INDEX).sum()
-    return loss_sum / batch.get("num_tokens", count) * batch.get("loss_scale", 1.0)
+    return loss_sum / step.loss_denominator((step.labels != IGNORE_INDEX).sum()) * step.loss_scale
 
 
 def _degree_worker(rank, world, kernel):

@@ -41,7 +41,7 @@ from lightning_attn_parallel.checkpoint import (
     save_distributed,
 )
 from lightning_attn_parallel.models import ModelConfig, build_model
-from lightning_attn_parallel.strategy import _settle_fit_loop_state
+from lightning_attn_parallel.lightning_workarounds import settle_fit_loop_state
 
 EP4 = dict(ep=4)
 FSDP_EP = dict(dp_shard=2, ep=2)
@@ -156,9 +156,9 @@ def runs(root):
     plain, trainer, _ = fit(None, 1, 0, SAVE_STEP)
     trainer.save_checkpoint(root / "plain.ckpt")
     # Lightning's own strategy records a finished fit's loop state ambiguously (see
-    # _settle_fit_loop_state); record it as AttnHybridStrategy.save_checkpoint would.
+    # settle_fit_loop_state); record it as AttnHybridStrategy.save_checkpoint would.
     checkpoint = torch.load(root / "plain.ckpt", weights_only=False)
-    torch.save(_settle_fit_loop_state(checkpoint), root / "plain.ckpt")
+    torch.save(settle_fit_loop_state(checkpoint), root / "plain.ckpt")
     results = run_distributed(_worker, WORLD, str(root), free_port())
     uninterrupted = fit(None, 1, 0, FINAL_STEP)[0]
     return {"results": results, "uninterrupted": uninterrupted, "plain": plain}

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from dist_utils import assert_close, run_distributed
 from lightning_attn_parallel.models.config import ModelConfig
 from lightning_attn_parallel.models.deepseek import (
-    DeepSeekMoE, build_deepseek, collect_aux_loss, moe_layers, update_moe_biases,
+    DeepSeekMoE, build_deepseek, collect_aux_loss, update_moe_biases,
 )
+from lightning_attn_parallel.models.protocol import moe_layers
 from lightning_attn_parallel.parallel.expert_parallel import apply_expert_parallel
 
 WORLD = 4

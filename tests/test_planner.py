@@ -18,7 +18,7 @@ from lightning_attn_parallel.planning import (H100_SXM, Calibration, ClusterSpec
                                               NoPlanFitsError, all_reduce_time, all_to_all_time,
                                               analytic_counts, candidate_plans, dry_run,
                                               estimate_memory, estimate_time, gpu_spec,
-                                              heuristic_plan, nearest_fit, parameter_counts,
+                                              nearest_fit, parameter_counts,
                                               precision_spec, reduce_scatter_time, select_plan)
 from lightning_attn_parallel.planning.counts import count_model
 from lightning_attn_parallel.planning.memory import activation_bytes
@@ -419,14 +419,6 @@ def test_nearest_fit_for_a_manual_plan_prefers_checkpointing():
     assert shorter[0].change.startswith("micro_batch=16") and shorter[0].memory.fits
     assert nearest_fit(ANCHOR_1B, ClusterSpec(1, 1), H100_SXM, 1, 2048, "bf16-mixed",
                        plan=plan) == []
-
-
-def test_heuristic_fallback():
-    assert heuristic_plan(1_000_000_000, 8, 8, 80).sharded is False
-    sharded = heuristic_plan(8_000_000_000, 16, 8, 80)
-    assert sharded.sharded and sharded.tp == 1
-    huge = heuristic_plan(400_000_000_000, 16, 8, 80, n_heads=64)
-    assert huge.tp == 8 and huge.activation_checkpointing == "block"
 
 
 # ---------------------------------------------------------------------------- dry runs

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from dist_utils import assert_close, run_distributed
 from lightning_attn_parallel.models import ModelConfig, build_model
 from lightning_attn_parallel.models.loss import cross_entropy_sum
+from lightning_attn_parallel.parallel.vocab_parallel_loss import VocabParallelLoss
 from lightning_attn_parallel.parallel.tensor_parallel import (
     apply_tensor_parallel,
     tp_replicated_parameters,
@@ -45,7 +46,7 @@ def make_batch(rows: int, seed: int, seq: int = SEQ) -> tuple[torch.Tensor, torc
 
 def mean_loss(model, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token loss through the package's loss, the LM head applied to the final hidden states."""
-    total, count = cross_entropy_sum(model(tokens), model.output, targets)
+    total, count = cross_entropy_sum(model(tokens), model.output, targets, kernel=model.loss_kernel)
     return total / count
 
 
@@ -163,7 +164,8 @@ def _vocab_parallel_loss_case(tp_mesh) -> None:
         ref_hidden, par_hidden = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
         expected = torch.nn.functional.cross_entropy(reference(ref_hidden).float(), targets,
                                                      ignore_index=-100, reduction="sum")
-        total, count = cross_entropy_sum(par_hidden, head, targets, chunk_tokens=chunk)
+        total, count = cross_entropy_sum(par_hidden, head, targets, chunk_tokens=chunk,
+                                         kernel=VocabParallelLoss())
         assert int(count) == tokens - 2
         assert_close(total, expected, 1e-6, name=f"vocab-parallel loss chunk={chunk}")
         expected.backward()

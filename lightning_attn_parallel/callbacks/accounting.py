@@ -8,15 +8,18 @@ import lightning as L
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from ..step import StepBatch
 
-def global_seq_len(pl_module: L.LightningModule, tokens: torch.Tensor) -> int:
+
+def global_seq_len(trainer: L.Trainer, tokens: torch.Tensor) -> int:
     """Full sequence length of a micro-batch.
 
     Under context parallelism a rank holds S / cp tokens of each sequence, but attention cost
-    grows with the whole sequence; the strategy then sets `global_seq_len` on the module.
+    grows with the whole sequence; the strategy's `step_batch` (a StepBatch) then says how long
+    the sequences are.
     """
-    seq_len = getattr(pl_module, "global_seq_len", None)
-    return int(seq_len) if seq_len else int(tokens.shape[-1])
+    step: Optional[StepBatch] = getattr(trainer.strategy, "step_batch", None)
+    return step.seq_len if step is not None else int(tokens.shape[-1])
 
 
 def tensor_parallel_degree(trainer: L.Trainer) -> int:
@@ -43,13 +46,13 @@ class ConsumedTokens:
         self._handle: Optional[RemovableHandle] = None
         self._pending: list[tuple[int, int]] = []
 
-    def attach(self, pl_module: L.LightningModule) -> None:
+    def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.detach()
 
         def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if module.training:
                 tokens = args[0] if args else kwargs["tokens"]
-                self._pending.append((tokens.numel(), global_seq_len(pl_module, tokens)))
+                self._pending.append((tokens.numel(), global_seq_len(trainer, tokens)))
 
         self._handle = pl_module.model.register_forward_pre_hook(count, with_kwargs=True)
 

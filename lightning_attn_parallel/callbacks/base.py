@@ -121,7 +121,7 @@ class TokenCountingMetrics(WindowedMetrics):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._consumed.attach(pl_module)
+        self._consumed.attach(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .config import ModelConfig, smoke_scale
 from .hf import from_pretrained, save_pretrained
 from .llama import CausalTransformer, build_llama
+from .protocol import expert_modules, is_expert_module, is_expert_parameter, moe_layers
 
 
 def build_model(cfg: ModelConfig) -> CausalTransformer:
@@ -19,4 +20,5 @@ def build_model(cfg: ModelConfig) -> CausalTransformer:
 
 
 __all__ = ["ModelConfig", "CausalTransformer", "build_model", "build_llama", "smoke_scale",
-           "from_pretrained", "save_pretrained"]
+           "from_pretrained", "save_pretrained", "is_expert_module", "is_expert_parameter",
+           "expert_modules", "moe_layers"]

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
 from .layers import LocalAttentionKernel, RMSNorm, SwiGLU
 from .llama import CausalTransformer, GroupedQueryAttention, TransformerBlock, run_kernel
+from .protocol import moe_layers
 from .rope import RopeScaling, RotaryEmbedding, softmax_scale_factor
 
 
@@ -217,7 +217,10 @@ class RoutedExperts(nn.Module):
 
     `n_experts` is the model's total; after expert parallelism this module holds only `n_local`
     of them. `active_fraction` tells the FLOP counter that a token uses top_k of them.
+    `is_expert` is the model protocol's marker of routed experts (models.protocol).
     """
+
+    is_expert = True
 
     def __init__(self, n_experts: int, dim: int, hidden: int, top_k: int, init_std: float) -> None:
         super().__init__()
@@ -307,6 +310,9 @@ class DeepSeekMoE(nn.Module):
         self.shared_experts = (SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_ffn_dim)
                                if cfg.n_shared_experts > 0 else None)
         self.dispatcher: nn.Module = LocalDispatcher()
+        # Slot: sums the routing loads over the ranks that hold replicas of this router before
+        # the bias update (parallel/ fills it; None: this process holds the only replica).
+        self.load_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("load_since_update", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.aux_loss: Optional[torch.Tensor] = None
@@ -355,11 +361,6 @@ class DeepSeekMoE(nn.Module):
         self.load_since_update.zero_()
 
 
-def moe_layers(model: nn.Module) -> list[tuple[int, DeepSeekMoE]]:
-    """(block index, MoE layer) for every MoE block of a CausalTransformer."""
-    return [(i, block.ffn) for i, block in enumerate(model.blocks) if isinstance(block.ffn, DeepSeekMoE)]
-
-
 def collect_aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the balance losses of the latest forward (a 0-d zero when there are none)."""
     losses = [layer.aux_loss for _, layer in moe_layers(model) if layer.aux_loss is not None]
@@ -368,20 +369,20 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack(losses).sum()
 
 
-def update_moe_biases(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+def update_moe_biases(model: nn.Module) -> None:
     """Apply the auxiliary-loss-free bias update to every MoE layer; call after optimizer.step().
 
-    When torch.distributed is initialised the accumulated loads of all layers are summed over
-    `group` (default: every rank) in one all-reduce, so replicas of the router stay identical.
-    Ranks that see the same tokens (tensor parallel peers) only scale the load, which leaves
-    sign(mean - load) unchanged.
+    The accumulated loads of all layers are summed in one call of the layers' `load_sum` slot
+    (over every replica of the routers, when parallel/ has filled it), so replicas of the router
+    stay identical. Ranks that see the same tokens (tensor parallel peers) only scale the load,
+    which leaves sign(mean - load) unchanged.
     """
     layers = [layer for _, layer in moe_layers(model)]
     if not layers:
         return
     loads = torch.stack([layer.load_since_update for layer in layers])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loads, group=group)
+    if layers[0].load_sum is not None:
+        loads = layers[0].load_sum(loads)
     for layer, load in zip(layers, loads):
         layer.update_bias(load)
 
@@ -427,6 +428,6 @@ def build_deepseek(cfg: ModelConfig) -> CausalTransformer:
 
 __all__ = [
     "MultiHeadLatentAttention", "Router", "RoutedExperts", "LocalDispatcher", "DeepSeekMoE",
-    "build_deepseek", "collect_aux_loss", "moe_load_stats", "update_moe_biases", "moe_layers",
+    "build_deepseek", "collect_aux_loss", "moe_load_stats", "update_moe_biases",
     "sequence_balance_loss", "sort_by_expert", "combine", "grouped_swiglu", "looped_swiglu",
 ]

@@ -14,24 +14,25 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from .loss import IGNORE_INDEX, cross_entropy_sum
 
 
 def liger_available(weight: torch.Tensor) -> bool:
     """Whether liger's fused kernel can take this head weight."""
-    return (weight.is_cuda and not isinstance(weight, DTensor)
+    return (weight.is_cuda and not hasattr(weight, "device_mesh")  # a DTensor: sharded or split
             and importlib.util.find_spec("liger_kernel") is not None)
 
 
 def fused_cross_entropy_sum(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                            chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            chunk_tokens: Optional[int] = None,
+                            kernel: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses, token count), as `cross_entropy_sum` returns them; through liger's
-    fused kernel where it can run, else through `cross_entropy_sum` with `chunk_tokens`."""
+    fused kernel where it can run, else through `cross_entropy_sum` with `chunk_tokens` and the
+    model's loss `kernel`."""
     weight = head.weight
     if not liger_available(weight) or getattr(head, "bias", None) is not None:
-        return cross_entropy_sum(hidden, head, targets, chunk_tokens)
+        return cross_entropy_sum(hidden, head, targets, chunk_tokens, kernel)
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     # Under autocast the residual stream may be fp32: feed the kernel the autocast dtype, as the

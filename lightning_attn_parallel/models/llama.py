@@ -20,6 +20,7 @@ from torch import nn
 from .config import ModelConfig
 from .flops import flops_per_token
 from .layers import LocalAttentionKernel, RMSNorm, SwiGLU, init_linear_weights
+from .loss import TokenCrossEntropy
 from .rope import RopeScaling, RotaryEmbedding
 
 
@@ -77,6 +78,7 @@ class CausalTransformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.loss_kernel: nn.Module = TokenCrossEntropy()  # slot: sums token losses of the head's logits
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.reset_parameters()

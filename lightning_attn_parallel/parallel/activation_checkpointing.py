@@ -12,7 +12,9 @@ torch.utils.checkpoint does the work; this file only decides where.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -69,3 +71,12 @@ def apply_activation_checkpointing(model: nn.Module, policy: str = "block", ever
         target = block.attention if policy == "attention" else block
         checkpoint_forward(target, selective=policy == "selective")
     return model
+
+
+def activation_offload(enabled: bool, device: torch.device) -> Callable[[], ContextManager]:
+    """The context a training step runs in: with `enabled` (ParallelPlan.offload_activations)
+    the activations saved for backward go to host memory (pinned on CUDA) and come back for the
+    backward pass (torch.autograd.graph.save_on_cpu); otherwise nothing."""
+    if not enabled:
+        return nullcontext
+    return partial(torch.autograd.graph.save_on_cpu, pin_memory=device.type == "cuda")

@@ -7,38 +7,73 @@ parameters (FSDP2 shards them; the GradientReducer lays their gradients into buc
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
 
-from ..mesh import ParallelMeshes
+from ..mesh import ParallelMeshes, add_expert_mesh
+from ..models.protocol import expert_modules, is_expert_parameter, moe_layers
 from ..plan import ParallelPlan, PlanError
-from .activation_checkpointing import apply_activation_checkpointing
+from .activation_checkpointing import activation_offload, apply_activation_checkpointing
 from ..hardware import ClusterSpec
 from .fully_sharded import casts_parameters
 from .gradient_reducer import GradientReducer, broadcast_parameters
 
 
 @dataclass
-class ParallelizeResult:
+class DataParallelGradients:
+    """The data-parallel side of every backward pass, whichever form the plan took: the
+    replicated reducer's buckets, or FSDP2 with its accumulation policy and gradient fix-ups."""
+
+    model: nn.Module
     reducer: Optional[GradientReducer]
     fully_sharded: bool
+    accumulation: str
+    # FSDP2 gradients to finish once reduced (see shard_experts and _token_split_fixup)
+    fixups: tuple = ()
+    synced: bool = True  # False while micro-batches only accumulate
+
+    def before_backward(self) -> None:
+        if self.reducer is not None:
+            self.reducer.prepare_for_backward()
+
+    def after_backward(self) -> None:
+        if self.reducer is not None:
+            self.reducer.finish()
+        if self.synced:  # reduced (final) on this micro-batch: finish them once
+            for fixup in self.fixups:
+                fixup.apply()
+
+    @contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Micro-batches that only accumulate send nothing (the replicated reducer), or what the
+        plan's accumulation policy says (FSDP2/HSDP; see fully_sharded.set_gradient_sync)."""
+        self._sync(False)
+        try:
+            yield
+        finally:
+            self._sync(True)
+
+    def _sync(self, enabled: bool) -> None:
+        self.synced = enabled
+        if self.reducer is not None:
+            self.reducer.sync_enabled = enabled
+        if self.fully_sharded:
+            from .fully_sharded import set_gradient_sync
+
+            set_gradient_sync(self.model, enabled, self.accumulation)
+
+
+@dataclass
+class ParallelizeResult:
+    gradients: DataParallelGradients
     context_parallel: Optional[object]
     table: str
-    # FSDP2 gradients to finish once reduced (see shard_experts and _token_split_fixup)
-    gradient_fixups: tuple = ()
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)
-
-
-def _is_expert_param(name: str) -> bool:
-    return ".experts." in f".{name}."
+    # the context each training step runs in (activation offload, or nothing)
+    step_context: Callable[[], ContextManager] = nullcontext
 
 
 def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
@@ -68,7 +103,7 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
     if plan.ep > 1:
         from .expert_parallel import apply_expert_parallel
 
-        meshes_with_experts(meshes)
+        add_expert_mesh(meshes)
         apply_expert_parallel(transformer, meshes.expert["ep"])
         if plan.tp > 1:
             from .moe_token_split import split_moe_tokens
@@ -105,10 +140,12 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
             fixups.append(_token_split_fixup(transformer, meshes))
     else:
         reducer = _build_reducer(module, transformer, plan, meshes, cluster)
-    return ParallelizeResult(reducer=reducer, fully_sharded=fully_sharded,
-                             context_parallel=context_parallel,
+    gradients = DataParallelGradients(module, reducer, fully_sharded, plan.accumulation,
+                                      tuple(fixups))
+    return ParallelizeResult(gradients=gradients, context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, reducer),
-                             gradient_fixups=tuple(fixups))
+                             step_context=activation_offload(plan.offload_activations,
+                                                             torch.device(meshes.dense.device_type)))
 
 
 def apply_compile(transformer: nn.Module, mode: str) -> None:
@@ -158,12 +195,10 @@ def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> lis
     dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
     layout = ep_edp_mesh(meshes.expert)  # built once, on every rank, from the existing groups
     scaled: list[nn.Parameter] = []
-    for block in transformer.blocks:
-        experts = getattr(block.ffn, "experts", None)
-        if experts is not None:
-            fully_shard(experts, mesh=meshes.expert["edp"], mp_policy=policy)
-            scaled += list(experts.parameters())
-            record_edp_sharding(experts, layout)
+    for experts in expert_modules(transformer):
+        fully_shard(experts, mesh=meshes.expert["edp"], mp_policy=policy)
+        scaled += list(experts.parameters())
+        record_edp_sharding(experts, layout)
     return [GradientFixup(scaled, scale=plan.edp / dense_dp)] if scaled else []
 
 
@@ -176,27 +211,6 @@ def _token_split_fixup(transformer: nn.Module, meshes: ParallelMeshes):
     from .moe_token_split import token_split_parameters
 
     return GradientFixup(token_split_parameters(transformer), sum_over=meshes.group("tp"))
-
-
-def meshes_with_experts(meshes: ParallelMeshes) -> None:
-    """Create the expert mesh on demand (every rank reaches this at the same point)."""
-    if meshes.expert is not None:
-        return
-    from ..mesh import EXPERT_DIMS, groups_along, make_reduction_groups
-    from torch.distributed.device_mesh import init_device_mesh
-
-    plan = meshes.plan
-    meshes.expert = init_device_mesh(meshes.dense.device_type, (plan.world_size // plan.ep, plan.ep),
-                                     mesh_dim_names=EXPERT_DIMS)
-    dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
-    # Each expert already sums its EP group's tokens, so the edp sum is scaled by the dense
-    # data-parallel size (Megatron-Core's rule for expert gradients).
-    meshes.expert_grads = make_reduction_groups(groups_along(meshes.expert.mesh, (0,)), "expert",
-                                                1.0 / dense_dp, meshes.ranks_per_node)
-    if plan.tp > 1:  # router and shared experts fed a TP slice of the tokens: sum over tp too
-        meshes.token_split_grads = make_reduction_groups(groups_along(meshes.dense.mesh, (0, 1, 2, 3)),
-                                                         "moe-token-split", 1.0 / dense_dp,
-                                                         meshes.ranks_per_node)
 
 
 def _build_reducer(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
@@ -212,7 +226,7 @@ def _build_reducer(module: nn.Module, transformer: Optional[nn.Module], plan: Pa
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if plan.ep > 1 and _is_expert_param(name):
+        if plan.ep > 1 and is_expert_parameter(module, name):
             experts.append(p)
         else:
             (split if id(p) in split_ids else dense).append(p)
@@ -249,7 +263,8 @@ def layer_table(transformer: Optional[nn.Module], plan: ParallelPlan, meshes: Pa
     data_desc = f"{dp_mode} over {grads.size}{hier}" if dp_mode == "replicated" else f"{dp_mode} {plan.dp}"
     types = {"attention"}
     if transformer is not None:
-        types |= {"moe" if hasattr(b.ffn, "experts") else "mlp" for b in transformer.blocks}
+        moe = {i for i, _ in moe_layers(transformer)}
+        types |= {"moe" if i in moe else "mlp" for i in range(len(transformer.blocks))}
     for layer in sorted(types):
         tensor = f"tp {plan.tp}" if plan.tp > 1 and (layer != "moe") else "-"
         context = cp_desc if layer == "attention" else "-"

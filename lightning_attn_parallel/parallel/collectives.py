@@ -38,3 +38,16 @@ def hierarchical_all_reduce(buffer: torch.Tensor, group: ReductionGroup) -> None
     dist.all_gather_into_tensor(flat, shard, group=group.intra)
     if flat is not buffer:
         buffer.copy_(flat[: buffer.numel()])
+
+
+class SumOver:
+    """`SumOver(group)(t)`: the sum of `t` over `group`, as a new tensor (a slot that parallel/
+    hands to code that must not know process groups, such as the module's logged loss)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total, group=self.group)
+        return total

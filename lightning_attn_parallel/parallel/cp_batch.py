@@ -13,11 +13,12 @@ Sequence split: head-tail chunks and global positions without document ids; with
 (packed documents) the work-balanced document layout of cp_documents.py applied to every
 per-row tensor, positions staying per document. Either way every token is on exactly one rank
 and gradients are averaged over dp x cp, so the batch carries the two numbers that make that
-average exact:
+average exact (fields of the StepBatch it returns):
 
 - `num_tokens`: the token count of the whole micro-batch of this data-parallel rank, so that
   summing the CP ranks' losses gives its mean token loss, whichever ranks hold which tokens;
-- `loss_scale`: cp (the average of the gradients over cp would divide the sum again).
+- `loss_scale`: cp (the average of the gradients over cp would divide the sum again);
+- `sum_shards`: the sum over the CP group of the logged loss.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from torch import nn
 from ..mesh import ParallelMeshes, groups_along, new_groups
 from ..models.loss import IGNORE_INDEX
 from ..plan import ParallelPlan
+from ..step import StepBatch
+from .collectives import SumOver
 from .context_parallel import (context_parallel_positions, set_context_parallel_active,
                                shard_for_context_parallel, validate_cp)
 from .cp_documents import (choose_cp_degree, cp_degrees, default_min_split_len, layout_index,
@@ -77,13 +80,11 @@ class ContextParallelBatcher:
         degree = choose_cp_degree(longest, self.cp, self.min_seq_len, input_ids.shape[0])
         return degree if degree in self.groups else self.cp
 
-    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def prepare_batch(self, batch: dict[str, Any]) -> StepBatch:
         input_ids, labels = batch["input_ids"], batch["labels"]
         batch_size, seq_len = input_ids.shape
         degree = self.degree_for(batch)
-        out = dict(batch)
-        out.update(global_seq_len=seq_len, loss_group=self.group,
-                   num_tokens=(labels != IGNORE_INDEX).sum(), loss_scale=float(self.cp))
+        out = {key: batch.get(key) for key in PER_TOKEN_KEYS}
         rows_per_group = batch_size // (self.cp // degree)
         rows = slice(self.rank // degree * rows_per_group, (self.rank // degree + 1) * rows_per_group)
         local = {key: batch[key][rows] for key in PER_TOKEN_KEYS
@@ -99,7 +100,8 @@ class ContextParallelBatcher:
             set_context_parallel_active(self.transformer, True, group=self.groups[degree])
         self.last_mode = "context" if degree > 1 else "batch"
         self.last_degree = degree
-        return out
+        return StepBatch(**out, global_seq_len=seq_len, num_tokens=(labels != IGNORE_INDEX).sum(),
+                         loss_scale=float(self.cp), sum_shards=SumOver(self.group))
 
     def _split_sequences(self, local: dict[str, torch.Tensor], seq_len: int, rank: int,
                          degree: int) -> dict[str, torch.Tensor]:

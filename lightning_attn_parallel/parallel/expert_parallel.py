@@ -10,14 +10,16 @@ attention) stays replicated and is untouched.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..models.deepseek import DeepSeekMoE, RoutedExperts, combine, sort_by_expert
+from ..models.protocol import expert_modules
 from ..plan import divisors
+from .collectives import SumOver
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -30,7 +32,7 @@ def _exchange(rows: torch.Tensor, out_splits: list[int], in_splits: list[int],
     return out
 
 
-class _AllToAll(torch.autograd.Function):
+class _RowExchange(torch.autograd.Function):
     """Variable-split all-to-all of rows; its gradient is the same exchange run backwards."""
 
     @staticmethod
@@ -49,7 +51,7 @@ class _AllToAll(torch.autograd.Function):
 def all_to_all_rows(rows: torch.Tensor, out_splits: list[int], in_splits: list[int],
                     group: dist.ProcessGroup) -> torch.Tensor:
     """Send rows[in_splits[j] block] to rank j of `group`; receive out_splits[j] rows from j."""
-    return _AllToAll.apply(rows, out_splits, in_splits, group)
+    return _RowExchange.apply(rows, out_splits, in_splits, group)
 
 
 def expert_major_order(counts_by_source: torch.Tensor) -> torch.Tensor:
@@ -145,7 +147,35 @@ def apply_expert_parallel(model: nn.Module, ep_group: Union[dist.ProcessGroup, "
         _keep_local_experts(layer.experts, ep_rank, ep)
         record_expert_shard(layer.experts, shard)
         layer.dispatcher = AllToAllDispatcher(group)
+    share_routing_loads(model)
     return model
+
+
+def share_routing_loads(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Fill every MoE layer's `load_sum` slot with a sum over `group` (default: every rank,
+    which all hold a replica of each router), so the bias updates of all replicas agree."""
+    for layer in model.modules():
+        if isinstance(layer, DeepSeekMoE):
+            layer.load_sum = SumOver(group or dist.group.WORLD)
+
+
+def clip_model_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip `model`'s gradients by their global norm. Expert-parallel experts (plain tensors,
+    each EP rank holding other experts) count over their EP group; everything else is handled
+    by `clip_grad_norm_` (DTensors by mesh, plain tensors as replicated)."""
+    from .expert_state import ATTRIBUTE
+    from .fully_sharded import clip_grad_norm_
+
+    experts: list[nn.Parameter] = []
+    group = None
+    for module in expert_modules(model):
+        shard = getattr(module, ATTRIBUTE, None)
+        if shard is not None:
+            experts += list(module.parameters())
+            group = shard.group
+    split = {id(p) for p in experts}
+    others = [p for p in model.parameters() if id(p) not in split]
+    return clip_grad_norm_(others, max_norm, split=experts, split_group=group)
 
 
 def _device_type(model: nn.Module, group: dist.ProcessGroup) -> str:
@@ -156,4 +186,5 @@ def _device_type(model: nn.Module, group: dist.ProcessGroup) -> str:
     return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
 
 
-__all__ = ["AllToAllDispatcher", "all_to_all_rows", "apply_expert_parallel", "expert_major_order"]
+__all__ = ["AllToAllDispatcher", "all_to_all_rows", "apply_expert_parallel", "expert_major_order",
+           "share_routing_loads", "clip_model_grad_norm_"]

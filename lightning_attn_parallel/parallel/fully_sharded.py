@@ -150,8 +150,8 @@ def mixed_precision_for(precision: str) -> MixedPrecisionPolicy:
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
-                    norm_type: float = 2.0, sharded: Iterable[torch.Tensor] = (),
-                    sharded_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+                    norm_type: float = 2.0, split: Iterable[torch.Tensor] = (),
+                    split_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Clip gradients by the norm of all of them together, across every shard and TP rank.
 
     `torch.nn.utils.clip_grad_norm_` handles DTensors of one mesh but fails on a mix (e.g.
@@ -159,18 +159,18 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
     their own mesh). Here gradients are grouped by mesh, each group's norm is made global with
     `full_tensor()`, and the groups are combined. Plain tensors are taken as replicated, so
     their local norm is already global; a parameter sharded without DTensor would need its
-    own reduction: pass those as `sharded`, each rank holding different ones over
-    `sharded_group` (expert-parallel experts over the ep group). Returns the total norm as a
+    own reduction: pass those as `split`, each rank holding different ones over
+    `split_group` (expert-parallel experts over the ep group). Returns the total norm as a
     plain 0-dim tensor, equal on every rank.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    sharded_grads = [p.grad for p in sharded if p.grad is not None]
-    if not grads and not sharded_grads:
+    split_grads = [p.grad for p in split if p.grad is not None]
+    if not grads and not split_grads:
         return torch.tensor(0.0)
     group_norms = [_group_norm(group, norm_type) for group in _group_by_mesh(grads).values()]
-    if sharded_grads or sharded_group is not None:
-        group_norms.append(_sharded_norm(sharded_grads, norm_type, sharded_group))
-    grads += sharded_grads
+    if split_grads or split_group is not None:
+        group_norms.append(_split_norm(split_grads, norm_type, split_group))
+    grads += split_grads
     device = group_norms[0].device
     stacked = torch.stack([n.to(device) for n in group_norms])
     total = torch.linalg.vector_norm(stacked, norm_type)
@@ -181,8 +181,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
     return total
 
 
-def _sharded_norm(grads: list[torch.Tensor], norm_type: float,
-                  group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def _split_norm(grads: list[torch.Tensor], norm_type: float,
+                group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Norm of plain tensors split over `group`: sum of |g|^p over the group's ranks."""
     device = grads[0].device if grads else torch.device("cpu")
     local = (torch.nn.utils.get_total_norm(grads, norm_type) if grads

@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models.protocol import expert_modules, moe_layers
 
-def _gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+
+def _gather_slices(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=1)
@@ -33,14 +35,14 @@ class _TakeSlice(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _gather_sequence(grad, ctx.group), None
+        return _gather_slices(grad, ctx.group), None
 
 
 class _GatherSlices(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        return _gather_sequence(x, group)
+        return _gather_slices(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -48,14 +50,10 @@ class _GatherSlices(torch.autograd.Function):
         return grad.chunk(size, dim=1)[rank].contiguous(), None
 
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    return [block.ffn for block in model.blocks if hasattr(block.ffn, "experts")]
-
-
 def split_moe_tokens(model: nn.Module, tp_group: dist.ProcessGroup) -> nn.Module:
     """Make every MoE `ffn` of `model.blocks` process only this TP rank's sequence slice."""
     size = dist.get_world_size(tp_group)
-    for ffn in moe_layers(model):
+    for _, ffn in moe_layers(model):
         original = ffn.forward
 
         def forward(x: torch.Tensor, _original=original) -> torch.Tensor:
@@ -73,7 +71,7 @@ def token_split_parameters(model: nn.Module) -> list[nn.Parameter]:
     """MoE parameters replicated on every rank but fed only a TP slice of the tokens (router,
     shared experts): their gradients must be summed over TP as well as averaged over dp x cp."""
     params = []
-    for ffn in moe_layers(model):
-        experts = {id(p) for p in ffn.experts.parameters()}
+    for _, ffn in moe_layers(model):
+        experts = {id(p) for m in expert_modules(ffn) for p in m.parameters()}
         params += [p for p in ffn.parameters() if id(p) not in experts]
     return params

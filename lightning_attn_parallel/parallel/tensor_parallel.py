@@ -7,8 +7,8 @@ Layout (Megatron-style, written with DTensor styles):
 - SwiGLU: w1/w3 column-parallel, w2 row-parallel.
 - Token embedding: row-parallel over the vocabulary (exact: each rank looks up the ids it owns
   and the partial rows are summed). LM head: column-parallel over the vocabulary; it returns
-  logits as a DTensor sharded on the vocabulary, which `models.loss.cross_entropy_sum` (chunked
-  or not) reduces without ever gathering them, so each rank holds 1/tp of the logits and of
+  logits as a DTensor sharded on the vocabulary, which the model's `loss_kernel` slot
+  (VocabParallelLoss, chunked or not) reduces without ever gathering them, so each rank holds 1/tp of the logits and of
   the head. `.full_tensor()` gives whole logits to other callers. With tied embeddings both stay
   replicated so they remain one tensor.
 - Norms: replicated; with `sequence_parallel=True` the blocks' norms run on sequence shards
@@ -46,6 +46,7 @@ from ..models.deepseek import MultiHeadLatentAttention
 from ..models.layers import SwiGLU
 from ..models.llama import GroupedQueryAttention
 from ..plan import divisors
+from .vocab_parallel_loss import VocabParallelLoss
 
 TensorParallelHandler = Callable[[nn.Module, DeviceMesh, bool], None]
 """handler(slot_module, tp_mesh, sequence_parallel) parallelizes a block's `attention` or `ffn`.
@@ -256,6 +257,7 @@ def _parallelize_embedding(model: nn.Module, mesh: DeviceMesh, sequence_parallel
     # the head sees the whole (gathered) sequence; its logits stay sharded for the loss
     parallelize_module(model.output, mesh, ColwiseParallel(
         input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False))
+    model.loss_kernel = VocabParallelLoss()
 
 
 # ---------------------------------------------------------------------------- layout hooks

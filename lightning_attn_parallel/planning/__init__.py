@@ -9,7 +9,7 @@ from .dry_run import dry_run, dry_run_from_config, resolve_gpu
 from ..hardware import A100_80GB, CPU, H100_SXM, H200, ClusterSpec, GpuSpec, detect_gpu, gpu_spec
 from .memory import MemoryEstimate, estimate_memory, precision_spec
 from .select import (Evaluation, FitSuggestion, NoPlanFitsError, PlanReport, candidate_plans,
-                     heuristic_plan, nearest_fit, select_plan)
+                     nearest_fit, select_plan)
 from .timing import (Group, TimingEstimate, all_gather_time, all_reduce_time, all_to_all_time,
                      estimate_time, reduce_scatter_time)
 
@@ -18,7 +18,7 @@ __all__ = [
     "parameter_counts", "dry_run", "dry_run_from_config", "resolve_gpu", "A100_80GB", "CPU", "H100_SXM", "H200",
     "ClusterSpec", "GpuSpec", "detect_gpu", "gpu_spec", "MemoryEstimate", "estimate_memory",
     "precision_spec", "Evaluation", "FitSuggestion", "NoPlanFitsError", "PlanReport",
-    "candidate_plans", "heuristic_plan", "nearest_fit", "select_plan", "Group", "TimingEstimate",
+    "candidate_plans", "nearest_fit", "select_plan", "Group", "TimingEstimate",
     "all_gather_time", "all_reduce_time", "all_to_all_time", "estimate_time",
     "reduce_scatter_time",
 ]

@@ -1,10 +1,13 @@
 """The strategy's bridge to the planner: pick a plan for the module it is about to train."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from ..hardware import cluster_for_plan, detect_gpu
 from ..plan import ParallelPlan
-from ..hardware import ClusterSpec, detect_gpu
 from .select import make_workload, resolve_accumulation, select_plan
 
 
@@ -18,8 +21,34 @@ def _workload(module: Any, model_cfg: Any) -> tuple[int, int, int]:
     return micro_batch, seq_len, accumulate
 
 
-def auto_plan_for_strategy(model_cfg: Any, strategy: Any, module: Any) -> tuple[ParallelPlan, str]:
-    """(plan, reason) for `model_cfg` on the strategy's world.
+def resolve_plan(requested: ParallelPlan, strategy: Any, module: Any) -> ParallelPlan:
+    """The plan the strategy trains with: the requested one, or for "auto" the planner's when the
+    module describes its model (data parallelism otherwise), resolved against the world, with
+    accumulation="auto" pinned to one policy. Each choice is logged on rank 0."""
+    model_cfg = getattr(module, "model_config", None)
+    plan = requested
+    if requested.is_auto and model_cfg is None:
+        rank_zero_info("attn_hybrid: no model config to plan from; using data parallelism over "
+                       f"{strategy.world_size} ranks")
+        plan = ParallelPlan()
+    elif requested.is_auto:
+        plan, reason = auto_plan_for_strategy(model_cfg, strategy, module, requested)
+        rank_zero_info(f"attn_hybrid: auto plan {plan.describe()}: {reason}")
+    plan = plan.resolve(strategy.world_size)
+    policy, reason = accumulation_for_strategy(model_cfg, strategy, module, plan)
+    if plan.sharded and plan.accumulation == "auto":
+        rank_zero_info(f"attn_hybrid: gradient accumulation {policy}: {reason}")
+    return replace(plan, accumulation=policy)
+
+
+def _cluster(strategy: Any, plan: ParallelPlan):
+    return cluster_for_plan(plan, strategy.num_nodes, strategy.num_processes)
+
+
+def auto_plan_for_strategy(model_cfg: Any, strategy: Any, module: Any,
+                           requested: ParallelPlan) -> tuple[ParallelPlan, str]:
+    """(plan, reason) for `model_cfg` on the strategy's world, keeping the options of `requested`
+    (bucket size, kernels, compile, link speeds...).
 
     On a CPU there is no card to plan against, so data parallelism is used; on GPUs the planner
     picks the fastest plan that fits and explains why.
@@ -27,10 +56,9 @@ def auto_plan_for_strategy(model_cfg: Any, strategy: Any, module: Any) -> tuple[
     if strategy.root_device.type != "cuda":
         return ParallelPlan(), f"data parallelism over {strategy.world_size} CPU processes"
     micro_batch, seq_len, accumulate = _workload(module, model_cfg)
-    cluster = ClusterSpec(num_nodes=strategy.num_nodes, gpus_per_node=strategy.num_processes)
-    plan, report = select_plan(model_cfg, cluster, detect_gpu(), micro_batch, seq_len,
-                               str(strategy.precision_plugin.precision), grad_accum=accumulate,
-                               template=strategy._requested_plan_template())
+    plan, report = select_plan(model_cfg, _cluster(strategy, requested), detect_gpu(), micro_batch,
+                               seq_len, str(strategy.precision_plugin.precision), grad_accum=accumulate,
+                               template=replace(requested, mode="manual"))
     return plan, report.reason
 
 
@@ -50,8 +78,7 @@ def accumulation_for_strategy(model_cfg: Any, strategy: Any, module: Any,
     micro_batch, seq_len, accumulate = _workload(module, model_cfg)
     if accumulate == 1:
         return "defer_all", "no accumulation"
-    cluster = ClusterSpec(num_nodes=strategy.num_nodes, gpus_per_node=strategy.num_processes)
-    work = make_workload(model_cfg, cluster, detect_gpu(), micro_batch, seq_len,
+    work = make_workload(model_cfg, _cluster(strategy, plan), detect_gpu(), micro_batch, seq_len,
                          str(strategy.precision_plugin.precision), grad_accum=accumulate)
     chosen = resolve_accumulation(work, plan)
     fits = "fastest that fits" if chosen.fits else "least memory; nothing fits"

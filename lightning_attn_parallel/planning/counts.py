@@ -21,6 +21,7 @@ from torch import nn
 
 from ..models.config import ModelConfig
 from ..models.flops import active_matmul_params, attention_flops_per_token
+from ..models.protocol import expert_modules
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,6 @@ def _split_by_rank(params) -> tuple[int, int]:
     return big, _numel(params) - big
 
 
-def _expert_modules(ffn: nn.Module) -> list[nn.Module]:
-    """Routed experts mark themselves with active_fraction < 1 (the FLOP counter's contract)."""
-    return [m for m in ffn.modules() if float(getattr(m, "active_fraction", 1.0)) < 1.0]
-
-
 # Attention weights that tensor parallelism keeps whole on every rank (MLA's down-projections to
 # its latents; parallel/tensor_parallel.py splits only the per-head projections).
 TP_WHOLE_ATTENTION = ("wq_a", "wkv_a")
@@ -158,7 +154,7 @@ def _attention_split(attention: nn.Module) -> tuple[int, int]:
 
 def _block_counts(block: nn.Module) -> BlockCounts:
     attention_big, attention_small = _attention_split(block.attention)
-    expert_mods = _expert_modules(block.ffn)
+    expert_mods = expert_modules(block.ffn)
     expert_ids = {id(p) for m in expert_mods for p in m.parameters(recurse=False)}
     ffn_params = list(block.ffn.parameters())
     experts = _numel(p for p in ffn_params if id(p) in expert_ids)

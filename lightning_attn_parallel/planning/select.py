@@ -514,34 +514,7 @@ def select_plan(model_cfg: ModelConfig, cluster: ClusterSpec, gpu: GpuSpec, micr
     return report.plan, report
 
 
-# ------------------------------------------------------------------------- fallback
-def heuristic_plan(n_params: int, world_size: int, gpus_per_node: int, gpu_memory_gib: float, *,
-                   n_heads: Optional[int] = None, precision: object = "bf16-mixed") -> ParallelPlan:
-    """A rule of thumb for a model the planner cannot describe (only its size is known).
-
-    Keep half the card for activations: replicate when the training state fits that half,
-    otherwise shard it over as few ranks as needed; if even full sharding does not, shrink the
-    activations instead: tensor parallelism inside a node (needs `n_heads`) and checkpointing
-    of every block.
-    """
-    p = precision_spec(precision)
-    per_param = p.param_bytes + p.grad_bytes + 2 * p.state_bytes + (p.compute_bytes if p.autocast else 0)
-    budget = 0.5 * gpu_memory_gib * GIB
-    state = n_params * per_param
-    if state <= budget:
-        return ParallelPlan(dp_replicate=world_size)
-    for shard in divisors(world_size):
-        if state / shard <= budget:
-            checkpointing = "block" if shard > gpus_per_node else "none"
-            return ParallelPlan(dp_replicate=world_size // shard, dp_shard=shard,
-                                activation_checkpointing=checkpointing)
-    tp = max((t for t in divisors(gcd(gpus_per_node, world_size)) if n_heads and n_heads % t == 0),
-             default=1)
-    return ParallelPlan(dp_replicate=1, dp_shard=world_size // tp, tp=tp, sequence_parallel=tp > 1,
-                        activation_checkpointing="block")
-
-
 __all__ = ["Workload", "Evaluation", "PlanReport", "FitSuggestion", "NoPlanFitsError",
            "candidate_plans", "layouts", "checkpoint_options", "evaluate_layouts", "make_workload",
-           "choose", "select_plan", "nearest_fit", "heuristic_plan", "accumulation_options",
+           "choose", "select_plan", "nearest_fit", "accumulation_options",
            "resolve_accumulation"]

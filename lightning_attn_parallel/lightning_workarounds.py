@@ -1,0 +1,74 @@
+"""Workarounds for Lightning's own behaviour, each naming the upstream report it answers.
+
+Kept apart from the strategy so that the strategy stays glue, and so that each can go once
+Lightning fixes what it works around.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.precision import Precision
+
+
+def share_inf_checks(precision_plugin: Precision, device: torch.device) -> None:
+    """16-mixed: make every rank agree on inf/NaN so that all skip the same steps.
+
+    Lightning's mixed-precision plugin holds a plain `torch.amp.GradScaler`, whose inf checks see
+    only this rank's gradients; with sharded gradients the ranks can then disagree. Lightning's
+    own ModelParallelStrategy refuses 16-mixed for that reason (Lightning PR #19902: "This would
+    require a sharded gradscaler"). torch's ShardedGradScaler all-reduces the checks, so it is
+    swapped in, keeping the scale reached so far.
+    """
+    scaler = getattr(precision_plugin, "scaler", None)
+    if scaler is None or not isinstance(scaler, torch.amp.GradScaler):
+        return
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    if not isinstance(scaler, ShardedGradScaler):
+        precision_plugin.scaler = ShardedGradScaler(
+            device=device.type, init_scale=scaler.get_scale() if scaler.is_enabled() else 2.0**16,
+            process_group=dist.group.WORLD)
+
+
+def settle_fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Make a checkpoint saved once an epoch's loop has ended resume where that run stopped.
+
+    Lightning's loop state is ambiguous there, and with max_steps its restart goes wrong:
+    - `trainer.fit(max_steps=k); trainer.save_checkpoint(path)` stopped mid-epoch: the fit loop
+      has counted the epoch as completed, so the resumed run would start the next epoch number
+      (its sampler shuffles differently) at the old batch index;
+    - the same, stopped on the epoch's last batch (Lightning issue #19617), or a save from
+      `on_train_epoch_end` (ModelCheckpoint without validation): the resumed run first trains one
+      batch more in an epoch that has none left.
+    So an epoch that reached its last batch is recorded as completed, with the next one to start
+    at batch 0; an epoch cut short is recorded as unfinished, to continue at the next batch.
+    Checkpoints saved while an epoch runs (on_train_batch_end, validation) are left unchanged.
+    """
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit_loop or "epoch_progress" not in fit_loop or "epoch_loop.batch_progress" not in fit_loop:
+        return checkpoint
+    epoch = fit_loop["epoch_progress"]["current"]
+    if not epoch["started"] or epoch["processed"] != epoch["started"]:
+        return checkpoint  # saved while an epoch was running
+    checkpoint = dict(checkpoint)
+    checkpoint["loops"] = copy.deepcopy(checkpoint["loops"])
+    fit_loop = checkpoint["loops"]["fit_loop"]
+    batches = fit_loop["epoch_loop.batch_progress"]
+    finished = batches["is_last_batch"]
+    for progress in fit_loop["epoch_progress"].values():
+        if finished:
+            progress["completed"] = progress["processed"]
+        else:
+            progress["processed"] = progress["completed"] = progress["started"] - 1
+    if finished:
+        batches["current"] = {key: 0 for key in batches["current"]}
+        batches["is_last_batch"] = False
+    if "epoch" in checkpoint:
+        checkpoint["epoch"] = fit_loop["epoch_progress"]["current"]["completed"]
+    return checkpoint
+
+
+__all__ = ["share_inf_checks", "settle_fit_loop_state"]
