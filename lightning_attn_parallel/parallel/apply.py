@@ -131,7 +131,7 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         policy = mixed_precision_for(precision)
         if not plan.sharded:  # replicas must start equal: nothing else would make them so
             broadcast_parameters([p for n, p in module.named_parameters()
-                                  if not (plan.ep > 1 and _is_expert_param(n))], meshes.dense_grads)
+                                  if not (plan.ep > 1 and is_expert_parameter(module, n))], meshes.dense_grads)
         if plan.ep > 1:
             fixups += shard_experts(transformer, meshes, policy)
         apply_fully_sharded(transformer if transformer is not None else module, sharding_mesh(meshes),
