@@ -34,11 +34,13 @@ class ModeRecorder(L.Callback):
     def __init__(self) -> None:
         self.modes: list[str] = []
         self.degrees: list[int] = []
+        self.losses: list[float] = []  # the logged train/loss of each step
 
     def on_train_batch_end(self, trainer, *args) -> None:
         batcher = getattr(trainer.strategy, "context_parallel", None)
         self.modes.append(batcher.last_mode if batcher else "single")
         self.degrees.append(batcher.last_degree if batcher else 1)
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
 def dataset(lengths, global_batch):
@@ -64,7 +66,8 @@ def train(plan_kwargs, micro_batch, accumulate, lengths, world, rank=0):
     trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=STEPS,
                             accumulate_grad_batches=accumulate, callbacks=[recorder])
     trainer.fit(module, loader(data, micro_batch, replicas=dp, rank=dp_rank))
-    return {"params": params_of(module), "modes": recorder.modes, "degrees": recorder.degrees}
+    return {"params": params_of(module), "modes": recorder.modes, "degrees": recorder.degrees,
+            "losses": recorder.losses}
 
 
 def _worker(rank, world):
@@ -84,6 +87,14 @@ def test_context_parallel_training_equals_one_process(results, name):
     for rank, result in enumerate(results):
         for key, expected in reference.items():
             assert_close(result[name]["params"][key], expected, name=f"{name} rank{rank} {key}")
+
+
+def test_logged_loss_is_the_whole_sequences_loss(results):
+    """cp=4 over one data-parallel rank: every CP rank logs the loss of the whole sequences (its
+    shard's partial loss summed over the CP group), the loss one process logs."""
+    reference = train(*CASES["cp4_allgather"], 1)["losses"]
+    for rank, result in enumerate(results):
+        assert result["cp4_allgather"]["losses"] == pytest.approx(reference, rel=1e-5), rank
 
 
 def test_length_threshold_switches_mode_per_batch(results):
