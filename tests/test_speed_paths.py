@@ -236,7 +236,7 @@ def _cast_params_worker(rank: int, world: int) -> dict:
                 p.add_(1.0)
     result = parallelize(model, model, plan, build_meshes(plan, "cpu", world), precision="bf16-mixed",
                          cluster=ClusterSpec(1, world))
-    assert result.fully_sharded and result.reducer is None
+    assert result.gradients.fully_sharded and result.gradients.reducer is None
     assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())
     residual = []
     model.blocks[0].register_forward_hook(lambda m, i, out: residual.append(out.dtype))
