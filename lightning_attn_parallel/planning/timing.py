@@ -47,36 +47,34 @@ class Group:
         return per_node, -(-self.size // per_node)
 
 
-def _costed(group: Group, cluster: ClusterSpec) -> tuple[int, int, int]:
+def _ring(factor: float, nbytes: float, group: Group, cluster: ClusterSpec, cal: Calibration) -> float:
     per_node, nodes = group.layout(cluster.gpus_per_node)
-    return group.size, per_node, nodes
+    return collective_time(nbytes, group.size, per_node, nodes, cluster, factor, cal.collective_efficiency)
 
 
 def all_reduce_time(nbytes: float, group: Group, cluster: ClusterSpec,
                     calibration: Calibration = DEFAULT_CALIBRATION) -> float:
     """Seconds to all-reduce `nbytes` over `group` (ring: 2(n-1)/n of the bytes per rank)."""
-    return collective_time(nbytes, *_costed(group, cluster), cluster, ALL_REDUCE,
-                           calibration.collective_efficiency)
+    return _ring(ALL_REDUCE, nbytes, group, cluster, calibration)
 
 
 def reduce_scatter_time(nbytes: float, group: Group, cluster: ClusterSpec,
                         calibration: Calibration = DEFAULT_CALIBRATION) -> float:
     """Seconds to reduce-scatter an unsharded `nbytes` tensor ((n-1)/n of it per rank)."""
-    return collective_time(nbytes, *_costed(group, cluster), cluster, REDUCE_SCATTER,
-                           calibration.collective_efficiency)
+    return _ring(REDUCE_SCATTER, nbytes, group, cluster, calibration)
 
 
 def all_gather_time(nbytes: float, group: Group, cluster: ClusterSpec,
                     calibration: Calibration = DEFAULT_CALIBRATION) -> float:
     """Seconds to all-gather into an `nbytes` tensor ((n-1)/n of it arrives per rank)."""
-    return collective_time(nbytes, *_costed(group, cluster), cluster, ALL_GATHER,
-                           calibration.collective_efficiency)
+    return _ring(ALL_GATHER, nbytes, group, cluster, calibration)
 
 
 def all_to_all_time(nbytes: float, group: Group, cluster: ClusterSpec,
                     calibration: Calibration = DEFAULT_CALIBRATION) -> float:
     """Seconds for an all-to-all where each rank holds `nbytes` spread evenly over the group."""
-    return collective_cost.all_to_all_time(nbytes, *_costed(group, cluster), cluster,
+    per_node, nodes = group.layout(cluster.gpus_per_node)
+    return collective_cost.all_to_all_time(nbytes, group.size, per_node, nodes, cluster,
                                            calibration.collective_efficiency)
 
 
