@@ -404,21 +404,24 @@ def test_planner_knows_fp8():
 def test_strategy_sends_what_the_plan_accumulation_says(monkeypatch):
     """The Lightning glue: micro-batches that only accumulate get the plan's policy, the last one
     full reduction; "auto" is pinned to one policy before training (on a CPU: defer_all)."""
+    from types import SimpleNamespace
+
     from lightning_attn_parallel.parallel import fully_sharded
+    from lightning_attn_parallel.parallel.apply import DataParallelGradients
+    from lightning_attn_parallel.planning.auto import resolve_plan
     from lightning_attn_parallel.strategy import AttnHybridStrategy
 
     calls = []
     monkeypatch.setattr(fully_sharded, "set_gradient_sync",
                         lambda model, enabled, accumulation="defer_all": calls.append((enabled, accumulation)))
     strategy = AttnHybridStrategy(plan=ParallelPlan(dp_shard=2, accumulation="defer_all_reduce"))
-    strategy.plan, strategy.fully_sharded, strategy.model = strategy._requested_plan, True, torch.nn.Linear(1, 1)
+    strategy.gradients = DataParallelGradients(torch.nn.Linear(1, 1), None, True, "defer_all_reduce")
     with strategy.block_backward_sync():
         assert calls == [(False, "defer_all_reduce")]
     assert calls[-1][0] is True
-    strategy.parallel_devices = [torch.device("cpu")]
-    resolved = strategy._resolve_accumulation(ParallelPlan(dp_shard=2).resolve(2))
-    assert resolved.accumulation == "defer_all"
-    kept = strategy._resolve_accumulation(ParallelPlan(dp_shard=2, accumulation="reduce_scatter_each").resolve(2))
+    cpu = SimpleNamespace(world_size=2, root_device=torch.device("cpu"))
+    assert resolve_plan(ParallelPlan(dp_shard=2), cpu, None).accumulation == "defer_all"
+    kept = resolve_plan(ParallelPlan(dp_shard=2, accumulation="reduce_scatter_each"), cpu, None)
     assert kept.accumulation == "reduce_scatter_each"
 
 
