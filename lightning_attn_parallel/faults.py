@@ -62,6 +62,17 @@ def resolve_timeout(timeout_s: Optional[float], timeout: Optional[timedelta] = N
     return timedelta(seconds=float(timeout_s))
 
 
+def bound_new_groups(timeout: timedelta) -> None:
+    """Give process groups created from now on (DeviceMesh dimensions, the reducer's groups) the
+    same timeout as the world: torch's `new_group(timeout=None)` takes the backend's default
+    instead (30 minutes on gloo, 10 on NCCL), and torch has no public setting for it."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 def configure_nccl(trace_dir: Optional[str] = None) -> None:
     """Turn on torch's NCCL fault machinery before the process group starts (values the user
     set in the environment win): a timed-out or failed collective aborts its communicator and
@@ -86,14 +97,15 @@ class Heartbeat:
         self.store_host = store_host  # who to name when the store itself stops answering
         self._count = 0
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._last_ok = time.monotonic()
         self._main = threading.main_thread()
 
     # ---------------------------------------------------------------- beating
     def start(self) -> "Heartbeat":
         self._beat()
-        self._thread = threading.Thread(target=self._run, name="lap-heartbeat", daemon=True)
-        self._thread.start()
+        self._last_ok = time.monotonic()
+        for target, name in ((self._run, "lap-heartbeat"), (self._watch_store, "lap-store-watch")):
+            threading.Thread(target=target, name=name, daemon=True).start()
         return self
 
     def stop(self, clean: bool = True) -> None:
@@ -111,10 +123,8 @@ class Heartbeat:
         self.store.set(KEY_PREFIX + str(self.rank), str(self._count))
 
     def _run(self) -> None:
-        neighbours = [(self.rank + k) % self.world_size for k in (1, 2)
-                      if k < self.world_size]
+        neighbours = [(self.rank + k) % self.world_size for k in (1, 2) if k < self.world_size]
         seen = {r: (None, time.monotonic()) for r in neighbours}
-        last_ok = time.monotonic()
         while not self._stop.wait(self.period):
             silent = []
             try:
@@ -128,12 +138,9 @@ class Heartbeat:
                         seen[r] = (value, now)
                     elif value != DONE and now - seen[r][1] > self.timeout_s:
                         silent.append(r)
-                last_ok = now
-            except Exception:  # noqa: BLE001 - the store stopped answering (or went away)
-                if self._stop.is_set() or time.monotonic() - last_ok <= self.timeout_s:
-                    continue
-                self._exit(f"{self.store_host} stopped answering for {self.timeout_s:g} s while "
-                           f"rank {self.rank} waited in {main_thread_operation(self._main)}; {_FIX}")
+                self._last_ok = now
+            except Exception:  # noqa: BLE001 - the store went away: _watch_store reports it
+                continue
             if silent and not self._stop.is_set():
                 try:
                     missing = self.silent_ranks() or silent
@@ -146,6 +153,15 @@ class Heartbeat:
                     self.store.set(FAULT_KEY, message)
                 finally:
                     self._exit(message)
+
+    def _watch_store(self) -> None:
+        """The store's own host frozen: a store call then blocks without end (TCPStore's socket
+        reads have no timeout), so a second thread, which never touches the store, notices that
+        no beat has succeeded for `timeout_s`."""
+        while not self._stop.wait(self.period):
+            if time.monotonic() - self._last_ok > self.timeout_s + self.period:
+                self._exit(f"{self.store_host} stopped answering for {self.timeout_s:g} s while "
+                           f"rank {self.rank} waited in {main_thread_operation(self._main)}; {_FIX}")
 
     def _exit(self, message: str) -> None:
         """Print the one line and end this process: the training thread is stuck in a wait that
@@ -196,8 +212,12 @@ _FIX = "see that rank's log and host, then resume from the last checkpoint"
 def start_heartbeat(timeout: timedelta) -> Optional[Heartbeat]:
     """Start this rank's heartbeat over a connection of its own to the rendezvous store (so its
     waits never queue behind the training thread's); None in a one-process world or when the
-    store's address is not in the environment (MASTER_ADDR / MASTER_PORT)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    store's address is not in the environment (MASTER_ADDR / MASTER_PORT). Groups created from now
+    on get `timeout` too (`bound_new_groups`)."""
+    if not dist.is_initialized():
+        return None
+    bound_new_groups(timeout)
+    if dist.get_world_size() == 1:
         return None
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not host or not port:
@@ -270,4 +290,5 @@ def _first_line(error: BaseException) -> str:
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "PeerFailure", "Heartbeat", "resolve_timeout", "configure_nccl",
+           "bound_new_groups",
            "start_heartbeat", "is_collective_failure", "failed_operation"]

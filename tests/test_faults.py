@@ -26,14 +26,14 @@ MARGIN_S = 8.0  # start-up of the heartbeat's diagnosis and process exit on a bu
 WORKER = Path(__file__).with_name("fault_worker.py")
 
 
-def launch(mode: str, root: Path, ckpt: str | None = None) -> list[subprocess.Popen]:
+def launch(mode: str, root: Path, ckpt: str | None = None, fault_rank: int = 1) -> list[subprocess.Popen]:
     """Both ranks as separate processes (so one can be stopped or killed on its own)."""
     root.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     procs = []
     for rank in (0, 1):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
-                   LOCAL_RANK=str(rank), NODE_RANK="0")
+                   LOCAL_RANK=str(rank), NODE_RANK="0", FAULT_RANK=str(fault_rank))
         args = [sys.executable, str(WORKER), mode, str(root), str(TIMEOUT_S)] + ([ckpt] if ckpt else [])
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       text=True))
@@ -67,25 +67,29 @@ def uninterrupted(base) -> list[dict]:
     return results(root)
 
 
-@pytest.mark.parametrize("fault", ["stop", "kill"])
-def test_lost_rank_is_named_and_the_run_resumes(base, uninterrupted, fault):
-    root = base / fault
-    procs = launch(fault, root)
+@pytest.mark.parametrize("fault,lost", [("stop", 1), ("kill", 1), ("stop", 0)])
+def test_lost_rank_is_named_and_the_run_resumes(base, uninterrupted, fault, lost):
+    """Rank 0 also serves the rendezvous store: frozen, it takes the store down with it."""
+    root = base / f"{fault}{lost}"
+    procs = launch(fault, root, fault_rank=lost)
+    survivor, victim = procs[1 - lost], procs[lost]
     try:
-        _, err = procs[0].communicate(timeout=240)
+        _, err = survivor.communicate(timeout=240)
         ended = time.time()
     finally:
-        if procs[1].poll() is None:  # the stopped rank: end it
-            procs[1].send_signal(signal.SIGKILL)
-        procs[1].communicate(timeout=60)
-    assert procs[1].returncode == -signal.SIGKILL
+        if victim.poll() is None:  # the stopped rank: end it
+            victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
     waited = ended - float((root / "fault_time").read_text())
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert procs[0].returncode == 1 and len(lines) == 1, err[-3000:]
-    assert lines[0].startswith("error: PeerFailure: rank 1 "), lines[0]
+    assert survivor.returncode == 1 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"error: PeerFailure: rank {lost} "), lines[0]
     assert "gradient_reducer.py" in lines[0], lines[0]  # the operation it waited in
     assert "Traceback" not in err
-    assert waited < TIMEOUT_S + MARGIN_S, f"rank 0 exited {waited:.1f} s after rank 1 was lost"
+    assert waited < TIMEOUT_S + MARGIN_S, f"rank {1 - lost} exited {waited:.1f} s after rank {lost} was lost"
+    if lost == 0:
+        return  # resuming is shown by the other two
 
     # The last checkpoint (step STOP_STEP) loads, and the resumed run equals the uninterrupted one.
     resumed_root = base / f"{fault}-resumed"
