@@ -311,7 +311,7 @@ def test_an_installed_package_finds_every_recipe_from_another_folder(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
-    expected = sorted(p.stem for p in (ROOT / "lightning_attn_parallel" / "recipes").glob("*.yaml"))
+    expected = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
