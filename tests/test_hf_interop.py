@@ -79,7 +79,15 @@ def lift_to_fp64(hf, cfg: ModelConfig, monkeypatch) -> None:
     """Make transformers compute in float64 where it otherwise drops to float32 whatever the
     model dtype: RMSNorm, eager attention's softmax (SDPA instead), the RoPE angles and V2's
     complex rotation. The RoPE frequencies are first checked against transformers' own (fp32)
-    ones, then used in fp64."""
+    ones, then used in fp64. transformers also scores routers in fp32 whatever the dtype, while
+    the project's router follows the tokens' dtype: for the comparison it scores in fp32 too."""
+    from lightning_attn_parallel.models.deepseek import Router
+
+    def scores_in_fp32(self, tokens):
+        logits = torch.nn.functional.linear(tokens.float(), self.gate.weight.float())
+        return logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+
+    monkeypatch.setattr(Router, "scores", scores_in_fp32)
     hf.double()
     hf.set_attn_implementation("sdpa")
     if hasattr(hf.config, "n_routed_experts"):
