@@ -18,7 +18,7 @@ from lightning_attn_parallel.models.deepseek import (
 )
 from lightning_attn_parallel.models.flops import active_matmul_params
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parent.parent / "lightning_attn_parallel" / "recipes"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
