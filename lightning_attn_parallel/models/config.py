@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
+from .rope import SCALINGS, RopeScaling
+
 
 @dataclass
 class ModelConfig:
@@ -25,17 +27,17 @@ class ModelConfig:
     # RoPE scaling of published checkpoints (see models/rope.py): "none", "llama3" (Llama 3.1+)
     # or "yarn" (DeepSeek-V2/V3). Both apply at every position; the names follow config.json's
     # rope_scaling keys. max_seq_len is only the length of the tables.
-    rope_scaling: str = "none"
-    rope_factor: float = 1.0
-    rope_original_max_seq_len: int = 0  # original_max_position_embeddings
-    rope_low_freq_factor: float = 1.0  # llama3
-    rope_high_freq_factor: float = 4.0  # llama3
-    rope_beta_fast: float = 32.0  # yarn
-    rope_beta_slow: float = 1.0  # yarn
-    rope_mscale: float = 0.0  # yarn; 0: unset
-    rope_mscale_all_dim: float = 0.0  # yarn; 0: unset (DeepSeek's MLA scales its softmax by it)
-    rope_attention_factor: Optional[float] = None  # yarn; None: derived from factor and mscales
-    rope_truncate: bool = True  # yarn: round the ramp's ends outwards
+    rope_scaling: str = RopeScaling.kind
+    rope_factor: float = RopeScaling.factor
+    rope_original_max_seq_len: int = RopeScaling.original_max_seq_len  # original_max_position_embeddings
+    rope_low_freq_factor: float = RopeScaling.low_freq_factor  # llama3
+    rope_high_freq_factor: float = RopeScaling.high_freq_factor  # llama3
+    rope_beta_fast: float = RopeScaling.beta_fast  # yarn
+    rope_beta_slow: float = RopeScaling.beta_slow  # yarn
+    rope_mscale: float = RopeScaling.mscale  # yarn; 0: unset
+    rope_mscale_all_dim: float = RopeScaling.mscale_all_dim  # yarn; 0: unset (DeepSeek's MLA scales its softmax by it)
+    rope_attention_factor: Optional[float] = RopeScaling.attention_factor  # yarn; None: derived from factor and mscales
+    rope_truncate: bool = RopeScaling.truncate  # yarn: round the ramp's ends outwards
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -129,7 +131,7 @@ class ModelConfig:
     def _validate_rope(self, bad) -> None:
         if self.rope_theta <= 1:
             bad("rope_theta", self.rope_theta, "it must be greater than 1")
-        if self.rope_scaling not in ("none", "llama3", "yarn"):
+        if self.rope_scaling not in SCALINGS:
             bad("rope_scaling", self.rope_scaling, "use 'none', 'llama3' or 'yarn'")
         if self.rope_scaling == "none":
             return

@@ -14,7 +14,7 @@ read by), computed here in float64 so that the tables are exact to the model's d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -41,13 +41,9 @@ class RopeScaling:
 
     @classmethod
     def of(cls, cfg) -> "RopeScaling":
-        """The scaling a ModelConfig asks for."""
-        return cls(kind=cfg.rope_scaling, factor=cfg.rope_factor,
-                   original_max_seq_len=cfg.rope_original_max_seq_len,
-                   low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-                   beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, mscale=cfg.rope_mscale,
-                   mscale_all_dim=cfg.rope_mscale_all_dim, attention_factor=cfg.rope_attention_factor,
-                   truncate=cfg.rope_truncate)
+        """The scaling a ModelConfig asks for: its `rope_<field>` values (`rope_scaling` the kind)."""
+        return cls(**{f.name: getattr(cfg, "rope_scaling" if f.name == "kind" else f"rope_{f.name}")
+                      for f in fields(cls)})
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
