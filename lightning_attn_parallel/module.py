@@ -47,8 +47,22 @@ class CausalLMModule(L.LightningModule):
         self.model: Optional[nn.Module] = None
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = build_model(self.model_config)
+        if self.model is not None:
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if self.pretrained and getattr(strategy, "materializes_meta_models", False):
+            # Built on the meta device: the strategy applies its plan, then allocates only this
+            # rank's shards and fills them from the folder, so no rank ever holds the whole model.
+            with torch.device("meta"):
+                self.model = build_model(self.model_config)
+            return
+        if self.pretrained and strategy is not None:
+            from .errors import UserError
+
+            raise UserError(f"CausalLMModule(pretrained={self.pretrained!r}) loads under "
+                            f"strategy='attn_hybrid' only (this Trainer's is {type(strategy).__name__}): "
+                            "use Trainer(strategy='attn_hybrid'), whose plan decides what each rank reads")
+        self.model = build_model(self.model_config)
 
     # ------------------------------------------------------------------ loss
     def _loss(self, batch: Union[StepBatch, dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from .errors import UserError
 from .models.config import ModelConfig
-from .models.hf import Checkpoint, Index, PathLike, determined_fields, load_into
+from .models.hf import Checkpoint, Index, PathLike, determined_fields, load_into, reset_buffers
 from .parallel.expert_state import clean_name, expert_shards, global_view
 
 
@@ -108,9 +108,17 @@ def load_pretrained(model: nn.Module, path: PathLike) -> Checkpoint:
     return ckpt
 
 
-def load_pretrained_into(module: nn.Module) -> Optional[Checkpoint]:
-    """The strategy's hook: load `module.pretrained` (if set) into its protocol model `module.model`."""
+def load_pretrained_into(module: nn.Module, device: torch.device) -> Optional[Checkpoint]:
+    """The strategy's hook, once the plan is applied and before data parallelism lays gradients
+    out: allocate on `device` a model built on the meta device (by now only this rank's shards
+    exist), then fill `module.model` from `module.pretrained` (if set)."""
     path = getattr(module, "pretrained", None)
+    on_meta = any(t.is_meta for t in module.parameters())
+    if on_meta:
+        if not path:
+            raise RuntimeError("the model was built on the meta device but has no pretrained folder to fill it")
+        module.to_empty(device=device)
+        reset_buffers(module)  # RoPE tables and routing counters: not in the checkpoint
     if not path:
         return None
     return load_pretrained(module.model, path)

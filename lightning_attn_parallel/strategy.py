@@ -54,6 +54,8 @@ class AttnHybridStrategy(ParallelStrategy):
     """
 
     strategy_name = "attn_hybrid"
+    # CausalLMModule(pretrained=...) builds its model on the meta device for this strategy
+    materializes_meta_models = True
 
     def __init__(self, plan: Union[ParallelPlan, dict, str, None] = None,
                  accelerator=None, parallel_devices: Optional[list[torch.device]] = None,
@@ -165,7 +167,6 @@ class AttnHybridStrategy(ParallelStrategy):
         if not self._parallelized:
             self._parallelize(self.lightning_module)
             self._parallelized = True
-            load_pretrained_into(self.lightning_module)  # each rank reads only its slices
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
@@ -177,7 +178,8 @@ class AttnHybridStrategy(ParallelStrategy):
 
     def model_to_device(self) -> None:
         assert self.model is not None
-        self.model.to(self.root_device)
+        if not any(p.is_meta for p in self.model.parameters()):  # a meta model is allocated by _parallelize
+            self.model.to(self.root_device)
 
     def _parallelize(self, module: LightningModule) -> None:
         from .parallel.apply import parallelize
@@ -186,7 +188,9 @@ class AttnHybridStrategy(ParallelStrategy):
         result = parallelize(module, find_transformer(module), self.plan, self.meshes,
                              precision=str(self.precision_plugin.precision),
                              cluster=cluster_for_plan(self.plan, max(1, self.world_size // self.ranks_per_node),
-                                                      self.ranks_per_node))
+                                                      self.ranks_per_node),
+                             # each rank allocates and reads only the slices it holds
+                             materialize=lambda: load_pretrained_into(module, self.root_device))
         self.gradients = result.gradients
         self.gradient_reducer = result.gradients.reducer
         self._step_context = result.step_context

@@ -292,6 +292,11 @@ def _load_under_plans(rank: int, world: int, root: str) -> dict:
     from lightning_attn_parallel.pretrained import load_pretrained
     from torch.distributed.tensor import DTensor
 
+    import lightning_attn_parallel.module as module_file
+
+    built_on = []  # the device of every model CausalLMModule builds: the whole model never exists
+    build = module_file.build_model
+    module_file.build_model = lambda cfg: built_on.append(torch.get_default_device().type) or build(cfg)
     out = {}
     for name, (plan, folder) in PLANS.items():
         path = f"{root}/{folder}"
@@ -312,7 +317,8 @@ def _load_under_plans(rank: int, world: int, root: str) -> dict:
                 continue
             t = tensor.to_local() if isinstance(tensor, DTensor) else tensor
             local += t.numel() * 4  # the folders are fp32
-        out[name] = dict(val_loss=metrics["val/loss"], bytes_read=again.bytes_read, local_bytes=local)
+        out[name] = dict(val_loss=metrics["val/loss"], bytes_read=again.bytes_read, local_bytes=local,
+                         built_on=built_on.pop())
     return out
 
 
@@ -342,6 +348,7 @@ def test_load_under_plans_matches_transformers(under_plans):
         assert_close(logits_of(model, VAL_TOKENS[:, :-1]), logits, rtol=1e-5, name=f"{name} gathered logits")
         for rank, result in enumerate(results):
             r = result[name]
+            assert r["built_on"] == "meta", (name, rank, r)  # allocated only after the plan sharded it
             assert r["val_loss"] == pytest.approx(loss.item(), rel=1e-5), f"{name} rank {rank} loss"
             total = sum(p.stat().st_size for p in (tmp_path / folder).glob("*.safetensors"))
             # whole heads around a cut: at most a few KiB per tensor over the rank's own share

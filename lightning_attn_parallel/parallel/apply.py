@@ -77,8 +77,13 @@ class ParallelizeResult:
 
 
 def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
-                meshes: ParallelMeshes, precision: str, cluster: ClusterSpec) -> ParallelizeResult:
-    """Apply every parallelism of `plan` to `module` (whose protocol model is `transformer`)."""
+                meshes: ParallelMeshes, precision: str, cluster: ClusterSpec,
+                materialize: Callable[[], None] = lambda: None) -> ParallelizeResult:
+    """Apply every parallelism of `plan` to `module` (whose protocol model is `transformer`).
+
+    `materialize` allocates and fills a model built on the meta device: it runs once parameters
+    are in their final layout (FSDP2: after sharding, so a rank allocates only its shards) and
+    before the gradient reducer lays gradients out in buckets."""
     needs_protocol = (plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.activation_checkpointing != "none"
                       or plan.compiled or plan.fp8 != "none")
     if transformer is None and needs_protocol:
@@ -129,7 +134,9 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         from .fully_sharded import apply_fully_sharded, mixed_precision_for
 
         policy = mixed_precision_for(precision)
-        if not plan.sharded:  # replicas must start equal: nothing else would make them so
+        if not plan.sharded and not any(p.is_meta for p in module.parameters()):
+            # replicas must start equal: nothing else would make them so (a meta model is
+            # filled from the same folder on every rank)
             broadcast_parameters([p for n, p in module.named_parameters()
                                   if not (plan.ep > 1 and is_expert_parameter(module, n))], meshes.dense_grads)
         if plan.ep > 1:
@@ -138,7 +145,9 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
                             policy.param_dtype, policy.reduce_dtype)
         if plan.ep > 1 and plan.tp > 1:
             fixups.append(_token_split_fixup(transformer, meshes))
+        materialize()
     else:
+        materialize()
         reducer = _build_reducer(module, transformer, plan, meshes, cluster)
     gradients = DataParallelGradients(module, reducer, fully_sharded, plan.accumulation,
                                       tuple(fixups))
