@@ -37,11 +37,12 @@ def build_logger(cfg: DictConfig):
         return False
     from lightning.pytorch.loggers import WandbLogger
 
-    extra = {}
     if issubclass(target_class(cfg.logger), WandbLogger):
         os.environ.setdefault("WANDB_SILENT", "true")
-        extra["config"] = OmegaConf.to_container(cfg, resolve=True)  # the whole run, for W&B's table
-    return instantiate(cfg.logger, **extra)
+        # The whole run, for W&B's config table. Through a partial: `instantiate` itself takes
+        # an argument named `config`, so it cannot be passed as a keyword there.
+        return instantiate(cfg.logger, _partial_=True)(config=OmegaConf.to_container(cfg, resolve=True))
+    return instantiate(cfg.logger)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:

@@ -102,3 +102,16 @@ def test_dry_run_of_the_big_recipe_plans_without_training(tmp_path):
                           "trainer.devices=8"], run_dir=str(tmp_path / "run"))
     run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_default_logger_is_offline_wandb_with_the_run_config(tmp_path):
+    """`python train.py` logs to W&B offline by default, with the whole run as W&B's config."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_attn_parallel.cli import build_logger
+
+    cfg = compose_config([], run_dir=str(tmp_path / "run"))
+    logger = build_logger(cfg)
+    assert isinstance(logger, WandbLogger)
+    assert logger._wandb_init["config"]["model"]["d_model"] == cfg.model.d_model
+    assert logger._offline
