@@ -94,8 +94,8 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
             "LightningModule has none. Use data parallelism only (tp=cp=ep=1, compile='none') or build the model "
             "from lightning_attn_parallel.models")
     cfg = getattr(transformer, "config", None)
-    if cfg is not None:
-        plan.check_model(cfg)
+    if cfg is not None:  # the strategy checked a manual plan already; an auto plan, or a module
+        plan.check_model(cfg)  # without `model_config`, reaches this point unchecked
     context_parallel = None
     if plan.fp8 != "none":  # before checkpointing, compile and FSDP2, as torchao requires
         from .float8 import apply_float8
