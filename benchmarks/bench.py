@@ -264,9 +264,10 @@ def _plain(cfg: Config) -> Any:
 
 
 # A row's `strategy` names one of these, or is passed to the Trainer as a Lightning name.
-# `torchtitan` rows run outside Lightning, in TorchTitan's own set-up (launch_torchtitan).
+# TorchTitan rows run outside Lightning, in TorchTitan's own set-up (_launch_torchtitan).
+TORCHTITAN = ("torchtitan", "torchtitan_deepseek_v3")
 STRATEGIES = {"attn_hybrid": _attn_hybrid, "model_parallel": _model_parallel, "fsdp": _fsdp,
-              "plain": _plain, "torchtitan": None}
+              "plain": _plain, **dict.fromkeys(TORCHTITAN)}
 
 
 # ---------------------------------------------------------------------------- planner
@@ -274,7 +275,7 @@ STRATEGIES = {"attn_hybrid": _attn_hybrid, "model_parallel": _model_parallel, "f
 # build, data loader): an assumption for the time budget of a run, not a measurement.
 STARTUP_S = 45.0
 # The attn_hybrid plan a baseline row is predicted as: what it does to the parameters.
-_SHARDED_BASELINES = ("fsdp", "model_parallel", "torchtitan", "torchtitan_deepseek_v3")
+_SHARDED_BASELINES = ("fsdp", "model_parallel", *TORCHTITAN)
 
 
 def prediction_plan(cfg: Config) -> tuple[Any, str]:
@@ -384,7 +385,7 @@ def launch(cfg: Config, timeout_s: float) -> dict[str, Any]:
             return {"error": f"not run: needs {cfg.devices} GPUs, this host has {torch.cuda.device_count()}"}
     if cfg.script:
         return _launch_script(cfg, timeout_s)
-    if cfg.strategy == "torchtitan":
+    if cfg.strategy in TORCHTITAN:
         return _launch_torchtitan(cfg, timeout_s)
     return _run([sys.executable, __file__, "x", "--one", json.dumps(asdict(cfg))], timeout_s,
                 lambda out: next((json.loads(ln[7:]) for ln in reversed(out.splitlines())
@@ -403,12 +404,12 @@ def _launch_script(cfg: Config, timeout_s: float) -> dict[str, Any]:
 
 
 def _launch_torchtitan(cfg: Config, timeout_s: float) -> dict[str, Any]:
-    """TorchTitan's Llama (benchmarks/torchtitan_llama.py) under torchrun, with this file's
+    """TorchTitan's Llama or DeepSeek-V3 (benchmarks/torchtitan_baseline.py) under torchrun, with this file's
     FLOP and MFU accounting added to its timing."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={cfg.devices}", str(Path(__file__).with_name("torchtitan_llama.py")),
+               f"--nproc-per-node={cfg.devices}", str(Path(__file__).with_name("torchtitan_baseline.py")),
                "--row", json.dumps(asdict(cfg)), "--out", str(out)]
         result = _run(cmd, timeout_s, lambda _: json.loads(out.read_text()) if out.exists() else None)
     if "tokens_per_s" in result:

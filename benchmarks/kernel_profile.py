@@ -30,30 +30,28 @@ def category(name: str) -> str:
     return "other"
 
 
-class KernelProfile(L.Callback):
-    """Profiles batches [start, end) and keeps the per-step kernel milliseconds by category."""
+class StepProfiler:
+    """Kernel time per step by category between `begin()` and `finish(steps)`, for any training
+    loop (the Lightning callback below, or TorchTitan's loop in torchtitan_baseline.py)."""
 
-    def __init__(self, start: int, end: int) -> None:
-        self.start, self.end = start, end
+    def __init__(self) -> None:
         self.profiler = None
         self.summary: dict[str, Any] = {}
 
-    def on_train_batch_start(self, trainer, module, batch, idx) -> None:
-        if idx == self.start:
-            # CUDA activity alone: its events are the kernels themselves, so no time counts twice
-            # (a CPU-only run, the dry run, profiles CPU operators instead).
-            activity = (torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available()
-                        else torch.profiler.ProfilerActivity.CPU)
-            self.profiler = torch.profiler.profile(activities=[activity])
-            self.profiler.__enter__()
+    def begin(self) -> None:
+        # CUDA activity alone: its events are the kernels themselves, so no time counts twice
+        # (a CPU-only run, the dry run, profiles CPU operators instead).
+        activity = (torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available()
+                    else torch.profiler.ProfilerActivity.CPU)
+        self.profiler = torch.profiler.profile(activities=[activity])
+        self.profiler.__enter__()
 
-    def on_train_batch_end(self, trainer, module, out, batch, idx) -> None:
-        if idx != self.end - 1 or self.profiler is None:
-            return
+    def finish(self, steps: int) -> dict[str, Any]:
+        if self.profiler is None:
+            return self.summary
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)
-        steps = self.end - self.start
         totals: dict[str, float] = {}
         top: dict[str, float] = {}
         for event in self.profiler.key_averages():
@@ -65,4 +63,26 @@ class KernelProfile(L.Callback):
             top[event.key[:90]] = ms / steps
         self.summary = {"kernel_ms_per_step": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
                         "kernel_ms_total": sum(totals.values()),
-                        "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
+                        "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:20])}
+        self.profiler = None
+        return self.summary
+
+
+class KernelProfile(L.Callback):
+    """Profiles batches [start, end) and keeps the per-step kernel milliseconds by category."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.step_profiler = StepProfiler()
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.step_profiler.summary
+
+    def on_train_batch_start(self, trainer, module, batch, idx) -> None:
+        if idx == self.start:
+            self.step_profiler.begin()
+
+    def on_train_batch_end(self, trainer, module, out, batch, idx) -> None:
+        if idx == self.end - 1:
+            self.step_profiler.finish(self.end - self.start)

@@ -256,6 +256,17 @@ class RoutedExperts(nn.Module):
         return looped_swiglu(x, counts, self.w1, self.w3, self.w2)
 
 
+def expert_counts(expert_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(n_experts,) int64 number of (token, slot) pairs routed to each expert.
+
+    A scatter-add into a fixed-size vector rather than `torch.bincount`, whose output size
+    depends on the data: bincount breaks the compiled graph at every MoE layer, this does not.
+    Integer adds are exact, so the counts do not depend on the order the atomics land in.
+    """
+    flat = expert_indices.reshape(-1)
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def sort_by_expert(expert_indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, counts) for the (token, slot) pairs of expert_indices (T, k).
 
@@ -263,7 +274,7 @@ def sort_by_expert(expert_indices: torch.Tensor, n_experts: int) -> tuple[torch.
     within an expert); the pair's token is order // k. `counts` (n_experts,) sizes the groups.
     """
     flat = expert_indices.reshape(-1)
-    return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=n_experts)
+    return torch.argsort(flat, stable=True), expert_counts(flat, n_experts)
 
 
 def combine(sorted_out: torch.Tensor, order: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
@@ -336,7 +347,7 @@ class DeepSeekMoE(nn.Module):
 
     @torch.no_grad()
     def _record_load(self, indices: torch.Tensor) -> None:
-        counts = torch.bincount(indices.reshape(-1), minlength=self.n_experts).to(self.tokens_per_expert)
+        counts = expert_counts(indices, self.n_experts).to(self.tokens_per_expert)
         self.tokens_per_expert.copy_(counts)
         if self.training:
             self.load_since_update += counts
@@ -429,5 +440,5 @@ def build_deepseek(cfg: ModelConfig) -> CausalTransformer:
 __all__ = [
     "MultiHeadLatentAttention", "Router", "RoutedExperts", "LocalDispatcher", "DeepSeekMoE",
     "build_deepseek", "collect_aux_loss", "moe_load_stats", "update_moe_biases",
-    "sequence_balance_loss", "sort_by_expert", "combine", "grouped_swiglu", "looped_swiglu",
+    "sequence_balance_loss", "expert_counts", "sort_by_expert", "combine", "grouped_swiglu", "looped_swiglu",
 ]
