@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..mesh import ParallelMeshes, add_expert_mesh
+from ..models.loss import TokenCrossEntropy
 from ..models.protocol import expert_modules, is_expert_parameter, moe_layers
 from ..plan import ParallelPlan, PlanError
 from .activation_checkpointing import activation_offload, apply_activation_checkpointing
@@ -161,12 +162,19 @@ def apply_compile(transformer: nn.Module, mode: str) -> None:
     """torch.compile per `mode`: "block" compiles each block on its own (FSDP2 hooks, collectives
     and checkpointing stay between graphs, so it composes with every plan); "model" compiles the
     transformer as one graph, embedding to final norm (the plan allows it on replicated plans
-    only); "none" leaves it eager."""
+    only); "none" leaves it eager.
+
+    Either compiled mode also compiles the local loss kernel (the head's logits to the sum of
+    token losses): fused, the fp32 upcast and the log-softmax are one reduction instead of a
+    copy and two softmax passes over the logits, about 8% of a step at a 102k vocabulary.
+    A vocabulary-parallel kernel (tensor parallelism) stays eager: it calls collectives."""
     if mode == "block":
         for block in transformer.blocks:
             block.compile()
     elif mode == "model":
         transformer.compile()
+    if mode != "none" and type(getattr(transformer, "loss_kernel", None)) is TokenCrossEntropy:
+        transformer.loss_kernel.compile()
 
 
 def sharding_mesh(meshes: ParallelMeshes):
