@@ -15,15 +15,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from .models import ModelConfig, build_model
+from .models import ModelConfig, build_model, moe_layers
+from .models.deepseek import collect_aux_loss
 from .models.fused_loss import fused_cross_entropy_sum
 from .models.loss import cross_entropy_sum
 from .step import StepBatch
-
-
-def _moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    losses = [m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
-    return torch.stack(losses).sum() if losses else None
 
 
 class CausalLMModule(L.LightningModule):
@@ -79,9 +75,8 @@ class CausalLMModule(L.LightningModule):
                                   self.model.loss_kernel)
         mean = loss_sum / step.loss_denominator(count)
         loss = mean * step.loss_scale
-        aux = _moe_aux_loss(self.model)
-        if aux is not None:
-            loss = loss + aux
+        if moe_layers(self.model):  # the balance losses of the MoE layers' latest forward
+            loss = loss + collect_aux_loss(self.model)
         return loss, step.step_loss(mean)
 
     def training_step(self, batch: Union[StepBatch, dict[str, Any]], batch_idx: int) -> torch.Tensor:
