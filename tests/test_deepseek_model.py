@@ -192,6 +192,29 @@ def test_grouped_gemm_matches_expert_loop(device):
     assert_close(grouped, looped_swiglu(x, counts, w1, w3, w2), rtol=2e-2, name="grouped GEMM")
 
 
+def test_expert_counts_equal_bincount_and_the_compiled_moe_block_is_one_graph(monkeypatch):
+    """Routing counts have a fixed size (n_experts) whatever the routing, so torch.compile traces
+    a MoE block on the grouped-GEMM path as one graph; bincount's data-dependent size broke it
+    at every MoE layer."""
+    import torch._dynamo
+
+    from lightning_attn_parallel.models import deepseek
+
+    idx = torch.tensor([[5, 0], [5, 2], [0, 5]])
+    assert deepseek.expert_counts(idx, 8).tolist() == torch.bincount(idx.flatten(), minlength=8).tolist()
+    try:
+        deepseek.grouped_swiglu(torch.randn(4, 8, dtype=torch.bfloat16), torch.tensor([1, 3]),
+                                *torch.randn(2, 2, 8, 8, dtype=torch.bfloat16), torch.randn(2, 8, 8, dtype=torch.bfloat16))
+    except (RuntimeError, NotImplementedError) as err:
+        pytest.skip(f"torch._grouped_mm unavailable on the CPU: {err}")
+    monkeypatch.setattr(deepseek, "_grouped_mm_dtype", lambda x, experts: torch.bfloat16)
+    torch.manual_seed(0)
+    block = build_deepseek(_cfg(first_k_dense_replace=0)).blocks[0]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(torch.randn(2, 16, 32), torch.arange(16).expand(2, 16))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
 def test_every_expert_gets_a_gradient_even_without_tokens():
     torch.manual_seed(0)
     layer = DeepSeekMoE(_cfg())
