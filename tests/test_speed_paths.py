@@ -222,6 +222,23 @@ def _reference_cast_params(master, steps, dp: int, lr: float):
     return losses, first_grads, {n: p.detach().clone() for n, p in master.named_parameters()}
 
 
+def _count_unshards() -> list:
+    """Names of the FSDP2 units unsharded (for cast_params: cast from the fp32 masters) since the
+    list was last cleared, counted at FSDP2's unshard entry point (torch 2.11-2.13)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    seen: list = []
+    original = FSDPParamGroup.unshard
+
+    def counting(self, *args, **kwargs):
+        if self._all_gather_result is None and not self.is_unsharded:
+            seen.append(self._module_fqn)
+        return original(self, *args, **kwargs)
+
+    FSDPParamGroup.unshard = counting  # the worker process ends after the test
+    return seen
+
+
 def _cast_params_worker(rank: int, world: int) -> dict:
     from lightning_attn_parallel.mesh import build_meshes
     from lightning_attn_parallel.parallel.apply import parallelize
@@ -243,12 +260,17 @@ def _cast_params_worker(rank: int, world: int) -> dict:
     global_steps, local_steps = global_and_local_batches(rank, world, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, grads = [], {}
+    casts = _count_unshards()
     for step, micro_batches in enumerate(local_steps):
         step_loss = torch.zeros(())
         for i, (tokens, targets) in enumerate(micro_batches):
             set_gradient_sync(model, i == len(micro_batches) - 1)
+            casts.clear()
             loss = mean_loss(model, tokens, targets) / len(micro_batches)
             loss.backward()
+            # one cast of the fp32 masters per FSDP unit (blocks + root) and micro-batch: the
+            # bf16 copy is kept for the backward rather than cast again
+            assert len(casts) == len(model.blocks) + 1, casts
             step_loss += loss.detach().float()
         torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
         if step == 0:

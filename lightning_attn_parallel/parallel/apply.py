@@ -142,8 +142,13 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
                                   if not (plan.ep > 1 and is_expert_parameter(module, n))], meshes.dense_grads)
         if plan.ep > 1:
             fixups += shard_experts(transformer, meshes, policy)
-        apply_fully_sharded(transformer if transformer is not None else module, sharding_mesh(meshes),
-                            policy.param_dtype, policy.reduce_dtype)
+        mesh = sharding_mesh(meshes)
+        # Over a shard dimension of one rank (cast_params on replicated parameters) resharding
+        # after the forward frees only the bf16 copy, and the backward would cast the fp32
+        # masters again: keep the copy (2 bytes a parameter) and cast once a step.
+        apply_fully_sharded(transformer if transformer is not None else module, mesh,
+                            policy.param_dtype, policy.reduce_dtype,
+                            reshard_after_forward=mesh.size(mesh.ndim - 1) > 1)
         if plan.ep > 1 and plan.tp > 1:
             fixups.append(_token_split_fixup(transformer, meshes))
         materialize()
