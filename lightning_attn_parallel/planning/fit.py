@@ -109,14 +109,18 @@ def fit_calibration(measurements: Iterable[Measurement],
 
 
 def measurements_from_bench(path: str | Path) -> list[Measurement]:
-    """The single-GPU rows of a benchmarks/bench.py JSON file that trained successfully."""
+    """The single-GPU rows of a benchmarks/bench.py JSON file that trained successfully, with the
+    row's own plan fields (fp8, whole-model compile, mixed_precision). Profiled rows (the profiler
+    slows them) and liger's fused loss (a kernel the planner does not model) are left out."""
     out = []
     for cfg, result in json.loads(Path(path).read_text()):
         if ("tokens_per_s" not in result or cfg.get("devices", 1) != 1
-                or cfg.get("strategy") not in ("attn_hybrid", "auto")):
+                or cfg.get("strategy") not in ("attn_hybrid", "auto")
+                or cfg.get("profile") or cfg.get("fused_loss")):
             continue
-        plan = ParallelPlan(activation_checkpointing=cfg["checkpointing"], compile=cfg["compile"],
-                            grouped_gemm=cfg.get("grouped_gemm", True))
+        levers = dict(activation_checkpointing=cfg["checkpointing"], compile=cfg["compile"],
+                      grouped_gemm=cfg.get("grouped_gemm", True))
+        plan = ParallelPlan(**{**levers, **cfg.get("plan", {})})
         out.append(Measurement(ModelConfig(**cfg["model"]), plan, gpu_spec(result["device"]),
                                cfg["micro_batch"], cfg["seq_len"], cfg["precision"],
                                result["tokens_per_s"], cfg.get("loss_chunk_tokens")))
