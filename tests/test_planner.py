@@ -220,12 +220,13 @@ def _recorded_runs(files: dict):
 def _check_recorded_run(run, result, memory_rel: float, speed_rel: float) -> None:
     plan = run.plan.resolve(1)
     m = estimate_memory(run.model, plan, run.micro_batch, run.seq_len, run.precision, run.gpu,
-                        loss_chunk_tokens=run.loss_chunk_tokens)
+                        loss_chunk_tokens=run.loss_chunk_tokens, compiled_loss=run.compiled_loss)
     assert m.allocated / GIB == pytest.approx(result["peak_gib"], rel=memory_rel)
     if "static_gib" in result:
         assert m.static / GIB == pytest.approx(result["static_gib"], rel=0.02)
     t = estimate_time(run.model, plan, ClusterSpec(1, 1), run.gpu, run.micro_batch, run.seq_len,
-                      run.precision, loss_chunk_tokens=run.loss_chunk_tokens)
+                      run.precision, loss_chunk_tokens=run.loss_chunk_tokens,
+                      compiled_loss=run.compiled_loss)
     assert t.tokens_per_s == pytest.approx(run.tokens_per_s, rel=speed_rel)
 
 
@@ -293,6 +294,26 @@ def test_fit_recovers_the_constants_that_generated_the_data():
     assert fitted.elementwise_bytes_compiled == Calibration().elementwise_bytes_compiled
 
 
+def test_fit_holds_the_constants_it_is_not_asked_for():
+    """MoE runs fit the compiled experts' efficiency with the dense constants held at `base`: runs
+    synthesised with a known compiled efficiency (and off-default dense constants) give it back
+    when the dense constants are held at their true values, and leave them untouched."""
+    from lightning_attn_parallel.planning.fit import Measurement, fit_calibration
+
+    cut = replace(DEEPSEEK_V2, n_layers=4)
+    dense = replace(Calibration(), matmul_efficiency=0.5, elementwise_bytes_compiled=150.0)
+    truth = replace(dense, expert_efficiency_grouped_compiled=0.3)
+    runs = []
+    for mb, seq, precision in ((4, 2048, "bf16-true"), (2, 4096, "bf16-mixed")):
+        plan = ParallelPlan(dp_replicate=1, compile="block")
+        t = estimate_time(cut, plan, ClusterSpec(1, 1), H100_SXM, mb, seq, precision, calibration=truth)
+        runs.append(Measurement(cut, plan, H100_SXM, mb, seq, precision, t.tokens_per_s))
+    fitted = fit_calibration(runs, base=dense, unknowns=("grouped_compiled",))
+    assert fitted.expert_efficiency_grouped_compiled == pytest.approx(0.3, rel=1e-6)
+    assert fitted.matmul_efficiency == 0.5 and fitted.elementwise_bytes_compiled == 150.0
+    assert fitted.expert_efficiency_grouped == dense.expert_efficiency_grouped
+
+
 def test_longest_sequence_on_one_h100():
     """Measured on one H100 at micro-batch 1, bf16-mixed, no checkpointing: 16k fits, 32k does
     not (benchmarks/RESULTS.md, long sequences)."""
@@ -338,16 +359,19 @@ def test_all_reduce_across_nodes_by_hand():
 
 def test_step_time_arithmetic():
     """Compute = tokens x (matmul FLOPs / (peak x e_mm) + attention FLOPs / (peak x e_attn)
-    + layers x d_model x element-wise bytes / HBM bandwidth), by hand."""
+    + layers x d_model x element-wise bytes / HBM bandwidth + vocabulary x the loss kernel's
+    bytes per logit / HBM bandwidth), by hand."""
     one = ClusterSpec(1, 1)
-    cal = Calibration(matmul_efficiency=0.5, attention_efficiency=0.8, elementwise_bytes_eager=300.0)
+    cal = Calibration(matmul_efficiency=0.5, attention_efficiency=0.8, elementwise_bytes_eager=300.0,
+                      loss_forward_bytes_eager=20.0, loss_backward_bytes_eager=25.0)
     t = estimate_time(ANCHOR_1B, ParallelPlan(), one, H100_SXM, 8, 2048, "bf16-true",
                       calibration=cal)
     tokens = 8 * 2048
     counts = parameter_counts(ANCHOR_1B)
     matmul = 6 * counts.active_matmul
     attention = 12 * 22 * 32 * 64 * 2048
-    per_token = (matmul / (989.4e12 * 0.5) + attention / (989.4e12 * 0.8) + 22 * 2048 * 300.0 / 3350e9)
+    per_token = (matmul / (989.4e12 * 0.5) + attention / (989.4e12 * 0.8) + 22 * 2048 * 300.0 / 3350e9
+                 + 32000 * (20.0 + 25.0) / 3350e9)
     assert t.compute_s == pytest.approx(tokens * per_token)
     assert t.flops_per_token == pytest.approx(matmul + attention)
     assert t.tp_s == t.cp_s == t.ep_s == t.dp_exposed_s == t.fsdp_exposed_s == 0.0
@@ -360,7 +384,55 @@ def test_step_time_arithmetic():
     faster_memory = estimate_time(ANCHOR_1B, ParallelPlan(), one, replace(H100_SXM, hbm_gbps=6700.0),
                                   8, 2048, "bf16-true", calibration=cal)
     assert faster_memory.compute_s == pytest.approx(
-        tokens * (per_token - 22 * 2048 * 300.0 / 3350e9 / 2))  # only the element-wise part halves
+        tokens * (per_token - (22 * 2048 * 300.0 + 32000 * 45.0) / 3350e9 / 2))  # the bandwidth-bound
+    # parts halve: the element-wise work and the loss kernel
+
+
+def test_compiled_loss_kernel_time():
+    """A compiled plan runs the loss kernel compiled: its step is shorter than the same plan with
+    an eager loss kernel by tokens x vocabulary x (eager - compiled bytes per logit) / HBM
+    bandwidth, plus the forward's difference once more where a chunked loss re-runs it. An
+    untied head under tp keeps the eager vocabulary-parallel kernel."""
+    one = ClusterSpec(1, 1)
+    cal = Calibration(loss_forward_bytes_eager=30.0, loss_backward_bytes_eager=20.0,
+                      loss_forward_bytes_compiled=6.0, loss_backward_bytes_compiled=4.0)
+    compiled = ParallelPlan(compile="block")
+    logits = 8 * 2048 * 32000 / 3350e9  # seconds per byte per logit element on an H100
+
+    def step(plan, chunk=None, **kw):
+        return estimate_time(ANCHOR_1B, plan, one, H100_SXM, 8, 2048, "bf16-true",
+                             loss_chunk_tokens=chunk, calibration=cal, **kw)
+
+    assert step(compiled, compiled_loss=False).step_s - step(compiled).step_s == pytest.approx(
+        logits * (50.0 - 10.0))
+    chunked = step(compiled, 4096, compiled_loss=False).step_s - step(compiled, 4096).step_s
+    assert chunked == pytest.approx(logits * (50.0 - 10.0 + 30.0 - 6.0))
+    eager = ParallelPlan()
+    assert step(eager).step_s == step(eager, compiled_loss=False).step_s
+    # a chunk as large as the micro-batch runs the loss in one piece: nothing is recomputed
+    assert step(compiled, 8 * 2048).recompute_s == 0.0 < step(compiled, 4096).recompute_s
+    tp = ParallelPlan(tp=2, dp_replicate=1, compile="block")
+    two = ClusterSpec(1, 2)
+    assert (estimate_time(ANCHOR_1B, tp, two, H100_SXM, 8, 2048, "bf16-true", calibration=cal).step_s
+            == estimate_time(ANCHOR_1B, tp, two, H100_SXM, 8, 2048, "bf16-true", calibration=cal,
+                             compiled_loss=False).step_s)
+
+
+@pytest.mark.parametrize("precision,compiled_bytes", [("bf16-true", 4), ("bf16-mixed", 4), ("32-true", 8)])
+def test_compiled_loss_kernel_memory(precision, compiled_bytes):
+    """The eager loss keeps the fp32 log-softmax output, its gradient and the fp32 input's gradient
+    (12 bytes per logit); the compiled kernel keeps the logits and writes their gradient in the
+    compute dtype (2 x its bytes). On one H200 compiling the loss saved 8.0 bytes per logit in
+    bf16, on the 32k and the 102k vocabulary (speed_h200.json against speed_compiled_loss_h200.json,
+    moe_speed_eager_loss_h200.json against moe_speed_h200.json)."""
+    plan = ParallelPlan(compile="block")
+    for tokens, chunk in ((8 * 2048, 8192), (2 * 2048, None)):
+        eager = activation_bytes(ANCHOR_1B, plan, tokens // 2048, 2048, precision,
+                                 loss_chunk_tokens=chunk, compiled_loss=False)
+        fused = activation_bytes(ANCHOR_1B, plan, tokens // 2048, 2048, precision,
+                                 loss_chunk_tokens=chunk)
+        rows = min(tokens, chunk or tokens)
+        assert eager - fused == pytest.approx(rows * 32000 * (12 - compiled_bytes), rel=1e-12)
 
 
 def test_gradient_reduction_hides_behind_backward_but_tp_does_not():

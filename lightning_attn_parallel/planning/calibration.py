@@ -7,10 +7,21 @@ gate, residual adds, autocast's casts) as bytes moved per token, per layer and p
 d_model at the card's HBM bandwidth. The element-wise part is what torch.compile fuses away and
 what makes a card with faster memory faster at equal FLOPs.
 
-The defaults were fitted by `planning.fit.fit_calibration` to the 1.1B Llama-shaped model on one
-H100 SXM and one H200 (benchmarks/results/planner_fit_h200.json, sharding_h200.json and the
-single-GPU H100 runs of benchmarks/RESULTS.md), then checked on configurations left out of the
-fit (planner_check_h200.json; RESULTS.md, Planner).
+The loss kernel over the logits is its own term, bytes per logit element at HBM bandwidth for the
+eager and the compiled kernel, read off kernel profiles (not fitted: the step times cannot
+separate it from the element-wise term).
+
+The defaults were fitted by `planning.fit.fit_calibration` in two stages (RESULTS.md, "Planner
+after the compiled loss"); files under benchmarks/results/:
+- the dense constants (matmul, attention, element-wise, selective) to the 1.1B Llama-shaped model
+  on one H100 SXM and one H200: planner_fit_h200.json, sharding_h200.json, planner.json,
+  long_context.json, strategies_a.json, callbacks.json, speed_h200.json, speed_fp8_h200.json,
+  speed_compiled_loss_h200.json, speed_fp8_bf16_true_h200.json and
+  speed_fp8_vs_torchtitan_h200.json;
+- then, with those held, the routed experts' efficiencies to the 4-layer DeepSeek-V2-Lite cut:
+  moe.json (H100), moe_speed_eager_loss_h200.json and moe_speed_h200.json (H200).
+Checked on configurations left out of the fit: planner_check_h200.json,
+planner_moe_check_h200.json and planner_speed_check_h200.json (predicted before it ran).
 `context_parallel_attention` rests on 2-GPU runs only; collective efficiency and overlap are
 textbook values until a cluster run measures them.
 """
@@ -23,16 +34,32 @@ from dataclasses import dataclass
 class Calibration:
     """Constants of the memory and time models; pass a modified copy to any planner function."""
 
-    # ---- compute (fitted): roofline terms, see the module docstring
-    matmul_efficiency: float = 0.59
-    attention_efficiency: float = 0.83
-    elementwise_bytes_autocast: float = 523.0  # eager "-mixed": per token, layer and d_model
-    elementwise_bytes_eager: float = 473.0  # eager "-true" / "32-true", and "-mixed" under FSDP2
-    elementwise_bytes_compiled: float = 175.0  # torch.compile per block
-    selective_recompute_bytes: float = 438.0  # selective checkpointing's re-run element-wise ops
-    # ---- routed experts, routing included (fitted to a 4-layer DeepSeek-V2-Lite cut on one H100)
-    expert_efficiency_grouped: float = 0.154  # fraction of peak, grouped GEMM (torch._grouped_mm)
-    expert_efficiency_loop: float = 0.051  # fraction of peak, one matmul per expert
+    # ---- compute (fitted to the dense files of the module docstring): roofline terms
+    matmul_efficiency: float = 0.590
+    attention_efficiency: float = 0.833
+    elementwise_bytes_autocast: float = 477.0  # eager "-mixed": per token, layer and d_model
+    elementwise_bytes_eager: float = 436.0  # eager "-true" / "32-true", and "-mixed" under FSDP2
+    elementwise_bytes_compiled: float = 130.0  # torch.compile per block
+    selective_recompute_bytes: float = 426.0  # selective checkpointing's re-run element-wise ops
+    # ---- routed experts, routing included, as fractions of peak (fitted to the V2-Lite cut with the
+    # dense constants held): eager grouped GEMM (torch._grouped_mm) and per-expert loop, to moe.json
+    # (H100) and the eager row of moe_speed_eager_loss_h200.json; a compiled MoE block (one graph:
+    # routing, permutation and the grouped GEMMs' casts fused) to the compiled rows of
+    # moe_speed_eager_loss_h200.json and moe_speed_h200.json
+    expert_efficiency_grouped: float = 0.216
+    expert_efficiency_loop: float = 0.0558
+    expert_efficiency_grouped_compiled: float = 0.340
+    # ---- the loss kernel over the logits (fp32 upcast, log-softmax, NLL and their backward):
+    # HBM bytes per logit element at the card's bandwidth, read off kernel profiles on one H200.
+    # Eager (moe_profile_h200.json, 8192 x 102400 logits): forward = the fp32 copy and
+    # SoftMaxForward (2.43 + 3.16 ms), backward = SoftMaxBackward, the bf16 copy and the gradient's
+    # zero fill (3.36 + 1.15 + 0.71 ms). Compiled, one fused reduction each way: forward 1.06 ms
+    # (TorchTitan's compiled loss, moe_profile_h200.json) and 1.75 ms over 2 x 16384 x 32000
+    # (speed_profile_compiled_loss_h200.json), backward 1.09 ms (TorchTitan's).
+    loss_forward_bytes_eager: float = 32.0
+    loss_backward_bytes_eager: float = 30.0
+    loss_forward_bytes_compiled: float = 7.0
+    loss_backward_bytes_compiled: float = 6.0
     # ---- context parallelism (fitted to two-H100 runs at 64k and 128k tokens, ring and all-gather)
     context_parallel_attention: float = 0.62  # attention speed under cp > 1 relative to one GPU:
     # chunk-pair kernels and fp32 log-sum-exp merges outside them
@@ -50,11 +77,21 @@ class Calibration:
     # extra compute-dtype elements per token, per layer and per d_model (fitted: 1.1B model, H200)
     fsdp_prefetch_units: int = 2  # FSDP unsharded units alive at once (current + prefetched)
     moe_imbalance: float = 1.2  # tokens on the busiest expert rank / the mean
-    logits_bytes_per_element: int = 12  # fp32 log-softmax output + its grad + the input grad
+    logits_bytes_per_element: int = 12  # eager loss: fp32 log-softmax output + its grad + the input
+    # grad (a compiled loss keeps two compute-dtype tensors: memory.logits_bytes_per_element)
 
-    def expert_efficiency(self, grouped_gemm: bool) -> float:
-        """Fraction of peak the routed experts reach, routing included, with this kernel."""
-        return self.expert_efficiency_grouped if grouped_gemm else self.expert_efficiency_loop
+    def expert_efficiency(self, grouped_gemm: bool, compiled: bool = False) -> float:
+        """Fraction of peak the routed experts reach, routing included, with this kernel (the
+        per-expert loop has no compiled measurement: it keeps its eager value)."""
+        if not grouped_gemm:
+            return self.expert_efficiency_loop
+        return self.expert_efficiency_grouped_compiled if compiled else self.expert_efficiency_grouped
+
+    def loss_bytes(self, compiled: bool) -> tuple[float, float]:
+        """(forward, backward) HBM bytes per logit element of the loss kernel."""
+        if compiled:
+            return self.loss_forward_bytes_compiled, self.loss_backward_bytes_compiled
+        return self.loss_forward_bytes_eager, self.loss_backward_bytes_eager
 
     def elementwise_bytes(self, compiled: bool, autocast: bool) -> float:
         """Element-wise bytes per token, per layer and per d_model for this execution mode."""

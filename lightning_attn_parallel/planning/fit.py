@@ -24,11 +24,26 @@ from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import parameter_counts
 from ..hardware import ClusterSpec, GpuSpec, gpu_spec
-from .memory import precision_spec
-from .timing import compute_terms, estimate_time
+from .memory import compute_precision, precision_spec
+from .timing import compute_terms, estimate_time, loss_time
 
-# the unknowns, in the order of the regression's columns
-UNKNOWNS = ("matmul", "attention", "autocast", "eager", "compiled", "selective", "grouped", "loop")
+# the unknowns, in the order of the regression's columns, and the Calibration field each one is
+# (inverted: the column is seconds per unit of 1/field)
+UNKNOWNS = ("matmul", "attention", "autocast", "eager", "compiled", "selective", "grouped", "loop",
+            "grouped_compiled")
+FIELDS = {"matmul": ("matmul_efficiency", True), "attention": ("attention_efficiency", True),
+          "autocast": ("elementwise_bytes_autocast", False),
+          "eager": ("elementwise_bytes_eager", False),
+          "compiled": ("elementwise_bytes_compiled", False),
+          "selective": ("selective_recompute_bytes", False),
+          "grouped": ("expert_efficiency_grouped", True), "loop": ("expert_efficiency_loop", True),
+          "grouped_compiled": ("expert_efficiency_grouped_compiled", True)}
+
+
+def _unit(name: str, cal: Calibration) -> float:
+    """The value of unknown `name` in `cal`, in the regression's units."""
+    field, invert = FIELDS[name]
+    return 1.0 / getattr(cal, field) if invert else getattr(cal, field)
 
 
 @dataclass(frozen=True)
@@ -43,28 +58,31 @@ class Measurement:
     precision: str
     tokens_per_s: float
     loss_chunk_tokens: Optional[int] = None
+    compiled_loss: Optional[bool] = None  # None: as the plan runs today (see EAGER_LOSS_RESULTS)
 
 
 def _row(m: Measurement, cal: Calibration) -> tuple[np.ndarray, float]:
-    """(seconds per step per unit of each unknown, seconds the unknowns do not explain)."""
+    """(seconds per step per unit of each unknown, seconds the unknowns do not explain: the
+    optimizer and the loss kernel, whose constants come from kernel profiles)."""
     counts = parameter_counts(m.model)
     plan = m.plan.resolve(1)
     p = precision_spec(m.precision)
     base, redo = compute_terms(m.model, counts, plan, m.gpu, m.seq_len, p.name)
     tokens = m.micro_batch * m.seq_len
     elementwise = base["elementwise"] + redo["elementwise"]
-    mode = "compiled" if plan.compiled else ("autocast" if p.autocast else "eager")
-    matmul = base["matmul"] + redo["matmul"]
-    if m.loss_chunk_tokens:
-        matmul += 2.0 * counts.head_matmul / m.gpu.peak_flops(p.compute_bytes)
-    kernel = "grouped" if plan.grouped_gemm else "loop"
+    autocast = compute_precision(p, plan).autocast
+    mode = "compiled" if plan.compiled else ("autocast" if autocast else "eager")
+    loss, loss_redo, head_redo = loss_time(m.model, counts, plan, m.gpu, tokens, p.name,
+                                           m.loss_chunk_tokens, cal, m.compiled_loss)
+    matmul = base["matmul"] + redo["matmul"] + head_redo / tokens
+    kernel = "loop" if not plan.grouped_gemm else ("grouped_compiled" if plan.compiled else "grouped")
     coefficients = {"matmul": matmul, "attention": base["attention"] + redo["attention"],
                     mode: elementwise, "selective": redo["selective"],
                     kernel: base["experts"] + redo["experts"]}
     row = np.array([tokens * coefficients.get(name, 0.0) for name in UNKNOWNS])
     fixed = estimate_time(m.model, plan, ClusterSpec(1, 1), m.gpu, m.micro_batch, m.seq_len,
                           m.precision, calibration=cal, counts=counts).optimizer_s
-    return row, fixed
+    return row, fixed + loss + loss_redo
 
 
 def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -78,34 +96,38 @@ def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         active.remove(active[int(np.argmin(x[active]))])
 
 
-def fit_calibration(measurements: Iterable[Measurement],
-                    base: Calibration = DEFAULT_CALIBRATION) -> Calibration:
-    """`base` with its compute constants fitted to `measurements`; a constant that no
-    measurement exercises (say, no compiled run) keeps its value from `base`."""
+def fit_calibration(measurements: Iterable[Measurement], base: Calibration = DEFAULT_CALIBRATION,
+                    unknowns: Iterable[str] = UNKNOWNS) -> Calibration:
+    """`base` with the compute constants named in `unknowns` fitted to `measurements`; the others,
+    and a constant that no measurement exercises (say, no compiled run), keep their value from
+    `base` (so MoE runs can fit the expert efficiencies with the dense constants held)."""
+    free = [name for name in UNKNOWNS if name in set(unknowns)]
+    held = np.array([0.0 if name in free else _unit(name, base) for name in UNKNOWNS])
     rows, targets = [], []
     for m in measurements:
         row, fixed = _row(m, base)
         step = m.micro_batch * m.seq_len / m.tokens_per_s
         rows.append(row / step)
-        targets.append((step - fixed) / step)
+        targets.append((step - fixed - row @ held) / step)
     a, b = np.array(rows), np.array(targets)
+    a[:, [j for j, name in enumerate(UNKNOWNS) if name not in free]] = 0.0
     x = _nonnegative_lstsq(a, b)
-    used = {name: bool(np.any(a[:, j])) for j, name in enumerate(UNKNOWNS)}
-    fitted = dict(zip(UNKNOWNS, x))
+    changes = {}
+    for j, name in enumerate(UNKNOWNS):
+        field, invert = FIELDS[name]
+        if not np.any(a[:, j]) or (invert and x[j] <= 0):
+            continue
+        changes[field] = 1.0 / x[j] if invert else float(x[j])
+    return replace(base, **changes)
 
-    def value(name: str, field: str, invert: bool = False) -> float:
-        if not used[name] or (invert and fitted[name] <= 0):
-            return getattr(base, field)
-        return 1.0 / fitted[name] if invert else float(fitted[name])
 
-    return replace(base, matmul_efficiency=value("matmul", "matmul_efficiency", invert=True),
-                   attention_efficiency=value("attention", "attention_efficiency", invert=True),
-                   elementwise_bytes_autocast=value("autocast", "elementwise_bytes_autocast"),
-                   elementwise_bytes_eager=value("eager", "elementwise_bytes_eager"),
-                   elementwise_bytes_compiled=value("compiled", "elementwise_bytes_compiled"),
-                   selective_recompute_bytes=value("selective", "selective_recompute_bytes"),
-                   expert_efficiency_grouped=value("grouped", "expert_efficiency_grouped", invert=True),
-                   expert_efficiency_loop=value("loop", "expert_efficiency_loop", invert=True))
+# Results recorded before compiled plans compiled the loss kernel too (parallel.apply
+# .apply_compile): their compiled rows ran the loss eagerly.
+EAGER_LOSS_RESULTS = frozenset({
+    "planner.json", "long_context.json", "strategies_a.json", "strategies_b.json", "callbacks.json",
+    "moe.json", "multi_gpu.json", "multi_gpu_b.json", "planner_fit_h200.json", "planner_check_h200.json",
+    "planner_moe_check_h200.json", "sharding_h200.json", "speed_h200.json", "speed_fp8_h200.json",
+    "speed_profile_h200.json", "moe_speed_eager_loss_h200.json", "moe_profile_h200.json"})
 
 
 def measurements_from_bench(path: str | Path) -> list[Measurement]:
@@ -123,7 +145,8 @@ def measurements_from_bench(path: str | Path) -> list[Measurement]:
         plan = ParallelPlan(**{**levers, **cfg.get("plan", {})})
         out.append(Measurement(ModelConfig(**cfg["model"]), plan, gpu_spec(result["device"]),
                                cfg["micro_batch"], cfg["seq_len"], cfg["precision"],
-                               result["tokens_per_s"], cfg.get("loss_chunk_tokens")))
+                               result["tokens_per_s"], cfg.get("loss_chunk_tokens"),
+                               False if Path(path).name in EAGER_LOSS_RESULTS else None))
     return out
 
 
@@ -131,13 +154,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     paths = argv if argv is not None else sys.argv[1:]
     measurements = [m for path in paths for m in measurements_from_bench(path)]
     cal = fit_calibration(measurements)
-    for name in ("matmul_efficiency", "attention_efficiency", "elementwise_bytes_autocast",
-                 "elementwise_bytes_eager", "elementwise_bytes_compiled", "selective_recompute_bytes",
-                 "expert_efficiency_grouped", "expert_efficiency_loop"):
+    for name, _ in FIELDS.values():
         print(f"{name} = {getattr(cal, name):.4g}")
     for m in measurements:
         t = estimate_time(m.model, m.plan, ClusterSpec(1, 1), m.gpu, m.micro_batch, m.seq_len,
-                          m.precision, loss_chunk_tokens=m.loss_chunk_tokens, calibration=cal)
+                          m.precision, loss_chunk_tokens=m.loss_chunk_tokens, calibration=cal,
+                          compiled_loss=m.compiled_loss)
         print(f"{m.gpu.name:9s} mb{m.micro_batch} s{m.seq_len} {m.plan.activation_checkpointing:9s} "
               f"{m.precision:10s} compile={m.plan.compile!s:5s} measured {m.tokens_per_s:8,.0f} "
               f"predicted {t.tokens_per_s:8,.0f} ({100 * (t.tokens_per_s / m.tokens_per_s - 1):+.1f}%)")
@@ -147,4 +169,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["Measurement", "fit_calibration", "measurements_from_bench"]
+__all__ = ["EAGER_LOSS_RESULTS", "Measurement", "fit_calibration", "measurements_from_bench"]

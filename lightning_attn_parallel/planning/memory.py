@@ -362,14 +362,41 @@ def checkpointed_layers(cfg: ModelConfig, plan: ParallelPlan) -> int:
     return ceil(cfg.n_layers / plan.ac_every_n)
 
 
+def compiled_loss_kernel(cfg: ModelConfig, plan: ParallelPlan,
+                         compiled_loss: Optional[bool] = None) -> bool:
+    """A compiled plan compiles the local loss kernel too (parallel.apply.apply_compile); the
+    vocabulary-parallel kernel of an untied head under tp stays eager (it calls collectives).
+    `compiled_loss` overrides that (False: a run made before compiled plans compiled the loss)."""
+    if compiled_loss is not None:
+        return compiled_loss
+    return plan.compiled and (plan.tp == 1 or cfg.tie_embeddings)
+
+
+def chunked_loss_recomputes(tokens: float, loss_chunk_tokens: Optional[int]) -> bool:
+    """The chunked loss checkpoints its chunks (the head and the loss forward run again in the
+    backward) only when a micro-batch's tokens exceed one chunk (models.loss.cross_entropy_sum)."""
+    return bool(loss_chunk_tokens) and tokens > loss_chunk_tokens
+
+
+def logits_bytes_per_element(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionSpec,
+                             cal: Calibration, compiled_loss: Optional[bool] = None) -> float:
+    """Bytes per logit element alive while the loss runs. Eager: the fp32 log-softmax output, its
+    gradient and the fp32 input's gradient (`cal.logits_bytes_per_element`). Compiled: the fused
+    kernel keeps the logits in the compute dtype (plus a per-row log-sum-exp) and writes their
+    gradient in that dtype: two compute-dtype tensors."""
+    if compiled_loss_kernel(cfg, plan, compiled_loss):
+        return 2.0 * p.compute_bytes
+    return cal.logits_bytes_per_element
+
+
 def _head_bytes(cfg: ModelConfig, s: _Shape, tokens: float, loss_chunk_tokens: Optional[int],
-                cal: Calibration) -> tuple[float, float]:
-    """(final norm and LM-head input, kept through the backward; the fp32 logits chain of the
-    loss, alive only while the loss runs forward and backward, split over tp with the head)."""
+                per_element: float) -> tuple[float, float]:
+    """(final norm and LM-head input, kept through the backward; the logits chain of the loss,
+    alive only while the loss runs forward and backward, split over tp with the head)."""
     final = tokens * (s.r * s.d_norm + s.matmul_inputs(1))
     rows = tokens if not loss_chunk_tokens else min(tokens, loss_chunk_tokens)
     vocab = cfg.vocab_size / (1 if cfg.tie_embeddings else s.tp)  # a vocabulary-parallel head
-    return final, rows * vocab * cal.logits_bytes_per_element
+    return final, rows * vocab * per_element
 
 
 def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: PrecisionSpec,
@@ -399,7 +426,8 @@ def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: Precisi
 def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
                      precision: object, *, loss_chunk_tokens: Optional[int] = None,
                      calibration: Calibration = DEFAULT_CALIBRATION,
-                     counts: Optional[ParamCounts] = None) -> float:
+                     counts: Optional[ParamCounts] = None,
+                     compiled_loss: Optional[bool] = None) -> float:
     """Activation bytes per rank at the peak of a step: what every layer keeps for the backward,
     plus the larger of the loss's logits chain and one checkpointed layer's recomputation (the
     two are never alive together: the loss's backward finishes before any layer recomputes),
@@ -420,7 +448,8 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
         kept = _layer_bytes(attn, ffn, plan.activation_checkpointing) if checkpointed else full
         saved += n * kept
         recompute_peak = max(recompute_peak, full - kept)
-    final, logits = _head_bytes(cfg, s, tokens, loss_chunk_tokens, calibration)
+    final, logits = _head_bytes(cfg, s, tokens, loss_chunk_tokens,
+                                logits_bytes_per_element(cfg, plan, p, calibration, compiled_loss))
     transient = max(logits, tokens * recompute_peak)
     return tokens * saved + final + transient + _weight_copies(counts, plan, p, cfg)
 
@@ -463,11 +492,13 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
                     precision: object, gpu: GpuSpec, *, grad_accum: int = 1,
                     loss_chunk_tokens: Optional[int] = None,
                     calibration: Calibration = DEFAULT_CALIBRATION,
-                    counts: Optional[ParamCounts] = None) -> MemoryEstimate:
+                    counts: Optional[ParamCounts] = None,
+                    compiled_loss: Optional[bool] = None) -> MemoryEstimate:
     """Peak bytes per GPU for `plan` at `micro_batch` sequences of `seq_len` tokens per DP rank.
 
     `grad_accum` matters only under FSDP, with the plan's `accumulation` (see `_state_bytes`);
-    `loss_chunk_tokens` is the chunked loss's chunk (None: full fp32 logits).
+    `loss_chunk_tokens` is the chunked loss's chunk (None: full logits); `compiled_loss`
+    overrides whether the loss kernel is compiled (compiled_loss_kernel).
     """
     if seq_len % plan.cp:
         raise PlanError(f"seq_len={seq_len} is not divisible by cp={plan.cp}")
@@ -477,7 +508,7 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
     params, grads, optimizer = _state_bytes(local, plan, p, grad_accum, counts.buffers)
     activations = activation_bytes(model_cfg, plan, micro_batch, seq_len, p.name,
                                    loss_chunk_tokens=loss_chunk_tokens, calibration=calibration,
-                                   counts=counts)
+                                   counts=counts, compiled_loss=compiled_loss)
     comm = comm_bytes(model_cfg, counts, plan, micro_batch, seq_len, p, calibration)
     slack = calibration.fragmentation * (activations + comm)
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
@@ -487,4 +518,5 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
 
 __all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "LocalParams", "PRECISIONS", "precision_spec",
            "estimate_memory", "activation_bytes", "local_params", "largest_unit",
-           "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags"]
+           "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags",
+           "compiled_loss_kernel", "chunked_loss_recomputes", "logits_bytes_per_element"]

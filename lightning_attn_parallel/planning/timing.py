@@ -24,7 +24,8 @@ from .counts import ParamCounts, parameter_counts
 from .. import collective_cost
 from ..collective_cost import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, collective_time
 from ..hardware import ClusterSpec, GpuSpec
-from .memory import (MIB, PrecisionSpec, accumulation_policy, checkpointed_layers, compute_precision,
+from .memory import (MIB, PrecisionSpec, accumulation_policy, checkpointed_layers,
+                     chunked_loss_recomputes, compiled_loss_kernel, compute_precision,
                      expert_shard_degree, kv_width, largest_unit, local_params, moe_layer_flags,
                      precision_spec)
 
@@ -199,7 +200,25 @@ def combine_terms(terms: dict[str, float], cal: Calibration, compiled: bool, aut
     return (terms["matmul"] / cal.matmul_efficiency + attention
             + terms["elementwise"] * cal.elementwise_bytes(compiled, autocast)
             + terms["selective"] * cal.selective_recompute_bytes
-            + terms["experts"] / cal.expert_efficiency(grouped))
+            + terms["experts"] / cal.expert_efficiency(grouped, compiled))
+
+
+def loss_time(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, gpu: GpuSpec,
+              rank_tokens: float, precision: object, loss_chunk_tokens: Optional[int],
+              cal: Calibration, compiled_loss: Optional[bool] = None) -> tuple[float, float, float]:
+    """Seconds per micro-batch on one rank of the loss: (the loss kernel's forward and backward
+    over the logits, the kernel's forward again under a chunked loss, the LM head's forward
+    matmul again under a chunked loss at the card's peak: divide it by matmul_efficiency). The
+    kernel is bound by HBM bandwidth: the calibrated bytes per logit element of the eager or the
+    compiled kernel (compiled_loss_kernel)."""
+    elements = rank_tokens * cfg.vocab_size / (1 if cfg.tie_embeddings else plan.tp)
+    per_byte = elements / (gpu.hbm_gbps * GB)
+    forward, backward = cal.loss_bytes(compiled_loss_kernel(cfg, plan, compiled_loss))
+    if not chunked_loss_recomputes(rank_tokens, loss_chunk_tokens):
+        return (forward + backward) * per_byte, 0.0, 0.0
+    peak = gpu.peak_flops(precision_spec(precision).compute_bytes)
+    head = rank_tokens * 2.0 * counts.head_matmul / plan.tp / peak
+    return (forward + backward) * per_byte, forward * per_byte, head
 
 
 def recompute_share(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, seq_len: int,
@@ -345,11 +364,13 @@ def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSp
                   micro_batch: int, seq_len: int, precision: object, *, grad_accum: int = 1,
                   loss_chunk_tokens: Optional[int] = None,
                   calibration: Calibration = DEFAULT_CALIBRATION,
-                  counts: Optional[ParamCounts] = None) -> TimingEstimate:
+                  counts: Optional[ParamCounts] = None,
+                  compiled_loss: Optional[bool] = None) -> TimingEstimate:
     """Predicted optimizer-step time of `plan` on `cluster` (the plan is resolved to its world).
 
     A step is `grad_accum` micro-batches of `micro_batch` sequences per data-parallel rank;
-    `loss_chunk_tokens` (the chunked loss) adds the LM head's recomputation.
+    `loss_chunk_tokens` (the chunked loss) adds the LM head's recomputation; `compiled_loss`
+    overrides whether the loss kernel is compiled (memory.compiled_loss_kernel).
     """
     cal = calibration
     plan = plan.resolve(cluster.world_size)
@@ -360,10 +381,12 @@ def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSp
     rank_tokens = mb_tokens / plan.cp
     base, redo = compute_terms(model_cfg, counts, plan, gpu, seq_len, p.name)
     autocast = compute_precision(p, plan).autocast  # FSDP2 computes "-mixed" like "-true"
-    compute = rank_tokens * combine_terms(base, cal, plan.compiled, autocast, plan)
+    loss, loss_redo, head_redo = loss_time(model_cfg, counts, plan, gpu, rank_tokens, p.name,
+                                           loss_chunk_tokens, cal, compiled_loss)
+    compute = rank_tokens * combine_terms(base, cal, plan.compiled, autocast, plan) + loss
     recompute = rank_tokens * combine_terms(redo, cal, plan.compiled, autocast, plan)
-    if loss_chunk_tokens:  # the chunked loss recomputes the LM head's forward
-        recompute += rank_tokens * 2.0 * counts.head_matmul / peak / cal.matmul_efficiency
+    # the chunked loss re-runs the head's matmul and the kernel's forward
+    recompute += loss_redo + head_redo / cal.matmul_efficiency
     attention_only = {**dict.fromkeys(COMPUTE_TERMS, 0.0), "attention": base["attention"]}
     attention_s = rank_tokens * combine_terms(attention_only, cal, plan.compiled, autocast, plan)
     flops_per_token = counts.flops_per_token(model_cfg, seq_len)
@@ -384,5 +407,5 @@ def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSp
 
 
 __all__ = ["Group", "TimingEstimate", "estimate_time", "recompute_share", "compute_terms",
-           "combine_terms", "COMPUTE_TERMS", "all_reduce_time",
+           "combine_terms", "loss_time", "COMPUTE_TERMS", "all_reduce_time",
            "reduce_scatter_time", "all_gather_time", "all_to_all_time"]
