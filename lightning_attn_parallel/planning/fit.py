@@ -130,16 +130,21 @@ EAGER_LOSS_RESULTS = frozenset({
     "speed_profile_h200.json", "moe_speed_eager_loss_h200.json", "moe_profile_h200.json"})
 
 
+def fit_rows(path: str | Path) -> list[tuple[dict, dict]]:
+    """The (config, result) rows of a benchmarks/bench.py JSON file a fit can use: single-GPU
+    attn_hybrid or Lightning single-device runs that trained. Profiled rows (the profiler slows
+    them) and liger's fused loss (a kernel the planner does not model) are left out."""
+    return [(cfg, result) for cfg, result in json.loads(Path(path).read_text())
+            if "tokens_per_s" in result and cfg.get("devices", 1) == 1
+            and cfg.get("strategy") in ("attn_hybrid", "auto")
+            and not cfg.get("profile") and not cfg.get("fused_loss")]
+
+
 def measurements_from_bench(path: str | Path) -> list[Measurement]:
-    """The single-GPU rows of a benchmarks/bench.py JSON file that trained successfully, with the
-    row's own plan fields (fp8, whole-model compile, mixed_precision). Profiled rows (the profiler
-    slows them) and liger's fused loss (a kernel the planner does not model) are left out."""
+    """`fit_rows(path)` as Measurements, with each row's own plan fields (fp8, whole-model
+    compile, mixed_precision)."""
     out = []
-    for cfg, result in json.loads(Path(path).read_text()):
-        if ("tokens_per_s" not in result or cfg.get("devices", 1) != 1
-                or cfg.get("strategy") not in ("attn_hybrid", "auto")
-                or cfg.get("profile") or cfg.get("fused_loss")):
-            continue
+    for cfg, result in fit_rows(path):
         levers = dict(activation_checkpointing=cfg["checkpointing"], compile=cfg["compile"],
                       grouped_gemm=cfg.get("grouped_gemm", True))
         plan = ParallelPlan(**{**levers, **cfg.get("plan", {})})
@@ -169,4 +174,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["EAGER_LOSS_RESULTS", "Measurement", "fit_calibration", "measurements_from_bench"]
+__all__ = ["EAGER_LOSS_RESULTS", "Measurement", "fit_calibration", "fit_rows", "measurements_from_bench"]
