@@ -112,13 +112,34 @@ def target_class(node: DictConfig) -> Any:
     return _locate(node._target_)
 
 
-def target_parameters(node: Any) -> tuple[set[str], bool]:
-    """(named parameters, whether it also takes **kwargs) of a `_target_` node's target."""
+# Targets whose **kwargs are passed on to another function, whose parameters then decide: a
+# misspelt `logger.entitty` would otherwise reach wandb.init only when the first metric is logged.
+KWARGS_PASSED_ON = {"lightning.pytorch.loggers.WandbLogger": "wandb.init",
+                    "lightning.pytorch.loggers.wandb.WandbLogger": "wandb.init"}
+
+
+def _signature_parameters(target: Any) -> tuple[set[str], bool]:
     import inspect
 
-    parameters = inspect.signature(target_class(node)).parameters
+    parameters = inspect.signature(target).parameters
     var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     return {n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}, var_keyword
+
+
+def target_parameters(node: Any) -> tuple[set[str], bool]:
+    """(named parameters, whether it also takes **kwargs) of a `_target_` node's target; for a
+    target that passes its **kwargs on (KWARGS_PASSED_ON), the receiver's parameters count too."""
+    named, var_keyword = _signature_parameters(target_class(node))
+    receiver = KWARGS_PASSED_ON.get(str(node._target_)) if var_keyword else None
+    if receiver is not None:
+        from hydra._internal.utils import _locate
+
+        try:
+            passed_on, var_keyword = _signature_parameters(_locate(receiver))
+        except Exception:  # noqa: BLE001 - the receiver's package is optional: keep **kwargs open
+            return named, True
+        named = named | passed_on
+    return named, var_keyword
 
 
 def target_kwargs(node: Any, schema: Optional[type] = None) -> list[str]:

@@ -119,6 +119,7 @@ CASES = {
     "+plan key": (["+strategy.plan.tensor_parallel=2"], ["strategy.plan.tensor_parallel"]),
     "+key on an empty logger": (["+logger.entity=me"], ["logger.entity", "no _target_"]),
     "+logger key": (["logger=csv", "+logger.flush_every=3"], ["logger.flush_every", "CSVLogger"]),
+    "+wandb key passed on to wandb.init": (["logger=wandb", "+logger.entitty=me"], ["logger.entitty", "WandbLogger", "entity"]),
     "+callbacks key": (["callbacks=default", "+callbacks.mfu=true"], ["callbacks.mfu", "peak_tflops"]),
     "+strategy key": (["+strategy.timeout_sec=3"], ["strategy.timeout_sec", "timeout_s"]),
     "strategy target": (["strategy._target_=lightning.NoSuchStrategy"], ["strategy._target_", "cannot be imported"]),
