@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from .models import ModelConfig, build_model, moe_layers
+from .models import ModelConfig, build_model
 from .models.deepseek import collect_aux_loss
 from .models.fused_loss import fused_cross_entropy_sum
 from .models.loss import cross_entropy_sum
@@ -75,7 +75,7 @@ class CausalLMModule(L.LightningModule):
                                   self.model.loss_kernel)
         mean = loss_sum / step.loss_denominator(count)
         loss = mean * step.loss_scale
-        if moe_layers(self.model):  # the balance losses of the MoE layers' latest forward
+        if self.model_config.is_moe:  # the balance losses of the MoE layers' latest forward
             loss = loss + collect_aux_loss(self.model)
         return loss, step.step_loss(mean)
 

@@ -218,7 +218,9 @@ def shard_experts(transformer: nn.Module, meshes: ParallelMeshes, policy) -> lis
     layout = ep_edp_mesh(meshes.expert)  # built once, on every rank, from the existing groups
     scaled: list[nn.Parameter] = []
     for experts in expert_modules(transformer):
-        fully_shard(experts, mesh=meshes.expert["edp"], mp_policy=policy)
+        # as the dense units: over one edp rank nothing is freed by resharding, only re-cast
+        fully_shard(experts, mesh=meshes.expert["edp"], mp_policy=policy,
+                    reshard_after_forward=meshes.expert["edp"].size() > 1)
         scaled += list(experts.parameters())
         record_edp_sharding(experts, layout)
     return [GradientFixup(scaled, scale=plan.edp / dense_dp)] if scaled else []

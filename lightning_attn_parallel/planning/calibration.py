@@ -20,8 +20,9 @@ after the compiled loss"); files under benchmarks/results/:
   speed_fp8_vs_torchtitan_h200.json;
 - then, with those held, the routed experts' efficiencies to the 4-layer DeepSeek-V2-Lite cut:
   moe.json (H100), moe_speed_eager_loss_h200.json and moe_speed_h200.json (H200).
-Checked on configurations left out of the fit: planner_check_h200.json,
-planner_moe_check_h200.json and planner_speed_check_h200.json (predicted before it ran).
+Checked on configurations left out of the fit: planner_check_h200.json and
+planner_moe_check_h200.json; planner_speed_check_predictions_h200.json holds the predictions for
+the next check, made before its runs (not yet run).
 `context_parallel_attention` rests on 2-GPU runs only; collective efficiency and overlap are
 textbook values until a cluster run measures them.
 """

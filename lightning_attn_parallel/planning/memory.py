@@ -463,10 +463,14 @@ def comm_bytes(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, micro_
     if casts_parameters(plan):  # FSDP2 units in flight: gathered (cast) params, grads to reduce
         unit = largest_unit(counts, plan)
         total += unit * (cal.fsdp_prefetch_units * p.compute_bytes + p.grad_bytes)
-        if plan.dp_shard * plan.cp == 1:  # cast_params over one rank: every block's cast copy
-            # is kept from the forward to the backward (parallel.apply: no reshard over one rank)
-            blocks = sum(b.local(plan.tp, plan.ep) for b in counts.blocks)
-            total += max(0.0, blocks - cal.fsdp_prefetch_units * unit) * p.compute_bytes
+        # Over a shard group of one rank each unit's cast copy is kept from the forward to the
+        # backward (parallel.apply: no reshard where it would free nothing): the dense units' when
+        # dp_shard x cp is 1, the expert-parallel experts' (sharded over edp) when edp is 1.
+        dense_kept = plan.dp_shard * plan.cp == 1
+        experts_kept = dense_kept if plan.ep == 1 else plan.edp == 1
+        kept = sum((b.tp_sharded / plan.tp + b.replicated) * dense_kept + b.experts / plan.ep * experts_kept
+                   for b in counts.blocks)
+        total += max(0.0, kept - cal.fsdp_prefetch_units * unit) * p.compute_bytes
     elif plan.dp_replicate != 1 or plan.cp > 1:
         total += 2 * plan.bucket_mb * MIB  # in-flight bucket and hierarchical scratch
     if plan.tp > 1:

@@ -197,10 +197,13 @@ def combine_terms(terms: dict[str, float], cal: Calibration, compiled: bool, aut
     if plan is not None and plan.cp > 1:
         attention /= cal.context_parallel_attention
     grouped = plan is None or plan.grouped_gemm
+    # Under expert parallelism the dispatcher reads the token counts back to the host to size its
+    # all-to-all, so a compiled MoE block is several graphs again: its experts run at the eager rate.
+    experts_compiled = compiled and (plan is None or plan.ep == 1)
     return (terms["matmul"] / cal.matmul_efficiency + attention
             + terms["elementwise"] * cal.elementwise_bytes(compiled, autocast)
             + terms["selective"] * cal.selective_recompute_bytes
-            + terms["experts"] / cal.expert_efficiency(grouped, compiled))
+            + terms["experts"] / cal.expert_efficiency(grouped, experts_compiled))
 
 
 def loss_time(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, gpu: GpuSpec,
