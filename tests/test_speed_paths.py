@@ -346,6 +346,25 @@ def test_compile_modes_and_the_old_bool():
         assert (model.loss_kernel._compiled_call_impl is not None) == (mode != "none"), mode
 
 
+def test_planner_and_apply_compile_agree_on_the_compiled_loss_kernel():
+    """The planner's rule (planning.memory.compiled_loss_kernel) is what apply_compile does: the
+    local kernel is compiled under either compiled mode; the vocabulary-parallel kernel that
+    tensor parallelism puts in the slot (untied head) stays eager."""
+    from lightning_attn_parallel.parallel.apply import apply_compile
+    from lightning_attn_parallel.parallel.vocab_parallel_loss import VocabParallelLoss
+    from lightning_attn_parallel.planning.memory import compiled_loss_kernel
+
+    # compile="model" is for replicated plans only, so tp=2 pairs with "none" and "block"
+    for mode, tp in (("none", 1), ("block", 1), ("model", 1), ("none", 2), ("block", 2)):
+        model = tiny_model()
+        if tp > 1:
+            model.loss_kernel = VocabParallelLoss()  # what apply_tensor_parallel installs
+        apply_compile(model, mode)
+        applied = getattr(model.loss_kernel, "_compiled_call_impl", None) is not None
+        cfg = replace(model.config, tie_embeddings=False)
+        assert applied == compiled_loss_kernel(cfg, ParallelPlan(tp=tp, compile=mode)), (mode, tp)
+
+
 def test_compiled_loss_kernel_equals_the_eager_one():
     """The compiled loss kernel (apply_compile) gives the eager sum of token losses and its logit
     gradient, ignored targets included: fp32 to 1e-5, fp64 to 1e-10."""
