@@ -470,7 +470,20 @@ def test_planner_knows_fp8():
                              8, 2048, "bf16-true").compute_s
 
     assert step("tensorwise") < step("none") < step("rowwise")
-    assert H200.peak_tflops("fp8") == H200.fp8_tflops  # the MFU accounting of fp8 rows
+    assert H200.peak_tflops("fp8") == H200.fp8_tflops  # the table knows the fp8 peak
+
+    def activations(model, **plan) -> float:
+        return estimate_memory(model, ParallelPlan(**plan), 8, 2048, "bf16-true", H200,
+                               calibration=NO_SLACK).activations
+
+    # compiled fp8 tensorwise keeps 1-byte copies of the converted linears' inputs: each dense
+    # layer saves fp8_saved_bytes_less per token and d_model, and nothing else changes
+    saving = activations(ANCHOR_1B, compile=True) - activations(ANCHOR_1B, compile=True, fp8="tensorwise")
+    expected = NO_SLACK.fp8_saved_bytes_less * 8 * 2048 * ANCHOR_1B.n_layers * ANCHOR_1B.d_model
+    assert saving == pytest.approx(expected, rel=1e-9)
+    for plan in (dict(fp8="tensorwise"), dict(fp8="rowwise", compile=True)):  # not measured: none
+        base = {k: v for k, v in plan.items() if k != "fp8"}
+        assert activations(ANCHOR_1B, **plan) == activations(ANCHOR_1B, **base), plan
 
 
 def test_strategy_sends_what_the_plan_accumulation_says(monkeypatch):

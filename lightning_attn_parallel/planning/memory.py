@@ -441,10 +441,12 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
     moe = _moe_ffn(s, calibration.moe_imbalance) if cfg.is_moe else dense
     # torch.compile's partitioner keeps some fused intermediates the formulas do not name
     compiled_extra = calibration.compiled_saved_elements * s.a * s.d_norm if plan.compiled else 0.0
+    fp8_less = (calibration.fp8_saved_bytes_less * s.d_norm
+                if plan.compiled and plan.fp8 == "tensorwise" else 0.0)
     saved, recompute_peak = 0.0, 0.0
     for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
         ffn = moe if is_moe else dense
-        full = _layer_bytes(attn, ffn, "none") + compiled_extra
+        full = _layer_bytes(attn, ffn, "none") + compiled_extra - (0.0 if is_moe else fp8_less)
         kept = _layer_bytes(attn, ffn, plan.activation_checkpointing) if checkpointed else full
         saved += n * kept
         recompute_peak = max(recompute_peak, full - kept)
