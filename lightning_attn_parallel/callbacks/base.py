@@ -7,6 +7,7 @@ report can plot a run without reading the logger back.
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import Any, Optional
 
 import lightning as L
@@ -16,7 +17,7 @@ from .accounting import ConsumedTokens
 from .timing import WindowTimer
 
 
-class WindowedMetrics(Callback):
+class WindowedMetrics(Callback, metaclass=ABCMeta):
     """Subclasses implement `window_metrics` and, as needed, the per-micro-batch and
     per-optimizer-step hooks; the base class finds step and window boundaries."""
 
@@ -39,10 +40,10 @@ class WindowedMetrics(Callback):
     def optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Account for one completed optimizer step."""
 
+    @abstractmethod
     def window_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule,
                        steps: int) -> dict[str, float]:
         """The window's metrics; called on every rank at the same point (collectives allowed)."""
-        raise NotImplementedError
 
     def after_emit(self, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
         """Called after a window closed inside a training batch hook (where self.log works)."""
