@@ -114,8 +114,9 @@ def target_class(node: DictConfig) -> Any:
 
 # Targets whose **kwargs are passed on to another function, whose parameters then decide: a
 # misspelt `logger.entitty` would otherwise reach wandb.init only when the first metric is logged.
-KWARGS_PASSED_ON = {"lightning.pytorch.loggers.WandbLogger": "wandb.init",
-                    "lightning.pytorch.loggers.wandb.WandbLogger": "wandb.init"}
+# Keyed by the class's defining module, so every import path of it (lightning.pytorch.loggers.
+# WandbLogger, ...loggers.wandb.WandbLogger) finds the entry.
+KWARGS_PASSED_ON = {"lightning.pytorch.loggers.wandb.WandbLogger": "wandb.init"}
 
 
 def _signature_parameters(target: Any) -> tuple[set[str], bool]:
@@ -129,11 +130,12 @@ def _signature_parameters(target: Any) -> tuple[set[str], bool]:
 def target_parameters(node: Any) -> tuple[set[str], bool]:
     """(named parameters, whether it also takes **kwargs) of a `_target_` node's target; for a
     target that passes its **kwargs on (KWARGS_PASSED_ON), the receiver's parameters count too."""
-    named, var_keyword = _signature_parameters(target_class(node))
-    receiver = KWARGS_PASSED_ON.get(str(node._target_)) if var_keyword else None
-    if receiver is not None:
-        from hydra._internal.utils import _locate
+    from hydra._internal.utils import _locate
 
+    target = target_class(node)
+    named, var_keyword = _signature_parameters(target)
+    receiver = KWARGS_PASSED_ON.get(f"{target.__module__}.{target.__qualname__}") if var_keyword else None
+    if receiver is not None:
         try:
             passed_on, var_keyword = _signature_parameters(_locate(receiver))
         except Exception:  # noqa: BLE001 - the receiver's package is optional: keep **kwargs open

@@ -34,6 +34,13 @@ def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: Callable,
     return kernel(head(hidden), targets)
 
 
+def chunks_recomputed(tokens: float, chunk_tokens: Optional[int]) -> bool:
+    """Whether `cross_entropy_sum` splits `tokens` into checkpointed chunks (the head and the loss
+    kernel then run their forward again in the backward): only when they exceed one chunk. The
+    planner times the loss by this same rule."""
+    return bool(chunk_tokens) and tokens > chunk_tokens
+
+
 def cross_entropy_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
                       targets: torch.Tensor, chunk_tokens: Optional[int] = None,
                       kernel: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +57,7 @@ def cross_entropy_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch
     targets = targets.reshape(-1)
     count = (targets != IGNORE_INDEX).sum()
     kernel = kernel or TokenCrossEntropy()
-    if not chunk_tokens or hidden.shape[0] <= chunk_tokens:
+    if not chunks_recomputed(hidden.shape[0], chunk_tokens):
         return _chunk_loss_sum(hidden, targets, head, kernel), count
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):

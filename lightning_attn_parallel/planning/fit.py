@@ -144,6 +144,7 @@ def measurements_from_bench(path: str | Path) -> list[Measurement]:
     """`fit_rows(path)` as Measurements, with each row's own plan fields (fp8, whole-model
     compile, mixed_precision)."""
     out = []
+    eager_loss_file = Path(path).name in EAGER_LOSS_RESULTS
     for cfg, result in fit_rows(path):
         levers = dict(activation_checkpointing=cfg["checkpointing"], compile=cfg["compile"],
                       grouped_gemm=cfg.get("grouped_gemm", True))
@@ -152,8 +153,7 @@ def measurements_from_bench(path: str | Path) -> list[Measurement]:
                                cfg["micro_batch"], cfg["seq_len"], cfg["precision"],
                                result["tokens_per_s"], cfg.get("loss_chunk_tokens"),
                                # Lightning's own strategy rows compile only the blocks (bench.py)
-                               False if Path(path).name in EAGER_LOSS_RESULTS or cfg.get("strategy") != "attn_hybrid"
-                               else None))
+                               False if eager_loss_file or cfg["strategy"] != "attn_hybrid" else None))
     return out
 
 

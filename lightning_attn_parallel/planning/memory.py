@@ -372,12 +372,6 @@ def compiled_loss_kernel(cfg: ModelConfig, plan: ParallelPlan,
     return plan.compiled and (plan.tp == 1 or cfg.tie_embeddings)
 
 
-def chunked_loss_recomputes(tokens: float, loss_chunk_tokens: Optional[int]) -> bool:
-    """The chunked loss checkpoints its chunks (the head and the loss forward run again in the
-    backward) only when a micro-batch's tokens exceed one chunk (models.loss.cross_entropy_sum)."""
-    return bool(loss_chunk_tokens) and tokens > loss_chunk_tokens
-
-
 def logits_bytes_per_element(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionSpec,
                              cal: Calibration, compiled_loss: Optional[bool] = None) -> float:
     """Bytes per logit element alive while the loss runs. Eager: the fp32 log-softmax output, its
@@ -529,4 +523,4 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
 __all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "LocalParams", "PRECISIONS", "precision_spec",
            "estimate_memory", "activation_bytes", "local_params", "largest_unit",
            "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags",
-           "compiled_loss_kernel", "chunked_loss_recomputes", "logits_bytes_per_element"]
+           "compiled_loss_kernel", "logits_bytes_per_element"]

@@ -18,6 +18,7 @@ from typing import Optional
 
 from ..models.config import ModelConfig
 from ..models.flops import attention_dims, attention_flops_per_token
+from ..models.loss import chunks_recomputed
 from ..plan import ParallelPlan
 from .calibration import DEFAULT_CALIBRATION, FP8_MATMUL_SPEEDUP, Calibration
 from .counts import ParamCounts, parameter_counts
@@ -25,7 +26,7 @@ from .. import collective_cost
 from ..collective_cost import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, collective_time
 from ..hardware import ClusterSpec, GpuSpec
 from .memory import (MIB, PrecisionSpec, accumulation_policy, checkpointed_layers,
-                     chunked_loss_recomputes, compiled_loss_kernel, compute_precision,
+                     compiled_loss_kernel, compute_precision,
                      expert_shard_degree, kv_width, largest_unit, local_params, moe_layer_flags,
                      precision_spec)
 
@@ -217,7 +218,7 @@ def loss_time(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, gpu: Gp
     elements = rank_tokens * cfg.vocab_size / (1 if cfg.tie_embeddings else plan.tp)
     per_byte = elements / (gpu.hbm_gbps * GB)
     forward, backward = cal.loss_bytes(compiled_loss_kernel(cfg, plan, compiled_loss))
-    if not chunked_loss_recomputes(rank_tokens, loss_chunk_tokens):
+    if not chunks_recomputed(rank_tokens, loss_chunk_tokens):
         return (forward + backward) * per_byte, 0.0, 0.0
     peak = gpu.peak_flops(precision_spec(precision).compute_bytes)
     head = rank_tokens * 2.0 * counts.head_matmul / plan.tp / peak
