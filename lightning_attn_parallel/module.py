@@ -19,6 +19,7 @@ from .models import ModelConfig, build_model
 from .models.deepseek import collect_aux_loss
 from .models.fused_loss import fused_cross_entropy_sum
 from .models.loss import cross_entropy_sum
+from .lightning_workarounds import host_scalar
 from .step import StepBatch
 
 
@@ -89,7 +90,7 @@ class CausalLMModule(L.LightningModule):
         self.log("val/loss", reported, prog_bar=True, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self.log("train/lr", host_scalar(optimizer.param_groups[0]["lr"]))  # no GPU stall
 
     def on_fit_start(self) -> None:
         if self.trainer.world_size > 1 and self.model_config.is_moe:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .faults import Heartbeat, configure_nccl, resolve_timeout, start_heartbeat
 from .hardware import cluster_for_plan
-from .lightning_workarounds import settle_fit_loop_state, share_inf_checks
+from .lightning_workarounds import host_scalar, pinned, settle_fit_loop_state, share_inf_checks
 from .mesh import ParallelMeshes, build_meshes
 from .models.protocol import find_transformer
 from .parallel.apply import DataParallelGradients
@@ -202,6 +202,10 @@ class AttnHybridStrategy(ParallelStrategy):
         rank_zero_info(describe_sdpa_backends(self.root_device.type))  # chosen once, here
 
     # ------------------------------------------------------------------ training step
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        device = device or self.root_device
+        return super().batch_to_device(pinned(batch, device), device, dataloader_idx)
+
     def _layout_batch(self, args: tuple, log: bool) -> tuple:
         """Context parallelism: this rank's share of the batch (split along the sequence over a
         degree decided by its longest document, or its length), handed to the module as a
@@ -212,8 +216,8 @@ class AttnHybridStrategy(ParallelStrategy):
         if log:
             batcher = self.context_parallel
             self.lightning_module.log_dict({
-                "parallel/context_parallel_active": float(batcher.last_mode == "context"),
-                "parallel/cp_degree": float(batcher.last_degree)}, on_step=True)
+                "parallel/context_parallel_active": host_scalar(batcher.last_mode == "context"),
+                "parallel/cp_degree": host_scalar(batcher.last_degree)}, on_step=True)
         return (self.step_batch,) + tuple(args[1:])
 
     def training_step(self, *args: Any, **kwargs: Any):

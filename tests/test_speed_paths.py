@@ -549,3 +549,55 @@ def test_module_selects_the_fused_loss(monkeypatch):
         module.configure_model()
         module._loss({"input_ids": tokens, "labels": targets})
     assert used == ["fused"]
+
+
+# ---------------------------------------------------------------------------- host waits
+def test_logged_learning_rate_stays_on_the_host(monkeypatch):
+    """A number logged from the step must not become a device tensor: on CUDA that copy waits
+    for every queued kernel (an idle GPU each step). The profile's host waits show it on a GPU."""
+    from lightning_attn_parallel import CausalLMModule
+    from lightning_attn_parallel.lightning_workarounds import host_scalar
+
+    with torch.device("meta"):  # even where factory functions default elsewhere
+        assert host_scalar(3e-4).device.type == "cpu"
+    module = CausalLMModule(TINY)
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.update({name: value}))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.5e-4)
+    module.on_before_optimizer_step(optimizer)
+    value = logged["train/lr"]
+    assert isinstance(value, torch.Tensor) and value.device.type == "cpu"
+    assert value.item() == pytest.approx(2.5e-4)
+
+
+def test_strategy_pins_a_cuda_bound_batch(monkeypatch):
+    """Batches bound for a CUDA device are pinned before Lightning's non-blocking copy (from
+    pageable memory that copy waits for the GPU to drain); CPU runs and pinned tensors are left
+    alone. Pinning needs a GPU, so it is stood in for here."""
+    from lightning_attn_parallel.lightning_workarounds import pinned
+
+    pinned_ids = set()
+
+    def fake_pin(t):
+        out = t.clone()
+        pinned_ids.add(id(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t: id(t) in pinned_ids)
+    batch = {"input_ids": torch.arange(6).view(2, 3), "labels": torch.arange(6).view(2, 3), "n": 3}
+    assert pinned(batch, torch.device("cpu")) is batch
+    out = pinned(batch, torch.device("cuda"))
+    assert all(out[k].is_pinned() and torch.equal(out[k], batch[k]) for k in ("input_ids", "labels"))
+    assert out["n"] == 3
+    again = pinned(out, torch.device("cuda"))
+    assert again["input_ids"] is out["input_ids"]  # already pinned: not copied twice
+
+    from lightning.pytorch.strategies import ParallelStrategy
+    from lightning_attn_parallel.strategy import AttnHybridStrategy
+
+    seen = {}
+    monkeypatch.setattr(ParallelStrategy, "batch_to_device",
+                        lambda self, b, device=None, dataloader_idx=0: seen.update(batch=b))
+    AttnHybridStrategy.batch_to_device(object.__new__(AttnHybridStrategy), batch, torch.device("cuda"))
+    assert seen["batch"]["labels"].is_pinned()
