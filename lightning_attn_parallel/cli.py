@@ -52,6 +52,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks: list = []
+    if cfg.trainer.enable_progress_bar:  # refreshed at the log interval, with no per-step GPU stall
+        from .callbacks.progress import StepLossProgressBar
+
+        callbacks.append(StepLossProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
     if cfg.trainer.enable_checkpointing:
         # No version counter: a resumed run overwrites its checkpoints instead of piling up
         # `-v1`, `-v2`... duplicates beside them.

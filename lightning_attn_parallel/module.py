@@ -19,6 +19,8 @@ from .models import ModelConfig, build_model
 from .models.deepseek import collect_aux_loss
 from .models.fused_loss import fused_cross_entropy_sum
 from .models.loss import cross_entropy_sum
+from .callbacks.metrics import LEARNING_RATE, TRAIN_LOSS, VAL_LOSS
+from .callbacks.progress import loss_on_progress_bar
 from .lightning_workarounds import host_scalar
 from .step import StepBatch
 
@@ -82,15 +84,17 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: Union[StepBatch, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         loss, reported = self._loss(batch)
-        self.log("train/loss", reported, prog_bar=True)
+        # Lightning reads progress-bar values back to the host after every step (a GPU stall):
+        # only where a bar needs it (callbacks/progress.py)
+        self.log(TRAIN_LOSS, reported, prog_bar=loss_on_progress_bar(self._trainer))
         return loss
 
     def validation_step(self, batch: Union[StepBatch, dict[str, Any]], batch_idx: int) -> None:
         _, reported = self._loss(batch)
-        self.log("val/loss", reported, prog_bar=True, sync_dist=True)
+        self.log(VAL_LOSS, reported, prog_bar=True, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/lr", host_scalar(optimizer.param_groups[0]["lr"]))  # no GPU stall
+        self.log(LEARNING_RATE, host_scalar(optimizer.param_groups[0]["lr"]))  # no GPU stall
 
     def on_fit_start(self) -> None:
         if self.trainer.world_size > 1 and self.model_config.is_moe:

@@ -601,3 +601,25 @@ def test_strategy_pins_a_cuda_bound_batch(monkeypatch):
                         lambda self, b, device=None, dataloader_idx=0: seen.update(batch=b))
     AttnHybridStrategy.batch_to_device(object.__new__(AttnHybridStrategy), batch, torch.device("cuda"))
     assert seen["batch"]["labels"].is_pinned()
+
+
+@pytest.mark.parametrize("bar", ["none", "lightning", "step_loss"])
+def test_step_loss_reaches_the_progress_bar_only_where_one_needs_it(bar):
+    """Lightning reads every `prog_bar=True` value back to the host after each step. The step
+    loss goes there only under Lightning's own bar; with no bar nothing is read back, and
+    StepLossProgressBar reads the loss itself when it refreshes."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from lightning_attn_parallel import CausalLMModule
+    from lightning_attn_parallel.callbacks.progress import StepLossProgressBar
+    from lightning_utils import FixedTokens, loader, quiet_trainer
+
+    callbacks = {"none": [], "lightning": [TQDMProgressBar()], "step_loss": [StepLossProgressBar(refresh_rate=2)]}[bar]
+    trainer = quiet_trainer(max_steps=2, enable_progress_bar=bar != "none", callbacks=callbacks,
+                            strategy="attn_hybrid")
+    trainer.fit(CausalLMModule(TINY), loader(FixedTokens(n=8, seq_len=8, vocab=TINY.vocab_size), 2))
+    assert ("train/loss" in trainer.progress_bar_metrics) == (bar == "lightning")
+    assert "train/loss" in trainer.callback_metrics
+    if bar == "step_loss":
+        shown = callbacks[0].get_metrics(trainer, trainer.lightning_module)
+        assert float(shown["train/loss"]) == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-3)

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 STEP = "trainer/global_step"  # the x axis Lightning's WandbLogger attaches to every log call
 
+# The module's own: the step's mean token loss, the validation loss, the learning rate.
+TRAIN_LOSS = "train/loss"
+VAL_LOSS = "val/loss"
+LEARNING_RATE = "train/lr"
+
 # Throughput: global figures count each token once (see throughput.py for tensor parallelism).
 TOKENS_PER_S = "throughput/tokens_per_s"
 TOKENS_PER_S_PER_GPU = "throughput/tokens_per_s_per_gpu"
