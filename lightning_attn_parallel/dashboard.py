@@ -38,6 +38,10 @@ def _sections(reports: Any) -> list[tuple[str, list[Any]]]:
 
     quantities = m.BALANCE_QUANTITIES
     return [
+        ("Training", [
+            line("Loss", m.TRAIN_LOSS, m.VAL_LOSS),
+            line("Learning rate", m.LEARNING_RATE),
+        ]),
         ("Throughput", [
             line("Tokens/s (global)", m.TOKENS_PER_S),
             line("Tokens/s per GPU", m.TOKENS_PER_S_PER_GPU),

@@ -13,23 +13,12 @@ import torch.distributed as dist
 from lightning.pytorch.plugins.precision import Precision
 
 
-def host_scalar(value: float) -> torch.Tensor:
-    """A number to `self.log` without stalling the GPU.
-
-    Lightning turns a logged Python number into a tensor on the module's device. On CUDA that is
-    a blocking copy from pageable memory, which first waits for every queued kernel: the GPU then
-    sits idle while the host catches up, once per logged number per step (Lightning issue #20995
-    is about where such waits land). A CPU tensor is kept on the CPU, where Lightning reads it
-    back anyway."""
-    return torch.tensor(float(value), dtype=torch.float32, device="cpu")
-
-
 def pinned(batch: Any, device: torch.device) -> Any:
     """The batch's CPU tensors in page-locked memory when it goes to a CUDA device.
 
-    Lightning copies a batch with `non_blocking=True`, but from pageable memory CUDA first waits
-    for the stream to drain, which is a GPU idle gap at every step's start. From pinned memory the
-    copy is queued behind the previous step's kernels instead. A loader with `pin_memory=True`
+    Lightning copies a batch with `non_blocking=True`, but from pageable memory CUDA stages the
+    copy and may first wait for the stream to drain, a GPU idle gap at every step's start. From
+    pinned memory the copy is queued behind the previous step's kernels instead. A loader with `pin_memory=True`
     has done this already; pinning a micro-batch of token ids costs microseconds."""
     if device.type != "cuda":
         return batch

@@ -15,13 +15,12 @@ import lightning as L
 import torch
 from torch import nn
 
+from .callbacks.metrics import LEARNING_RATE, TRAIN_LOSS, VAL_LOSS, host_scalar
+from .callbacks.progress import loss_on_progress_bar
 from .models import ModelConfig, build_model
 from .models.deepseek import collect_aux_loss
 from .models.fused_loss import fused_cross_entropy_sum
 from .models.loss import cross_entropy_sum
-from .callbacks.metrics import LEARNING_RATE, TRAIN_LOSS, VAL_LOSS
-from .callbacks.progress import loss_on_progress_bar
-from .lightning_workarounds import host_scalar
 from .step import StepBatch
 
 

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from .faults import Heartbeat, configure_nccl, resolve_timeout, start_heartbeat
 from .hardware import cluster_for_plan
-from .lightning_workarounds import host_scalar, pinned, settle_fit_loop_state, share_inf_checks
+from .callbacks.metrics import host_scalar
+from .lightning_workarounds import pinned, settle_fit_loop_state, share_inf_checks
 from .mesh import ParallelMeshes, build_meshes
 from .models.protocol import find_transformer
 from .parallel.apply import DataParallelGradients

@@ -33,7 +33,8 @@ def test_panel_keys_equal_logged_keys(tmp_path):
     history, _ = read_offline_run(files_dir)
     logged = {k for row in history for k in row if k.startswith(OUR_PREFIXES)}
 
-    keys, patterns = _panel_keys(dashboard.build_workspace_spec("entity", "project").sections)
+    sections = dashboard.build_workspace_spec("entity", "project").sections
+    keys, patterns = _panel_keys([s for s in sections if s.name != "Training"])  # the module's: below
     per_rank = {k for k in logged if any(re.match(p, k) for p in patterns)}
     assert keys == logged - per_rank
     assert per_rank == {m.per_rank(prefix, 0) for prefix in
@@ -47,7 +48,7 @@ def test_panel_keys_equal_logged_keys(tmp_path):
 def test_workspace_layout():
     workspace = dashboard.build_workspace_spec("my-team", "my-project", name="runs")
     assert (workspace.entity, workspace.project, workspace.name) == ("my-team", "my-project", "runs")
-    assert [s.name for s in workspace.sections] == ["Throughput", "Memory", "Load balance",
+    assert [s.name for s in workspace.sections] == ["Training", "Throughput", "Memory", "Load balance",
                                                    "Communication"]
     sections = {s.name: _panel_keys([s])[0] for s in workspace.sections}
     assert all(k.startswith("throughput/") for k in sections["Throughput"])
@@ -56,6 +57,23 @@ def test_workspace_layout():
     assert sections["Communication"] == {m.COMM_TIME_MS, m.COMM_EXPOSED_MS,
                                          m.COMM_HIDDEN_FRACTION, m.COMM_GBYTES}
     assert all(panel.x == m.STEP for s in workspace.sections for panel in s.panels)
+
+
+def test_training_panels_name_what_the_module_logs(tmp_path):
+    """The Training section plots exactly the loss and learning-rate keys CausalLMModule logs."""
+    from lightning_attn_parallel import CausalLMModule
+    from lightning_utils import FixedTokens, loader, quiet_trainer
+    from test_planner import TINY
+
+    training = [s for s in dashboard.build_workspace_spec("e", "p").sections if s.name == "Training"]
+    keys, patterns = _panel_keys(training)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=1, val_check_interval=2,
+                            default_root_dir=str(tmp_path))
+    data = loader(FixedTokens(n=8, seq_len=8, vocab=TINY.vocab_size), 2)
+    trainer.fit(CausalLMModule(TINY), data, data)
+    assert not patterns
+    assert keys == {m.TRAIN_LOSS, m.VAL_LOSS, m.LEARNING_RATE}
+    assert keys <= set(trainer.logged_metrics)
 
 
 def test_cli_explains_a_missing_package(monkeypatch, capsys):

@@ -556,7 +556,7 @@ def test_logged_learning_rate_stays_on_the_host(monkeypatch):
     """A number logged from the step must not become a device tensor: on CUDA that copy waits
     for every queued kernel (an idle GPU each step). The profile's host waits show it on a GPU."""
     from lightning_attn_parallel import CausalLMModule
-    from lightning_attn_parallel.lightning_workarounds import host_scalar
+    from lightning_attn_parallel.callbacks.metrics import host_scalar
 
     with torch.device("meta"):  # even where factory functions default elsewhere
         assert host_scalar(3e-4).device.type == "cpu"

@@ -1,9 +1,12 @@
-"""Metric names: the one list that the callbacks log and the dashboard plots.
+"""Metric names: the one list that the callbacks log and the dashboard plots, and how a number is
+logged from the step without stalling the GPU (`host_scalar`).
 
 Keeping them here means a renamed metric cannot silently leave an empty dashboard panel: the
 dashboard builds its panels from these constants and the tests compare them with a real run.
 """
 from __future__ import annotations
+
+import torch
 
 STEP = "trainer/global_step"  # the x axis Lightning's WandbLogger attaches to every log call
 
@@ -72,3 +75,13 @@ def moe(key: str) -> str:
 def moe_pattern() -> str:
     return f"^{BALANCE_MOE}/.+$"
 
+
+def host_scalar(value: float) -> torch.Tensor:
+    """A number to `self.log` without stalling the GPU.
+
+    Lightning turns a logged Python number into a tensor on the module's device. On CUDA that is
+    a blocking copy from pageable memory, which first waits for every queued kernel: the GPU then
+    sits idle while the host catches up, once per logged number per step (Lightning issue #20995
+    is about where such waits land). A CPU tensor is kept on the CPU, where Lightning reads it
+    back anyway."""
+    return torch.tensor(float(value), dtype=torch.float32, device="cpu")

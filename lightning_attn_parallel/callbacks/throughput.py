@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 import lightning as L
 
 from ..hardware import device_peak_tflops
-from ..lightning_workarounds import host_scalar
 from . import metrics as m
 from .accounting import FlopsPerToken, tensor_parallel_degree
 from .base import TokenCountingMetrics
@@ -86,5 +85,5 @@ class ThroughputCallback(TokenCountingMetrics):
 
     def after_emit(self, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
         if m.TOKENS_PER_S in metrics:
-            pl_module.log(m.PROGRESS_BAR_TOKENS_PER_S, host_scalar(metrics[m.TOKENS_PER_S]), prog_bar=True,
+            pl_module.log(m.PROGRESS_BAR_TOKENS_PER_S, m.host_scalar(metrics[m.TOKENS_PER_S]), prog_bar=True,
                           logger=False)
