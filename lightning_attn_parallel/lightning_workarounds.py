@@ -17,9 +17,10 @@ def pinned(batch: Any, device: torch.device) -> Any:
     """The batch's CPU tensors in page-locked memory when it goes to a CUDA device.
 
     Lightning copies a batch with `non_blocking=True`, but from pageable memory CUDA stages the
-    copy and may first wait for the stream to drain, a GPU idle gap at every step's start. From
-    pinned memory the copy is queued behind the previous step's kernels instead. A loader with `pin_memory=True`
-    has done this already; pinning a micro-batch of token ids costs microseconds."""
+    copy and may first wait for the stream to drain, a GPU idle gap at every step's start (where
+    such waits land: Lightning issue #20995). From pinned memory the copy is queued behind the
+    previous step's kernels instead. A loader with `pin_memory=True` has done this already;
+    pinning a micro-batch of token ids costs microseconds."""
     if device.type != "cuda":
         return batch
     from lightning.fabric.utilities.apply_func import apply_to_collection
@@ -86,4 +87,4 @@ def settle_fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-__all__ = ["share_inf_checks", "settle_fit_loop_state"]
+__all__ = ["pinned", "share_inf_checks", "settle_fit_loop_state"]

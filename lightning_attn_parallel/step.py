@@ -28,8 +28,9 @@ class StepBatch:
       data-parallel rank; None: the tokens this rank holds.
     - `loss_scale`: multiplies the loss to differentiate (cp: gradients are averaged over dp x cp,
       and summing the shards' losses already covers the whole sequence).
-    - `sum_shards`: adds a per-rank partial sum over the ranks that share these sequences, for the
-      loss that is logged; None when this rank holds whole sequences. parallel/ fills it.
+    - `sum_shards`: the sum, as a new tensor, of a per-rank partial over the ranks that share
+      these sequences, for the loss that is logged; None when this rank holds whole sequences.
+      parallel/ fills it.
     """
 
     input_ids: Tensor
@@ -60,7 +61,7 @@ class StepBatch:
 
     def step_loss(self, mean: Tensor) -> Tensor:
         """The micro-batch's mean token loss from this rank's share of it (for logging)."""
-        return self.sum_shards(mean.detach().clone()) if self.sum_shards is not None else mean.detach()
+        return self.sum_shards(mean.detach()) if self.sum_shards is not None else mean.detach()
 
 
 __all__ = ["StepBatch"]

@@ -71,7 +71,6 @@ class AttnHybridStrategy(ParallelStrategy):
         self.plan: Optional[ParallelPlan] = None
         self.meshes: Optional[ParallelMeshes] = None
         self.gradients: Optional[DataParallelGradients] = None  # the backward's data-parallel side
-        self.gradient_reducer: Optional[GradientReducer] = None  # the replicated plans' reducer
         self._step_context: Callable[[], ContextManager] = nullcontext
         self.context_parallel = None
         self.step_batch: Optional[StepBatch] = None  # this rank's share of the current micro-batch
@@ -84,6 +83,12 @@ class AttnHybridStrategy(ParallelStrategy):
         self._state_loaded_in_place = False
 
     # ------------------------------------------------------------------ processes
+    @property
+    def gradient_reducer(self) -> Optional[GradientReducer]:
+        """The replicated plans' bucketed reducer (None under FSDP2 or before setup); the
+        callbacks read its communication timings."""
+        return self.gradients.reducer if self.gradients is not None else None
+
     @property
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None
@@ -193,7 +198,6 @@ class AttnHybridStrategy(ParallelStrategy):
                              # each rank allocates and reads only the slices it holds
                              materialize=lambda: load_pretrained_into(module, self.root_device))
         self.gradients = result.gradients
-        self.gradient_reducer = result.gradients.reducer
         self._step_context = result.step_context
         self.context_parallel = result.context_parallel
         if self.global_rank == 0:
