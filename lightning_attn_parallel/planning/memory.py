@@ -362,14 +362,26 @@ def checkpointed_layers(cfg: ModelConfig, plan: ParallelPlan) -> int:
     return ceil(cfg.n_layers / plan.ac_every_n)
 
 
+def vocab_parallel_head(cfg: ModelConfig, plan: ParallelPlan) -> bool:
+    """Whether the LM head is split over the vocabulary (parallel.tensor_parallel): an untied head
+    under tp; a tied one stays whole, one tensor with the embedding."""
+    return plan.tp > 1 and not cfg.tie_embeddings
+
+
+def logits_per_token(cfg: ModelConfig, plan: ParallelPlan) -> float:
+    """Logit elements per token on one rank: the vocabulary, split over tp by a vocabulary-parallel
+    head."""
+    return cfg.vocab_size / (plan.tp if vocab_parallel_head(cfg, plan) else 1)
+
+
 def compiled_loss_kernel(cfg: ModelConfig, plan: ParallelPlan,
                          compiled_loss: Optional[bool] = None) -> bool:
     """A compiled plan compiles the local loss kernel too (parallel.apply.apply_compile); the
-    vocabulary-parallel kernel of an untied head under tp stays eager (it calls collectives).
-    `compiled_loss` overrides that (False: a run made before compiled plans compiled the loss)."""
+    vocabulary-parallel kernel stays eager (it calls collectives). `compiled_loss` overrides that
+    (False: a run made before compiled plans compiled the loss)."""
     if compiled_loss is not None:
         return compiled_loss
-    return plan.compiled and (plan.tp == 1 or cfg.tie_embeddings)
+    return plan.compiled and not vocab_parallel_head(cfg, plan)
 
 
 def logits_bytes_per_element(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionSpec,
@@ -383,14 +395,13 @@ def logits_bytes_per_element(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionS
     return cal.logits_bytes_per_element
 
 
-def _head_bytes(cfg: ModelConfig, s: _Shape, tokens: float, loss_chunk_tokens: Optional[int],
+def _head_bytes(s: _Shape, tokens: float, loss_chunk_tokens: Optional[int], logits: float,
                 per_element: float) -> tuple[float, float]:
     """(final norm and LM-head input, kept through the backward; the logits chain of the loss,
-    alive only while the loss runs forward and backward, split over tp with the head)."""
+    `logits` per token, alive only while the loss runs forward and backward)."""
     final = tokens * (s.r * s.d_norm + s.matmul_inputs(1))
     rows = tokens if not loss_chunk_tokens else min(tokens, loss_chunk_tokens)
-    vocab = cfg.vocab_size / (1 if cfg.tie_embeddings else s.tp)  # a vocabulary-parallel head
-    return final, rows * vocab * per_element
+    return final, rows * logits * per_element
 
 
 def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: PrecisionSpec,
@@ -444,7 +455,7 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
         kept = _layer_bytes(attn, ffn, plan.activation_checkpointing) if checkpointed else full
         saved += n * kept
         recompute_peak = max(recompute_peak, full - kept)
-    final, logits = _head_bytes(cfg, s, tokens, loss_chunk_tokens,
+    final, logits = _head_bytes(s, tokens, loss_chunk_tokens, logits_per_token(cfg, plan),
                                 logits_bytes_per_element(cfg, plan, p, calibration, compiled_loss))
     transient = max(logits, tokens * recompute_peak)
     return tokens * saved + final + transient + _weight_copies(counts, plan, p, cfg)
@@ -523,4 +534,5 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
 __all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "LocalParams", "PRECISIONS", "precision_spec",
            "estimate_memory", "activation_bytes", "local_params", "largest_unit",
            "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags",
-           "compiled_loss_kernel", "logits_bytes_per_element"]
+           "compiled_loss_kernel", "logits_bytes_per_element", "logits_per_token",
+           "vocab_parallel_head"]

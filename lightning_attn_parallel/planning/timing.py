@@ -26,7 +26,7 @@ from .. import collective_cost
 from ..collective_cost import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, collective_time
 from ..hardware import ClusterSpec, GpuSpec
 from .memory import (MIB, PrecisionSpec, accumulation_policy, checkpointed_layers,
-                     compiled_loss_kernel, compute_precision,
+                     compiled_loss_kernel, compute_precision, logits_per_token,
                      expert_shard_degree, kv_width, largest_unit, local_params, moe_layer_flags,
                      precision_spec)
 
@@ -215,7 +215,7 @@ def loss_time(cfg: ModelConfig, counts: ParamCounts, plan: ParallelPlan, gpu: Gp
     matmul again under a chunked loss at the card's peak: divide it by matmul_efficiency). The
     kernel is bound by HBM bandwidth: the calibrated bytes per logit element of the eager or the
     compiled kernel (compiled_loss_kernel)."""
-    elements = rank_tokens * cfg.vocab_size / (1 if cfg.tie_embeddings else plan.tp)
+    elements = rank_tokens * logits_per_token(cfg, plan)
     per_byte = elements / (gpu.hbm_gbps * GB)
     forward, backward = cal.loss_bytes(compiled_loss_kernel(cfg, plan, compiled_loss))
     if not chunks_recomputed(rank_tokens, loss_chunk_tokens):
