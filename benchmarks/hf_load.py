@@ -55,7 +55,8 @@ def run_fsdp2(folder: Path, device: str) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from lightning_attn_parallel.models import build_model
-    from lightning_attn_parallel.models.hf import Checkpoint, reset_buffers
+    from lightning_attn_parallel.models.hf import Checkpoint
+    from lightning_attn_parallel.models.materialize import materialize, reset_buffers
     from lightning_attn_parallel.pretrained import load_pretrained
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -68,9 +69,9 @@ def run_fsdp2(folder: Path, device: str) -> dict:
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    model.to_empty(device=device)
+    materialize(model, device)
     model.to(torch.bfloat16)
-    reset_buffers(model)
+    reset_buffers(model)  # the RoPE tables again, built in bf16
     ckpt = load_pretrained(model, folder)
     if device == "cuda":
         torch.cuda.synchronize()

@@ -39,9 +39,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .parallel.expert_state import (
+    clean_name,
     copy_back,
     expert_shards,
     full_state,
@@ -91,12 +93,17 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     extra = _read_extra(path)
     optim_states = [get_optimizer_state_dict(model, opt) for opt in optimizers]
     optim_views = [global_optimizer_state(model, s) for s in optim_states]
-    state = {"model": model_view, "optimizers": {str(i): s for i, s in enumerate(optim_views)}}
+    # each shared tensor's other names are read apart, to check that the checkpoint agrees
+    probes = {name: torch.empty_like(model_view[name]) for names in _shared_names(model, model_view)
+              for name in names[1:]}
+    state = {"model": {**model_view, **probes}, "optimizers": {str(i): s for i, s in enumerate(optim_views)}}
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, dcp.CheckpointException) as err:  # DCP gathers every rank's failure
         raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({_first_line(err)}): "
                               "restore it from a copy or load an earlier checkpoint") from err
+    check_shared_tensors(path, model, state["model"])
+    state["model"].update({name: model_view[name] for name in probes})
     copy_back(model_state, state["model"])
     for i, opt_state in enumerate(optim_states):
         copy_back(opt_state, state["optimizers"][str(i)])
@@ -215,6 +222,36 @@ def _raise_on_mismatch(path: Path, saved: Mapping[str, tuple], expected: Mapping
     if unexpected and strict:
         raise CheckpointError(f"checkpoint {path} was saved from a different model: its parameter "
                               f"{unexpected[0]!r} does not exist in this model; {fix}")
+
+
+def _shared_names(model: nn.Module, state: Mapping[str, Any]) -> list[list[str]]:
+    """The state-dict names of each tensor `model` shares (tied embeddings), present in `state`."""
+    from .models.materialize import shared_parameter_names
+
+    groups = [[n for n in map(clean_name, names) if n in state] for names in shared_parameter_names(model)]
+    return [names for names in groups if len(names) > 1]
+
+
+def check_shared_tensors(path: PathLike, model: nn.Module, state: Mapping[str, Any]) -> None:
+    """A checkpoint must hold one value under every name of a tensor the model shares (tied
+    embeddings); loading one of two values that trained apart would silently drop the other.
+    Collective when the state holds DTensors (each rank compares its shards)."""
+    for first, *others in _shared_names(model, state):
+        for other in others:
+            a, b = (_local(state[n]).detach().float() for n in (first, other))
+            difference = (a - b).abs().max() if a.numel() else torch.zeros(())
+            if _distributed() and isinstance(state[first], DTensor):
+                dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+            if difference.item() > 0:
+                raise CheckpointError(
+                    f"checkpoint {path} holds {other!r} and {first!r} as two different tensors (max abs "
+                    f"difference {difference.item():.3g}) but this model ties them: it was saved while "
+                    "they trained apart; build the model untied (tie_embeddings=False) to keep both, or "
+                    "export it with --untie-embeddings")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _check_optimizer_count(path: Path, metadata: Any, wanted: int) -> None:
@@ -391,4 +428,4 @@ def _first_line(err: BaseException) -> str:
 
 __all__ = ["CheckpointError", "save_distributed", "load_distributed", "export_consolidated",
            "load_consolidated", "save_lightning_checkpoint", "load_lightning_checkpoint",
-           "read_checkpoint_file", "save_file", "check_free_space", "state_bytes"]
+           "read_checkpoint_file", "save_file", "check_free_space", "state_bytes", "check_shared_tensors"]

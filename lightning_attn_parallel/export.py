@@ -1,6 +1,7 @@
 """Export a training checkpoint as a Hugging Face folder (or a consolidated file).
 
     python -m lightning_attn_parallel.export CKPT OUT --format hf [--dtype bf16|fp32] [--max-shard-size 5GB]
+        [--untie-embeddings]
 
 CKPT is what a run saved: a single .ckpt file or a sharded checkpoint folder (checkpoint.py),
 under any plan. Sharded folders hold every tensor with its global shape, expert-parallel experts
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -88,8 +90,11 @@ def read_training_checkpoint(path: PathLike) -> tuple[ModelConfig, Mapping[str, 
 
 
 def export(ckpt: PathLike, out: PathLike, fmt: str = "hf", dtype: Union[str, torch.dtype] = "bf16",
-           max_shard_size: Union[int, str] = "5GB") -> Path:
-    """Write `ckpt` (a .ckpt file or a checkpoint folder) to `out` in `fmt`; return `out`."""
+           max_shard_size: Union[int, str] = "5GB", untie_embeddings: bool = False) -> Path:
+    """Write `ckpt` (a .ckpt file or a checkpoint folder) to `out` in `fmt`; return `out`.
+
+    `untie_embeddings`: write the LM head as its own tensor even where the model ties it to the
+    embedding (a checkpoint whose tied tensors trained apart is refused otherwise)."""
     if fmt not in FORMATS:
         raise UserError(f"--format={fmt!r} is unknown: use one of {', '.join(FORMATS)}")
     if isinstance(dtype, str):
@@ -97,6 +102,8 @@ def export(ckpt: PathLike, out: PathLike, fmt: str = "hf", dtype: Union[str, tor
             raise UserError(f"--dtype={dtype!r} is unknown: use bf16 or fp32")
         dtype = DTYPES[dtype]
     cfg, state, hparams = read_training_checkpoint(ckpt)
+    if untie_embeddings:
+        cfg = replace(cfg, tie_embeddings=False)
     out = Path(out)
     if fmt == "consolidated":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +161,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--format", default="hf", choices=FORMATS)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--untie-embeddings", action="store_true",
+                        help="write the LM head and the embedding as two tensors (tie_word_embeddings=false)")
     args = parser.parse_args(argv)
-    out = export(args.ckpt, args.out, args.format, args.dtype, args.max_shard_size)
+    out = export(args.ckpt, args.out, args.format, args.dtype, args.max_shard_size, args.untie_embeddings)
     print(f"wrote {out}")
 
 

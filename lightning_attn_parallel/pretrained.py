@@ -19,7 +19,8 @@ from torch.distributed.tensor import DTensor
 
 from .errors import UserError
 from .models.config import ModelConfig
-from .models.hf import Checkpoint, Index, PathLike, determined_fields, load_into, reset_buffers
+from .models.hf import Checkpoint, Index, PathLike, determined_fields, load_into
+from .models.materialize import materialize
 from .parallel.expert_state import clean_name, expert_shards, global_view
 
 
@@ -117,8 +118,7 @@ def load_pretrained_into(module: nn.Module, device: torch.device) -> Optional[Ch
     if on_meta:
         if not path:
             raise RuntimeError("the model was built on the meta device but has no pretrained folder to fill it")
-        module.to_empty(device=device)
-        reset_buffers(module)  # RoPE tables and routing counters: not in the checkpoint
+        materialize(module, device)  # tied embeddings stay one tensor
     if not path:
         return None
     return load_pretrained(module.model, path)

@@ -349,9 +349,11 @@ class AttnHybridStrategy(ParallelStrategy):
             checkpoint = load_lightning_checkpoint(path, self.model, self.optimizers)
             self._state_loaded_in_place = True
             return checkpoint
-        from .checkpoint import read_checkpoint_file
+        from .checkpoint import check_shared_tensors, read_checkpoint_file
 
-        return read_checkpoint_file(path)
+        checkpoint = read_checkpoint_file(path)
+        check_shared_tensors(path, self.lightning_module, checkpoint.get("state_dict", {}))
+        return checkpoint
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if "state_dict" not in checkpoint:

@@ -28,6 +28,9 @@ CASES = {
                                   [[16], [9, 1, 6], [5, 3, 4, 1, 3]]),
 }
 STEPS = 4
+# fp64: four AdamW steps at lr 1e-2 amplify fp32 rounding differences of near-zero gradients
+# (g / sqrt(v)) to about the fp32 tolerance, so the parity is checked where it is unambiguous.
+PRECISION, RTOL = "64-true", 1e-10
 
 
 class ModeRecorder(L.Callback):
@@ -63,7 +66,7 @@ def train(plan_kwargs, micro_batch, accumulate, lengths, world, rank=0):
         cp = plan_kwargs["cp"]
         dp, dp_rank = world // cp, rank // cp
     data = dataset(lengths, micro_batch * dp if world > 1 else micro_batch)
-    trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=STEPS,
+    trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=STEPS, precision=PRECISION,
                             accumulate_grad_batches=accumulate, callbacks=[recorder])
     trainer.fit(module, loader(data, micro_batch, replicas=dp, rank=dp_rank))
     return {"params": params_of(module), "modes": recorder.modes, "degrees": recorder.degrees,
@@ -86,7 +89,7 @@ def test_context_parallel_training_equals_one_process(results, name):
     reference = train(plan_kwargs, micro_batch * dp, accumulate, lengths, 1)["params"]
     for rank, result in enumerate(results):
         for key, expected in reference.items():
-            assert_close(result[name]["params"][key], expected, name=f"{name} rank{rank} {key}")
+            assert_close(result[name]["params"][key], expected, RTOL, name=f"{name} rank{rank} {key}")
 
 
 def test_logged_loss_is_the_whole_sequences_loss(results):

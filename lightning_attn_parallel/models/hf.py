@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import UserError
 from .config import ModelConfig
+from .materialize import materialize
 
 PathLike = Union[str, os.PathLike]
 Index = tuple[slice, ...]
@@ -497,21 +498,10 @@ def from_pretrained(path: PathLike, dtype: torch.dtype = torch.float32,
     cfg = ckpt.model_config(max_seq_len)
     with _default_dtype(dtype), torch.device("meta"):
         model = build_model(cfg)
-    model.to_empty(device="cpu")
-    with _default_dtype(dtype):
-        reset_buffers(model)
+    with _default_dtype(dtype):  # RoPE tables are built in `dtype`
+        materialize(model, "cpu")
     load_into(ckpt, model.state_dict(keep_vars=True), cfg)
     return model
-
-
-def reset_buffers(model: nn.Module) -> None:
-    """Fill what a checkpoint does not hold (RoPE tables, routing counters) after `to_empty`."""
-    from .deepseek import DeepSeekMoE
-    from .rope import RotaryEmbedding
-
-    for module in model.modules():
-        if isinstance(module, (RotaryEmbedding, DeepSeekMoE)):
-            module.reset_parameters()
 
 
 def load_into(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], cfg: ModelConfig,
@@ -564,12 +554,26 @@ def hf_tensors(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> Iterator[
             if name.endswith("router.expert_bias") and bool(state[name].any()):
                 raise _error(f"{name} is nonzero but softmax (DeepSeek-V2) routing has no selection "
                              "bias in transformers: export with score_func=sigmoid or zero the bias")
+    check_tied_state(cfg, state)
     emitted: set[str] = set()
     for name, spec in specs.items():
         for hf_name, tensor in to_hf(spec, state[name]):
             if hf_name not in emitted:
                 emitted.add(hf_name)
                 yield hf_name, tensor
+
+
+def check_tied_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """A tied model is written as one tensor (transformers' `tie_word_embeddings`), so a state whose
+    head and embedding differ (saved while they trained apart) would lose its head: refused."""
+    head, embedding = state.get("output.weight"), state.get("tok_embeddings.weight")
+    if not cfg.tie_embeddings or head is None or embedding is None or head is embedding:
+        return
+    difference = (head.detach().float() - embedding.detach().float()).abs().max().item()
+    if difference > 0:
+        raise _error(f"the model says tie_embeddings=True but its output.weight differs from "
+                     f"tok_embeddings.weight (max abs {difference:.3g}; saved while they trained apart): "
+                     "export it untied (--untie-embeddings writes both, tie_word_embeddings=false)")
 
 
 def save_state_dict(cfg: ModelConfig, state: Mapping[str, torch.Tensor], out: PathLike,
@@ -638,4 +642,4 @@ def determined_fields() -> set[str]:
 
 __all__ = ["Checkpoint", "Spec", "from_pretrained", "save_pretrained", "save_state_dict",
            "model_config_from_hf", "hf_config", "weight_specs", "read_converted", "hf_tensors",
-           "copy_tokenizer", "parse_size", "determined_fields", "load_into", "reset_buffers"]
+           "copy_tokenizer", "parse_size", "determined_fields", "load_into", "check_tied_state"]
