@@ -11,9 +11,8 @@ Folder layout: DCP's files (`.metadata`, `*.distcp`) holding {"model": ..., "opt
 {"0": ..., "1": ...}}, plus `extra.pt` (anything else: step counters, loop state) written by
 rank 0 with torch.save. Checkpoints are trusted files: `extra.pt` is unpickled.
 
-Expert-parallel experts (each rank holding a block of them under the full tensor's name) are
-presented with their global shapes, as views of each rank's block (parallel/expert_state.py), so
-they reshard like everything else and the consolidated export holds every expert.
+Every tensor split over ranks is a DTensor (FSDP2 shards, tensor- and expert-parallel ones), so
+the state dicts are torch's own (parallel/state_dict.py) and experts reshard like everything else.
 
 Every save goes to `<path>.tmp` first and is renamed into place once complete, so an
 interrupted save never destroys the checkpoint already at `path`. Before writing, the free space
@@ -42,15 +41,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from .parallel.expert_state import (
-    clean_name,
-    copy_back,
-    expert_shards,
-    full_state,
-    global_model_state,
-    global_optimizer_state,
-    local_model_state,
-)
+from .errors import first_line, rank
+from .parallel.state_dict import model_state as full_or_sharded_model_state
+from .parallel.state_dict import state_dict_name
 
 PathLike = Union[str, os.PathLike]
 Optimizers = Union[Optimizer, Iterable[Optimizer], None]
@@ -71,9 +64,8 @@ def save_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers,
     Every rank must call it. `extra` (picklable) is written by rank 0 and returned by
     `load_distributed`.
     """
-    optim_states = [global_optimizer_state(model, get_optimizer_state_dict(model, opt))
-                    for opt in _as_list(optimizers)]
-    _write(Path(path), global_model_state(model, get_model_state_dict(model)), optim_states, extra or {})
+    optim_states = [get_optimizer_state_dict(model, opt) for opt in _as_list(optimizers)]
+    _write(Path(path), get_model_state_dict(model), optim_states, extra or {})
 
 
 def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = None) -> dict:
@@ -87,27 +79,21 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     metadata = _read_metadata(path)
     optimizers = _as_list(optimizers)
     model_state = get_model_state_dict(model)
-    model_view = global_model_state(model, model_state)  # experts: views of the local blocks
-    _check_model_matches(path, metadata, model_view)
+    _check_model_matches(path, metadata, model_state)
     _check_optimizer_count(path, metadata, len(optimizers))
     extra = _read_extra(path)
     optim_states = [get_optimizer_state_dict(model, opt) for opt in optimizers]
-    optim_views = [global_optimizer_state(model, s) for s in optim_states]
     # each shared tensor's other names are read apart, to check that the checkpoint agrees
-    probes = {name: torch.empty_like(model_view[name]) for names in _shared_names(model, model_view)
+    probes = {name: torch.empty_like(model_state[name]) for names in _shared_names(model, model_state)
               for name in names[1:]}
-    state = {"model": {**model_view, **probes}, "optimizers": {str(i): s for i, s in enumerate(optim_views)}}
+    state = {"model": {**model_state, **probes}, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, dcp.CheckpointException) as err:  # DCP gathers every rank's failure
-        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({_first_line(err)}): "
+        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({first_line(err, with_type=True)}): "
                               "restore it from a copy or load an earlier checkpoint") from err
     check_shared_tensors(path, model, state["model"])
-    state["model"].update({name: model_view[name] for name in probes})
-    copy_back(model_state, state["model"])
-    for i, opt_state in enumerate(optim_states):
-        copy_back(opt_state, state["optimizers"][str(i)])
-    set_model_state_dict(model, model_state)
+    set_model_state_dict(model, model_state)  # DCP loaded in place; this also re-ties what is shared
     for opt, opt_state in zip(optimizers, optim_states):
         set_optimizer_state_dict(model, opt, opt_state)
     return extra
@@ -115,9 +101,8 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
 
 def save_lightning_checkpoint(path: PathLike, checkpoint: dict[str, Any], is_rank_zero: bool) -> None:
     """Save a Lightning checkpoint dict whose "state_dict" and "optimizer_states" are sharded
-    state dicts (from get_model_state_dict / get_optimizer_state_dict, with expert-parallel
-    experts as global views: see the strategy's `lightning_module_state_dict`) in the same folder
-    format; the rest of the dict (loops, callbacks, epoch...) goes to `extra.pt`."""
+    state dicts (parallel/state_dict.py) in the same folder format; the rest of the dict (loops,
+    callbacks, epoch...) goes to `extra.pt`."""
     rest = dict(checkpoint)
     model_state = rest.pop("state_dict")
     optim_states = rest.pop("optimizer_states", [])
@@ -141,8 +126,49 @@ def read_checkpoint_file(path: PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(err)}): it is "
+        raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(err, with_type=True)}): it is "
                               "corrupt or truncated; load an earlier checkpoint") from err
+
+
+def saved_hyperparameters(path: PathLike) -> dict:
+    """The hyperparameters a checkpoint was saved with, read from its metadata only: a folder's
+    `.metadata` (every shard file it names must exist at its full size) and `extra.pt`, or a
+    single .ckpt file memory-mapped. A CheckpointError (its message starting with the path) says
+    what is missing, truncated or unreadable."""
+    path = Path(path)
+    if not path.is_dir():
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any failure to read means the file is damaged
+            raise CheckpointError(f"{str(path)!r} cannot be read ({first_line(err)}): it is truncated or "
+                                  "not a checkpoint") from None
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint (no state_dict)")
+        return checkpoint.get("hyper_parameters") or {}
+    if not (path / METADATA_FILE).is_file():
+        raise CheckpointError(f"{str(path)!r} is a folder without a {METADATA_FILE} file, so it is not a "
+                              "complete sharded checkpoint")
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{str(path)!r} has unreadable metadata ({first_line(err)})") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{str(path)!r} is incomplete: its shard {name} is missing")
+        if file.stat().st_size < size:
+            raise CheckpointError(f"{str(path)!r} is incomplete: its shard {name} has "
+                                  f"{file.stat().st_size} bytes of {size} (truncated)")
+    if not (path / EXTRA_FILE).is_file():
+        return {}
+    try:
+        state = torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{str(path)!r} has an unreadable {EXTRA_FILE} ({first_line(err)})") from None
+    return state.get("hyper_parameters") or {} if isinstance(state, dict) else {}
 
 
 # ---------------------------------------------------------------------------- consolidated
@@ -153,13 +179,10 @@ def export_consolidated(path: PathLike, model: nn.Module) -> None:
     keys are the ones a plain model's `load_state_dict` expects; the file then loads without
     this package. Only rank 0 holds the gathered tensors and writes.
     """
-    if expert_shards(model):  # experts gathered from every rank's block, on the ep groups too
-        state = full_state(global_model_state(model, get_model_state_dict(model)))
-    else:
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() == 0:
+    state = full_or_sharded_model_state(model, full=True)
+    if rank() == 0:
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    save_file(path, state, is_writer=_rank() == 0)
+    save_file(path, state, is_writer=rank() == 0)
 
 
 def load_consolidated(path: PathLike, model: nn.Module, strict: bool = True) -> None:
@@ -171,12 +194,10 @@ def load_consolidated(path: PathLike, model: nn.Module, strict: bool = True) -> 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"consolidated checkpoint {path} cannot be read "
-                              f"({_first_line(err)}): re-export it") from err
-    current = global_model_state(model, get_model_state_dict(model))
-    expected = {k: tuple(v.shape) for k, v in current.items()}  # global shapes, experts included
+                              f"({first_line(err, with_type=True)}): re-export it") from err
+    expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}  # global shapes
     _raise_on_mismatch(path, {k: tuple(v.shape) for k, v in state.items()}, expected, strict)
-    set_model_state_dict(model, local_model_state(model, state),
-                         options=StateDictOptions(full_state_dict=True, strict=strict))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 # ---------------------------------------------------------------------------- checks
@@ -193,7 +214,7 @@ def _read_metadata(path: Path) -> Any:
     try:
         return dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} has unreadable metadata ({_first_line(err)}): it "
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata ({first_line(err, with_type=True)}): it "
                               "is corrupt; load an earlier checkpoint") from err
 
 
@@ -228,7 +249,7 @@ def _shared_names(model: nn.Module, state: Mapping[str, Any]) -> list[list[str]]
     """The state-dict names of each tensor `model` shares (tied embeddings), present in `state`."""
     from .models.materialize import shared_parameter_names
 
-    groups = [[n for n in map(clean_name, names) if n in state] for names in shared_parameter_names(model)]
+    groups = [[n for n in map(state_dict_name, names) if n in state] for names in shared_parameter_names(model)]
     return [names for names in groups if len(names) > 1]
 
 
@@ -267,7 +288,7 @@ def _read_extra(path: Path) -> dict:
         return torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable {EXTRA_FILE} "
-                              f"({_first_line(err)}): it is corrupt; load an earlier checkpoint") from err
+                              f"({first_line(err, with_type=True)}): it is corrupt; load an earlier checkpoint") from err
 
 
 # ---------------------------------------------------------------------------- writing
@@ -276,7 +297,7 @@ def _write(path: Path, model_state: dict, optim_states: list, extra: dict,
     """DCP-save into `<path>.tmp`, then rank 0 adds extra.pt and renames it over `path`. Refused
     before writing when the file system lacks the room; on any rank's failure the partial folder
     is removed and every rank raises the same CheckpointError."""
-    leader = _rank() == 0 if is_rank_zero is None else is_rank_zero
+    leader = rank() == 0 if is_rank_zero is None else is_rank_zero
     tmp = path.with_name(path.name + ".tmp")
     state = {"model": model_state, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
     error = None
@@ -302,7 +323,7 @@ def save_file(path: PathLike, obj: Any, is_writer: Optional[bool] = None) -> Non
     """torch.save `obj` to `path` through `<path>.tmp` and a rename, by the writer (rank 0
     unless given). Collective when distributed: every rank raises the writer's CheckpointError
     (no room, a write error), and the .tmp is removed whatever went wrong."""
-    writer = _rank() == 0 if is_writer is None else is_writer
+    writer = rank() == 0 if is_writer is None else is_writer
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     error = None
@@ -347,7 +368,7 @@ def _save_error(path: Path, err: BaseException) -> str:
         return str(err)
     folder = _existing_folder(path)
     free = shutil.disk_usage(folder).free
-    return (f"could not write checkpoint {path} ({_first_line(err)}); {folder} has {_human(free)} "
+    return (f"could not write checkpoint {path} ({first_line(err, with_type=True)}); {folder} has {_human(free)} "
             f"({free} bytes) free: free space there or save elsewhere (the partial save was removed; "
             "the previous checkpoint is unchanged)")
 
@@ -417,15 +438,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 __all__ = ["CheckpointError", "save_distributed", "load_distributed", "export_consolidated",
            "load_consolidated", "save_lightning_checkpoint", "load_lightning_checkpoint",
-           "read_checkpoint_file", "save_file", "check_free_space", "state_bytes", "check_shared_tensors"]
+           "read_checkpoint_file", "save_file", "check_free_space", "state_bytes", "check_shared_tensors",
+           "saved_hyperparameters"]

@@ -33,8 +33,8 @@ class UserError(ValueError):
     """Input that cannot run: the message names the key, value or path and the fix."""
 
 
-def _rank() -> int:
-    """This process's global rank, without needing a process group."""
+def rank() -> int:
+    """This process's global rank: the process group's, else the launcher's environment, else 0."""
     try:
         import torch.distributed as dist
 
@@ -46,6 +46,19 @@ def _rank() -> int:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
     return 0
+
+
+def first_line(error: BaseException, with_type: bool = False) -> str:
+    """The first non-empty line of an error's message (gloo's source-file prefix and NCCL's
+    advice dropped), optionally behind its type name: for one-line reports that quote a cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.startswith("[") and "] " in text:  # gloo prefixes its source file: drop it
+        text = text.split("] ", 1)[1]
+    text = text.split(". This is typically")[0]
+    if with_type:
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text or type(error).__name__
 
 
 def one_line(text: str) -> str:
@@ -65,7 +78,7 @@ def write_traceback_log(error: BaseException, log_dir: Union[str, Path, None]) -
     for folder in ([Path(log_dir)] if log_dir else []) + [Path.cwd(), Path(os.environ.get("TMPDIR", "/tmp"))]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"error-rank{_rank()}.log"
+            path = folder / f"error-rank{rank()}.log"
             path.write_text(text)
             return path.resolve()
         except OSError:
@@ -93,12 +106,11 @@ def run_or_exit(main: Callable[[], T], log_dir: Union[str, Path, Callable[[], An
             exit_for_user_error(user_error)
         folder = log_dir() if callable(log_dir) else log_dir
         path = write_traceback_log(error, folder)
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        first = f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
         where = f" (traceback: {path})" if path else ""
-        print(f"error: {first}{where}", file=sys.stderr, flush=True)
+        print(f"error: {first_line(error, with_type=True)}{where}", file=sys.stderr, flush=True)
         sys.exit(EXIT_FAILURE)
 
 
 __all__ = ["UserError", "run_or_exit", "exit_for_user_error", "write_traceback_log", "one_line",
+           "first_line", "rank",
            "EXIT_USER_ERROR", "EXIT_FAILURE"]

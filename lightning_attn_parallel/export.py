@@ -4,8 +4,8 @@
         [--untie-embeddings]
 
 CKPT is what a run saved: a single .ckpt file or a sharded checkpoint folder (checkpoint.py),
-under any plan. Sharded folders hold every tensor with its global shape, expert-parallel experts
-included, so the export is the same whatever the plan was. A folder is read one tensor at a time
+under any plan. Sharded folders hold every tensor with its global shape, experts included, so
+the export is the same whatever the plan was. A folder is read one tensor at a time
 (DCP loads just the requested key), so the export holds one tensor plus one output shard in
 memory, never the whole model. When the run started from a Hugging Face folder
 (`model.pretrained`), its tokenizer files are copied next to the weights.
@@ -130,7 +130,8 @@ def check_export_request(fmt: str, dtype: str, cfg: ModelConfig) -> None:
 def export_model(model: torch.nn.Module, out: PathLike, fmt: str = "hf", dtype: Any = "fp32",
                  max_shard_size: Union[int, str] = "5GB", tokenizer_from: Optional[PathLike] = None) -> None:
     """End-of-run export of a (possibly parallelized) model (collective: every rank calls it).
-    Experts and shards are gathered to rank 0 one tensor at a time, as export_consolidated does."""
+    Shards (experts included) are gathered to rank 0 one tensor at a time, as
+    export_consolidated does."""
     import torch.distributed as dist
 
     from .checkpoint import export_consolidated
@@ -139,14 +140,9 @@ def export_model(model: torch.nn.Module, out: PathLike, fmt: str = "hf", dtype: 
         export_consolidated(out, model)
         return
     check_export_request(fmt, dtype, model.config)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from .parallel.state_dict import model_state
 
-    from .parallel.expert_state import expert_shards, full_state, global_model_state
-
-    if expert_shards(model):
-        state = full_state(global_model_state(model, get_model_state_dict(model)))
-    else:
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = model_state(model, full=True)
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_state_dict(model.config, state, out, dtype=DTYPES.get(dtype, dtype),
                         max_shard_size=max_shard_size, tokenizer_from=tokenizer_from)

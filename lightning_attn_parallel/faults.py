@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
+from .errors import first_line
+
 # Ten minutes: longer than any legitimate wait of one rank for another (torch.compile of the first
 # step on a slow rank, rank 0 writing a consolidated checkpoint while the others wait at a
 # barrier, a data loader's first batches on a cold file system), short enough that a frozen job
@@ -191,7 +193,7 @@ class Heartbeat:
         if not is_collective_failure(error):
             return None
         operation = failed_operation(error.__traceback__)
-        cause = _first_line(error)
+        cause = first_line(error)
         try:
             if self.store.check([FAULT_KEY]):
                 return PeerFailure(self.store.get(FAULT_KEY).decode())
@@ -279,14 +281,6 @@ def _is_torch_distributed(filename: str) -> bool:
 def _ranks(ranks: Sequence[int]) -> str:
     ranks = sorted(ranks)
     return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    if text.startswith("[") and "] " in text:  # gloo prefixes its source file: drop it
-        text = text.split("] ", 1)[1]
-    return text.split(". This is typically")[0]
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "PeerFailure", "Heartbeat", "resolve_timeout", "configure_nccl",

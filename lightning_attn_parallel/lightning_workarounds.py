@@ -6,7 +6,7 @@ Lightning fixes what it works around.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,32 @@ def share_inf_checks(precision_plugin: Precision, device: torch.device) -> None:
             process_group=dist.group.WORLD)
 
 
+def clip_across_ranks(precision_plugin: Precision, on_norm: Callable[[torch.Tensor], None]) -> None:
+    """Make the precision plugin clip by the norm over every rank and mesh, and report that norm.
+
+    Lightning clips in the precision plugin with `torch.nn.utils.clip_grad_norm_`, which fails on
+    DTensors of several meshes (tensor x FSDP2 beside FSDP2-only parameters, experts on their own
+    mesh); `parallel.clipping.clip_grad_norm_` groups them by mesh. And Lightning's mixed-precision
+    plugin refuses to clip with a fused optimizer even in bf16, where no scaler unscales inside
+    the optimizer (Lightning issue #21435): without a scaler the plain path is taken. Bound to this
+    plugin instance (Lightning builds a plugin per Trainer), so clipping stays where Lightning has
+    it and any LightningModule gets it."""
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    from .parallel.clipping import clip_grad_norm_
+
+    def clip_grad_by_norm(optimizer, clip_val) -> None:
+        on_norm(clip_grad_norm_(precision_plugin.main_params(optimizer), clip_val))
+
+    def clip_gradients(optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
+        if getattr(precision_plugin, "scaler", None) is None:  # nothing unscales inside the optimizer
+            return Precision.clip_gradients(precision_plugin, optimizer, clip_val, gradient_clip_algorithm)
+        return type(precision_plugin).clip_gradients(precision_plugin, optimizer, clip_val, gradient_clip_algorithm)
+
+    precision_plugin.clip_grad_by_norm = clip_grad_by_norm
+    precision_plugin.clip_gradients = clip_gradients
+
+
 def settle_fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """Make a checkpoint saved once an epoch's loop has ended resume where that run stopped.
 
@@ -87,4 +113,4 @@ def settle_fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-__all__ = ["pinned", "share_inf_checks", "settle_fit_loop_state"]
+__all__ = ["pinned", "share_inf_checks", "clip_across_ranks", "settle_fit_loop_state"]

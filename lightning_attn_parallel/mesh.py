@@ -154,12 +154,9 @@ def add_expert_mesh(meshes: ParallelMeshes) -> None:
     plan = meshes.plan
     meshes.expert = init_device_mesh(meshes.dense.device_type, (plan.world_size // plan.ep, plan.ep),
                                      mesh_dim_names=EXPERT_DIMS)
-    dense_dp = plan.dp_replicate * plan.dp_shard * plan.cp
-    # Each expert already sums its EP group's tokens, so the edp sum is scaled by the dense
-    # data-parallel size (Megatron-Core's rule for expert gradients).
     meshes.expert_grads = make_reduction_groups(groups_along(meshes.expert.mesh, (0,)), "expert",
-                                                1.0 / dense_dp, meshes.ranks_per_node)
-    if plan.tp > 1:  # router and shared experts fed a TP slice of the tokens: sum over tp too
+                                                plan.expert_gradient_scale, meshes.ranks_per_node)
+    if plan.tp > 1:  # router and shared experts fed a TP slice of the tokens (parallel/moe_token_split.py)
         meshes.token_split_grads = make_reduction_groups(groups_along(meshes.dense.mesh, (0, 1, 2, 3)),
-                                                         "moe-token-split", 1.0 / dense_dp,
+                                                         "moe-token-split", 1.0 / plan.gradient_ranks,
                                                          meshes.ranks_per_node)

@@ -3,7 +3,8 @@
 It never touches parallelism: the strategy hands it batches already laid out for this rank, as a
 `StepBatch` (step.py) under context parallelism: a sequence shard with its global positions, the
 token count to divide by, the scale that makes averaging over dp x cp exact, and how the shards'
-losses add up.
+losses add up. Gradient clipping is the precision plugin's, as everywhere in Lightning (the
+strategy makes it span every rank and mesh).
 """
 from __future__ import annotations
 
@@ -95,11 +96,12 @@ class CausalLMModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log(LEARNING_RATE, host_scalar(optimizer.param_groups[0]["lr"]))  # no GPU stall
 
-    def on_fit_start(self) -> None:
-        if self.trainer.world_size > 1 and self.model_config.is_moe:
-            from .parallel.expert_parallel import share_routing_loads
+    def configure_callbacks(self) -> list[L.Callback]:
+        if not self.model_config.is_moe:
+            return []
+        from .callbacks.routing_loads import ShareRoutingLoads
 
-            share_routing_loads(self.model)  # every replica of a router sees the same loads
+        return [ShareRoutingLoads()]  # every replica of a router sees the same loads
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -108,30 +110,18 @@ class CausalLMModule(L.LightningModule):
 
             update_moe_biases(self.model)  # auxiliary-loss-free balancing (DeepSeek-V3)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                    gradient_clip_algorithm=None) -> None:
-        """Clip by the global norm over every shard and tensor-parallel rank. Done here rather
-        than by the precision plugin, which refuses fused optimizers even in bf16 where no
-        gradient scaler is involved."""
-        if not gradient_clip_val:
-            return
-        if gradient_clip_algorithm not in (None, "norm"):
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        from .parallel.expert_parallel import clip_model_grad_norm_
-
-        self.log("train/grad_norm", clip_model_grad_norm_(self.model, gradient_clip_val))
-
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        # Groups by (weight decay, DTensor or not): fused/foreach AdamW need one tensor type per
-        # group, and tensor parallelism makes some parameters DTensors while others stay plain.
-        groups: dict[tuple[bool, bool], list] = {}
+        # Two groups, by weight decay (in the order earlier checkpoints numbered them): the model
+        # decides them, not the plan, so optimizer states and the schedule saved under one plan
+        # resume under any other (parallel/optimizer_step.py lets fused AdamW take a group that
+        # mixes plain and DTensor parameters).
+        decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                decay = p.ndim >= 2 and "embeddings" not in name
-                groups.setdefault((decay, hasattr(p, "device_mesh")), []).append(p)
-        param_groups = [{"params": params, "weight_decay": self.hparams.weight_decay if decay else 0.0}
-                        for (decay, _), params in sorted(groups.items())]
+                (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
+        param_groups = [{"params": params, "weight_decay": wd}
+                        for params, wd in ((no_decay, 0.0), (decay, self.hparams.weight_decay)) if params]
         # Fused AdamW unscales fp16 gradients inside its step, after clipping would have run.
         fused = next(self.model.parameters()).is_cuda and self.trainer.precision != "16-mixed"
         optimizer = torch.optim.AdamW(param_groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),

@@ -118,6 +118,19 @@ class ParallelPlan:
         return self.world_size // self.ep
 
     @property
+    def gradient_ranks(self) -> int:
+        """Ranks whose dense gradients are averaged: every rank holding other tokens (dp x cp)."""
+        return self.dp_replicate * self.dp_shard * self.cp
+
+    @property
+    def expert_gradient_scale(self) -> float:
+        """What expert gradients, summed over the edp ranks holding the same experts, are
+        multiplied by: 1 / (dp x cp), as dense gradients are averaged. An expert already sums
+        the tokens its whole ep group routed to it, so edp sums cover every token once and the
+        scale is the dense data-parallel size, not edp (Megatron-Core's rule)."""
+        return 1.0 / self.gradient_ranks
+
+    @property
     def compiled(self) -> bool:
         return self.compile != "none"
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, StrategyConfig, check_known_keys
-from .errors import UserError
+from .errors import UserError, first_line
 from .models import ModelConfig, smoke_scale
 from .plan import ParallelPlan
 
@@ -164,7 +164,7 @@ def check_target_node(node: Any, key: str, schema: Optional[type] = None) -> Non
     try:
         named, var_keyword = target_parameters(node)
     except Exception as err:  # noqa: BLE001 - Hydra raises ImportError or its own errors
-        raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported ({_first_line(err)}): "
+        raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported ({first_line(err)}): "
                           "give the dotted path of a class or function") from None
     defaults = OmegaConf.structured(schema) if schema else {}
     for name in node:
@@ -395,30 +395,22 @@ def check_data_files(data: DictConfig, model_cfg: ModelConfig) -> None:
 
 # ---------------------------------------------------------------------------------- checkpoints
 def check_checkpoint_readable(path: Any, model_cfg: Optional[ModelConfig] = None) -> None:
-    """A checkpoint to resume from exists, is complete, and was saved from the same model.
-
-    Reads only metadata: a DCP folder's `.metadata` (every shard file it names must exist at
-    its full size) and `extra.pt`, or a single .ckpt file memory-mapped. The saved model
-    config (the module's hyperparameters) is compared field by field with `model_cfg`.
-    """
+    """A checkpoint to resume from exists, is complete (checkpoint.py reads only its metadata),
+    and was saved from the same model: the saved model config (the module's hyperparameters) is
+    compared field by field with `model_cfg`."""
     if str(path) in LIGHTNING_CKPT_NAMES:
         return
+    from .checkpoint import CheckpointError, saved_hyperparameters
+
     path = Path(str(path)).expanduser()
-    fix = "give the path of a complete checkpoint saved by this run's model (or drop ckpt_path)"
     if not path.exists():
         raise ConfigError(f"ckpt_path={str(path)!r} does not exist: give the path of a saved "
                           "checkpoint (a .ckpt file or a sharded checkpoint folder)")
-    if path.is_dir():
-        hparams = _dcp_hyperparameters(path, fix)
-    else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any failure to read means the file is damaged
-            raise ConfigError(f"ckpt_path={str(path)!r} cannot be read ({_first_line(err)}): it is "
-                              f"truncated or not a checkpoint; {fix}") from None
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ConfigError(f"ckpt_path={str(path)!r} is not a Lightning checkpoint (no state_dict): {fix}")
-        hparams = checkpoint.get("hyper_parameters") or {}
+    try:
+        hparams = saved_hyperparameters(path)
+    except CheckpointError as err:
+        raise ConfigError(f"ckpt_path={err}; give the path of a complete checkpoint saved by this run's "
+                          "model (or drop ckpt_path)") from None
     saved = hparams.get("model") if isinstance(hparams, dict) else None
     if model_cfg is not None and isinstance(saved, dict):
         requested = dataclasses.asdict(model_cfg)
@@ -429,41 +421,6 @@ def check_checkpoint_readable(path: Any, model_cfg: Optional[ModelConfig] = None
             raise ConfigError(f"ckpt_path={str(path)!r} was saved from another model ({shown}): resume "
                               "with the model settings (recipe, +scale) it was saved with, or train "
                               "from scratch without ckpt_path")
-
-
-def _dcp_hyperparameters(path: Path, fix: str) -> dict:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    if not (path / ".metadata").is_file():
-        raise ConfigError(f"ckpt_path={str(path)!r} is a folder without a .metadata file, so it is not a "
-                          f"complete sharded checkpoint: {fix}")
-    try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"ckpt_path={str(path)!r} has unreadable metadata ({_first_line(err)}): {fix}") from None
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = path / name
-        if not file.is_file():
-            raise ConfigError(f"ckpt_path={str(path)!r} is incomplete: its shard {name} is missing; {fix}")
-        if file.stat().st_size < size:
-            raise ConfigError(f"ckpt_path={str(path)!r} is incomplete: its shard {name} has "
-                              f"{file.stat().st_size} bytes of {size} (truncated); {fix}")
-    extra = path / "extra.pt"
-    if not extra.is_file():
-        return {}
-    try:
-        state = torch.load(extra, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"ckpt_path={str(path)!r} has an unreadable extra.pt ({_first_line(err)}): {fix}") from None
-    return state.get("hyper_parameters") or {} if isinstance(state, dict) else {}
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------- outputs

@@ -1,10 +1,9 @@
 """Load a Hugging Face folder into a model that is already parallelized, each rank reading only
 the slices it holds.
 
-After the strategy has applied its plan, every tensor of the model is either plain (replicated),
-a DTensor (FSDP2/HSDP shards, tensor-parallel shards, or both), or an expert-parallel block
-(parallel/expert_state.py presents it as a DTensor view of the global [E, ...] stack). The global
-slice a rank holds follows from the placements (`compute_local_shape_and_global_offset`), and
+After the strategy has applied its plan, every tensor of the model is either plain (replicated)
+or a DTensor (FSDP2/HSDP shards, tensor- or expert-parallel shards, or products of them). The
+global slice a rank holds follows from the placements (`compute_local_shape_and_global_offset`), and
 models/hf.py reads that slice out of the memory-mapped safetensors files (widened to whole heads
 where q/k rows are reordered), so no rank ever reads or builds a whole tensor it only holds part of.
 """
@@ -21,7 +20,7 @@ from .errors import UserError
 from .models.config import ModelConfig
 from .models.hf import Checkpoint, Index, PathLike, determined_fields, load_into
 from .models.materialize import materialize
-from .parallel.expert_state import clean_name, expert_shards, global_view
+from .parallel.state_dict import state_dict_name
 
 
 def command_line_model_keys() -> set[str]:
@@ -100,11 +99,7 @@ def load_pretrained(model: nn.Module, path: PathLike) -> Checkpoint:
     folder `path`; return the opened checkpoint (its `bytes_read` counts what this rank read)."""
     ckpt = Checkpoint(path)
     cfg = model.config  # every tensor's shape is checked against config.json's on the way
-    shards = expert_shards(model)
-    tensors = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        name = clean_name(name)
-        tensors[name] = global_view(tensor, shards[name]) if name in shards else tensor
+    tensors = {state_dict_name(name): tensor for name, tensor in model.state_dict(keep_vars=True).items()}
     load_into(ckpt, tensors, cfg, _local_index, _local_of)
     return ckpt
 

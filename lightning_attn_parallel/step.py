@@ -10,9 +10,23 @@ and how its partial loss adds up to the step's loss. `StepBatch.of` reads either
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Callable, Optional, TypedDict, Union
 
 from torch import Tensor
+
+# The label of a token the loss does not count (padding, a document's last token): the value
+# torch's cross-entropy ignores by default. The data layer writes it, the losses skip it.
+IGNORE_INDEX = -100
+
+
+class LoaderBatch(TypedDict, total=False):
+    """What a data loader yields: (B, S) token ids and next-token labels; packed documents add
+    per-document positions and document ids (B, S)."""
+
+    input_ids: Tensor
+    labels: Tensor
+    positions: Tensor
+    document_ids: Tensor
 
 
 @dataclass
@@ -48,7 +62,7 @@ class StepBatch:
         return int(self.global_seq_len or self.input_ids.shape[-1])
 
     @classmethod
-    def of(cls, batch: Union["StepBatch", Mapping[str, Any]]) -> "StepBatch":
+    def of(cls, batch: Union["StepBatch", LoaderBatch]) -> "StepBatch":
         """A StepBatch as it is, or the step of a data loader's dict (whole sequences)."""
         if isinstance(batch, StepBatch):
             return batch
@@ -64,4 +78,4 @@ class StepBatch:
         return self.sum_shards(mean.detach()) if self.sum_shards is not None else mean.detach()
 
 
-__all__ = ["StepBatch"]
+__all__ = ["StepBatch", "LoaderBatch", "IGNORE_INDEX"]

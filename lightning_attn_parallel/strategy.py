@@ -8,17 +8,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable, ContextManager, Generator, Mapping, Optional, Union
+from typing import Any, Callable, ContextManager, Generator, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
+from lightning.fabric.utilities.distributed import _distributed_is_initialized, _sync_ddp_if_available
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
@@ -29,20 +23,24 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 
-from .faults import Heartbeat, configure_nccl, resolve_timeout, start_heartbeat
+from .faults import Heartbeat, resolve_timeout
 from .hardware import cluster_for_plan
-from .callbacks.metrics import host_scalar
-from .lightning_workarounds import pinned, settle_fit_loop_state, share_inf_checks
+from .callbacks.metrics import GRAD_NORM, host_scalar
+from .lightning_checkpoints import SplitStateCheckpoints
+from .lightning_workarounds import clip_across_ranks, pinned, share_inf_checks
 from .mesh import ParallelMeshes, build_meshes
 from .models.protocol import find_transformer
-from .parallel.apply import DataParallelGradients
+from .parallel.data_parallel import DataParallelGradients
+from .parallel.optimizer_step import step_over_mixed_tensors
 from .parallel.gradient_reducer import GradientReducer
-from .plan import ParallelPlan, PlanError, as_plan
+from .plan import ParallelPlan, as_plan
+from .planning.auto import RunContext, resolve_plan
+from .processes import start_process_group
 from .pretrained import load_pretrained_into
 from .step import StepBatch
 
 
-class AttnHybridStrategy(ParallelStrategy):
+class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
     """Attention-aware hybrid parallelism for Lightning: `Trainer(strategy="attn_hybrid")`.
 
     Args:
@@ -121,41 +119,35 @@ class AttnHybridStrategy(ParallelStrategy):
                                                        self.num_nodes)
 
     def setup_environment(self) -> None:
-        self._requested_plan_checked()
+        from .parallel.apply import check_plan
+
+        check_plan(self._requested_plan, self.num_nodes * self.num_processes, self._model_config,
+                   self.root_device)
         super().setup_environment()
         reset_seed()
         self.set_world_ranks()
-        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
-        self._process_group_backend = backend
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type == "cuda":
-            kwargs["device_id"] = self.root_device
-        if backend == "nccl":
-            configure_nccl()
-        _init_dist_connection(self.cluster_environment, backend, **kwargs)
-        self._heartbeat = self._heartbeat or start_heartbeat(self._timeout)
-        from .planning.auto import resolve_plan
-
-        self.plan = resolve_plan(self._requested_plan, self, self.lightning_module)
+        self._process_group_backend, heartbeat = start_process_group(
+            self.cluster_environment, self.root_device, self._process_group_backend, self._timeout)
+        self._heartbeat = self._heartbeat or heartbeat
+        self.plan, notes = resolve_plan(self._requested_plan, self._run_context(), self._model_config)
+        for note in notes:
+            rank_zero_info(note)
         self.meshes = build_meshes(self.plan, self.root_device.type, self.ranks_per_node)
         if self.lightning_module is not None:
             self.lightning_module._device_mesh = self.meshes.dense
 
-    def _requested_plan_checked(self) -> None:
-        """Fail before any process group starts when the degrees cannot fit the world or the model
-        (the same check_model the CLI's pre-flight runs)."""
-        plan = self._requested_plan
-        if not plan.is_auto:
-            resolved = plan.resolve(self.num_nodes * self.num_processes)
-            model_cfg = getattr(self.lightning_module, "model_config", None)
-            if model_cfg is not None:
-                resolved.check_model(model_cfg)
-        if plan.fp8 != "none":
-            from .parallel.float8 import float8_unavailable
+    @property
+    def _model_config(self):
+        return getattr(self.lightning_module, "model_config", None)
 
-            reason = float8_unavailable(self.root_device)
-            if reason is not None:
-                raise PlanError(f"ParallelPlan fp8={plan.fp8!r} cannot run: {reason}; or set fp8='none'")
+    def _run_context(self) -> RunContext:
+        """The coming run as the planner sees it (the data module's batch and sequence sizes)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        datamodule = getattr(trainer, "datamodule", None)
+        return RunContext(self.world_size, self.root_device.type, self.num_nodes, self.num_processes,
+                          str(self.precision_plugin.precision), getattr(datamodule, "micro_batch_size", 1),
+                          getattr(datamodule, "seq_len", None),
+                          getattr(trainer, "accumulate_grad_batches", 1))
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -177,8 +169,11 @@ class AttnHybridStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
+            for optimizer in self.optimizers:
+                step_over_mixed_tensors(optimizer)
         self.setup_precision_plugin()
         share_inf_checks(self.precision_plugin, self.root_device)
+        clip_across_ranks(self.precision_plugin, lambda norm: self.lightning_module.log(GRAD_NORM, norm))
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
@@ -285,94 +280,6 @@ class AttnHybridStrategy(ParallelStrategy):
         if self.gradient_reducer is not None:
             self.gradient_reducer.remove_hooks()
         super().teardown()
-
-    # ------------------------------------------------------------------ checkpoints
-    @property
-    def _state_split_over_ranks(self) -> bool:
-        fully_sharded = self.gradients is not None and self.gradients.fully_sharded
-        return self.plan is not None and (fully_sharded or self.plan.tp > 1 or self.plan.ep > 1)
-
-    @property
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True
-
-    @property
-    def lightning_restore_optimizer(self) -> bool:
-        """Lightning restores optimizer states through `load_optimizer_state_dict` (any plan,
-        any single-file format), except after a checkpoint folder, which `load_checkpoint` has
-        already loaded into the model and the optimizers."""
-        return not self._state_loaded_in_place
-
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Sharded plans: a sharded state dict for a checkpoint folder, or the full one for a
-        single file (parallel/state_dict.py)."""
-        if not self._state_split_over_ranks:
-            return super().lightning_module_state_dict()
-        from .parallel.state_dict import model_state
-
-        return model_state(self.model, full=not self._save_distributed_checkpoint,
-                           expert_parallel=self.plan.ep > 1)
-
-    def optimizer_state(self, optimizer) -> dict[str, Any]:
-        if not self._state_split_over_ranks:
-            return super().optimizer_state(optimizer)
-        from .parallel.state_dict import optimizer_state
-
-        return optimizer_state(self.model, getattr(optimizer, "_optimizer", optimizer),
-                               full=not self._save_distributed_checkpoint, expert_parallel=self.plan.ep > 1)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
-        """Write to a temporary name and rename, so an interrupted save never destroys the last
-        good checkpoint. Sharded plans write a torch.distributed.checkpoint folder."""
-        path = Path(self.broadcast(str(filepath)))
-        checkpoint = settle_fit_loop_state(checkpoint)
-        if self._state_split_over_ranks and self._save_distributed_checkpoint:
-            from .checkpoint import save_lightning_checkpoint
-
-            save_lightning_checkpoint(path, checkpoint, is_rank_zero=self.is_global_zero)
-            self.barrier()
-            return
-        from .checkpoint import save_file
-
-        save_file(path, checkpoint, is_writer=self.is_global_zero)
-
-    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """A checkpoint folder (saved under any plan) is loaded into the model and optimizers in
-        place, whatever this run's plan, and the rest of the Lightning dict is returned; a single
-        file is read and its states are applied by `load_model_state_dict` and
-        `load_optimizer_state_dict`."""
-        path = Path(self.broadcast(str(checkpoint_path)))
-        self._state_loaded_in_place = False
-        if path.is_dir():
-            from .checkpoint import load_lightning_checkpoint
-
-            checkpoint = load_lightning_checkpoint(path, self.model, self.optimizers)
-            self._state_loaded_in_place = True
-            return checkpoint
-        from .checkpoint import check_shared_tensors, read_checkpoint_file
-
-        checkpoint = read_checkpoint_file(path)
-        check_shared_tensors(path, self.lightning_module, checkpoint.get("state_dict", {}))
-        return checkpoint
-
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if "state_dict" not in checkpoint:
-            return  # a checkpoint folder was loaded in place by load_checkpoint
-        if not self._state_split_over_ranks:
-            return super().load_model_state_dict(checkpoint, strict=strict)
-        from .parallel.state_dict import load_full_model_state
-
-        load_full_model_state(self.model, checkpoint["state_dict"], strict)
-
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Optimizer states of a single file, saved under any plan (parallel/state_dict.py)."""
-        if "optimizer_states" not in checkpoint:
-            return  # a checkpoint folder was loaded in place by load_checkpoint
-        from .parallel.state_dict import load_optimizer_state
-
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            load_optimizer_state(self.model, getattr(optimizer, "_optimizer", optimizer), state,
-                                 self._state_split_over_ranks, self.root_device)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

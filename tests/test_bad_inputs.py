@@ -337,9 +337,12 @@ def test_the_strategy_checks_the_plan_against_the_model_before_the_process_group
     strategy = AttnHybridStrategy(plan=ParallelPlan(tp=3), parallel_devices=[torch.device("cpu")] * 3)
     strategy._lightning_module = CausalLMModule(ModelConfig(**TINY))
     with pytest.raises(PlanError, match="n_kv_heads=2"):
-        strategy._requested_plan_checked()
+        strategy.setup_environment()
+    assert not torch.distributed.is_initialized()
     strategy._lightning_module = CausalLMModule(ModelConfig(**{**TINY, "n_kv_heads": 3}))
-    strategy._requested_plan_checked()
+    from lightning_attn_parallel.parallel.apply import check_plan
+
+    check_plan(strategy._requested_plan, 3, strategy._lightning_module.model_config, torch.device("cpu"))
 
 
 def test_max_steps_minus_one_schedules_over_lightnings_estimate_and_resumes_add_no_versions(monkeypatch, tmp_path):

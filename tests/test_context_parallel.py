@@ -23,7 +23,7 @@ from dist_utils import assert_close, run_distributed
 from lightning_attn_parallel.models import ModelConfig, build_model
 from lightning_attn_parallel.parallel.context_parallel import (
     ContextParallelAttention, apply_context_parallel, context_parallel_chunks,
-    context_parallel_positions, gather_from_context_parallel, set_context_parallel_active,
+    context_parallel_positions, set_context_parallel_active,
     shard_for_context_parallel, validate_cp)
 from lightning_attn_parallel.parallel import cp_kernels
 from lightning_attn_parallel.parallel.cp_kernels import allgather_attention, ring_block_plan
@@ -57,6 +57,19 @@ def _make_cases(cp: int) -> list[dict]:
     return cases
 
 
+def gather_from_context_parallel(shards: list[torch.Tensor], dim: int, load_balance: bool) -> torch.Tensor:
+    """The full tensor from every rank's shard (in rank order): the inverse of
+    `shard_for_context_parallel`."""
+    cp_size = len(shards)
+    seq_len = sum(shard.shape[dim] for shard in shards)
+    pieces = []
+    for rank, shard in enumerate(shards):
+        chunks = context_parallel_chunks(seq_len, rank, cp_size, load_balance)
+        parts = shard.split([stop - start for start, stop in chunks], dim=dim)
+        pieces += [(start, part) for (start, _), part in zip(chunks, parts)]
+    return torch.cat([part for _, part in sorted(pieces, key=lambda p: p[0])], dim=dim)
+
+
 def _inputs(case: dict) -> list[torch.Tensor]:
     """Full-sequence q, k, v and an output gradient, identical on every rank and in the parent."""
     g = torch.Generator().manual_seed(case["seed"])
@@ -80,7 +93,7 @@ def _sharded(case: dict, group: dist.ProcessGroup) -> dict[str, np.ndarray]:
     rank, cp, lb = dist.get_rank(group), dist.get_world_size(group), case["load_balance"]
     q, k, v, dout = (shard_for_context_parallel(t, 2, rank, cp, lb) for t in _inputs(case))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    if case.get("mode") == "chunks":  # all-gather told every rank's chunks instead of a mask
+    if case.get("mode") == "chunks":  # all-gather told every rank's chunks directly
         chunks = [context_parallel_chunks(case["seq"], r, cp, lb) for r in range(cp)]
         out = allgather_attention(q, k, v, chunks, case["scale"], group)
     else:
@@ -149,11 +162,11 @@ def _ulysses_heads_error(group: dist.ProcessGroup) -> str:
 
 
 def _traced_cases(cp: int) -> list[dict]:
-    """All-gather (given a mask, or every rank's chunks) and ring, both layouts: fused kernels
+    """All-gather (through the kernel, or told every rank's chunks) and ring, both layouts: fused kernels
     (equal head dims) and the plain-math fallback with chunk-sized tiles."""
     base = dict(batch=2, n_heads=4, n_kv=2, seq=4 * cp, dqk=8, dv=8, scale=None, seed=4321 + cp)
     cases = []
-    for kernel, mode in (("allgather", "mask"), ("allgather", "chunks"), ("ring", "plans")):
+    for kernel, mode in (("allgather", "kernel"), ("allgather", "chunks"), ("ring", "plans")):
         for load_balance in (True, False):
             for fallback in (False, True):
                 cases.append(dict(base, kernel=kernel, mode=mode, load_balance=load_balance,
@@ -458,12 +471,12 @@ def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dv", [8, 4])  # equal head dims: the fused CPU kernel; others: fallback
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_with_lse(dv, causal):
+def test_piece_forward_gives_attention_and_its_lse(dv, causal):
     g = torch.Generator().manual_seed(3)
     sq, sk = (6, 6) if causal else (5, 9)
     q, k, v = _randn(g, 2, 4, sq, 8), _randn(g, 2, 2, sk, 8), _randn(g, 2, 2, sk, dv)
     assert cp_kernels._kernel_for(q, k, v) == ("cpu" if dv == 8 else "math")
-    out, lse = cp_kernels._attention_with_lse(q, k, v, causal, SCALE)
+    out, lse, _ = cp_kernels._piece_forward(q, k, v, causal, SCALE)
     visible = torch.ones(sq, sk, dtype=torch.bool)
     ref_out, ref_lse = _dense_reference(q, k, v, visible.tril() if causal else visible)
     assert_close(out, ref_out, name="out")
@@ -535,57 +548,3 @@ def test_pieces_merged_by_lse_have_exact_gradients(path, monkeypatch):
         assert dims == []
     else:
         assert dims and max(max(d) for d in dims) <= tile
-
-
-def _piece_key(piece):
-    return None if piece is None else (piece.rows, piece.cols, piece.causal, piece.mask is None)
-
-
-@pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("load_balance", [True, False])
-def test_mask_and_chunks_give_the_same_pieces(world, load_balance):
-    """All-gather reads the layout's mask into the same pieces that the chunks give directly:
-    whole rectangles and causal squares, no mask kept."""
-    seq = 4 * world
-    positions = [context_parallel_positions(seq, r, world, load_balance) for r in range(world)]
-    chunks = [context_parallel_chunks(seq, r, world, load_balance) for r in range(world)]
-    for rank in range(world):
-        mask = positions[rank][:, None] >= torch.cat(positions)[None, :]
-        from_mask = cp_kernels._classify_mask(mask, world)
-        from_chunks = cp_kernels._pieces_from_chunks(chunks, rank, seq // world, torch.device("cpu"))
-        assert [_piece_key(p) for p in from_mask] == [_piece_key(p) for p in from_chunks]
-        assert all(p is None or p.mask is None for p in from_mask)
-        assert cp_kernels._pieces_from_mask(mask, world) is cp_kernels._pieces_from_mask(mask, world)
-
-
-def test_mask_of_another_layout_stays_exact():
-    """A layout that is not made of equal chunks: blocks that are neither all visible nor a
-    causal square keep their part of the mask and take the fallback; still exact."""
-    world, seq = 2, 10
-    g = torch.Generator().manual_seed(9)
-    q, k, v, dout = _randn(g, 1, 4, seq, 8), _randn(g, 1, 2, seq, 8), _randn(g, 1, 2, seq, 8), \
-        _randn(g, 1, 4, seq // world, 8)
-    positions = [torch.tensor([0, 3, 4, 8, 9]), torch.tensor([1, 2, 5, 6, 7])]
-    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = _dense_reference(qr, kr, vr, torch.ones(seq, seq, dtype=torch.bool).tril())
-    for rank in range(world):
-        mask = positions[rank][:, None] >= torch.cat(positions)[None, :]
-        pieces = cp_kernels._classify_mask(mask, world)
-        assert any(p is not None and p.mask is not None for p in pieces)
-        rows = positions[rank]
-        blocks = [(k[..., positions[src], :], v[..., positions[src], :]) for src in range(world)]
-        kept = [(p, b) for p, b in zip(pieces, blocks) if p is not None]
-        out, lse, dq, dkv = _attend_blocks([p for p, _ in kept], q[..., rows, :],
-                                           [b for _, b in kept], dout)
-        assert_close(out, ref_out[..., rows, :], name=f"rank {rank} out")
-        assert_close(lse, ref_lse[..., rows], name=f"rank {rank} lse")
-        for t in (qr, kr, vr):
-            t.grad = None
-        (ref_out[..., rows, :] * dout.double()).sum().backward(retain_graph=True)
-        assert_close(dq, qr.grad[..., rows, :], name=f"rank {rank} dq")
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        for (piece, _), (dk_b, dv_b), src in zip(kept, dkv, [s for s, p in enumerate(pieces) if p]):
-            dk[..., positions[src], :] += dk_b
-            dv[..., positions[src], :] += dv_b
-        assert_close(dk, kr.grad, name=f"rank {rank} dk")
-        assert_close(dv, vr.grad, name=f"rank {rank} dv")

@@ -69,14 +69,33 @@ def probe_tokens() -> torch.Tensor:
     return torch.randint(MOE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(7))
 
 
+def ep_block(module: L.LightningModule, name: str, full: torch.Tensor) -> torch.Tensor:
+    """The block of `full` (the whole tensor of parameter `name`, or of a state shaped like it)
+    that this rank holds over ep: experts are DTensors sharded on dim 0 over the mesh dim "ep"."""
+    param = dict(module.named_parameters()).get(name)
+    names = getattr(getattr(param, "device_mesh", None), "mesh_dim_names", None) or ()
+    if "ep" not in names or not is_expert(name):
+        return full
+    dim = names.index("ep")
+    ep, ep_rank = param.device_mesh.size(dim), param.device_mesh.get_local_rank(dim)
+    per_rank = full.shape[0] // ep
+    return full[ep_rank * per_rank:(ep_rank + 1) * per_rank]
+
+
+def held_params(module: L.LightningModule, params: dict) -> dict:
+    """`params` (whole tensors by name) cut to what this rank holds: its block of the experts."""
+    return {name: ep_block(module, name, value) for name, value in params.items()}
+
+
 def expert_optimizer_states(module: L.LightningModule, optimizer) -> dict:
     """This rank's AdamW states of the experts (FSDP2's edp shards gathered to the ep block)."""
     by_param = {p: name for name, p in module.named_parameters()}
     states = {}
     for param, state in optimizer.state.items():
         if is_expert(by_param[param]):
-            states[by_param[param]] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-                                       for k, v in state.items() if k in OPTIMIZER_STATES}
+            name = by_param[param]
+            states[name] = {k: ep_block(module, name, v.full_tensor() if hasattr(v, "full_tensor") else v)
+                            .detach().clone() for k, v in state.items() if k in OPTIMIZER_STATES}
     return states
 
 
@@ -89,8 +108,8 @@ def fit(plan_kwargs, world: int, rank: int, max_steps: int, ckpt_path=None):
                             limit_train_batches=STEPS_PER_EPOCH, callbacks=[recorder])
     trainer.fit(module, loader(FixedTokens(), GLOBAL_BATCH // world, replicas=world, rank=rank),
                 ckpt_path=ckpt_path)
-    result = {"losses": recorder.losses, "start_params": recorder.start_params,
-              "params": params_of(module), "global_step": trainer.global_step,
+    result = {"losses": recorder.losses, "start_params": held_params(module, recorder.start_params),
+              "params": held_params(module, params_of(module)), "global_step": trainer.global_step,
               "optimizer": expert_optimizer_states(module, trainer.optimizers[0])}
     return result, trainer, module
 
@@ -127,7 +146,7 @@ def resume(world: int, rank: int, root: str) -> dict:
     out["ep4_to_ep2"], trainer, module = fit(EP2, world, rank, FINAL_STEP, ckpt_path=f"{root}/ep4")
     save_distributed(f"{root}/ep2_final", module, trainer.optimizers)
     load_consolidated(f"{root}/ep4.pt", module.model)  # the ep=4 export, into this rank's block
-    out["ep2_consolidated"] = params_of(module)
+    out["ep2_consolidated"] = held_params(module, params_of(module))
     out["fsdp_ep_to_fsdp2"] = fit(FSDP2, world, rank, FINAL_STEP, ckpt_path=f"{root}/fsdp_ep")[0]
     out["fsdp_ep_file_to_ep2"] = fit(EP2, world, rank, FINAL_STEP, ckpt_path=f"{root}/fsdp_ep.ckpt")[0]
     out["plain_file_to_ep2"] = fit(EP2, world, rank, FINAL_STEP, ckpt_path=f"{root}/plain.ckpt")[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 import torch.nn.functional as F
 
 from dist_utils import assert_close, run_distributed
@@ -90,8 +91,17 @@ def _summed(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The block of experts this rank holds (expert-parallel weights are DTensors)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _n_local(layer: DeepSeekMoE) -> int:
+    return _local(layer.experts.w1).shape[0]
+
+
 def _expert_grads(layer: DeepSeekMoE) -> dict[str, torch.Tensor]:
-    return {n: getattr(layer.experts, n).grad.detach().clone() for n in EXPERT_WEIGHTS}
+    return {n: _local(getattr(layer.experts, n).grad).detach().clone() for n in EXPERT_WEIGHTS}
 
 
 def _run_layer_case(name: str, rank: int, groups: dict[int, dist.ProcessGroup]) -> dict:
@@ -101,7 +111,7 @@ def _run_layer_case(name: str, rank: int, groups: dict[int, dist.ProcessGroup]) 
     out = layer(x)
     ((out * g).sum() + layer.aux_loss).backward()
     return dict(out=out.detach(), x_grad=x.grad, experts=_expert_grads(layer),
-                n_local=layer.experts.n_local, gate=_summed(layer.router.gate.weight.grad),
+                n_local=_n_local(layer), gate=_summed(layer.router.gate.weight.grad),
                 shared={n: _summed(p.grad) for n, p in layer.shared_experts.named_parameters()})
 
 
@@ -122,8 +132,8 @@ def _bad_degree_message(groups: dict[int, dist.ProcessGroup]) -> tuple[str, int]
     try:
         apply_expert_parallel(layer, groups[4])
     except ValueError as err:
-        return str(err), layer.experts.n_local
-    return "", layer.experts.n_local
+        return str(err), _n_local(layer)
+    return "", _n_local(layer)
 
 
 def _worker(rank: int, world: int) -> dict:

@@ -71,13 +71,15 @@ def train(plan_kwargs: dict, world: int, rank: int = 0, accumulate: int = 1,
     module.configure_model()
     tp = plan_kwargs.get("tp", 1) if world > 1 else 1
     dp = world // tp
-    strategy = lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)) if world > 1 else "auto"
+    # one process too runs attn_hybrid (its replicated plan): the gradient norm is logged by the
+    # strategy's clipping
+    strategy = lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs) if world > 1 else None)
     trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=STEPS, precision=precision,
                             gradient_clip_val=CLIP, accumulate_grad_batches=accumulate,
                             callbacks=[norms := GradNorms()])
     trainer.fit(module, loader(FixedTokens(), GLOBAL_BATCH // dp // accumulate, replicas=dp,
                                rank=rank // tp))
-    params = params_of(module)  # expert weights: this rank's slice (rank r of ep holds [r*E/ep, ...))
+    params = params_of(module)  # DTensors gathered: every rank's experts are the whole [E, ...] stack
     params["grad_norm"] = torch.stack([norms.by_step[s] for s in sorted(norms.by_step)])
     return params
 
@@ -95,16 +97,11 @@ def results():
 @pytest.mark.parametrize("precision", list(RTOL))
 @pytest.mark.parametrize("name", list(CASES))
 def test_expert_parallel_training_equals_one_process(results, name, precision):
-    ep = CASES[name]["ep"]
     reference = train(CASES[name], 1, precision=precision)
     assert len(reference["grad_norm"]) == STEPS and float(reference["grad_norm"].min()) > CLIP, \
         "the test must exercise clipping at every step"
     for rank, result in enumerate(results):
-        ep_rank = rank % ep
         for key, expected in reference.items():
-            if ".experts." in key:
-                per_rank = expected.shape[0] // ep
-                expected = expected[ep_rank * per_rank:(ep_rank + 1) * per_rank]
             if precision == "32-true" and key != "grad_norm":
                 continue  # fp32 AdamW steps amplify round-off to ~1.2e-5 (see above)
             assert_close(result[(name, precision)][key], expected, rtol=RTOL[precision],

@@ -15,9 +15,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_utils import assert_close, run_distributed
+from lightning_attn_parallel.parallel.clipping import clip_grad_norm_
 from lightning_attn_parallel.parallel.fully_sharded import (
     apply_fully_sharded,
-    clip_grad_norm_,
     mixed_precision_for,
     set_gradient_sync,
 )

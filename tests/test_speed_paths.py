@@ -489,11 +489,9 @@ def test_planner_knows_fp8():
 def test_strategy_sends_what_the_plan_accumulation_says(monkeypatch):
     """The Lightning glue: micro-batches that only accumulate get the plan's policy, the last one
     full reduction; "auto" is pinned to one policy before training (on a CPU: defer_all)."""
-    from types import SimpleNamespace
-
     from lightning_attn_parallel.parallel import fully_sharded
-    from lightning_attn_parallel.parallel.apply import DataParallelGradients
-    from lightning_attn_parallel.planning.auto import resolve_plan
+    from lightning_attn_parallel.parallel.data_parallel import DataParallelGradients
+    from lightning_attn_parallel.planning.auto import RunContext, resolve_plan
     from lightning_attn_parallel.strategy import AttnHybridStrategy
 
     calls = []
@@ -504,9 +502,9 @@ def test_strategy_sends_what_the_plan_accumulation_says(monkeypatch):
     with strategy.block_backward_sync():
         assert calls == [(False, "defer_all_reduce")]
     assert calls[-1][0] is True
-    cpu = SimpleNamespace(world_size=2, root_device=torch.device("cpu"))
-    assert resolve_plan(ParallelPlan(dp_shard=2), cpu, None).accumulation == "defer_all"
-    kept = resolve_plan(ParallelPlan(dp_shard=2, accumulation="reduce_scatter_each"), cpu, None)
+    cpu = RunContext(world_size=2, device_type="cpu")
+    assert resolve_plan(ParallelPlan(dp_shard=2), cpu, None)[0].accumulation == "defer_all"
+    kept = resolve_plan(ParallelPlan(dp_shard=2, accumulation="reduce_scatter_each"), cpu, None)[0]
     assert kept.accumulation == "reduce_scatter_each"
 
 

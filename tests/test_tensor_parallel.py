@@ -23,7 +23,6 @@ from lightning_attn_parallel.models.loss import cross_entropy_sum
 from lightning_attn_parallel.parallel.vocab_parallel_loss import VocabParallelLoss
 from lightning_attn_parallel.parallel.tensor_parallel import (
     apply_tensor_parallel,
-    tp_replicated_parameters,
 )
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
@@ -117,6 +116,11 @@ def step_batches(dp_rank: int, steps: int, rows: int = 2) -> list:
     """`steps` steps of 2 micro-batches each, different for every data-parallel rank."""
     return [[make_batch(rows, seed=100 * dp_rank + 10 * step + m) for m in range(2)]
             for step in range(steps)]
+
+
+def tp_replicated_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter tensor parallelism left as a plain tensor."""
+    return [(name, p) for name, p in model.named_parameters() if not isinstance(p, DTensor)]
 
 
 def _tp_case(tp_mesh, dp_rank: int, sequence_parallel: bool, **overrides) -> None:

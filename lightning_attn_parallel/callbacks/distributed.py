@@ -20,10 +20,6 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def gather_rows(values: Sequence[float]) -> list[list[float]]:
     """Every rank's `values` (same length on all ranks), indexed by rank.
 

@@ -14,6 +14,7 @@ STEP = "trainer/global_step"  # the x axis Lightning's WandbLogger attaches to e
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
 LEARNING_RATE = "train/lr"
+GRAD_NORM = "train/grad_norm"  # the total norm before clipping (when the Trainer clips)
 
 # Throughput: global figures count each token once (see throughput.py for tensor parallelism).
 TOKENS_PER_S = "throughput/tokens_per_s"

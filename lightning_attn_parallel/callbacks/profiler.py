@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.profiler import ProfilerActivity, profile
 
-from .distributed import rank
+from ..errors import rank
 from .layer_ranges import BACKWARD_SUFFIX, RANGE_PREFIX, add_layer_ranges
 from .run_dir import resolve_run_dir
 

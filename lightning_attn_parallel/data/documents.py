@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from ..models.loss import IGNORE_INDEX
+from ..step import IGNORE_INDEX
 from .datamodule import TOKEN_DTYPES, LMDataModule
 
 METADATA = "metadata.json"

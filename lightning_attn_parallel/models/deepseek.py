@@ -215,9 +215,12 @@ def looped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: t
 class RoutedExperts(nn.Module):
     """Fine-grained experts as stacked weights: w1, w3 (E, D, F) and w2 (E, F, D).
 
-    `n_experts` is the model's total; after expert parallelism this module holds only `n_local`
-    of them. `active_fraction` tells the FLOP counter that a token uses top_k of them.
-    `is_expert` is the model protocol's marker of routed experts (models.protocol).
+    `n_experts` is the model's total. `active_fraction` tells the FLOP counter that a token uses
+    top_k of them. `is_expert` is the model protocol's marker of routed experts (models.protocol).
+    The dispatcher slot calls it on rows grouped by expert. `local_view` is a slot too: what of
+    each weight this process computes with (itself by default; the block of experts a rank holds
+    once expert parallelism has split them), read inside the forward, where any wrapper has
+    already gathered the weights.
     """
 
     is_expert = True
@@ -228,14 +231,14 @@ class RoutedExperts(nn.Module):
         self.active_fraction = top_k / n_experts
         self.init_std = init_std
         self.use_grouped_mm = True  # False: always the per-expert loop (ParallelPlan.grouped_gemm)
+        self.local_view: Callable[[torch.Tensor], torch.Tensor] = _whole  # slot (parallel/ fills it)
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.reset_parameters()
 
-    @property
-    def n_local(self) -> int:
-        return self.w1.shape[0]
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.w1, self.w3, self.w2
 
     def reset_parameters(self) -> None:
         if self.w1.is_meta:
@@ -244,16 +247,22 @@ class RoutedExperts(nn.Module):
             nn.init.normal_(w, mean=0.0, std=self.init_std)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (N, D) with rows grouped by local expert, `counts` (n_local,) rows per expert."""
+        """x (N, D) with rows grouped by expert, `counts` (G,) rows per expert this process
+        computes (all E, or the G = E/ep of its block)."""
         global _GROUPED_MM_FAILED
+        w1, w3, w2 = (self.local_view(w) for w in self.weights())
         dtype = _grouped_mm_dtype(x, self)
         if dtype is not None:
             try:
-                return grouped_swiglu(x, counts, self.w1, self.w3, self.w2, dtype)
+                return grouped_swiglu(x, counts, w1, w3, w2, dtype)
             except RuntimeError as err:  # e.g. a GPU generation the kernel does not support
                 _GROUPED_MM_FAILED = True
                 warnings.warn(f"torch._grouped_mm failed ({err}); running experts one by one")
-        return looped_swiglu(x, counts, self.w1, self.w3, self.w2)
+        return looped_swiglu(x, counts, w1, w3, w2)
+
+
+def _whole(weight: torch.Tensor) -> torch.Tensor:
+    return weight
 
 
 def expert_counts(expert_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -291,7 +300,7 @@ class LocalDispatcher(nn.Module):
 
     def forward(self, tokens: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
                 experts: RoutedExperts) -> torch.Tensor:
-        order, counts = sort_by_expert(expert_indices, experts.n_local)
+        order, counts = sort_by_expert(expert_indices, experts.n_experts)
         out = experts(tokens[order // expert_indices.shape[1]], counts)
         return combine(out, order, expert_weights)
 

@@ -20,7 +20,6 @@ which is what parallel/load_pretrained.py uses to load only each rank's shard.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -420,9 +419,6 @@ class Checkpoint:
         tensor = self._handle(name).get_slice(name)[index]
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
-
-    def has(self, name: str) -> bool:
-        return name in self.files
 
     def model_config(self, max_seq_len: Optional[int] = None) -> ModelConfig:
         return model_config_from_hf(self.hf_config, max_seq_len)

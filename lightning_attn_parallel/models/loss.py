@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from ..step import IGNORE_INDEX  # defined beside the batch layout, which the data layer shares
+
 
 
 class TokenCrossEntropy(nn.Module):

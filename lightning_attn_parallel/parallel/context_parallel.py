@@ -2,7 +2,8 @@
 
 The model is untouched: `apply_context_parallel` swaps each block's `attention.kernel` for a
 `ContextParallelAttention`, which keeps the original kernel for batches that run
-batch-parallel on the CP ranks instead (`set_context_parallel_active`).
+batch-parallel on the CP ranks instead. All kernels of a model share one `ContextParallelSwitch`,
+so the batch layout switches every layer (on, off, or onto a sub-group) with one assignment.
 
 Layout. With load balancing (head-tail, or "zig-zag") the sequence is cut into 2*cp chunks
 and rank r holds chunks r and 2*cp-1-r, so every rank does the same causal work; without it,
@@ -17,7 +18,7 @@ than filling the model's kernel slot; so the kernels are written here (cp_kernel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -68,20 +69,6 @@ def context_parallel_positions(seq_len: int, cp_rank: int, cp_size: int, load_ba
     return torch.cat([torch.arange(start, stop, device=device) for start, stop in chunks])
 
 
-def gather_from_context_parallel(shards: Sequence[torch.Tensor], dim: int,
-                                 load_balance: bool) -> torch.Tensor:
-    """Reassemble the full tensor from every rank's shard (in rank order): the inverse of
-    `shard_for_context_parallel`, for full-sequence logits and tests."""
-    cp_size = len(shards)
-    seq_len = sum(shard.shape[dim] for shard in shards)
-    pieces = []
-    for rank, shard in enumerate(shards):
-        chunks = context_parallel_chunks(seq_len, rank, cp_size, load_balance)
-        parts = shard.split([stop - start for start, stop in chunks], dim=dim)
-        pieces += [(start, part) for (start, _), part in zip(chunks, parts)]
-    return torch.cat([part for _, part in sorted(pieces, key=lambda p: p[0])], dim=dim)
-
-
 @dataclass
 class _Layout:
     """Everything the kernels need about one local length, built once per (length, device)."""
@@ -120,6 +107,17 @@ def _build_layout(local_len: int, rank: int, cp_size: int, load_balance: bool,
 # the kernel
 
 
+@dataclass
+class ContextParallelSwitch:
+    """How the context-parallel kernels of one model run the current batch: over `group` when
+    `active` (the CP group, or a sub-group when a micro-batch needs a lower degree), else each CP
+    rank runs the local kernel on the whole, shorter sequences it holds. One object is shared by
+    every kernel of a model."""
+
+    group: Optional[dist.ProcessGroup]
+    active: bool = True
+
+
 class ContextParallelAttention(nn.Module):
     """Causal attention kernel for a sequence sharded over `group` with
     `shard_for_context_parallel(..., load_balance)`.
@@ -130,9 +128,9 @@ class ContextParallelAttention(nn.Module):
     every rank's positions, and deriving them locally spares a collective and a host sync per
     layer (the causal mask depends only on the order of positions, so an offset is harmless).
 
-    `active=False` runs `local_kernel` on the local data as it is, for batches that run
-    batch-parallel on the CP ranks. `group` may change per batch (`set_context_parallel_active`):
-    a sub-group of the CP group when a micro-batch needs a lower degree.
+    `switch` (shared by the model's kernels) says per batch whether to run over a CP group, and
+    which: inactive, `local_kernel` runs on the local data as it is, for batches that run
+    batch-parallel on the CP ranks.
 
     Packed documents (`document_ids` (B, S_local) given, with per-document `positions`): a token
     sees the earlier tokens of its own document only, whatever the layout - the kernels read
@@ -143,19 +141,27 @@ class ContextParallelAttention(nn.Module):
 
     def __init__(self, group: Optional[dist.ProcessGroup], kernel: str = "allgather",
                  load_balance: bool = True, scale: Optional[float] = None,
-                 local_kernel: Optional[nn.Module] = None) -> None:
+                 local_kernel: Optional[nn.Module] = None,
+                 switch: Optional[ContextParallelSwitch] = None) -> None:
         super().__init__()
         _check_kernel(kernel)
         if local_kernel is None:
             local_kernel = LocalAttentionKernel()
             local_kernel.scale = scale
-        self.group = group
+        self.switch = switch if switch is not None else ContextParallelSwitch(group)
         self.kernel = kernel
         self.load_balance = load_balance
         self.scale = scale
         self.local_kernel = local_kernel
-        self.active = True
-        self._layouts: dict[tuple[int, torch.device], _Layout] = {}
+        self._layouts: dict[tuple, _Layout] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.switch.active
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        return self.switch.group
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel!r}, load_balance={self.load_balance}, active={self.active}"
@@ -163,7 +169,7 @@ class ContextParallelAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 positions: Optional[torch.Tensor] = None,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not self.active:
+        if not self.switch.active:
             return self._local(q, k, v, positions, document_ids)
         if document_ids is not None:
             return self._documents(q, k, v, positions, document_ids)
@@ -213,33 +219,40 @@ def _check_kernel(kernel: str) -> None:
 
 def apply_context_parallel(model: nn.Module, group: Optional[dist.ProcessGroup],
                            kernel: str = "allgather", load_balance: bool = True) -> nn.Module:
-    """Swap every block's attention kernel for a ContextParallelAttention over `group`.
+    """Swap every block's attention kernel for a ContextParallelAttention over `group`, all
+    sharing one ContextParallelSwitch (`context_parallel_switch(model)`).
 
     The old kernel (and its softmax `scale`) is kept inside, so a batch can switch back to it;
     applying twice re-wraps the original kernel rather than nesting.
     """
     _check_kernel(kernel)
+    switch = ContextParallelSwitch(group)
     for block in model.blocks:
         old = block.attention.kernel
         if isinstance(old, ContextParallelAttention):
             old = old.local_kernel
         block.attention.kernel = ContextParallelAttention(
-            group, kernel, load_balance, scale=getattr(old, "scale", None), local_kernel=old)
+            group, kernel, load_balance, scale=getattr(old, "scale", None), local_kernel=old,
+            switch=switch)
     return model
+
+
+def context_parallel_switch(model: nn.Module) -> ContextParallelSwitch:
+    """The switch the context-parallel kernels of `model` share."""
+    return model.blocks[0].attention.kernel.switch
 
 
 _UNCHANGED = object()
 
 
 def set_context_parallel_active(model: nn.Module, active: bool, group=_UNCHANGED) -> None:
-    """Per batch: True runs attention context-parallel (the batch is sharded along the
-    sequence) over `group` if given (the CP group or one of its sub-groups); False runs the
-    local kernel (each CP rank holds whole, shorter sequences)."""
-    for module in model.modules():
-        if isinstance(module, ContextParallelAttention):
-            module.active = active
-            if group is not _UNCHANGED:
-                module.group = group
+    """True runs attention context-parallel (the batch is sharded along the sequence) over
+    `group` if given (the CP group or one of its sub-groups); False runs the local kernel (each CP
+    rank holds whole, shorter sequences)."""
+    switch = context_parallel_switch(model)
+    switch.active = active
+    if group is not _UNCHANGED:
+        switch.group = group
 
 
 def validate_cp(cp: int, kernel: str, n_heads: int, seq_len: int, max_seq_len: int,
@@ -261,7 +274,7 @@ def validate_cp(cp: int, kernel: str, n_heads: int, seq_len: int, max_seq_len: i
 
 
 __all__ = [
-    "ContextParallelAttention", "apply_context_parallel", "set_context_parallel_active",
-    "shard_for_context_parallel", "context_parallel_positions", "context_parallel_chunks",
-    "gather_from_context_parallel", "validate_cp",
+    "ContextParallelAttention", "ContextParallelSwitch", "apply_context_parallel",
+    "context_parallel_switch", "set_context_parallel_active", "shard_for_context_parallel",
+    "context_parallel_positions", "context_parallel_chunks", "validate_cp",
 ]

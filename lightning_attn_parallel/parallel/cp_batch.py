@@ -22,19 +22,18 @@ average exact (fields of the StepBatch it returns):
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..mesh import ParallelMeshes, groups_along, new_groups
-from ..models.loss import IGNORE_INDEX
 from ..plan import ParallelPlan
-from ..step import StepBatch
+from ..step import IGNORE_INDEX, LoaderBatch, StepBatch
 from .collectives import SumOver
-from .context_parallel import (context_parallel_positions, set_context_parallel_active,
-                               shard_for_context_parallel, validate_cp)
+from .context_parallel import (apply_context_parallel, context_parallel_positions,
+                               context_parallel_switch, shard_for_context_parallel, validate_cp)
 from .cp_documents import (choose_cp_degree, cp_degrees, default_min_split_len, layout_index,
                            longest_document)
 
@@ -54,11 +53,20 @@ def cp_subgroups(meshes: ParallelMeshes, cp: int) -> dict[int, Optional[dist.Pro
     return groups
 
 
+def apply_context_parallel_layout(transformer: nn.Module, meshes: ParallelMeshes,
+                                  plan: ParallelPlan) -> "ContextParallelBatcher":
+    """Swap in the context-parallel attention kernels and return the batcher that lays out
+    each batch for them."""
+    apply_context_parallel(transformer, meshes.group("cp"), kernel=plan.cp_kernel,
+                           load_balance=plan.cp_load_balance)
+    return ContextParallelBatcher(transformer, meshes, plan)
+
+
 class ContextParallelBatcher:
-    """Lays out each batch for the CP group and switches the attention kernels to match."""
+    """Lays out each batch for the CP group and sets the kernels' shared switch to match."""
 
     def __init__(self, transformer: nn.Module, meshes: ParallelMeshes, plan: ParallelPlan) -> None:
-        self.transformer = transformer
+        self.switch = context_parallel_switch(transformer)
         self.group = meshes.group("cp")
         self.cp = plan.cp
         self.rank = meshes.coordinate("cp")
@@ -73,14 +81,15 @@ class ContextParallelBatcher:
         self.last_mode = "none"
         self.last_degree = 0
 
-    def degree_for(self, batch: dict[str, Any]) -> int:
+    def degree_for(self, batch: LoaderBatch) -> int:
         input_ids = batch["input_ids"]
         documents = batch.get("document_ids")
         longest = longest_document(documents) if documents is not None else input_ids.shape[1]
         degree = choose_cp_degree(longest, self.cp, self.min_seq_len, input_ids.shape[0])
         return degree if degree in self.groups else self.cp
 
-    def prepare_batch(self, batch: dict[str, Any]) -> StepBatch:
+    def prepare_batch(self, batch: LoaderBatch) -> StepBatch:
+        """This rank's share of a loader's batch, as the StepBatch the module's loss reads."""
         input_ids, labels = batch["input_ids"], batch["labels"]
         batch_size, seq_len = input_ids.shape
         degree = self.degree_for(batch)
@@ -92,12 +101,11 @@ class ContextParallelBatcher:
         if degree == 1:
             out["positions"] = None  # unless the batch has its own (per document)
             out.update(local)
-            set_context_parallel_active(self.transformer, False)
         else:
             validate_cp(degree, self.kernel, self.local_heads, seq_len, self.max_seq_len,
                         self.load_balance and "document_ids" not in local)
             out.update(self._split_sequences(local, seq_len, self.rank % degree, degree))
-            set_context_parallel_active(self.transformer, True, group=self.groups[degree])
+        self.switch.active, self.switch.group = degree > 1, self.groups[degree]
         self.last_mode = "context" if degree > 1 else "batch"
         self.last_degree = degree
         return StepBatch(**out, global_seq_len=seq_len, num_tokens=(labels != IGNORE_INDEX).sum(),

@@ -23,7 +23,7 @@ head-tail over the whole sequence), so it is written here.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

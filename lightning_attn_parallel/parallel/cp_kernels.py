@@ -213,14 +213,6 @@ def _piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     return _math_backward(dout, q, k, v, out, lse, causal, scale, mask)
 
 
-def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention and its log-sum-exp (B, Hq, Sq) through the fused kernel for the device/dtype,
-    or the plain-math fallback. `causal`: top-left causal mask (square pieces)."""
-    out, lse, _ = _piece_forward(q, k, v, causal, scale)
-    return out, lse
-
-
 def _finite(lse: torch.Tensor) -> torch.Tensor:
     """lse with -inf (rows that see nothing) replaced by 0, to subtract without NaNs."""
     return lse.masked_fill(torch.isneginf(lse), 0.0)
@@ -458,63 +450,6 @@ def _scatter_kv_grads(dk_all: torch.Tensor, dv_all: torch.Tensor,
     return dk, dv
 
 
-_MASK_PIECES: dict[int, tuple[weakref.ref, list[Optional[_Piece]]]] = {}
-
-
-def _pieces_from_mask(mask: torch.Tensor, cp: int) -> list[Optional[_Piece]]:
-    """Pieces per source rank read off a (S_local, cp*S_local) visibility mask, keys in rank
-    order. Reading it syncs with the device, so the answer is kept for as long as the mask
-    lives (a layout keeps one mask for every layer and step) - unless a piece holds part of the
-    mask, which would keep the mask alive for good."""
-    hit = _MASK_PIECES.get(id(mask))
-    if hit is not None and hit[0]() is mask:
-        return hit[1]
-    for key in [key for key, (ref, _) in _MASK_PIECES.items() if ref() is None]:
-        del _MASK_PIECES[key]
-    pieces = _classify_mask(mask, cp)
-    if all(piece is None or piece.mask is None for piece in pieces):
-        _MASK_PIECES[id(mask)] = (weakref.ref(mask), pieces)
-    return pieces
-
-
-def _classify_mask(mask: torch.Tensor, cp: int) -> list[Optional[_Piece]]:
-    """Per block: the visible rows (a suffix) and columns (a prefix) and whether that region is
-    all visible or the lower triangle; anything else keeps its part of the mask. A row of the
-    triangle holding t+1 visible columns whose indices sum to t(t+1)/2 holds exactly 0..t, so
-    counts and index sums decide it without building a triangle."""
-    local = mask.shape[0]
-    blocks = mask.unflatten(1, (cp, local))
-    cols = torch.arange(local, device=mask.device)
-    step = max(1, (1 << 22) // (cp * local))
-    counts, index_sums = [], []
-    for r0 in range(0, local, step):
-        part = blocks[r0:r0 + step]
-        counts.append(part.sum(-1))
-        index_sums.append((part * cols).sum(-1))
-    count = torch.cat(counts).cpu()  # (S_local, cp)
-    index_sum = torch.cat(index_sums).cpu()
-    col_seen = blocks.any(0).cpu()  # (cp, S_local)
-    pieces: list[Optional[_Piece]] = []
-    for src in range(cp):
-        seen_rows = torch.nonzero(count[:, src]).flatten()
-        if seen_rows.numel() == 0:
-            pieces.append(None)
-            continue
-        q_start = int(seen_rows[0])
-        k_stop = int(torch.nonzero(col_seen[src]).flatten()[-1]) + 1
-        rows, cols_seen = slice(q_start, local), slice(0, k_stop)
-        c, s = count[q_start:, src], index_sum[q_start:, src]
-        t = torch.arange(local - q_start)
-        if bool((c == k_stop).all()):
-            pieces.append(_Piece(rows, cols_seen))
-        elif local - q_start == k_stop and bool((c == t + 1).all()) and \
-                bool((s == t * (t + 1) // 2).all()):
-            pieces.append(_Piece(rows, cols_seen, causal=True))
-        else:
-            pieces.append(_Piece(rows, cols_seen, mask=blocks[q_start:, src, :k_stop]))
-    return pieces
-
-
 def _pieces_from_chunks(chunks: Sequence[Chunks], rank: int, local_len: int,
                         device: torch.device) -> list[Optional[_Piece]]:
     """Pieces per source rank from every rank's chunks: integer arithmetic only."""
@@ -708,25 +643,20 @@ class _AllGatherAttention(torch.autograd.Function):
 # point-to-point: compiled blocks run these kernels eagerly, as a graph break.
 @torch.compiler.disable
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: Union[torch.Tensor, Sequence[Chunks], DocumentLayout],
+                        layout: Union[Sequence[Chunks], DocumentLayout],
                         scale: Optional[float], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Local queries against the gathered K/V, one fused call per visible piece of each rank's
     block, merged by log-sum-exp.
 
-    `mask`: either every rank's chunks (in rank order; pure integer arithmetic), or a
-    (S_local, cp*S_local) bool tensor, True where a query may see a key, keys in rank order
-    (read once per mask object, which costs one device sync). The mask is never applied as
-    such: only its block structure is used, unless it has none of the chunked layouts' shape.
-    Or the `DocumentLayout` of a batch of packed documents (`document_layout`).
+    `layout`: every rank's chunks (in rank order; pure integer arithmetic), or the
+    `DocumentLayout` of a batch of packed documents (`document_layout`).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    if isinstance(mask, DocumentLayout):
-        pieces = mask.pieces
-    elif isinstance(mask, torch.Tensor):
-        pieces = _pieces_from_mask(mask, cp)
+    rank = dist.get_rank(group)
+    if isinstance(layout, DocumentLayout):
+        pieces = layout.pieces
     else:
-        pieces = _pieces_from_chunks(mask, rank, q.shape[2], q.device)
+        pieces = _pieces_from_chunks(layout, rank, q.shape[2], q.device)
     return _AllGatherAttention.apply(q, k, v, pieces, scale, group)
 
 

@@ -7,22 +7,24 @@ local expert and run them; send the results back by the inverse exchange; undo t
 combine with the router weights. Both token exchanges are autograd Functions whose backward is
 the opposite exchange, so gradients are exact. Everything else (router, shared experts,
 attention) stays replicated and is untouched.
+
+The experts' placement lives in their tensors (ExpertParallel makes them DTensors), so nothing
+else in the package needs to know which experts a rank holds.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_module
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from ..models.deepseek import DeepSeekMoE, RoutedExperts, combine, sort_by_expert
-from ..models.protocol import expert_modules
 from ..plan import divisors
 from .collectives import SumOver
-
-if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
 
 
 def _exchange(rows: torch.Tensor, out_splits: list[int], in_splits: list[int],
@@ -87,7 +89,7 @@ class AllToAllDispatcher(nn.Module):
     def forward(self, tokens: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
                 experts: RoutedExperts) -> torch.Tensor:
         order, counts = sort_by_expert(expert_indices, experts.n_experts)
-        by_source, send, recv = self._exchange_counts(counts, experts.n_local)
+        by_source, send, recv = self._exchange_counts(counts, experts.n_experts // self.ep)
         rows = all_to_all_rows(tokens[order // expert_indices.shape[1]], recv, send, self.group)
         regroup = expert_major_order(by_source)
         local_out = experts(rows[regroup], by_source.sum(0))
@@ -97,14 +99,36 @@ class AllToAllDispatcher(nn.Module):
         return combine(out, order, expert_weights)
 
 
-def _keep_local_experts(experts: RoutedExperts, ep_rank: int, ep: int) -> None:
-    """Replace the stacked weights by this rank's contiguous block (new Parameters, so an
-    optimizer built afterwards sees only the local slice)."""
-    n_local = experts.n_experts // ep
-    start = ep_rank * n_local
-    for name, param in list(experts.named_parameters(recurse=False)):
-        local = param.detach()[start:start + n_local].clone()
-        setattr(experts, name, nn.Parameter(local, requires_grad=param.requires_grad))
+class ExpertParallel(ParallelStyle):
+    """Routed experts sharded over a 1-D `ep` mesh: each stacked weight (E, ...) becomes a DTensor
+    `Shard(0)`, rank r holding the contiguous block of experts [r*L, (r+1)*L), L = E/ep.
+
+    The placement is then part of the tensor: checkpoints, full state dicts, clipping norms and
+    FSDP2 (over the expert-data-parallel ranks) read it like any other DTensor. Each rank keeps
+    its block of the weights it already holds (all ranks built the same model), so applying the
+    style sends nothing and works on the meta device."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, partition_fn=_shard_experts)
+
+
+def _shard_experts(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+    if not isinstance(module, RoutedExperts):
+        return
+    ep, rank = mesh.size(), mesh.get_local_rank()
+    for param_name, param in list(module.named_parameters(recurse=False)):
+        n_local = param.shape[0] // ep
+        block = param.detach()[rank * n_local:(rank + 1) * n_local].clone()
+        local = DTensor.from_local(block, mesh, [Shard(0)], run_check=False, shape=param.shape,
+                                   stride=param.stride())
+        module.register_parameter(param_name, nn.Parameter(local, requires_grad=param.requires_grad))
+    module.local_view = _local_block
+
+
+def _local_block(weight: torch.Tensor) -> torch.Tensor:
+    """The experts' `local_view` slot under expert parallelism: the block of experts this rank
+    holds (differentiable: gradients flow back into the DTensor parameter's local shard)."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def _check_degree(layers: list[DeepSeekMoE], ep: int) -> None:
@@ -115,39 +139,36 @@ def _check_degree(layers: list[DeepSeekMoE], ep: int) -> None:
             raise ValueError(
                 f"expert parallel degree ep={ep} does not divide model.n_routed_experts={n}: "
                 f"choose ep from {choices} (plan.ep) or change the expert count")
-        if layer.experts.n_local != layer.experts.n_experts:
+        if isinstance(layer.experts.w1, DTensor):
             raise ValueError("apply_expert_parallel was already applied to this model: apply it once")
 
 
-def apply_expert_parallel(model: nn.Module, ep_group: Union[dist.ProcessGroup, "DeviceMesh"]) -> nn.Module:
-    """Shard every MoE layer's routed experts over `ep_group` and swap in the all-to-all dispatcher.
+def apply_expert_parallel(model: nn.Module, ep_mesh: Union[dist.ProcessGroup, DeviceMesh],
+                          token_split_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+    """Shard every MoE layer's routed experts over `ep_mesh` (ExpertParallel) and swap in the
+    all-to-all dispatcher.
 
-    `ep_group` is a process group or a 1-D DeviceMesh. Every layer is checked before any is
+    `ep_mesh` is a 1-D DeviceMesh or a process group. Every layer is checked before any is
     changed, so a bad degree leaves the model intact. Expert weights must later have their
     gradients reduced over the expert-data-parallel group (ranks holding the same experts),
-    everything else over the dense data-parallel group. Each experts module records which block it
-    holds (an ExpertShard), so checkpoints can present the experts with their global shapes.
+    everything else over the dense data-parallel group. `token_split_group`: the tensor-parallel
+    group whose ranks hold the same tokens; each then feeds its own slice of them to the MoE
+    layers (parallel/moe_token_split.py), so the all-to-all carries every token once.
     """
-    from torch.distributed.device_mesh import DeviceMesh
-
-    from .expert_state import ExpertShard, record_expert_shard
-
-    group = ep_group.get_group() if hasattr(ep_group, "get_group") else ep_group
-    ep = dist.get_world_size(group)
+    if not isinstance(ep_mesh, DeviceMesh):
+        ep_mesh = DeviceMesh.from_group(ep_mesh, _device_type(model, ep_mesh))
     layers = [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
-    _check_degree(layers, ep)
-    if ep == 1:
+    _check_degree(layers, ep_mesh.size())
+    if ep_mesh.size() == 1:
         return model
-    ep_rank = dist.get_rank(group)
-    mesh = ep_group if isinstance(ep_group, DeviceMesh) else DeviceMesh.from_group(
-        group, _device_type(model, group))
     for layer in layers:
-        shard = ExpertShard(group=group, rank=ep_rank, degree=ep, n_experts=layer.experts.n_experts,
-                            mesh=mesh)
-        _keep_local_experts(layer.experts, ep_rank, ep)
-        record_expert_shard(layer.experts, shard)
-        layer.dispatcher = AllToAllDispatcher(group)
+        parallelize_module(layer.experts, ep_mesh, ExpertParallel())
+        layer.dispatcher = AllToAllDispatcher(ep_mesh.get_group())
     share_routing_loads(model)
+    if token_split_group is not None:
+        from .moe_token_split import split_moe_tokens
+
+        split_moe_tokens(model, token_split_group)
     return model
 
 
@@ -159,25 +180,6 @@ def share_routing_loads(model: nn.Module, group: Optional[dist.ProcessGroup] = N
             layer.load_sum = SumOver(group or dist.group.WORLD)
 
 
-def clip_model_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip `model`'s gradients by their global norm. Expert-parallel experts (plain tensors,
-    each EP rank holding other experts) count over their EP group; everything else is handled
-    by `clip_grad_norm_` (DTensors by mesh, plain tensors as replicated)."""
-    from .expert_state import ATTRIBUTE
-    from .fully_sharded import clip_grad_norm_
-
-    experts: list[nn.Parameter] = []
-    group = None
-    for module in expert_modules(model):
-        shard = getattr(module, ATTRIBUTE, None)
-        if shard is not None:
-            experts += list(module.parameters())
-            group = shard.group
-    split = {id(p) for p in experts}
-    others = [p for p in model.parameters() if id(p) not in split]
-    return clip_grad_norm_(others, max_norm, split=experts, split_group=group)
-
-
 def _device_type(model: nn.Module, group: dist.ProcessGroup) -> str:
     """Device type for the experts' DeviceMesh: the parameters', or the backend's on meta."""
     device = next(model.parameters()).device.type
@@ -186,5 +188,5 @@ def _device_type(model: nn.Module, group: dist.ProcessGroup) -> str:
     return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
 
 
-__all__ = ["AllToAllDispatcher", "all_to_all_rows", "apply_expert_parallel", "expert_major_order",
-           "share_routing_loads", "clip_model_grad_norm_"]
+__all__ = ["AllToAllDispatcher", "ExpertParallel", "all_to_all_rows", "apply_expert_parallel",
+           "expert_major_order", "share_routing_loads"]

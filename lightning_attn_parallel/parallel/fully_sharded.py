@@ -1,4 +1,4 @@
-"""Sharded data parallelism with FSDP2 (`fully_shard`), HSDP, and mesh-aware gradient clipping.
+"""Sharded data parallelism with FSDP2 (`fully_shard`) and HSDP.
 
 One `fully_shard` unit per block plus one at the root (embedding, final norm, LM head): each
 block's parameters are all-gathered just before it runs and freed after, which bounds the
@@ -9,7 +9,7 @@ gradients reduce-scattered inside the group and all-reduced across groups.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -148,72 +148,5 @@ def mixed_precision_for(precision: str) -> MixedPrecisionPolicy:
                      f"use one of {', '.join(PRECISIONS)}")
 
 
-@torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
-                    norm_type: float = 2.0, split: Iterable[torch.Tensor] = (),
-                    split_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """Clip gradients by the norm of all of them together, across every shard and TP rank.
-
-    `torch.nn.utils.clip_grad_norm_` handles DTensors of one mesh but fails on a mix (e.g.
-    TP x FSDP parameters on a 2-D mesh beside FSDP-only ones on the data mesh, or experts on
-    their own mesh). Here gradients are grouped by mesh, each group's norm is made global with
-    `full_tensor()`, and the groups are combined. Plain tensors are taken as replicated, so
-    their local norm is already global; a parameter sharded without DTensor would need its
-    own reduction: pass those as `split`, each rank holding different ones over
-    `split_group` (expert-parallel experts over the ep group). Returns the total norm as a
-    plain 0-dim tensor, equal on every rank.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    split_grads = [p.grad for p in split if p.grad is not None]
-    if not grads and not split_grads:
-        return torch.tensor(0.0)
-    group_norms = [_group_norm(group, norm_type) for group in _group_by_mesh(grads).values()]
-    if split_grads or split_group is not None:
-        group_norms.append(_split_norm(split_grads, norm_type, split_group))
-    grads += split_grads
-    device = group_norms[0].device
-    stacked = torch.stack([n.to(device) for n in group_norms])
-    total = torch.linalg.vector_norm(stacked, norm_type)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g  # same storage under no_grad
-        local.mul_(coef.to(local.device))
-    return total
-
-
-def _split_norm(grads: list[torch.Tensor], norm_type: float,
-                group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """Norm of plain tensors split over `group`: sum of |g|^p over the group's ranks."""
-    device = grads[0].device if grads else torch.device("cpu")
-    local = (torch.nn.utils.get_total_norm(grads, norm_type) if grads
-             else torch.zeros((), device=device))
-    if isinstance(local, DTensor):  # experts sharded by FSDP over edp: norm of this ep slice
-        local = local.full_tensor()
-    local = _at_least_fp32(local)
-    power = local.pow(norm_type)
-    dist.all_reduce(power, group=group)
-    return power.pow(1.0 / norm_type)
-
-
-def _group_by_mesh(grads: list[torch.Tensor]) -> dict[Optional[DeviceMesh], list[torch.Tensor]]:
-    groups: dict[Optional[DeviceMesh], list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
-    return groups
-
-
-def _group_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    norm = torch.nn.utils.get_total_norm(grads, norm_type)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return _at_least_fp32(norm)
-
-
-def _at_least_fp32(norm: torch.Tensor) -> torch.Tensor:
-    """Norms of low-precision gradients are summed in fp32; fp64 ones stay fp64 (rounding them to
-    fp32 would move every clipped gradient by ~1e-8)."""
-    return norm if norm.dtype == torch.float64 else norm.float()
-
-
 __all__ = ["apply_fully_sharded", "set_gradient_sync", "ACCUMULATION", "casts_parameters", "GradientFixup",
-           "mixed_precision_for", "clip_grad_norm_", "PRECISIONS"]
+           "mixed_precision_for", "PRECISIONS"]

@@ -8,8 +8,10 @@ it, so the expert all-to-all carries every token once.
 Gradients: a token's MoE output is computed on one TP rank only. So the gradient flowing back
 into the MoE input is gathered from the ranks' slices, and the gradient of the gathered output
 (identical on every TP rank, since what follows is replicated) is simply sliced. The router and
-shared-expert weights then see only their slice's tokens, so their gradients are summed over TP
-ranks by the reducer (see `token_split_parameters`).
+shared-expert weights then see only their slice's tokens, so their gradients must be summed over
+the TP ranks too (`token_split_parameters`): the replicated reducer reduces them over every rank
+(the mesh's "moe-token-split" group), FSDP2 over the data-parallel ranks, after which
+`token_split_fixup` adds the TP slices.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.protocol import expert_modules, moe_layers
+from .fully_sharded import GradientFixup
 
 
 def _gather_slices(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -75,3 +78,9 @@ def token_split_parameters(model: nn.Module) -> list[nn.Parameter]:
         experts = {id(p) for m in expert_modules(ffn) for p in m.parameters()}
         params += [p for p in ffn.parameters() if id(p) not in experts]
     return params
+
+
+def token_split_fixup(model: nn.Module, tp_group: dist.ProcessGroup) -> GradientFixup:
+    """Under FSDP2, which reduces over the data-parallel ranks only: sum the TP slices'
+    contributions to the router and shared experts' gradients once they are final."""
+    return GradientFixup(token_split_parameters(model), sum_over=tp_group)

@@ -1,9 +1,10 @@
-"""Model and optimizer state dicts of a parallelized model, for Lightning's checkpoint hooks.
+"""The one state representation of a parallelized model, for checkpoints, exports and loads.
 
-Sharded plans (FSDP2, tensor or expert parallelism) go through torch.distributed.checkpoint's
-state-dict API, so a checkpoint written under one plan loads under any other. Expert-parallel
-experts are plain local tensors, so each expert tensor appears with its global shape
-(expert_state.py): a view of this rank's block, gathered for a full state dict.
+Whatever splits a tensor over ranks (FSDP2/HSDP shards, tensor parallelism, expert parallelism)
+makes it a DTensor, so "is this state split over ranks" is "is it a DTensor", and
+torch.distributed.checkpoint's state-dict API describes every tensor by its parameter name and
+global shape: a sharded state dict for a checkpoint folder (DCP reshards it to any other plan),
+or the full one, gathered to rank 0's CPU one tensor at a time, for a single file or an export.
 """
 from __future__ import annotations
 
@@ -14,35 +15,38 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-
-from .expert_state import (full_state, global_model_state, global_optimizer_state, local_model_state,
-                           local_optimizer_state)
+from torch.distributed.tensor import DTensor
 
 
-def model_state(model: nn.Module, full: bool, expert_parallel: bool) -> dict[str, Any]:
-    """A sharded state dict (for a checkpoint folder), or the full one (`full`, for one file)."""
-    if expert_parallel:
-        # Views of the live tensors, not CPU copies (DTensor.from_local would move those back to
-        # the mesh's device); DCP copies to the CPU as it writes, and the full state dict is
-        # gathered one tensor at a time into rank 0's CPU memory.
-        state = global_model_state(model, get_model_state_dict(model))
-        return full_state(state) if full else state
+# Names that wrappers insert between a module and its parameters; state dicts from
+# get_model_state_dict leave them out (FSDP1, activation checkpointing, torch.compile).
+_WRAPPER_NAMES = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
+
+
+def state_dict_name(name: str) -> str:
+    """A parameter's name as get_model_state_dict gives it: without the wrappers' modules."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+
+
+def split_over_ranks(model: nn.Module) -> bool:
+    """Whether some parameter of `model` is split over ranks (a DTensor)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def model_state(model: nn.Module, full: bool) -> dict[str, Any]:
+    """A sharded state dict (for a checkpoint folder), or the full one (`full`: rank 0 holds every
+    tensor gathered on its CPU, the other ranks an empty dict; collective)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=full, cpu_offload=True))
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: bool,
-                    expert_parallel: bool) -> dict[str, Any]:
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: bool) -> dict[str, Any]:
     """The optimizer's states keyed by parameter name, sharded or `full` as `model_state`."""
-    if expert_parallel:
-        state = global_optimizer_state(model, get_optimizer_state_dict(model, optimizer))
-        return full_state(state) if full else state
     return get_optimizer_state_dict(model, optimizer,
                                     options=StateDictOptions(full_state_dict=full, cpu_offload=True))
 
 
 def load_full_model_state(model: nn.Module, state: Mapping[str, Any], strict: bool) -> None:
     """Load a full state dict (from one file, saved under any plan) into this plan's layout."""
-    state = local_model_state(model, state)  # experts: this rank's block
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
@@ -61,7 +65,6 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         return
     if not keyed_by_name:
         state = _keyed_by_parameter_name(model, optimizer, state)
-    state = local_optimizer_state(model, state)  # experts: this rank's block
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -85,4 +88,5 @@ def _keyed_by_parameter_name(model: nn.Module, optimizer, state: Mapping[str, An
                              for group in state["param_groups"]]}
 
 
-__all__ = ["model_state", "optimizer_state", "load_full_model_state", "load_optimizer_state"]
+__all__ = ["state_dict_name", "split_over_ranks", "model_state", "optimizer_state", "load_full_model_state",
+           "load_optimizer_state"]

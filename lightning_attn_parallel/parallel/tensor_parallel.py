@@ -79,10 +79,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
 
     Gradients: every DTensor parameter's gradient is a DTensor of the parameter's placements
     after each backward (a hook sums the partial gradients of replicated ones, such as
-    sequence-parallel norms and replicated KV projections). Parameters left as plain tensors (see
-    `tp_replicated_parameters`) only ever meet replicated activations, so their gradients come
-    out identical on every TP rank: the caller needs no reduction over tp, only its usual
-    data-parallel one.
+    sequence-parallel norms and replicated KV projections). Parameters left as plain tensors only
+    ever meet replicated activations, so their gradients come out identical on every TP rank:
+    the caller needs no reduction over tp, only its usual data-parallel one.
     """
     tp = tp_mesh.size()
     if tp == 1:
@@ -103,16 +102,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
         model.register_forward_pre_hook(_sequence_length_check(tp), with_kwargs=True)
     _match_grad_placements(model)
     return model
-
-
-def tp_replicated_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every parameter tensor parallelism left as a plain tensor.
-
-    Each TP rank holds a full copy and, because all the activations these parameters touch are
-    replicated over tp, computes the same full gradient: no reduction over tp is needed.
-    Strategies use the list to treat them like any data-parallel parameter.
-    """
-    return [(name, p) for name, p in model.named_parameters() if not isinstance(p, DTensor)]
 
 
 # ---------------------------------------------------------------------------- validation
@@ -339,5 +328,5 @@ def _to_param_placements(param: torch.Tensor) -> None:
         param.grad = grad.redistribute(param.device_mesh, param.placements)
 
 
-__all__ = ["apply_tensor_parallel", "register_tensor_parallel_handler", "tp_replicated_parameters",
+__all__ = ["apply_tensor_parallel", "register_tensor_parallel_handler",
            "TensorParallelHandler"]

@@ -1,69 +1,75 @@
-"""The strategy's bridge to the planner: pick a plan for the module it is about to train."""
+"""Resolving a requested plan for the coming run: the requested one, or for "auto" the planner's
+choice, with accumulation="auto" pinned to one policy. Pure arithmetic over a `RunContext`, which
+each front-end (the Trainer's strategy, Fabric's) fills from what it knows about the run."""
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
-
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 from ..hardware import cluster_for_plan, detect_gpu
 from ..plan import ParallelPlan
 from .select import make_workload, resolve_accumulation, select_plan
 
 
-def _workload(module: Any, model_cfg: Any) -> tuple[int, int, int]:
-    """(micro-batch, sequence length, accumulation) of the coming run, from its data module."""
-    trainer = getattr(module, "_trainer", None)
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    micro_batch = getattr(datamodule, "micro_batch_size", 1)
-    seq_len = getattr(datamodule, "seq_len", model_cfg.max_seq_len)
-    accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
-    return micro_batch, seq_len, accumulate
+@dataclass(frozen=True)
+class RunContext:
+    """What the planner needs to know about the run: the world, the device and the precision,
+    and the workload of one optimizer step (micro-batch, sequence length, accumulation)."""
+
+    world_size: int
+    device_type: str
+    num_nodes: int = 1
+    ranks_per_node: int = 1
+    precision: str = "32-true"
+    micro_batch: int = 1
+    seq_len: Optional[int] = None  # None: the model's max_seq_len
+    accumulate: int = 1
+
+    def cluster(self, plan: ParallelPlan):
+        return cluster_for_plan(plan, self.num_nodes, self.ranks_per_node)
+
+    def workload(self, model_cfg: Any, plan: ParallelPlan):
+        return make_workload(model_cfg, self.cluster(plan), detect_gpu(), self.micro_batch,
+                             self.seq_len or model_cfg.max_seq_len, self.precision,
+                             grad_accum=self.accumulate)
 
 
-def resolve_plan(requested: ParallelPlan, strategy: Any, module: Any) -> ParallelPlan:
-    """The plan the strategy trains with: the requested one, or for "auto" the planner's when the
-    module describes its model (data parallelism otherwise), resolved against the world, with
-    accumulation="auto" pinned to one policy. Each choice is logged on rank 0."""
-    model_cfg = getattr(module, "model_config", None)
+def resolve_plan(requested: ParallelPlan, run: RunContext,
+                 model_cfg: Optional[Any]) -> tuple[ParallelPlan, list[str]]:
+    """(the plan to train with, resolved against the world, with its accumulation policy; the
+    notes that say why, for the front-end to print on rank 0)."""
+    notes = []
     plan = requested
     if requested.is_auto and model_cfg is None:
-        rank_zero_info("attn_hybrid: no model config to plan from; using data parallelism over "
-                       f"{strategy.world_size} ranks")
+        notes.append(f"attn_hybrid: no model config to plan from; using data parallelism over "
+                     f"{run.world_size} ranks")
         plan = ParallelPlan()
     elif requested.is_auto:
-        plan, reason = auto_plan_for_strategy(model_cfg, strategy, module, requested)
-        rank_zero_info(f"attn_hybrid: auto plan {plan.describe()}: {reason}")
-    plan = plan.resolve(strategy.world_size)
-    policy, reason = accumulation_for_strategy(model_cfg, strategy, module, plan)
+        plan, reason = auto_plan(model_cfg, run, requested)
+        notes.append(f"attn_hybrid: auto plan {plan.describe()}: {reason}")
+    plan = plan.resolve(run.world_size)
+    policy, reason = accumulation_policy(model_cfg, run, plan)
     if plan.sharded and plan.accumulation == "auto":
-        rank_zero_info(f"attn_hybrid: gradient accumulation {policy}: {reason}")
-    return replace(plan, accumulation=policy)
+        notes.append(f"attn_hybrid: gradient accumulation {policy}: {reason}")
+    return replace(plan, accumulation=policy), notes
 
 
-def _cluster(strategy: Any, plan: ParallelPlan):
-    return cluster_for_plan(plan, strategy.num_nodes, strategy.num_processes)
-
-
-def auto_plan_for_strategy(model_cfg: Any, strategy: Any, module: Any,
-                           requested: ParallelPlan) -> tuple[ParallelPlan, str]:
-    """(plan, reason) for `model_cfg` on the strategy's world, keeping the options of `requested`
+def auto_plan(model_cfg: Any, run: RunContext, requested: ParallelPlan) -> tuple[ParallelPlan, str]:
+    """(plan, reason) for `model_cfg` on the run's world, keeping the options of `requested`
     (bucket size, kernels, compile, link speeds...).
 
     On a CPU there is no card to plan against, so data parallelism is used; on GPUs the planner
     picks the fastest plan that fits and explains why.
     """
-    if strategy.root_device.type != "cuda":
-        return ParallelPlan(), f"data parallelism over {strategy.world_size} CPU processes"
-    micro_batch, seq_len, accumulate = _workload(module, model_cfg)
-    plan, report = select_plan(model_cfg, _cluster(strategy, requested), detect_gpu(), micro_batch,
-                               seq_len, str(strategy.precision_plugin.precision), grad_accum=accumulate,
-                               template=replace(requested, mode="manual"))
+    if run.device_type != "cuda":
+        return ParallelPlan(), f"data parallelism over {run.world_size} CPU processes"
+    plan, report = select_plan(model_cfg, run.cluster(requested), detect_gpu(), run.micro_batch,
+                               run.seq_len or model_cfg.max_seq_len, run.precision,
+                               grad_accum=run.accumulate, template=replace(requested, mode="manual"))
     return plan, report.reason
 
 
-def accumulation_for_strategy(model_cfg: Any, strategy: Any, module: Any,
-                              plan: ParallelPlan) -> tuple[str, str]:
+def accumulation_policy(model_cfg: Any, run: RunContext, plan: ParallelPlan) -> tuple[str, str]:
     """(accumulation policy, reason) for a resolved `plan` whose policy may still be "auto".
 
     On GPUs the planner compares the policies by memory and time; without a card or a model
@@ -73,13 +79,13 @@ def accumulation_for_strategy(model_cfg: Any, strategy: Any, module: Any,
         return plan.accumulation, "requested"
     if not plan.sharded:
         return "defer_all", "parameters are replicated"
-    if model_cfg is None or strategy.root_device.type != "cuda":
+    if model_cfg is None or run.device_type != "cuda":
         return "defer_all", "no card and model to plan against"
-    micro_batch, seq_len, accumulate = _workload(module, model_cfg)
-    if accumulate == 1:
+    if run.accumulate == 1:
         return "defer_all", "no accumulation"
-    work = make_workload(model_cfg, _cluster(strategy, plan), detect_gpu(), micro_batch, seq_len,
-                         str(strategy.precision_plugin.precision), grad_accum=accumulate)
-    chosen = resolve_accumulation(work, plan)
+    chosen = resolve_accumulation(run.workload(model_cfg, plan), plan)
     fits = "fastest that fits" if chosen.fits else "least memory; nothing fits"
     return chosen.plan.accumulation, f"{fits} ({chosen.memory.describe()})"
+
+
+__all__ = ["RunContext", "resolve_plan", "auto_plan", "accumulation_policy"]

@@ -1,0 +1,55 @@
+"""Gradient clipping by the norm of every gradient of the model, whatever splits it over ranks.
+
+`torch.nn.utils.clip_grad_norm_` handles DTensors of one mesh but fails on a mix (tensor x FSDP2
+parameters on a 2-D mesh beside FSDP2-only ones, experts on their own (edp, ep) mesh). So the
+gradients are grouped by mesh, each group's norm is made global by DTensor (`full_tensor()` of
+its norm: a sum of powers, or a max for norm_type=inf, over the mesh), and the groups' norms are
+combined the same way. Plain tensors are replicated, so their local norm is already global.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
+                    norm_type: float = 2.0) -> torch.Tensor:
+    """Scale the gradients of `parameters` so that their total `norm_type` norm (over every
+    shard, tensor-parallel and expert-parallel rank) is at most `max_norm`; return that total
+    norm as a plain 0-dim tensor, equal on every rank. Collective when any gradient is a DTensor:
+    every rank calls it with the same parameters."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norm_type = float(norm_type)
+    group_norms = [_group_norm(group, norm_type) for group in _group_by_mesh(grads).values()]
+    device = group_norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in group_norms]), norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g  # same storage under no_grad
+        local.mul_(coef.to(local.device))
+    return total
+
+
+def _group_by_mesh(grads: list[torch.Tensor]) -> dict[Optional[DeviceMesh], list[torch.Tensor]]:
+    groups: dict[Optional[DeviceMesh], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    return groups
+
+
+def _group_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    norm = torch.nn.utils.get_total_norm(grads, norm_type)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    # norms of low-precision gradients are combined in fp32; fp64 ones stay fp64 (rounding them
+    # to fp32 would move every clipped gradient by ~1e-8)
+    return norm if norm.dtype == torch.float64 else norm.float()
+
+
+__all__ = ["clip_grad_norm_"]
