@@ -14,7 +14,9 @@ from .lightning_workarounds import settle_fit_loop_state
 
 
 class SplitStateCheckpoints:
-    """Mixed into the strategy: Lightning's checkpoint hooks (state dicts, save, load)."""
+    """Mixed into the strategy: Lightning's checkpoint hooks (state dicts, save, load). The
+    strategy provides `masters_in_place()`: checkpoints hold master weights, never the compute
+    copies."""
 
     _save_distributed_checkpoint: bool = True
     _state_loaded_in_place: bool = False
@@ -37,20 +39,23 @@ class SplitStateCheckpoints:
         return not self._state_loaded_in_place
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Split plans: a sharded state dict for a checkpoint folder, or the full one for a file."""
-        if not self._state_split_over_ranks:
-            return super().lightning_module_state_dict()
+        """Split plans: a sharded state dict for a checkpoint folder, or the full one for a file.
+        Under master weights, the masters (`masters_in_place`, the strategy's)."""
         from .parallel.state_dict import model_state
 
-        return model_state(self.model, full=not self._save_distributed_checkpoint)
+        with self.masters_in_place():
+            if not self._state_split_over_ranks:
+                return super().lightning_module_state_dict()
+            return model_state(self.model, full=not self._save_distributed_checkpoint)
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
-        if not self._state_split_over_ranks:
-            return super().optimizer_state(optimizer)
         from .parallel.state_dict import optimizer_state
 
-        return optimizer_state(self.model, getattr(optimizer, "_optimizer", optimizer),
-                               full=not self._save_distributed_checkpoint)
+        with self.masters_in_place():
+            if not self._state_split_over_ranks:
+                return super().optimizer_state(optimizer)
+            return optimizer_state(self.model, getattr(optimizer, "_optimizer", optimizer),
+                                   full=not self._save_distributed_checkpoint)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         """Write to a temporary name and rename, so an interrupted save never destroys the last
@@ -74,7 +79,8 @@ class SplitStateCheckpoints:
         path = Path(self.broadcast(str(checkpoint_path)))
         self._state_loaded_in_place = path.is_dir()
         if self._state_loaded_in_place:
-            return load_lightning_checkpoint(path, self.model, self.optimizers)
+            with self.masters_in_place():
+                return load_lightning_checkpoint(path, self.model, self.optimizers)
         checkpoint = read_checkpoint_file(path)
         check_shared_tensors(path, self.lightning_module, checkpoint.get("state_dict", {}))
         return checkpoint
@@ -82,11 +88,12 @@ class SplitStateCheckpoints:
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if "state_dict" not in checkpoint:
             return  # a checkpoint folder was loaded in place by load_checkpoint
-        if not self._state_split_over_ranks:
-            return super().load_model_state_dict(checkpoint, strict=strict)
         from .parallel.state_dict import load_full_model_state
 
-        load_full_model_state(self.model, checkpoint["state_dict"], strict)
+        with self.masters_in_place():
+            if not self._state_split_over_ranks:
+                return super().load_model_state_dict(checkpoint, strict=strict)
+            load_full_model_state(self.model, checkpoint["state_dict"], strict)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Optimizer states of a single file, saved under any plan (parallel/state_dict.py)."""
@@ -94,9 +101,10 @@ class SplitStateCheckpoints:
             return  # a checkpoint folder was loaded in place by load_checkpoint
         from .parallel.state_dict import load_optimizer_state
 
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            load_optimizer_state(self.model, getattr(optimizer, "_optimizer", optimizer), state,
-                                 self._state_split_over_ranks, self.root_device)
+        with self.masters_in_place():
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+                load_optimizer_state(self.model, getattr(optimizer, "_optimizer", optimizer), state,
+                                     self._state_split_over_ranks, self.root_device)
 
 
 __all__ = ["SplitStateCheckpoints"]

@@ -17,7 +17,7 @@ CP_KERNELS = ("allgather", "ring", "ulysses")
 HIERARCHICAL_MODES = ("auto", "always", "never")
 CHECKPOINT_POLICIES = ("none", "attention", "block", "selective")
 # "-mixed" precisions on replicated parameters (parallel/fully_sharded.py: casts_parameters)
-MIXED_PRECISION_MODES = ("autocast", "cast_params")
+MIXED_PRECISION_MODES = ("autocast", "master_weights", "cast_params")
 # Gradient accumulation under FSDP2/HSDP (parallel/fully_sharded.py says what each sends and keeps)
 # torch.compile: nothing, each block (composes with every plan), or the whole model (replicated only)
 COMPILE_MODES = ("none", "block", "model")
@@ -67,9 +67,14 @@ class ParallelPlan:
     cp_load_balance: bool = True
     # expert parallel
     grouped_gemm: bool = True
-    # "-mixed" precisions without sharding: Lightning's autocast (fp32 residual stream, a cast per
-    # matmul) or "cast_params" (bf16 parameter copies, fp32 master weights and reduction)
+    # "bf16-mixed": Lightning's autocast (fp32 weights and residual stream, a cast per matmul),
+    # "master_weights" (bf16 compute on copies cast once a step from fp32 masters the optimizer
+    # updates; FSDP2 does the same for sharded parameters) or "cast_params" (FSDP2 casting
+    # replicated parameters per forward, the older form of master weights)
     mixed_precision: str = field(default="autocast", metadata=_limits(choices=MIXED_PRECISION_MODES))
+    # master weights: micro-batch gradients added into the fp32 master gradient each time
+    # ("master"), or accumulated in the bf16 compute copies and added once ("compute")
+    accumulate_grads_in: str = field(default="master", metadata=_limits(choices=("master", "compute")))
     # sharded data parallel: what micro-batches that only accumulate send ("auto": the planner)
     accumulation: str = field(default="auto", metadata=_limits(choices=ACCUMULATION_POLICIES))
     # memory levers

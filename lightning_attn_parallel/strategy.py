@@ -16,6 +16,7 @@ from lightning.fabric.utilities.distributed import _distributed_is_initialized, 
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
@@ -35,6 +36,7 @@ from .parallel.optimizer_step import step_over_mixed_tensors
 from .parallel.gradient_reducer import GradientReducer
 from .plan import ParallelPlan, as_plan
 from .planning.auto import RunContext, resolve_plan
+from .precision import with_master_weights
 from .processes import start_process_group
 from .pretrained import load_pretrained_into
 from .step import StepBatch
@@ -62,10 +64,10 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
                  process_group_backend: Optional[str] = None,
                  timeout: Optional[timedelta] = None, timeout_s: Optional[float] = None,
                  save_distributed_checkpoint: bool = True) -> None:
+        self._requested_plan = as_plan(plan)  # first: the precision plugin's setter reads it
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin)
-        self._requested_plan = as_plan(plan)
         self.plan: Optional[ParallelPlan] = None
         self.meshes: Optional[ParallelMeshes] = None
         self.gradients: Optional[DataParallelGradients] = None  # the backward's data-parallel side
@@ -86,6 +88,33 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
         """The replicated plans' bucketed reducer (None under FSDP2 or before setup); the
         callbacks read its communication timings."""
         return self.gradients.reducer if self.gradients is not None else None
+
+    @property
+    def master_weights(self):
+        """The replicated plans' master weights (None without them, or before setup)."""
+        return self.gradients.masters if self.gradients is not None else None
+
+    @contextmanager
+    def masters_in_place(self) -> Generator[None, None, None]:
+        """The module holds the fp32 masters for the duration (state dicts, the optimizer's
+        set-up); then its compute copies again, refreshed from the masters."""
+        if self.master_weights is None:
+            yield
+            return
+        with self.master_weights.masters():
+            yield
+        self.master_weights.refresh()
+
+    @property
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else Precision()
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Optional[Precision]) -> None:
+        """Lightning's plugin for the Trainer's precision; "bf16-mixed" becomes master weights
+        when the plan asks for them (precision.py)."""
+        self._precision_plugin = plugin if plugin is None else with_master_weights(
+            plugin, self._requested_plan.mixed_precision)
 
     @property
     def root_device(self) -> torch.device:
@@ -168,9 +197,12 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
-            self.setup_optimizers(trainer)
+            with self.masters_in_place():  # the optimizer updates the master weights
+                self.setup_optimizers(trainer)
             for optimizer in self.optimizers:
                 step_over_mixed_tensors(optimizer)
+                if self.master_weights is not None:  # one cast into the compute copies per step
+                    optimizer.register_step_post_hook(lambda *_: self.master_weights.refresh())
         self.setup_precision_plugin()
         share_inf_checks(self.precision_plugin, self.root_device)
         clip_across_ranks(self.precision_plugin, lambda norm: self.lightning_module.log(GRAD_NORM, norm))
@@ -191,7 +223,8 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
                              cluster=cluster_for_plan(self.plan, max(1, self.world_size // self.ranks_per_node),
                                                       self.ranks_per_node),
                              # each rank allocates and reads only the slices it holds
-                             materialize=lambda: load_pretrained_into(module, self.root_device))
+                             materialize=lambda: load_pretrained_into(module, self.root_device),
+                             compute_dtype=getattr(self.precision_plugin, "compute_dtype", None))
         self.gradients = result.gradients
         self._step_context = result.step_context
         self.context_parallel = result.context_parallel
@@ -274,6 +307,8 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
             raise failure from exception
 
     def teardown(self) -> None:
+        if self.master_weights is not None:
+            self.master_weights.masters_in_place()  # the module ends holding the masters
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None

@@ -38,13 +38,15 @@ class ParallelizeResult:
 
 def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
                 meshes: ParallelMeshes, precision: str, cluster: ClusterSpec,
-                materialize: Callable[[], None] = lambda: None) -> ParallelizeResult:
+                materialize: Callable[[], None] = lambda: None,
+                compute_dtype: Optional[torch.dtype] = None) -> ParallelizeResult:
     """Apply every parallelism of `plan` to `module` (whose protocol model is `transformer`), each
     once, in order.
 
     `materialize` allocates and fills a model built on the meta device: it runs once parameters
     are in their final layout (FSDP2: after sharding, so a rank allocates only its shards) and
-    before the gradient reducer lays gradients out in buckets."""
+    before the gradient reducer lays gradients out in buckets. `compute_dtype`: master weights
+    (the parameters stay the masters; forward and backward run in this dtype)."""
     _check_protocol(transformer, plan)
     context_parallel = None
     if plan.fp8 != "none":  # before checkpointing, compile and FSDP2, as torchao requires
@@ -71,7 +73,8 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
                 sub.use_grouped_mm = plan.grouped_gemm
         apply_activation_checkpointing(transformer, plan.activation_checkpointing, plan.ac_every_n)
         apply_compile(transformer, plan.compile)
-    gradients = apply_data_parallel(module, transformer, plan, meshes, precision, cluster, materialize)
+    gradients = apply_data_parallel(module, transformer, plan, meshes, precision, cluster, materialize,
+                                    compute_dtype)
     return ParallelizeResult(gradients=gradients, context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, gradients.reducer),
                              step_context=activation_offload(plan.offload_activations,

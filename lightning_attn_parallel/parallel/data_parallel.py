@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+import torch
 from torch import nn
 
 from ..hardware import ClusterSpec
@@ -21,6 +22,7 @@ from ..models.protocol import expert_modules, is_expert_parameter
 from ..plan import ParallelPlan
 from .fully_sharded import GradientFixup, casts_parameters
 from .gradient_reducer import GradientReducer, broadcast_parameters
+from .master_weights import MasterWeights
 from .moe_token_split import token_split_fixup, token_split_parameters
 
 
@@ -35,12 +37,15 @@ class DataParallelGradients:
     accumulation: str
     fixups: tuple = ()  # FSDP2 gradients to finish once reduced (experts' scale, tp x ep token split)
     synced: bool = True  # False while micro-batches only accumulate
+    masters: Optional[MasterWeights] = None  # replicated master weights (parallel/master_weights.py)
 
     def before_backward(self) -> None:
         if self.reducer is not None:
             self.reducer.prepare_for_backward()
 
     def after_backward(self) -> None:
+        if self.masters is not None and self.synced:
+            self.masters.flush()  # gradients still held by the compute copies
         if self.reducer is not None:
             self.reducer.finish()
         if self.synced:  # reduced (final) on this micro-batch: finish them once
@@ -59,6 +64,8 @@ class DataParallelGradients:
 
     def _sync(self, enabled: bool) -> None:
         self.synced = enabled
+        if self.masters is not None:
+            self.masters.synced = enabled
         if self.reducer is not None:
             self.reducer.sync_enabled = enabled
         if self.fully_sharded:
@@ -69,17 +76,29 @@ class DataParallelGradients:
 
 def apply_data_parallel(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
                         meshes: ParallelMeshes, precision: str, cluster: ClusterSpec,
-                        materialize: Callable[[], None]) -> DataParallelGradients:
+                        materialize: Callable[[], None],
+                        compute_dtype: Optional[torch.dtype] = None) -> DataParallelGradients:
     """FSDP2 (sharded plans, or "-mixed" with mixed_precision="cast_params") or the bucketed
     reducer; `materialize` allocates a meta-built model once its parameters have their final
-    layout (FSDP2: after sharding, so a rank allocates only its shards)."""
+    layout (FSDP2: after sharding, so a rank allocates only its shards).
+
+    `compute_dtype` (master weights: the parameters are the masters, computed with in this
+    dtype): FSDP2 casts sharded parameters itself; replicated ones get compute copies
+    (MasterWeights) whose gradients reach the reducer's buckets in the masters' dtype."""
     if not casts_parameters(plan, precision):
         materialize()
-        return DataParallelGradients(module, _build_reducer(module, transformer, plan, meshes, cluster),
-                                     False, plan.accumulation)
+        reducer = _build_reducer(module, transformer, plan, meshes, cluster)
+        masters = None
+        if compute_dtype is not None:
+            masters = MasterWeights(module, compute_dtype, grad_ready=reducer.grad_ready,
+                                    accumulate=plan.accumulate_grads_in)
+        return DataParallelGradients(module, reducer, False, plan.accumulation, masters=masters)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     from .fully_sharded import apply_fully_sharded, mixed_precision_for
 
-    policy = mixed_precision_for(precision)
+    policy = (mixed_precision_for(precision) if compute_dtype is None else
+              MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=next(module.parameters()).dtype))
     if not plan.sharded and not any(p.is_meta for p in module.parameters()):
         # replicas must start equal: nothing else would make them so (a meta model is filled
         # from the same folder on every rank); experts are equal within their edp group

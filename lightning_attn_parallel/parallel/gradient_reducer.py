@@ -153,6 +153,13 @@ class GradientReducer:
             for p in bucket.params:
                 p.grad = grad_view_for(p, self._views[id(p)])
 
+    def grad_ready(self, param: nn.Parameter) -> None:
+        """`param`'s gradient for this micro-batch is in place (called by its post-accumulate
+        hook, or by whoever put it there: master weights add their compute copies' gradients).
+        A parameter in no bucket (a one-rank group) needs nothing."""
+        if id(param) in self._views:
+            self._on_grad_ready(param)
+
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         view = self._views[id(param)]
         grad = local_tensor(param.grad)

@@ -1,0 +1,133 @@
+"""Master weights for replicated parameters: compute on low-precision copies, optimize fp32.
+
+Megatron-Core's main parameters, for plans whose parameters FSDP2 does not manage (FSDP2's own
+MixedPrecisionPolicy does the same for sharded ones). The module's parameters stay the fp32
+masters: the optimizer, its states, clipping, state dicts, checkpoints and exports see them and
+nothing else, so a checkpoint holds the masters and resumes bit for bit. For the forward and
+backward, every parameter slot of the module holds a persistent compute copy in bf16 instead;
+after each backward a hook adds the copy's gradient into the master's fp32 gradient (on every
+micro-batch, or once on the last one with `accumulate="compute"`), and after each optimizer step
+the masters are copied into the compute copies: one cast per optimizer step, whatever the number
+of micro-batches. The copies are the same tensor objects for the whole run, so compiled graphs
+never see a new parameter.
+
+Why by hand: torch has no master-weight wrapper for unsharded modules (FSDP2 over a one-rank mesh
+does it per forward, with all-gather and reduce-scatter copies of every parameter, which cost
+about 7% of a step on one GPU), and Megatron-Core's lives inside its own DDP.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+ACCUMULATION_DTYPES = ("master", "compute")
+
+
+class MasterWeights:
+    """Compute copies (in `compute_dtype`) of every parameter of `module`, which stay the masters.
+
+    `grad_ready(master)`, if given, is told when a master's gradient for this micro-batch is in
+    place (the gradient reducer launches its bucket then). `accumulate`: "master" adds every
+    micro-batch's gradient into the master's (fp32) gradient; "compute" lets the copies accumulate
+    in the compute dtype and adds once, on the micro-batch that synchronizes.
+    """
+
+    def __init__(self, module: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
+                 grad_ready: Optional[Callable[[nn.Parameter], None]] = None,
+                 accumulate: str = "master") -> None:
+        if accumulate not in ACCUMULATION_DTYPES:
+            raise ValueError(f"accumulate={accumulate!r} is unknown: use one of {ACCUMULATION_DTYPES}")
+        self.module = module
+        self.compute_dtype = compute_dtype
+        self.grad_ready = grad_ready
+        self.accumulate = accumulate
+        self.synced = True  # False on micro-batches that only accumulate
+        self.casts = 0  # refreshes of the compute copies (one per optimizer step)
+        self._slots: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+        copies: dict[int, nn.Parameter] = {}
+        for owner in module.modules():
+            for name, master in list(owner._parameters.items()):
+                if master is None:
+                    continue
+                copy = copies.get(id(master))
+                if copy is None:  # shared parameters (tied embeddings) share one copy
+                    copy = nn.Parameter(master.detach().to(compute_dtype), requires_grad=master.requires_grad)
+                    copies[id(master)] = copy
+                    if master.requires_grad:
+                        copy.register_post_accumulate_grad_hook(self._hook_for(master))
+                self._slots.append((owner, name, master, copy))
+        self._pairs = [(m, c) for m, c in {id(m): (m, c) for _, _, m, c in self._slots}.values()]
+        self.compute_in_place()
+
+    @property
+    def master_params(self) -> list[nn.Parameter]:
+        """Every master, once (shared parameters appear once)."""
+        return [master for master, _ in self._pairs]
+
+    # ------------------------------------------------------------------ which tensors the module holds
+    def compute_in_place(self) -> None:
+        """The module holds the compute copies (forward and backward)."""
+        for owner, name, _, copy in self._slots:
+            owner._parameters[name] = copy
+
+    def masters_in_place(self) -> None:
+        """The module holds the masters (optimizer set-up, state dicts, the end of the run)."""
+        for owner, name, master, _ in self._slots:
+            owner._parameters[name] = master
+
+    @contextmanager
+    def masters(self) -> Iterator[None]:
+        """The masters in the module for the duration, the compute copies again after."""
+        self.masters_in_place()
+        try:
+            yield
+        finally:
+            self.compute_in_place()
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy every master into its compute copy: the one cast of an optimizer step."""
+        masters = [_local(m) for m, _ in self._pairs]
+        copies = [_local(c) for _, c in self._pairs]
+        torch._foreach_copy_(copies, masters)
+        self.casts += 1
+
+    def flush(self) -> None:
+        """With accumulate="compute": add the copies' accumulated gradients into the masters'
+        (called on the micro-batch that synchronizes, after its backward)."""
+        for master, copy in self._pairs:
+            if copy.grad is not None:
+                self._add_to_master(master, copy)
+
+    def _hook_for(self, master: nn.Parameter) -> Callable[[nn.Parameter], None]:
+        def hook(copy: nn.Parameter) -> None:
+            if self.accumulate == "compute" and not self.synced:
+                return  # accumulates in the copy's own gradient until the last micro-batch
+            self._add_to_master(master, copy)
+
+        return hook
+
+    @torch.no_grad()
+    def _add_to_master(self, master: nn.Parameter, copy: nn.Parameter) -> None:
+        grad = copy.grad
+        if isinstance(grad, DTensor) and grad.placements != copy.placements:
+            grad = grad.redistribute(copy.device_mesh, copy.placements)  # e.g. Partial -> Replicate
+        if master.grad is None:
+            master.grad = grad.to(master.dtype)
+        else:
+            _local(master.grad).add_(_local(grad))
+        copy.grad = None
+        if self.grad_ready is not None:
+            self.grad_ready(master)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+__all__ = ["MasterWeights", "ACCUMULATION_DTYPES"]

@@ -1,0 +1,206 @@
+"""Master weights: the forward and backward compute on low-precision copies of master weights
+that the optimizer updates, cast once per optimizer step, under every plan.
+
+The mechanism is dtype-generic, so exactness is proven with fp32 compute on fp64 masters
+(`MasterWeightsPrecision(torch.float32, torch.float64)`): N gloo ranks against one process on
+the same global batch agree to fp32 precision (relative error < 1e-5), under replicated data
+parallelism (the reducer, in the masters' dtype), tp x dp, cp x dp, ep x dp (MoE), FSDP2 and HSDP
+(FSDP2's MixedPrecisionPolicy). A checkpoint holds the masters and resumes bit for bit, and the
+copies are refreshed once per optimizer step however many micro-batches it has. The real
+bf16-on-fp32 path runs one process on the CPU.
+"""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dist_utils import assert_close, run_distributed
+from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_trainer
+
+import lightning_attn_parallel as lap
+from lightning_attn_parallel.models import ModelConfig
+from lightning_attn_parallel.precision import MasterWeightsPrecision
+
+LLAMA = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+MOE = dict(family="deepseek", attention="mla", vocab_size=64, d_model=32, n_layers=3, n_heads=4,
+           kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, ffn_dim=64,
+           max_seq_len=32, n_routed_experts=8, n_shared_experts=1, moe_top_k=2, moe_ffn_dim=16,
+           first_k_dense_replace=1)
+MASTERS = dict(mixed_precision="master_weights")
+# name: (model, plan, accumulate). The MoE case computes in fp64 too: fp32 routing and AdamW steps
+# move its parameters by ~3e-5 between layouts (tests/test_expert_parallel_training.py), and the
+# mechanism under test is the same whatever the two dtypes are.
+CASES = {
+    "dp4_accumulate": (LLAMA, dict(MASTERS, bucket_mb=0.01), 2),
+    "dp4_accumulate_in_compute": (LLAMA, dict(MASTERS, bucket_mb=0.01, accumulate_grads_in="compute"), 2),
+    "tp2_dp2": (LLAMA, dict(MASTERS, tp=2), 1),
+    "cp2_dp2": (LLAMA, dict(MASTERS, cp=2, cp_kernel="ring"), 1),
+    "ep2_dp4_moe": (MOE, dict(MASTERS, ep=2), 1),
+    "fsdp4": (LLAMA, dict(MASTERS, dp_shard=4), 2),
+    "hsdp2x2": (LLAMA, dict(MASTERS, dp_shard=2), 1),
+}
+STEPS, GLOBAL_BATCH = 3, 8
+
+
+def compute_dtype(model: dict) -> torch.dtype:
+    return torch.float64 if model is MOE else torch.float32
+
+
+def rtol(model: dict) -> float:
+    return 1e-10 if compute_dtype(model) == torch.float64 else 1e-5
+
+
+def precision(compute: torch.dtype = torch.float32) -> MasterWeightsPrecision:
+    return MasterWeightsPrecision(compute_dtype=compute, master_dtype=torch.float64)
+
+
+def make_module(model: dict) -> lap.CausalLMModule:
+    L.seed_everything(0, verbose=False)
+    module = lap.CausalLMModule(ModelConfig(**model), lr=1e-3, warmup_steps=1, total_steps=STEPS)
+    module.configure_model()
+    return module
+
+
+class CopyDtypes(L.Callback):
+    """The dtypes of the parameters the forward computes with, and of the optimizer's tensors."""
+
+    def __init__(self) -> None:
+        self.compute: set = set()
+        self.optimizer: set = set()
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        self.compute |= {p.dtype for p in pl_module.parameters()}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for opt in trainer.optimizers:
+            self.optimizer |= {p.dtype for group in opt.param_groups for p in group["params"]}
+            self.optimizer |= {v.dtype for state in opt.state.values() for k, v in state.items() if k != "step"}
+
+
+def train(model: dict, plan: dict, accumulate: int, world: int, rank: int = 0) -> dict:
+    module = make_module(model)
+    tp_cp = plan.get("tp", 1) * plan.get("cp", 1) if world > 1 else 1
+    dp = world // tp_cp
+    strategy = lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan) if world > 1 else MASTERS)
+    dtypes = CopyDtypes()
+    trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=STEPS,
+                            plugins=[precision(compute_dtype(model))], accumulate_grad_batches=accumulate,
+                            callbacks=[dtypes])
+    trainer.fit(module, loader(FixedTokens(), GLOBAL_BATCH // dp // accumulate, replicas=dp,
+                               rank=rank // tp_cp))
+    return {"params": params_of(module), "compute": dtypes.compute, "optimizer": dtypes.optimizer}
+
+
+def _worker(rank: int, world: int) -> dict:
+    return {name: train(*case, world, rank) for name, case in CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_worker, 4, timeout=900)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_master_weights_on_n_ranks_equal_one_process(results, name):
+    model, plan, accumulate = CASES[name]
+    reference = train(model, plan, accumulate, 1)
+    for rank, result in enumerate(results):
+        r = result[name]
+        if not plan.get("dp_shard"):  # replicated: the module computes on the copies
+            assert r["compute"] == {compute_dtype(model)}, (name, r["compute"])
+        assert r["optimizer"] == {torch.float64}, (name, r["optimizer"])  # masters and states
+        for key, expected in reference["params"].items():
+            assert r["params"][key].dtype == torch.float64, key  # the module ends holding the masters
+            assert_close(r["params"][key], expected, rtol(model), name=f"{name} rank{rank} {key}")
+
+
+# ---------------------------------------------------------------------------- one cast per step
+class CountCasts(TorchDispatchMode):
+    """Master tensors read into the compute dtype, by any copy or conversion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masters: set[int] = set()
+        self.tensors = 0
+
+    def _from_master(self, source, target_dtype) -> bool:
+        return (isinstance(source, torch.Tensor) and source.data_ptr() in self.masters
+                and target_dtype == torch.float32)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        if name.endswith("_foreach_copy_"):
+            self.tensors += sum(self._from_master(s, d.dtype) for d, s in zip(*args[:2]))
+        elif name.endswith("copy_") and len(args) >= 2:
+            self.tensors += self._from_master(args[1], args[0].dtype)
+        elif name.endswith("_to_copy"):
+            self.tensors += self._from_master(args[0], kwargs.get("dtype"))
+        return func(*args, **kwargs)
+
+
+class CastsPerStep(L.Callback):
+    def __init__(self) -> None:
+        self.mode = CountCasts()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.mode.masters = {p.data_ptr() for p in trainer.strategy.master_weights.master_params}
+        self.mode.__enter__()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.mode.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_one_cast_into_the_compute_copies_per_optimizer_step(accumulate):
+    module = make_module(LLAMA)
+    counter = CastsPerStep()
+    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=MASTERS), devices=1, max_steps=STEPS,
+                            plugins=[precision()], accumulate_grad_batches=accumulate, callbacks=[counter])
+    trainer.fit(module, loader(FixedTokens(), 2))
+    n_params = len(list(module.parameters()))
+    assert counter.mode.tensors == STEPS * n_params, (counter.mode.tensors, n_params)
+
+
+# ---------------------------------------------------------------------------- resume
+def _resume(rank: int, world: int, root: str) -> dict:
+    out = {}
+    for name, steps, ckpt in (("uninterrupted", 4, None), ("first", 2, None), ("resumed", 4, f"{root}/ckpt")):
+        module = make_module(LLAMA)
+        module.hparams.total_steps = 4
+        recorder = LossRecorder()
+        trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=dict(MASTERS, bucket_mb=0.01)),
+                                devices=world, max_steps=steps, plugins=[precision()], callbacks=[recorder],
+                                limit_train_batches=2)
+        trainer.fit(module, loader(FixedTokens(n=16), 4 // world, replicas=world, rank=rank), ckpt_path=ckpt)
+        if name == "first":
+            trainer.save_checkpoint(f"{root}/ckpt")
+        out[name] = {"losses": recorder.losses, "params": params_of(module)}
+    return out
+
+
+def test_resume_under_master_weights_is_bit_exact(tmp_path):
+    """Two ranks save at step 2 (a single file: replicated parameters) and resume to step 4:
+    the losses and the final masters equal the uninterrupted run's, bit for bit."""
+    for rank, out in enumerate(run_distributed(_resume, 2, str(tmp_path), timeout=600)):
+        assert out["resumed"]["losses"] == out["uninterrupted"]["losses"][2:], rank
+        for key, value in out["uninterrupted"]["params"].items():
+            assert torch.equal(out["resumed"]["params"][key], value), (rank, key)
+
+
+# ---------------------------------------------------------------------------- bf16 on fp32
+def test_bf16_mixed_master_weights_compute_in_bf16_and_keep_fp32_masters():
+    """precision="bf16-mixed" with the plan's master weights: the plugin, bf16 compute copies, fp32
+    masters and optimizer states, and a falling loss."""
+    module = make_module(LLAMA)
+    dtypes, recorder = CopyDtypes(), LossRecorder()
+    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=MASTERS), devices=1, max_steps=8,
+                            precision="bf16-mixed", callbacks=[dtypes, recorder])
+    module.hparams.lr = 1e-2
+    trainer.fit(module, loader(FixedTokens(n=16), 4))
+    assert isinstance(trainer.strategy.precision_plugin, MasterWeightsPrecision)
+    assert dtypes.compute == {torch.bfloat16} and dtypes.optimizer == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert recorder.losses[4] < recorder.losses[0] - 0.1, recorder.losses  # the same batch, an epoch later
