@@ -66,6 +66,8 @@ class Config:
     compile: bool = False
     loss_chunk_tokens: Optional[int] = None
     fused_loss: bool = False  # liger's fused LM head + cross-entropy (attn_hybrid's module)
+    optimizer: str = "adamw"  # CausalLMModule's optimizer (adamw_bf16_stochastic_round: torchao's)
+    accumulate: int = 1  # micro-batches per optimizer step (steps and warmup count micro-batches)
     checkpointing: str = "none"
     offload: bool = False
     callbacks: bool = False
@@ -189,10 +191,12 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
     if cfg.strategy == "plain":  # a Lightning user's own Llama: nothing of the project's
         from plain_llama import PlainLlamaModule
 
-        module: L.LightningModule = PlainLlamaModule(cfg.model, compile=cfg.compile)
+        module: L.LightningModule = PlainLlamaModule(cfg.model, compile=cfg.compile,
+                                                     fp8=cfg.plan.get("fp8", "none") == "tensorwise")
     else:
         module = Module(model_cfg, lr=1e-4, warmup_steps=2, total_steps=1000,
-                        loss_chunk_tokens=cfg.loss_chunk_tokens, fused_loss=cfg.fused_loss)
+                        loss_chunk_tokens=cfg.loss_chunk_tokens, fused_loss=cfg.fused_loss,
+                        optimizer=cfg.optimizer)
     builder = STRATEGIES.get(cfg.strategy)
     strategy: Any = builder(cfg) if builder is not None else cfg.strategy  # a Lightning name
     callbacks: list = [Timer()]
@@ -205,7 +209,8 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
 
         callbacks += default_callbacks(log_every_n_steps=5, report=False)
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy, precision=cfg.precision,
-                        max_steps=cfg.steps, logger=False, enable_checkpointing=False,
+                        max_steps=-(-cfg.steps // cfg.accumulate), accumulate_grad_batches=cfg.accumulate,
+                        logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                         limit_val_batches=0)
     loader = DataLoader(RandomTokens(), batch_size=cfg.micro_batch, num_workers=2 if gpu else 0)
@@ -355,21 +360,47 @@ def _reduction_prediction(cfg: Config, plan: Any, host: Any) -> dict[str, float]
             "pred_hierarchical_over_flat": hier / flat if flat else math.nan}
 
 
+def _precision_key(cfg: Config) -> tuple[str, str]:
+    return cfg.precision, cfg.plan.get("fp8", "none")
+
+
+def plain_baseline(cfg: Config, rows: list[tuple[Config, dict]]) -> tuple[Optional[dict], str]:
+    """(the result of the plain row this row compares with, a note when its precision differs).
+
+    A row compares with the plain Lightning user's row of the same precision and fp8 setting;
+    without one, with the plain row of the same fp8 setting, and the note names its precision."""
+    plain = [(c, r) for c, r in rows if c.strategy == "plain" and "tokens_per_s" in r]
+    same = [r for c, r in plain if _precision_key(c) == _precision_key(cfg)]
+    if same:
+        return same[0], ""
+    fp8 = [(c, r) for c, r in plain if _precision_key(c)[1] == _precision_key(cfg)[1]]
+    if fp8:
+        return fp8[0][1], f" (vs plain {fp8[0][0].precision}, another precision)"
+    return None, ""
+
+
 def table(rows: list[tuple[Config, dict]]) -> str:
     base = next((r for _, r in rows if "tokens_per_s" in r), None)
-    lines = ["| config | tokens/s | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | vs first | scaling |",
-             "|---|---|---|---|---|---|---|---|"]
+    with_plain = any(c.strategy == "plain" for c, _ in rows)
+    lines = ["| config | tokens/s | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | vs first | scaling |"
+             + (" vs plain, same precision |" if with_plain else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if with_plain else "")]
     for cfg, r in rows:
         if "tokens_per_s" not in r:
-            lines.append(f"| {cfg.name} | {r.get('error', 'see the JSON' if 'script' in r else 'failed')} | | | | | | |")
+            lines.append(f"| {cfg.name} | {r.get('error', 'see the JSON' if 'script' in r else 'failed')} | | | | | | |"
+                         + (" |" if with_plain else ""))
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"]
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         eff = f"{100 * r['scaling_efficiency']:.1f}%" if r.get("scaling_efficiency") is not None else ""
         if r.get("longest_seq_len"):
             eff = f"longest {r['longest_seq_len']:,}"
-        lines.append(f"| {cfg.name} | {r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | "
-                     f"{r['tflops_per_gpu']:.0f} | {mfu} | {r['peak_gib']:.1f} | {ratio:.3f}x | {eff} |")
+        line = (f"| {cfg.name} | {r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_per_gpu', r['tokens_per_s']):,.0f} | "
+                f"{r['tflops_per_gpu']:.0f} | {mfu} | {r['peak_gib']:.1f} | {ratio:.3f}x | {eff} |")
+        if with_plain:
+            plain, note = plain_baseline(cfg, rows)
+            line += f" {r['tokens_per_s'] / plain['tokens_per_s']:.3f}x{note} |" if plain else " |"
+        lines.append(line)
     return "\n".join(lines)
 
 

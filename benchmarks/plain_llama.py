@@ -2,7 +2,8 @@
 
 Nothing here comes from lightning_attn_parallel, so model-level speed-ups in the project do not
 lift this row: SDPA with native GQA, cross-entropy on the full logits, per-block
-torch.compile, fused AdamW, trained with Lightning's single-device strategy in bf16-mixed.
+torch.compile, fused AdamW, trained with Lightning's single-device strategy at the row's
+precision (bf16-mixed, bf16-true), optionally with torchao's float8.
 The shape matches the project's Llama (interleaved RoPE, SwiGLU, RMSNorm), so FLOPs per token
 are the same.
 """
@@ -85,15 +86,22 @@ class PlainLlama(nn.Module):
 
 
 class PlainLlamaModule(L.LightningModule):
-    def __init__(self, model_cfg: dict, compile: bool = True, lr: float = 1e-4) -> None:
+    """`fp8=True`: what a user adds in a few lines, torchao's float8 training with tensorwise
+    scales on every linear layer but the LM head."""
+
+    def __init__(self, model_cfg: dict, compile: bool = True, lr: float = 1e-4, fp8: bool = False) -> None:
         super().__init__()
-        self.model_cfg, self.compile_blocks, self.lr = model_cfg, compile, lr
+        self.model_cfg, self.compile_blocks, self.lr, self.fp8 = model_cfg, compile, lr, fp8
         self.model = None
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         self.model = PlainLlama(**self.model_cfg)
+        if self.fp8:
+            from torchao.float8 import convert_to_float8_training
+
+            convert_to_float8_training(self.model, module_filter_fn=lambda module, fqn: fqn != "head")
         if self.compile_blocks:
             for block in self.model.blocks:
                 block.compile()

@@ -32,7 +32,7 @@ class CausalLMModule(L.LightningModule):
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 20, total_steps: Optional[int] = None,
                  loss_chunk_tokens: Optional[int] = None, pretrained: Optional[str] = None,
-                 fused_loss: bool = False) -> None:
+                 fused_loss: bool = False, optimizer: str = "adamw") -> None:
         super().__init__()
         self.model_config = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         # A Hugging Face folder whose weights the strategy loads once the model is parallelized
@@ -42,7 +42,11 @@ class CausalLMModule(L.LightningModule):
                                    "weight_decay": weight_decay, "betas": tuple(betas),
                                    "warmup_steps": warmup_steps, "total_steps": total_steps,
                                    "loss_chunk_tokens": loss_chunk_tokens, "pretrained": pretrained,
-                                   "fused_loss": fused_loss})
+                                   "fused_loss": fused_loss, "optimizer": optimizer})
+        if optimizer not in OPTIMIZERS:
+            from .errors import UserError
+
+            raise UserError(f"optimizer={optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
         self.model: Optional[nn.Module] = None
 
     def configure_model(self) -> None:
@@ -122,15 +126,38 @@ class CausalLMModule(L.LightningModule):
                 (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
         param_groups = [{"params": params, "weight_decay": wd}
                         for params, wd in ((no_decay, 0.0), (decay, self.hparams.weight_decay)) if params]
-        # Fused AdamW unscales fp16 gradients inside its step, after clipping would have run.
-        fused = next(self.model.parameters()).is_cuda and self.trainer.precision != "16-mixed"
-        optimizer = torch.optim.AdamW(param_groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                      fused=fused or None)
+        if self.hparams.get("optimizer", "adamw") == "adamw_bf16_stochastic_round":
+            optimizer = _stochastic_rounding_adamw(param_groups, self.hparams)
+        else:
+            # Fused AdamW unscales fp16 gradients inside its step, after clipping would have run.
+            fused = next(self.model.parameters()).is_cuda and self.trainer.precision != "16-mixed"
+            optimizer = torch.optim.AdamW(param_groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                          fused=fused or None)
         total = self.hparams.total_steps or self.trainer.estimated_stepping_batches
         warmup = min(self.hparams.warmup_steps, max(1, int(total) // 10))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, int(total),
                                                                                self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# "adamw": torch's (fused on GPU); "adamw_bf16_stochastic_round": torchao's AdamW on bf16 weights
+# and states, rounding each update stochastically so that updates smaller than a bf16 step are
+# kept in expectation (the memory-lean alternative to master weights; precision="bf16-true").
+OPTIMIZERS = ("adamw", "adamw_bf16_stochastic_round")
+
+
+def _stochastic_rounding_adamw(param_groups: list, hparams: Any) -> torch.optim.Optimizer:
+    from .errors import UserError
+
+    if any(p.dtype != torch.bfloat16 for group in param_groups for p in group["params"]):
+        raise UserError("optimizer='adamw_bf16_stochastic_round' updates bf16 weights: train with "
+                        "precision='bf16-true', or use optimizer='adamw'")
+    try:
+        from torchao.optim import AdamW
+    except ImportError:
+        raise UserError("optimizer='adamw_bf16_stochastic_round' needs torchao: pip install torchao, "
+                        "or use optimizer='adamw'") from None
+    return AdamW(param_groups, lr=hparams.lr, betas=tuple(hparams.betas), bf16_stochastic_round=True)
 
 
 def _warmup_cosine(warmup: int, total: int, min_ratio: float):

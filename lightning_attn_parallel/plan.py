@@ -101,8 +101,9 @@ class ParallelPlan:
         if self.compile == "model" and (max(self.tp, self.cp, self.ep, self.dp_shard) > 1
                                         or self.mixed_precision == "cast_params"):
             raise PlanError("ParallelPlan compile='model' composes with replicated data parallelism "
-                            "only (tp, cp, ep and dp_shard 1, mixed_precision='autocast'), where no "
-                            "collective or FSDP hook runs inside the forward: use compile='block'")
+                            "only (tp, cp, ep and dp_shard 1, mixed_precision 'autocast' or "
+                            "'master_weights'), where no collective or FSDP hook runs inside the "
+                            "forward: use compile='block'")
 
     # ------------------------------------------------------------------ degrees
     @property

@@ -116,6 +116,26 @@ def test_scaling_efficiency_is_against_the_family_one_device_row():
     assert "scaling_efficiency" not in rows[2][1] and "scaling_efficiency" not in rows[3][1]
 
 
+def test_rows_compare_with_the_plain_row_of_their_own_precision():
+    """Each row's ratio is against the plain user's row of the same precision and fp8 setting;
+    a row with none of its precision names the precision it is compared with."""
+    mixed = bench.Config(name="plain mixed", strategy="plain")
+    true = bench.Config(name="plain true", strategy="plain", precision="bf16-true")
+    fp8 = bench.Config(name="plain fp8", strategy="plain", precision="bf16-true", plan={"fp8": "tensorwise"})
+    masters = bench.Config(name="masters", plan={"mixed_precision": "master_weights"})
+    masters_fp8 = bench.Config(name="masters fp8", plan={"fp8": "tensorwise", "mixed_precision": "master_weights"})
+    result = {"tflops_per_gpu": 1.0, "peak_gib": 1.0}
+    rows = [(mixed, {**result, "tokens_per_s": 100.0}), (true, {**result, "tokens_per_s": 110.0}),
+            (fp8, {**result, "tokens_per_s": 125.0}), (masters, {**result, "tokens_per_s": 106.0}),
+            (masters_fp8, {**result, "tokens_per_s": 125.0})]
+    assert bench.plain_baseline(masters, rows) == (rows[0][1], "")
+    assert bench.plain_baseline(bench.Config(name="t", precision="bf16-true"), rows)[0] is rows[1][1]
+    assert bench.plain_baseline(masters_fp8, rows) == (rows[2][1], " (vs plain bf16-true, another precision)")
+    lines = bench.table(rows).splitlines()
+    assert lines[0].endswith("vs plain, same precision |")
+    assert lines[5].endswith("| 1.060x |") and lines[6].endswith("1.000x (vs plain bf16-true, another precision) |")
+
+
 def test_pending_row_reports_not_available_without_launching():
     cfg = bench.Config(name="t", strategy="no_such_runner", pending="a runner")
     assert bench.launch(cfg, timeout_s=1) == {"error": "not available: a runner"}
