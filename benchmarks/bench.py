@@ -229,7 +229,9 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0,
               "static_gib": timer.static / 2**30,
               "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else 0.0,
-              "device": torch.cuda.get_device_name(device) if gpu else "cpu"}
+              "device": torch.cuda.get_device_name(device) if gpu else "cpu",
+              # what "-mixed" ran: the plan's choice, or Lightning's autocast for the baselines
+              "mixed_precision": getattr(getattr(trainer.strategy, "plan", None), "mixed_precision", "autocast")}
     if cfg.profile:
         result.update(callbacks[-1].summary)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("throughput/")}

@@ -124,6 +124,7 @@ def plot(results: list[dict[str, Any]], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if r.get("val_loss")]  # rows that failed have no curve
     fig, (full, late) = plt.subplots(1, 2, figsize=(13, 4.8))
     for r in results:
         if r.get("val_loss"):
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--concurrent", type=int, default=3, help="rows sharing the GPU at once")
     parser.add_argument("--cpu", action="store_true", help="a tiny model on the CPU (checks the script)")
+    parser.add_argument("--work", default=None, help="folder of the rows' own results and logs")
+    parser.add_argument("--assemble", action="store_true",
+                        help="only gather the finished rows of --work into --out and --png")
     parser.add_argument("--run-row", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -169,8 +173,11 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.row_out).write_text(json.dumps(result))
         return
     pending, running, results = list(args.rows), [], []
-    work = Path(args.out or "convergence.json").with_suffix(".rows")
+    work = Path(args.work) if args.work else Path(args.out or "convergence.json").with_suffix(".rows")
     work.mkdir(parents=True, exist_ok=True)
+    if args.assemble:  # e.g. after a run cut short: what finished
+        pending = []
+        results = [json.loads(f.read_text()) for f in sorted(work.glob("*.json"))]
     while pending or running:
         while pending and len(running) < args.concurrent:
             name = pending.pop(0)

@@ -153,10 +153,12 @@ def _stochastic_rounding_adamw(param_groups: list, hparams: Any) -> torch.optim.
         raise UserError("optimizer='adamw_bf16_stochastic_round' updates bf16 weights: train with "
                         "precision='bf16-true', or use optimizer='adamw'")
     try:
-        from torchao.optim import AdamW
+        import torchao.optim as torchao_optim
     except ImportError:
         raise UserError("optimizer='adamw_bf16_stochastic_round' needs torchao: pip install torchao, "
                         "or use optimizer='adamw'") from None
+    # torchao 0.18 names its plain AdamW (the one with bf16_stochastic_round) `_AdamW`
+    AdamW = getattr(torchao_optim, "AdamW", None) or torchao_optim._AdamW
     return AdamW(param_groups, lr=hparams.lr, betas=tuple(hparams.betas), bf16_stochastic_round=True)
 
 

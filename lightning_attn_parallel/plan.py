@@ -71,7 +71,7 @@ class ParallelPlan:
     # "master_weights" (bf16 compute on copies cast once a step from fp32 masters the optimizer
     # updates; FSDP2 does the same for sharded parameters) or "cast_params" (FSDP2 casting
     # replicated parameters per forward, the older form of master weights)
-    mixed_precision: str = field(default="autocast", metadata=_limits(choices=MIXED_PRECISION_MODES))
+    mixed_precision: str = field(default="master_weights", metadata=_limits(choices=MIXED_PRECISION_MODES))
     # master weights: micro-batch gradients added into the fp32 master gradient each time
     # ("master"), or accumulated in the bf16 compute copies and added once ("compute")
     accumulate_grads_in: str = field(default="master", metadata=_limits(choices=("master", "compute")))

@@ -14,6 +14,7 @@ import torch
 
 from lightning_attn_parallel.models import ModelConfig, build_model
 from lightning_attn_parallel.plan import ParallelPlan, PlanError
+from lightning_attn_parallel.planning.fit import recorded_plan
 from lightning_attn_parallel.planning import (H100_SXM, Calibration, ClusterSpec, GpuSpec, Group,
                                               NoPlanFitsError, all_reduce_time, all_to_all_time,
                                               analytic_counts, candidate_plans, dry_run,
@@ -91,13 +92,26 @@ BUFFERS = 64
 
 
 def test_state_bytes_bf16_mixed_replicated_by_hand():
-    m = estimate_memory(TINY, ParallelPlan(dp_replicate=2), 1, 8, "bf16-mixed", H100_SXM,
-                        calibration=NO_SLACK)
+    m = estimate_memory(TINY, ParallelPlan(dp_replicate=2, mixed_precision="autocast"), 1, 8, "bf16-mixed",
+                        H100_SXM, calibration=NO_SLACK)
     assert m.params == PARAMS * 4 + BUFFERS * 4  # fp32 master weights
     assert m.grads == PARAMS * 4
     assert m.optimizer == PARAMS * 2 * 4  # AdamW exp_avg + exp_avg_sq in fp32
     assert m.static == m.params + m.grads + m.optimizer
     assert m.allocated == m.static + m.activations + m.comm
+
+
+def test_state_bytes_bf16_mixed_master_weights_by_hand():
+    """Master weights (bf16-mixed's default): fp32 masters and their bf16 compute copies, fp32
+    gradients and AdamW states; bf16 activations with no autocast weight copies."""
+    m = estimate_memory(TINY, ParallelPlan(dp_replicate=2), 1, 8, "bf16-mixed", H100_SXM,
+                        calibration=NO_SLACK)
+    assert m.params == PARAMS * (4 + 2) + BUFFERS * 4
+    assert m.grads == PARAMS * 4
+    assert m.optimizer == PARAMS * 2 * 4
+    true = estimate_memory(TINY, ParallelPlan(dp_replicate=2), 1, 8, "bf16-true", H100_SXM,
+                           calibration=NO_SLACK)
+    assert m.activations == true.activations
 
 
 def test_autocast_weight_copies_live_only_in_blocks_that_are_not_checkpointed():
@@ -107,7 +121,8 @@ def test_autocast_weight_copies_live_only_in_blocks_that_are_not_checkpointed():
     block_weights, head = 4 * 8 * 8 + 3 * 8 * 16, 16 * 8
 
     def copies(policy: str, precision: str = "bf16-mixed", **plan) -> float:
-        plan = ParallelPlan(dp_replicate=1, activation_checkpointing=policy, **plan)
+        plan = ParallelPlan(dp_replicate=1, activation_checkpointing=policy,
+                            **{"mixed_precision": "autocast", **plan})
         with_copies = activation_bytes(TINY, plan, 1, 8, precision, calibration=NO_SLACK, counts=counts)
         return with_copies - activation_bytes(TINY, plan, 1, 8, precision, calibration=NO_SLACK)
 
@@ -266,7 +281,7 @@ def test_planner_against_recorded_two_gpu_runs(cfg, result):
     with it. The cp slow-down constant was fitted to these runs, so this guards it rather than
     validating it."""
     model = ModelConfig(**cfg["model"])
-    plan = ParallelPlan(activation_checkpointing=cfg["checkpointing"], **cfg["plan"]).resolve(cfg["devices"])
+    plan = recorded_plan(cfg, result).resolve(cfg["devices"])
     m = estimate_memory(model, plan, cfg["micro_batch"], cfg["seq_len"], cfg["precision"], H100_SXM,
                         loss_chunk_tokens=cfg["loss_chunk_tokens"])
     assert m.allocated / GIB == pytest.approx(result["peak_gib"], rel=0.10)
@@ -288,7 +303,7 @@ def test_fit_recovers_the_constants_that_generated_the_data():
     for mb, seq, policy, precision in ((8, 2048, "none", "bf16-mixed"), (1, 16384, "none", "bf16-mixed"),
                                        (4, 2048, "block", "bf16-true"), (2, 8192, "selective", "bf16-mixed"),
                                        (1, 32768, "none", "bf16-true"), (2, 4096, "selective", "bf16-true")):
-        plan = ParallelPlan(dp_replicate=1, activation_checkpointing=policy)
+        plan = ParallelPlan(dp_replicate=1, activation_checkpointing=policy, mixed_precision="autocast")
         t = estimate_time(ANCHOR_1B, plan, ClusterSpec(1, 1), H100_SXM, mb, seq, precision, calibration=truth)
         runs.append(Measurement(ANCHOR_1B, plan, H100_SXM, mb, seq, precision, t.tokens_per_s))
     fitted = fit_calibration(runs)

@@ -316,7 +316,8 @@ def test_planner_counts_cast_params_like_fsdp_mixed_precision():
     def memory(plan: ParallelPlan, precision: str = "bf16-mixed"):
         return estimate_memory(ANCHOR_1B, plan, 8, 2048, precision, H100_SXM, calibration=NO_SLACK)
 
-    autocast, cast = memory(ParallelPlan()), memory(ParallelPlan(mixed_precision="cast_params"))
+    autocast = memory(ParallelPlan(mixed_precision="autocast"))
+    cast = memory(ParallelPlan(mixed_precision="cast_params"))
     true = memory(ParallelPlan(), "bf16-true")
     assert (cast.params, cast.grads, cast.optimizer) == (autocast.params, autocast.grads, autocast.optimizer)
     assert cast.activations == true.activations < autocast.activations

@@ -140,15 +140,23 @@ def fit_rows(path: str | Path) -> list[tuple[dict, dict]]:
             and not cfg.get("profile") and not cfg.get("fused_loss")]
 
 
+def recorded_plan(cfg: dict, result: dict) -> ParallelPlan:
+    """The ParallelPlan a recorded bench row ran: its levers and plan fields. A row that records
+    no mixed_precision (neither in its plan nor in its result) ran Lightning's autocast, the
+    default of "bf16-mixed" before master weights."""
+    levers = dict(activation_checkpointing=cfg["checkpointing"], compile=cfg["compile"],
+                  grouped_gemm=cfg.get("grouped_gemm", True))
+    ran = result.get("mixed_precision", "autocast")
+    return ParallelPlan(**{**levers, "mixed_precision": ran, **cfg.get("plan", {})})
+
+
 def measurements_from_bench(path: str | Path) -> list[Measurement]:
     """`fit_rows(path)` as Measurements, with each row's own plan fields (fp8, whole-model
     compile, mixed_precision)."""
     out = []
     eager_loss_file = Path(path).name in EAGER_LOSS_RESULTS
     for cfg, result in fit_rows(path):
-        levers = dict(activation_checkpointing=cfg["checkpointing"], compile=cfg["compile"],
-                      grouped_gemm=cfg.get("grouped_gemm", True))
-        plan = ParallelPlan(**{**levers, **cfg.get("plan", {})})
+        plan = recorded_plan(cfg, result)
         out.append(Measurement(ModelConfig(**cfg["model"]), plan, gpu_spec(result["device"]),
                                cfg["micro_batch"], cfg["seq_len"], cfg["precision"],
                                result["tokens_per_s"], cfg.get("loss_chunk_tokens"),
@@ -176,4 +184,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["EAGER_LOSS_RESULTS", "Measurement", "fit_calibration", "fit_rows", "measurements_from_bench"]
+__all__ = ["EAGER_LOSS_RESULTS", "Measurement", "fit_calibration", "fit_rows", "measurements_from_bench",
+           "recorded_plan"]

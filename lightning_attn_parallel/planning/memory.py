@@ -8,6 +8,9 @@ Precision accounting (bytes per parameter held by one rank, before sharding):
   copy of a weight lives from its forward use until its backward unless its block is
   checkpointed (2 more, counted with the activations). Under FSDP2 the MixedPrecisionPolicy
   all-gathers bf16 units instead: they are counted as communication buffers.
+- "bf16-mixed" with master weights (the default under attn_hybrid, replicated parameters): fp32
+  masters (4) and their bf16 compute copies (2), fp32 gradients (4), AdamW states (8): 18; the
+  activations are bf16, as under "bf16-true", and there are no autocast weight copies.
 - "bf16-true" / "16-true": bf16 parameters (2), gradients (2) and AdamW states (2 x 2): there
   is no fp32 master copy. 8 in all.
 - "32-true": 4 + 4 + 8 = 16.
@@ -80,11 +83,19 @@ def compute_precision(p: PrecisionSpec, plan: ParallelPlan) -> PrecisionSpec:
     Under FSDP2 (sharded, or replicated with mixed_precision="cast_params") a "-mixed" precision
     computes like "-true": the MixedPrecisionPolicy hands every
     unit low-precision parameters and casts its inputs, so the residual stream and the
-    activations are in the compute dtype and autocast has almost nothing left to cast.
+    activations are in the compute dtype and autocast has almost nothing left to cast. Master
+    weights (bf16-mixed's default) compute on bf16 copies the same way.
     """
-    if p.autocast and casts_parameters(plan):
+    if p.autocast and (casts_parameters(plan) or master_copies(plan, p)):
         return PRECISIONS["bf16-true" if p.name.startswith("bf16") else "16-true"]
     return p
+
+
+def master_copies(plan: ParallelPlan, p: PrecisionSpec) -> bool:
+    """Replicated master weights: a bf16 compute copy beside each fp32 parameter
+    (parallel/master_weights.py); under FSDP2 the policy's all-gathered units play that part."""
+    return (p.autocast and p.name.startswith("bf16") and plan.mixed_precision == "master_weights"
+            and not casts_parameters(plan))
 
 
 def casts_parameters(plan: ParallelPlan) -> bool:
@@ -209,6 +220,8 @@ def _state_bytes(local: LocalParams, plan: ParallelPlan, p: PrecisionSpec,
     else:
         params = local.unsharded * p.param_bytes
         grads = local.unsharded * p.grad_bytes
+        if master_copies(plan, p):  # the compute copies beside the fp32 masters
+            params += local.unsharded * p.compute_bytes
     optimizer = 2 * p.state_bytes * (local.sharded if plan.sharded else local.unsharded)
     return params + buffers * p.param_bytes, grads, optimizer
 
@@ -531,7 +544,7 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
                           capacity=gpu.memory_bytes * calibration.usable_memory_fraction)
 
 
-__all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "LocalParams", "PRECISIONS", "precision_spec",
+__all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "master_copies", "LocalParams", "PRECISIONS", "precision_spec",
            "estimate_memory", "activation_bytes", "local_params", "largest_unit",
            "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags",
            "compiled_loss_kernel", "logits_bytes_per_element", "logits_per_token",
