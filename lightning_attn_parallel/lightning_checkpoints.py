@@ -25,7 +25,8 @@ class SplitStateCheckpoints:
     def _state_split_over_ranks(self) -> bool:
         from .parallel.state_dict import split_over_ranks
 
-        return self.model is not None and split_over_ranks(self.model)
+        # pipeline stages hold different parameters as plain tensors: a folder gathers them all
+        return self.model is not None and (split_over_ranks(self.model) or getattr(self, "pipeline", None) is not None)
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:

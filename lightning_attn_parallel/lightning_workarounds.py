@@ -6,7 +6,7 @@ Lightning fixes what it works around.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,14 +49,16 @@ def share_inf_checks(precision_plugin: Precision, device: torch.device) -> None:
             process_group=dist.group.WORLD)
 
 
-def clip_across_ranks(precision_plugin: Precision, on_norm: Callable[[torch.Tensor], None]) -> None:
+def clip_across_ranks(precision_plugin: Precision, on_norm: Callable[[torch.Tensor], None],
+                      stage_group: Optional[dist.ProcessGroup] = None) -> None:
     """Make the precision plugin clip by the norm over every rank and mesh, and report that norm.
 
     Lightning clips in the precision plugin with `torch.nn.utils.clip_grad_norm_`, which fails on
     DTensors of several meshes (tensor x FSDP2 beside FSDP2-only parameters, experts on their own
     mesh); `parallel.clipping.clip_grad_norm_` groups them by mesh. And Lightning's mixed-precision
     plugin refuses to clip with a fused optimizer even in bf16, where no scaler unscales inside
-    the optimizer (Lightning issue #21435): without a scaler the plain path is taken. Bound to this
+    the optimizer (Lightning issue #21435): without a scaler the plain path is taken. Pipeline
+    stages (`stage_group`) hold different parameters, so their norms are combined too. Bound to this
     plugin instance (Lightning builds a plugin per Trainer), so clipping stays where Lightning has
     it and any LightningModule gets it."""
     from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -64,7 +66,7 @@ def clip_across_ranks(precision_plugin: Precision, on_norm: Callable[[torch.Tens
     from .parallel.clipping import clip_grad_norm_
 
     def clip_grad_by_norm(optimizer, clip_val) -> None:
-        on_norm(clip_grad_norm_(precision_plugin.main_params(optimizer), clip_val))
+        on_norm(clip_grad_norm_(precision_plugin.main_params(optimizer), clip_val, stage_group=stage_group))
 
     def clip_gradients(optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
         if getattr(precision_plugin, "scaler", None) is None:  # nothing unscales inside the optimizer

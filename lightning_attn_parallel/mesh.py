@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from .plan import ParallelPlan
 
 DENSE_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+PIPELINE_DIM = "pp"  # outermost: a stage's ranks are consecutive, stages meet over p2p sends
 EXPERT_DIMS = ("edp", "ep")
 
 
@@ -108,6 +109,8 @@ class ParallelMeshes:
     ranks_per_node: int
     token_split_grads: Optional[ReductionGroup] = None
     extra: dict = field(default_factory=dict)
+    # pp > 1: the whole mesh (pp, dp_replicate, dp_shard, cp, tp); `dense` is this stage's slice
+    pipeline: Optional[DeviceMesh] = None
 
     def coordinate(self, dim: str) -> int:
         return self.dense.get_local_rank(dim)
@@ -121,6 +124,9 @@ class ParallelMeshes:
         return self.plan.dp
 
     def group(self, dim: str) -> dist.ProcessGroup:
+        if dim == PIPELINE_DIM:
+            assert self.pipeline is not None, "this plan has no pipeline stages"
+            return self.pipeline.get_group(PIPELINE_DIM)
         if dim in DENSE_DIMS:
             return self.dense.get_group(dim)
         assert self.expert is not None, "this plan has no expert mesh"
@@ -134,17 +140,23 @@ def build_meshes(plan: ParallelPlan, device_type: str, ranks_per_node: int) -> P
     """Create every mesh and gradient group of `plan` (a resolved plan) on this world."""
     world = dist.get_world_size()
     assert plan.world_size == world, "resolve the plan against the world size first"
-    dense = init_device_mesh(device_type, (plan.dp_replicate, plan.dp_shard, plan.cp, plan.tp),
-                             mesh_dim_names=DENSE_DIMS)
-    layout = dense.mesh
+    shape = (plan.dp_replicate, plan.dp_shard, plan.cp, plan.tp)
+    pipeline = None
+    if plan.pp > 1:
+        pipeline = init_device_mesh(device_type, (plan.pp, *shape), mesh_dim_names=(PIPELINE_DIM, *DENSE_DIMS))
+        dense = pipeline[DENSE_DIMS]
+    else:
+        dense = init_device_mesh(device_type, shape, mesh_dim_names=DENSE_DIMS)
+    # groups are created collectively over the whole layout (every stage's), pp dimension fixed
+    layout, first = (pipeline.mesh, 1) if pipeline is not None else (dense.mesh, 0)
     # Dense gradients are averaged over every rank that holds a different part of the data:
     # dp_replicate x dp_shard x cp (TP ranks hold the same tokens). FSDP handles dp_shard itself,
     # so the replicated reducer only ever sees this group when dp_shard == 1.
-    dense_partition = groups_along(layout, (0, 1, 2))
+    dense_partition = groups_along(layout, (first, first + 1, first + 2))
     dense_grads = make_reduction_groups(dense_partition, "dense", 1.0 / len(dense_partition[0]),
                                         ranks_per_node)
     return ParallelMeshes(plan=plan, dense=dense, expert=None, dense_grads=dense_grads,
-                          expert_grads=None, ranks_per_node=ranks_per_node)
+                          expert_grads=None, ranks_per_node=ranks_per_node, pipeline=pipeline)
 
 
 def add_expert_mesh(meshes: ParallelMeshes) -> None:

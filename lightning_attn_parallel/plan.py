@@ -9,7 +9,7 @@ import functools
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Union
 
 from .errors import UserError
 
@@ -23,6 +23,9 @@ MIXED_PRECISION_MODES = ("autocast", "master_weights", "cast_params")
 COMPILE_MODES = ("none", "block", "model")
 FP8_MODES = ("none", "tensorwise", "rowwise")  # parallel/float8.py
 ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
+# Pipeline schedules (parallel/pipeline_schedule.py); "zbv" (zero bubble) is named so that asking
+# for it gets a reason rather than "unknown"
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
 
 
 class PlanError(UserError):
@@ -85,6 +88,15 @@ class ParallelPlan:
     fp8: str = field(default="none", metadata=_limits(choices=FP8_MODES))
     # a bool is kept for older configs: True is "block", False "none"
     compile: Union[bool, str] = field(default="none", metadata=_limits(choices=COMPILE_MODES))
+    # pipeline parallel: stages over the outermost mesh dimension (parallel/pipeline.py)
+    pp: int = field(default=1, metadata=_limits(minimum=1))
+    pp_schedule: str = field(default="1f1b", metadata=_limits(choices=PP_SCHEDULES))
+    # micro-batches each batch is split into (None: one per stage, the fewest the schedules take)
+    pp_microbatches: Optional[int] = field(default=None, metadata=_limits(minimum=1))
+    # stages each rank holds (None: 2 for interleaved_1f1b, else 1)
+    pp_stages_per_rank: Optional[int] = field(default=None, metadata=_limits(minimum=1))
+    # blocks of each stage, in order (None: balanced by cost, embedding first, head and loss last)
+    pp_layers_per_stage: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("manual", "auto"):
@@ -104,6 +116,10 @@ class ParallelPlan:
                             "only (tp, cp, ep and dp_shard 1, mixed_precision 'autocast' or "
                             "'master_weights'), where no collective or FSDP hook runs inside the "
                             "forward: use compile='block'")
+        if self.pp > 1 or self.pp_layers_per_stage is not None:
+            from .pipeline_plan import check_pipeline_plan
+
+            check_pipeline_plan(self)
 
     # ------------------------------------------------------------------ degrees
     @property
@@ -116,12 +132,17 @@ class ParallelPlan:
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def stage_ranks(self) -> int:
+        """Ranks of one pipeline stage (the whole world without pipeline parallelism)."""
+        return self.world_size // self.pp
 
     @property
     def edp(self) -> int:
-        """Data-parallel degree of the experts: the ranks left over once ep is taken."""
-        return self.world_size // self.ep
+        """Data-parallel degree of the experts: the ranks of a stage left over once ep is taken."""
+        return self.stage_ranks // self.ep
 
     @property
     def gradient_ranks(self) -> int:
@@ -149,18 +170,19 @@ class ParallelPlan:
         if self.is_auto:
             raise PlanError("ParallelPlan('auto') must be resolved by the planner first "
                             "(lightning_attn_parallel.planning.select_plan)")
-        fixed = self.dp_shard * self.cp * self.tp
+        fixed = self.pp * self.dp_shard * self.cp * self.tp
         plan = self
         if self.dp_replicate == -1:
             if world_size % fixed:
+                pp = f"pp={self.pp} x " if self.pp > 1 else ""
                 raise PlanError(
-                    f"ParallelPlan dp_shard={self.dp_shard} x cp={self.cp} x tp={self.tp} = {fixed} "
+                    f"ParallelPlan {pp}dp_shard={self.dp_shard} x cp={self.cp} x tp={self.tp} = {fixed} "
                     f"does not divide the world size {world_size}: choose degrees whose product "
                     f"divides {world_size}")
             plan = replace(self, dp_replicate=world_size // fixed)
         if plan.world_size != world_size:
             raise PlanError(
-                f"ParallelPlan dp_replicate={plan.dp_replicate} x dp_shard={plan.dp_shard} x "
+                f"ParallelPlan pp={plan.pp} x dp_replicate={plan.dp_replicate} x dp_shard={plan.dp_shard} x "
                 f"cp={plan.cp} x tp={plan.tp} = {plan.world_size} does not equal the world size "
                 f"{world_size}: set dp_replicate=-1 to fill it, or change the degrees")
         if world_size % plan.ep:
@@ -198,6 +220,10 @@ class ParallelPlan:
         if not model_cfg.n_routed_experts and self.ep > 1:
             raise PlanError(f"ParallelPlan ep={self.ep} needs a mixture-of-experts model; this model "
                             "has no routed experts: set ep=1")
+        if self.pp > 1:
+            from .pipeline_plan import check_pipeline_model
+
+            check_pipeline_model(self, model_cfg)
         if seq_len is not None:
             self.check_sequence(seq_len, micro_batch_size)
 
@@ -221,7 +247,7 @@ class ParallelPlan:
                                 "sequence_parallel=false")
 
     def degrees(self) -> dict[str, int]:
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
                 "tp": self.tp, "ep": self.ep}
 
     def describe(self) -> str:
@@ -286,4 +312,4 @@ def as_plan(value: Any) -> ParallelPlan:
 
 
 __all__ = ["ParallelPlan", "PlanError", "as_plan", "CP_KERNELS", "CHECKPOINT_POLICIES",
-           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES", "COMPILE_MODES", "FP8_MODES"]
+           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES", "COMPILE_MODES", "FP8_MODES", "PP_SCHEDULES"]

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from .faults import Heartbeat, resolve_timeout
 from .hardware import cluster_for_plan
-from .callbacks.metrics import GRAD_NORM, host_scalar
+from .callbacks.metrics import GRAD_NORM, TRAIN_LOSS, VAL_LOSS, host_scalar
+from .callbacks.progress import loss_on_progress_bar
 from .lightning_checkpoints import SplitStateCheckpoints
 from .lightning_workarounds import clip_across_ranks, pinned, share_inf_checks
 from .mesh import ParallelMeshes, build_meshes
@@ -34,7 +35,7 @@ from .models.protocol import find_transformer
 from .parallel.data_parallel import DataParallelGradients
 from .parallel.optimizer_step import step_over_mixed_tensors
 from .parallel.gradient_reducer import GradientReducer
-from .plan import ParallelPlan, as_plan
+from .plan import ParallelPlan, PlanError, as_plan
 from .planning.auto import RunContext, resolve_plan
 from .precision import with_master_weights
 from .processes import start_process_group
@@ -73,12 +74,16 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
         self.gradients: Optional[DataParallelGradients] = None  # the backward's data-parallel side
         self._step_context: Callable[[], ContextManager] = nullcontext
         self.context_parallel = None
+        self.pipeline = None  # pp > 1: parallel.pipeline.PipelineRunner, which runs the steps
         self.step_batch: Optional[StepBatch] = None  # this rank's share of the current micro-batch
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
         self._timeout = resolve_timeout(timeout_s, timeout)
         self._heartbeat: Optional[Heartbeat] = None
         self._save_distributed_checkpoint = save_distributed_checkpoint
+        if self._requested_plan.pp > 1 and not save_distributed_checkpoint:
+            raise PlanError(f"ParallelPlan pp={self._requested_plan.pp} saves checkpoint folders (each stage "
+                            "writes its own blocks): set save_distributed_checkpoint=true")
         self._parallelized = False
         self._state_loaded_in_place = False
 
@@ -205,7 +210,8 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
                     optimizer.register_step_post_hook(lambda *_: self.master_weights.refresh())
         self.setup_precision_plugin()
         share_inf_checks(self.precision_plugin, self.root_device)
-        clip_across_ranks(self.precision_plugin, lambda norm: self.lightning_module.log(GRAD_NORM, norm))
+        clip_across_ranks(self.precision_plugin, lambda norm: self.lightning_module.log(GRAD_NORM, norm),
+                          stage_group=self.meshes.group("pp") if self.pipeline is not None else None)
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
@@ -228,6 +234,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
         self.gradients = result.gradients
         self._step_context = result.step_context
         self.context_parallel = result.context_parallel
+        self.pipeline = result.pipeline
         if self.global_rank == 0:
             print(result.table, flush=True)
         from .models.attention_backend import describe_sdpa_backends
@@ -254,11 +261,30 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
         return (self.step_batch,) + tuple(args[1:])
 
     def training_step(self, *args: Any, **kwargs: Any):
+        if self.pipeline is not None:  # the schedule runs forward and backward (parallel/pipeline.py)
+            with self.precision_plugin.train_step_context():
+                loss = self.pipeline.training_step(args[0], self.gradients)
+            self.lightning_module.log(TRAIN_LOSS, loss, prog_bar=loss_on_progress_bar(self.lightning_module.trainer))
+            return loss
         with self._step_context():  # the memory levers applied per step (activation offload)
             return super().training_step(*self._layout_batch(args, log=True), **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any):
+        if self.pipeline is not None:
+            with self.precision_plugin.val_step_context():
+                loss = self.pipeline.validation_step(args[0])
+            self.lightning_module.log(VAL_LOSS, loss, prog_bar=True, sync_dist=True)
+            return None
         return super().validation_step(*self._layout_batch(args, log=False), **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if self.pipeline is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        # the schedule ran every micro-batch's backward in training_step: only the hooks remain
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
 
     def pre_backward(self, closure_loss: Tensor) -> None:
         if self.gradients is not None:

@@ -25,6 +25,7 @@ from .gradient_reducer import GradientReducer
 
 if TYPE_CHECKING:
     from .cp_batch import ContextParallelBatcher
+    from .pipeline import PipelineRunner
 
 
 @dataclass
@@ -34,6 +35,8 @@ class ParallelizeResult:
     table: str
     # the context each training step runs in (activation offload, or nothing)
     step_context: Callable[[], ContextManager] = nullcontext
+    # pp > 1: this rank's stages and their schedule, which the training step runs
+    pipeline: Optional[PipelineRunner] = None
 
 
 def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
@@ -49,6 +52,11 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
     (the parameters stay the masters; forward and backward run in this dtype)."""
     _check_protocol(transformer, plan)
     context_parallel = None
+    stages = None
+    if plan.pp > 1:  # first: every later parallelism sees only this rank's stages
+        from .pipeline_stages import split_into_stages
+
+        stages = split_into_stages(transformer, plan, meshes.pipeline.get_local_rank("pp"))
     if plan.fp8 != "none":  # before checkpointing, compile and FSDP2, as torchao requires
         from .float8 import apply_float8
 
@@ -75,10 +83,18 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         apply_compile(transformer, plan.compile)
     gradients = apply_data_parallel(module, transformer, plan, meshes, precision, cluster, materialize,
                                     compute_dtype)
+    device = torch.device(meshes.dense.device_type)
+    pipeline = None
+    if stages is not None:
+        from .pipeline import build_pipeline
+
+        device = next(module.parameters()).device
+        pipeline = build_pipeline(module, transformer, stages, plan, meshes, device)
     return ParallelizeResult(gradients=gradients, context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, gradients.reducer),
                              step_context=activation_offload(plan.offload_activations,
-                                                             torch.device(meshes.dense.device_type)))
+                                                             torch.device(meshes.dense.device_type)),
+                             pipeline=pipeline)
 
 
 def check_plan(plan: ParallelPlan, world_size: int, model_cfg: Optional[object],
@@ -99,7 +115,7 @@ def check_plan(plan: ParallelPlan, world_size: int, model_cfg: Optional[object],
 
 def _check_protocol(transformer: Optional[nn.Module], plan: ParallelPlan) -> None:
     """Plans beyond data parallelism need the model protocol, and the model must fit the plan."""
-    needs_protocol = (plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.activation_checkpointing != "none"
+    needs_protocol = (plan.pp > 1 or plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.activation_checkpointing != "none"
                       or plan.compiled or plan.fp8 != "none")
     if transformer is None and needs_protocol:
         raise PlanError(
@@ -143,8 +159,8 @@ def layer_table(transformer: Optional[nn.Module], plan: ParallelPlan, meshes: Pa
         n_h = sum(b.hierarchical for b in reducer.buckets)
         hier = f", {len(reducer.buckets)} buckets ({n_h} hierarchical)"
     rows = [
-        f"attn_hybrid mesh: world {plan.world_size} = dp_replicate {plan.dp_replicate} x dp_shard "
-        f"{plan.dp_shard} x cp {plan.cp} x tp {plan.tp}; experts: edp {plan.world_size // plan.ep} x ep {plan.ep}; "
+        f"attn_hybrid mesh: world {plan.world_size} = " + (f"pp {plan.pp} x " if plan.pp > 1 else "") + f"dp_replicate {plan.dp_replicate} x dp_shard "
+        f"{plan.dp_shard} x cp {plan.cp} x tp {plan.tp}; experts: edp {plan.edp} x ep {plan.ep}; "
         f"{meshes.ranks_per_node} ranks/node",
         f"{'layer type':<14}{'data':<46}{'tensor':<10}{'context':<22}{'experts':<10}",
     ]
@@ -162,6 +178,11 @@ def layer_table(transformer: Optional[nn.Module], plan: ParallelPlan, meshes: Pa
         experts = f"ep {plan.ep}" if layer == "moe" and plan.ep > 1 else "-"
         data = data_desc if layer != "moe" or plan.ep == 1 else f"edp {plan.world_size // plan.ep}"
         rows.append(f"{layer:<14}{data:<46}{tensor:<10}{context:<22}{experts:<10}")
+    if plan.pp > 1:
+        from ..pipeline_plan import microbatches, stages_per_rank
+
+        rows.append(f"pipeline: pp {plan.pp} ({plan.pp_schedule}, {stages_per_rank(plan)} stage(s) per rank, "
+                    f"{microbatches(plan)} micro-batches); this rank holds blocks {transformer.blocks.indices}")
     rows.append(f"activation checkpointing: {plan.activation_checkpointing}"
                 + (f" every {plan.ac_every_n}" if plan.ac_every_n > 1 else ""))
     return "\n".join(rows)

@@ -11,29 +11,45 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
-                    norm_type: float = 2.0) -> torch.Tensor:
+                    norm_type: float = 2.0, stage_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Scale the gradients of `parameters` so that their total `norm_type` norm (over every
     shard, tensor-parallel and expert-parallel rank) is at most `max_norm`; return that total
     norm as a plain 0-dim tensor, equal on every rank. Collective when any gradient is a DTensor:
-    every rank calls it with the same parameters."""
+    every rank calls it with the same parameters. `stage_group`: the pipeline ranks, each holding
+    other parameters (other stages), whose norms are combined as well (collective)."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    if not grads and stage_group is None:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
     group_norms = [_group_norm(group, norm_type) for group in _group_by_mesh(grads).values()]
-    device = group_norms[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in group_norms]), norm_type)
+    device = group_norms[0].device if group_norms else torch.device("cpu")
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in group_norms]), norm_type) \
+        if group_norms else torch.zeros((), device=device)
+    if stage_group is not None:
+        total = _across_stages(total, norm_type, stage_group)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         local = g.to_local() if isinstance(g, DTensor) else g  # same storage under no_grad
         local.mul_(coef.to(local.device))
     return total
+
+
+def _across_stages(norm: torch.Tensor, norm_type: float, group: dist.ProcessGroup) -> torch.Tensor:
+    """The norm over every pipeline stage's gradients from each stage's own: a max for inf,
+    else the p-th root of the summed p-th powers."""
+    if norm_type == float("inf"):
+        dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=group)
+        return norm
+    powered = norm ** norm_type
+    dist.all_reduce(powered, group=group)
+    return powered ** (1.0 / norm_type)
 
 
 def _group_by_mesh(grads: list[torch.Tensor]) -> dict[Optional[DeviceMesh], list[torch.Tensor]]:

@@ -55,12 +55,15 @@ class DataParallelGradients:
     @contextmanager
     def accumulating(self) -> Iterator[None]:
         """Micro-batches that only accumulate send nothing (the replicated reducer), or what the
-        plan's accumulation policy says (FSDP2/HSDP; see fully_sharded.set_gradient_sync)."""
+        plan's accumulation policy says (FSDP2/HSDP; see fully_sharded.set_gradient_sync).
+        Nests (a pipeline's micro-batches inside Lightning's accumulation): the state before it
+        comes back."""
+        previous = self.synced
         self._sync(False)
         try:
             yield
         finally:
-            self._sync(True)
+            self._sync(previous)
 
     def _sync(self, enabled: bool) -> None:
         self.synced = enabled

@@ -1,0 +1,110 @@
+"""Pipeline stages from the model protocol: a rank keeps the blocks of its stages (and the
+embedding on the first stage, the final norm and LM head on the last) and drops the rest.
+
+The model stays one module under its own parameter names (`blocks.5.attention.wq.weight` on
+whichever rank holds block 5), so state dicts, DCP checkpoints and Hugging Face loads and exports
+see the same names as without pipelining, and the optimizer sees exactly this rank's parameters.
+Each stage is a `StageModule`, a view over the model's own modules that runs its slice of the
+forward; torch.distributed.pipelining wraps the views in PipelineStage.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..models.protocol import is_expert_parameter
+from ..pipeline_plan import balanced_layout, num_stages, stage_blocks, stage_ranks_of
+from ..plan import ParallelPlan
+
+
+class KeptBlocks(nn.ModuleList):
+    """The blocks a pipeline rank holds, registered under their indices in the whole model, so
+    their parameter names are the whole model's. Iteration, `len` and integer indexing are over the
+    kept blocks in order (positional), as for the ModuleList they replace."""
+
+    def __init__(self, blocks: dict[int, nn.Module]) -> None:
+        super().__init__()
+        for index, block in blocks.items():
+            self.add_module(str(index), block)
+
+    def __getitem__(self, idx):
+        return list(self._modules.values())[idx]
+
+    def __setitem__(self, idx: int, module: nn.Module) -> None:
+        setattr(self, list(self._modules)[idx], module)
+
+    @property
+    def indices(self) -> list[int]:
+        """The kept blocks' indices in the whole model."""
+        return [int(k) for k in self._modules]
+
+
+class StageModule(nn.Module):
+    """One stage's slice of CausalTransformer.forward: the embedding (first stage), its blocks,
+    the final norm (last stage). The LM head and the loss run in the schedule's loss function on
+    the last stage, so the logits are never kept as a stage output. Positions are 0..S-1 on every
+    stage (packed documents are refused under pipelining)."""
+
+    def __init__(self, transformer: nn.Module, blocks: list[nn.Module], first: bool, last: bool) -> None:
+        super().__init__()
+        self.tok_embeddings = transformer.tok_embeddings if first else None
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = transformer.norm if last else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(h)
+        positions = torch.arange(h.shape[1], device=h.device)
+        for block in self.blocks:
+            h = block(h, positions)
+        return self.norm(h) if self.norm is not None else h
+
+
+def block_costs(transformer: nn.Module) -> tuple[list[float], float]:
+    """(cost of each block, cost of the head) in matmul parameters, the quantity FLOPs per token
+    follow (6 x matmul parameters; routed experts count top_k / n_routed of theirs)."""
+    cfg = getattr(transformer, "config", None)
+    active = (cfg.top_k / cfg.n_routed_experts) if cfg is not None and getattr(cfg, "n_routed_experts", 0) else 1.0
+    costs = []
+    for i, block in enumerate(transformer.blocks):
+        total = 0.0
+        for name, p in block.named_parameters():
+            if p.ndim < 2:
+                continue
+            total += p.numel() * (active if is_expert_parameter(block, name) else 1.0)
+        costs.append(total)
+    return costs, float(transformer.output.weight.numel())
+
+
+def layout_of(transformer: nn.Module, plan: ParallelPlan) -> list[int]:
+    """Blocks per stage: the plan's `pp_layers_per_stage`, or balanced by cost."""
+    if plan.pp_layers_per_stage is not None:
+        return [int(n) for n in plan.pp_layers_per_stage]
+    costs, head = block_costs(transformer)
+    return balanced_layout(costs, num_stages(plan), last_cost=head)
+
+
+def split_into_stages(transformer: nn.Module, plan: ParallelPlan, pp_rank: int,
+                      counts: Optional[list[int]] = None) -> list[tuple[int, StageModule]]:
+    """Keep this pipeline rank's part of `transformer` in place and return its (stage index,
+    StageModule) pairs, in stage order. `counts`: blocks per stage (default `layout_of`)."""
+    counts = counts or layout_of(transformer, plan)
+    ranges = stage_blocks(counts)
+    last = len(ranges) - 1
+    mine = stage_ranks_of(plan)[pp_rank]
+    all_blocks = list(transformer.blocks)
+    kept = {i: all_blocks[i] for s in mine for i in ranges[s]}
+    transformer.blocks = KeptBlocks(kept)
+    stages = [(s, StageModule(transformer, [all_blocks[i] for i in ranges[s]], s == 0, s == last))
+              for s in mine]
+    if 0 not in mine:
+        transformer.tok_embeddings = None
+    if last not in mine:
+        transformer.norm = None
+        transformer.output = None
+    return stages
+
+
+__all__ = ["KeptBlocks", "StageModule", "block_costs", "layout_of", "split_into_stages"]
