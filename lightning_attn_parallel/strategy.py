@@ -263,8 +263,10 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
     def training_step(self, *args: Any, **kwargs: Any):
         if self.pipeline is not None:  # the schedule runs forward and backward (parallel/pipeline.py)
             with self.precision_plugin.train_step_context():
-                loss = self.pipeline.training_step(args[0], self.gradients)
-            self.lightning_module.log(TRAIN_LOSS, loss, prog_bar=loss_on_progress_bar(self.lightning_module.trainer))
+                trainer = self.lightning_module.trainer
+                loss = self.pipeline.training_step(args[0], self.gradients,
+                                                   zero_grad=args[1] % trainer.accumulate_grad_batches == 0)
+            self.lightning_module.log(TRAIN_LOSS, loss, prog_bar=loss_on_progress_bar(trainer))
             return loss
         with self._step_context():  # the memory levers applied per step (activation offload)
             return super().training_step(*self._layout_batch(args, log=True), **kwargs)
@@ -281,6 +283,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
         if self.pipeline is None:
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         # the schedule ran every micro-batch's backward in training_step: only the hooks remain
+        self.pipeline.restore_gradients()
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         self.post_backward(closure_loss)

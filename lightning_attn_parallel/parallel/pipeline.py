@@ -10,6 +10,7 @@ strategy's backward hook finishes them.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
@@ -61,6 +62,9 @@ class PipelineRunner:
         self._width = transformer.config.d_model
         self._shape: Optional[tuple[int, int]] = None
         self.schedule = None
+        self._parameters = [p for _, module in stages for p in module.parameters()] + \
+            ([p for p in transformer.output.parameters()] if self.has_last else [])
+        self._held: list = []
 
     def _schedule_for(self, input_ids: torch.Tensor):
         """The schedule for micro-batches of this shape, built at the first batch: stages are
@@ -85,15 +89,30 @@ class PipelineRunner:
         self.schedule = build_schedule(self.plan.pp_schedule, stages, self.microbatches, self.loss)
         return self.schedule
 
-    def training_step(self, batch: Any, gradients: Optional[DataParallelGradients]) -> torch.Tensor:
+    def training_step(self, batch: Any, gradients: Optional[DataParallelGradients],
+                      zero_grad: bool) -> torch.Tensor:
         """Forward and backward of every micro-batch; the batch's mean token loss, on every rank.
+        `zero_grad`: the batch opens an accumulation window, whose gradients start from zero.
         Data-parallel gradients accumulate over the micro-batches and are reduced once, when the
         strategy's backward hook calls `gradients.after_backward()`."""
-        if gradients is None:
-            return self._run(batch, train=True)
-        gradients.before_backward()
-        with gradients.accumulating():
-            return self._run(batch, train=True)
+        if zero_grad:
+            for p in self._parameters:
+                p.grad = None
+        if gradients is not None:
+            gradients.before_backward()
+        with gradients.accumulating() if gradients is not None else nullcontext():
+            loss = self._run(batch, train=True)
+        self._held = [(p, p.grad) for p in self._parameters if p.grad is not None]
+        return loss
+
+    def restore_gradients(self) -> None:
+        """Put back the gradients `training_step` computed. Lightning zeroes the gradients of a
+        window's first batch between its training step and its backward (the backward would come
+        after), so the training step zeroes them itself first, and the strategy's backward hook
+        calls this to undo Lightning's zeroing."""
+        for p, grad in self._held:
+            p.grad = grad
+        self._held = []
 
     def validation_step(self, batch: Any) -> torch.Tensor:
         return self._run(batch, train=False)
