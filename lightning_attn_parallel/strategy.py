@@ -265,7 +265,8 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
             with self.precision_plugin.train_step_context():
                 trainer = self.lightning_module.trainer
                 loss = self.pipeline.training_step(args[0], self.gradients,
-                                                   zero_grad=args[1] % trainer.accumulate_grad_batches == 0)
+                                                   zero_grad=args[1] % trainer.accumulate_grad_batches == 0,
+                                                   accumulate=trainer.accumulate_grad_batches)
             self.lightning_module.log(TRAIN_LOSS, loss, prog_bar=loss_on_progress_bar(trainer))
             return loss
         with self._step_context():  # the memory levers applied per step (activation offload)

@@ -90,9 +90,11 @@ class PipelineRunner:
         return self.schedule
 
     def training_step(self, batch: Any, gradients: Optional[DataParallelGradients],
-                      zero_grad: bool) -> torch.Tensor:
+                      zero_grad: bool, accumulate: int = 1) -> torch.Tensor:
         """Forward and backward of every micro-batch; the batch's mean token loss, on every rank.
-        `zero_grad`: the batch opens an accumulation window, whose gradients start from zero.
+        `zero_grad`: the batch opens an accumulation window, whose gradients start from zero;
+        `accumulate`: batches per optimizer step, whose gradients are averaged (Lightning divides
+        the loss it differentiates by this; here the schedule differentiates it).
         Data-parallel gradients accumulate over the micro-batches and are reduced once, when the
         strategy's backward hook calls `gradients.after_backward()`."""
         if zero_grad:
@@ -101,7 +103,7 @@ class PipelineRunner:
         if gradients is not None:
             gradients.before_backward()
         with gradients.accumulating() if gradients is not None else nullcontext():
-            loss = self._run(batch, train=True)
+            loss = self._run(batch, train=True, scale=accumulate)
         self._held = [(p, p.grad) for p in self._parameters if p.grad is not None]
         return loss
 
@@ -117,7 +119,7 @@ class PipelineRunner:
     def validation_step(self, batch: Any) -> torch.Tensor:
         return self._run(batch, train=False)
 
-    def _run(self, batch: Any, train: bool) -> torch.Tensor:
+    def _run(self, batch: Any, train: bool, scale: int = 1) -> torch.Tensor:
         step = StepBatch.of(batch)
         if step.document_ids is not None or step.positions is not None:
             raise PlanError(f"ParallelPlan pp={self.plan.pp} does not take packed documents (batches with "
@@ -127,7 +129,7 @@ class PipelineRunner:
             raise PlanError(f"a batch of {rows} sequences does not split into pp_microbatches="
                             f"{self.microbatches}: use a micro-batch size that is a multiple of "
                             f"{self.microbatches}, or change pp_microbatches")
-        self.loss.denominator = (step.labels != IGNORE_INDEX).sum().clamp_min(1)
+        self.loss.denominator = (step.labels != IGNORE_INDEX).sum().clamp_min(1) * scale
         losses: list[torch.Tensor] = []
         args = (step.input_ids,) if self.has_first else ()
         run_schedule(self._schedule_for(step.input_ids), args, step.labels if self.has_last else None, losses, train)
@@ -136,7 +138,7 @@ class PipelineRunner:
         for loss in losses:
             local += loss.detach().double()
         dist.all_reduce(local, group=self.group)
-        return local
+        return local * scale
 
 
 def build_pipeline(module: nn.Module, transformer: nn.Module, stages: list[tuple[int, StageModule]],

@@ -1,0 +1,177 @@
+"""Pipeline parallelism through `Trainer(strategy=AttnHybridStrategy(plan=ParallelPlan(pp=...)))`
+equals one process on the same global batch, for every schedule, and its checkpoints load
+without pipelining.
+
+One spawn of 4 gloo processes trains (fp64, gradient clipping on, 3 steps) pp=2 x dp=2 under
+GPipe, 1F1B (with 2 batches accumulated per step) and interleaved 1F1B (2 stages per rank),
+and pp=4 under 1F1B; then pp=2 x dp=2 saves a checkpoint folder after 2 steps, which replicated
+data parallelism over the 4 ranks (pp=1) resumes to step 4. Losses and parameters are compared
+with one process (relative error below 1e-10 in fp64).
+"""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from dist_utils import assert_close, free_port, run_distributed
+from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_trainer
+
+import lightning_attn_parallel as lap
+from lightning_attn_parallel.models import ModelConfig, build_model
+from lightning_attn_parallel.parallel.pipeline_stages import KeptBlocks, layout_of, split_into_stages
+from lightning_attn_parallel.pipeline_plan import balanced_layout, bubble_fraction
+from lightning_attn_parallel.plan import ParallelPlan, PlanError
+
+TINY_LLAMA = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                  max_seq_len=32)
+WORLD = 4
+ROWS = 4  # sequences per data-parallel rank and batch
+STEPS = 3
+CLIP = 0.05  # small enough to clip every step: the norm must span the stages
+CASES = {
+    # name: (plan kwargs, accumulate_grad_batches)
+    "gpipe_pp2_dp2": (dict(pp=2, pp_schedule="gpipe", pp_microbatches=4), 1),
+    "1f1b_pp2_dp2_accumulate": (dict(pp=2, pp_schedule="1f1b", pp_microbatches=2), 2),
+    "interleaved_pp2_dp2": (dict(pp=2, pp_schedule="interleaved_1f1b", pp_microbatches=2), 1),
+    "1f1b_pp4": (dict(pp=4, pp_schedule="1f1b", pp_microbatches=4), 1),
+}
+# the same global batch (2 data-parallel ranks) on both sides; the loading plan has no pipeline
+SAVE_PLAN, LOAD_PLAN = dict(pp=2, pp_microbatches=2), dict(tp=2)
+STEPS_PER_EPOCH, SAVE_STEP, FINAL_STEP = 2, 2, 4
+
+
+def make_module() -> lap.CausalLMModule:
+    L.seed_everything(0, verbose=False)
+    torch.set_default_dtype(torch.float64)
+    module = lap.CausalLMModule(ModelConfig(**TINY_LLAMA), lr=1e-2, warmup_steps=1, total_steps=FINAL_STEP)
+    module.configure_model()
+    return module
+
+
+def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: int = 1, ckpt_path=None,
+        save_path=None, limit=None) -> dict:
+    module, recorder = make_module(), LossRecorder(average_over_ranks=True)
+    dp = world // plan_kwargs.get("pp", 1) // plan_kwargs.get("tp", 1)
+    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)),
+                            devices=world, max_steps=max_steps, accumulate_grad_batches=accumulate,
+                            gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit)
+    # pp ranks of one data-parallel rank see the same samples (rank = pp coordinate x dp + dp rank)
+    trainer.fit(module, loader(FixedTokens(), ROWS, replicas=dp, rank=rank % dp), ckpt_path=ckpt_path)
+    if save_path is not None:
+        trainer.save_checkpoint(save_path)
+    return {"losses": recorder.losses, "params": params_of(module), "start_params": recorder.start_params}
+
+
+def _worker(rank: int, world: int, root: str) -> dict:
+    results = {name: fit(plan, world, rank, STEPS, accumulate) for name, (plan, accumulate) in CASES.items()}
+    results["saved"] = fit(SAVE_PLAN, world, rank, SAVE_STEP, limit=STEPS_PER_EPOCH, save_path=f"{root}/pp2")
+    results["resumed"] = fit(LOAD_PLAN, world, rank, FINAL_STEP, limit=STEPS_PER_EPOCH, ckpt_path=f"{root}/pp2")
+    return results
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_distributed(_worker, WORLD, str(tmp_path_factory.mktemp("pipeline")), timeout=400)
+
+
+def one_process(dp: int, max_steps: int, accumulate: int = 1, limit=None) -> dict:
+    module, recorder = make_module(), LossRecorder()
+    trainer = quiet_trainer(devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
+                            gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit)
+    trainer.fit(module, loader(FixedTokens(), ROWS * dp))
+    return {"losses": recorder.losses, "params": params_of(module)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pipeline_equals_one_process(results, name):
+    plan, accumulate = CASES[name]
+    reference = one_process(WORLD // plan["pp"], STEPS, accumulate)
+    for rank, result in enumerate(results):
+        got = result[name]
+        # each rank holds its stage's parameters, under the whole model's names
+        assert got["params"] and set(got["params"]) < set(reference["params"]), name
+        for key, value in got["params"].items():
+            assert_close(value, reference["params"][key], rtol=1e-10, name=f"{name} rank{rank} {key}")
+        # the loss is computed on the last stage and shared: every rank logs the batch's loss
+        # (its data-parallel rank's, which equals the global one to the same tolerance here)
+        assert len(got["losses"]) == len(reference["losses"])
+        assert_close(torch.tensor(got["losses"][0]), torch.tensor(reference["losses"][0]), rtol=1e-3)
+    ranks_by_stage = {}
+    for result in results:
+        ranks_by_stage.setdefault(frozenset(result[name]["params"]), 0)
+    covered = set().union(*ranks_by_stage)
+    assert covered == set(reference["params"]), "the stages together hold the whole model"
+
+
+def test_checkpoint_saved_under_pp_resumes_without_pipelining(results):
+    """pp=2 x dp=2 saves a DCP folder at step 2 (state dict names unchanged); tp=2 x dp=2 on the
+    same 4 ranks (no pipeline) loads it and continues with the uninterrupted single-process run's
+    losses (averaged over the ranks) and parameters: model, optimizer and schedule came back."""
+    reference = one_process(WORLD // SAVE_PLAN["pp"], FINAL_STEP, limit=STEPS_PER_EPOCH)
+    saved = {k: v for result in results for k, v in result["saved"]["params"].items()}
+    for result in results:
+        for key, value in result["resumed"]["start_params"].items():
+            assert_close(value, saved[key], rtol=1e-12, name=f"loaded {key}")
+        assert_close(torch.tensor(result["saved"]["losses"]), torch.tensor(reference["losses"][:SAVE_STEP]),
+                     rtol=1e-10, name="saved losses")
+        assert_close(torch.tensor(result["resumed"]["losses"]), torch.tensor(reference["losses"][SAVE_STEP:]),
+                     rtol=1e-10, name="resumed losses")
+        for key, value in result["resumed"]["params"].items():
+            assert_close(value, reference["params"][key], rtol=1e-10, name=f"resumed {key}")
+
+
+# --------------------------------------------------------------------------- stages, no processes
+def test_stages_keep_the_model_names_and_balance_the_head():
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY_LLAMA, "vocab_size": 4096, "n_layers": 6})
+    model = build_model(cfg)
+    plan = ParallelPlan(pp=2, pp_microbatches=2)
+    # a 4096 x 32 head costs about 5 blocks here: the last stage gets fewer blocks
+    assert layout_of(model, plan) == [5, 1]
+    names = {n for n, _ in model.named_parameters()}
+    stages = split_into_stages(model, plan, pp_rank=1)
+    assert isinstance(model.blocks, KeptBlocks) and model.blocks.indices == [5]
+    kept = {n for n, _ in model.named_parameters()}
+    assert kept == {n for n in names if n.startswith(("blocks.5.", "norm.", "output."))}
+    assert [s for s, _ in stages] == [1] and model.tok_embeddings is None
+    assert model.blocks[0] is model.blocks[-1]
+
+
+def test_layout_and_bubble_arithmetic():
+    assert balanced_layout([1.0] * 8, 2) == [4, 4]
+    assert balanced_layout([1.0] * 7, 4) == [1, 2, 2, 2]  # uneven: the larger stages come last
+    assert balanced_layout([1.0] * 8, 2, last_cost=2.0) == [5, 3]
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 8)
+    assert bubble_fraction(4, 8, virtual=2) == pytest.approx(3 / 16)
+    assert bubble_fraction(1, 8) == 0.0
+
+
+BAD_PLANS = {
+    "pp vs world": (dict(pp=3), 4, None, ["pp=3", "world size 4"]),
+    "too few micro-batches for 1f1b": (dict(pp=4, pp_microbatches=2), 4, None, ["pp_microbatches=2", "at least 4"]),
+    "interleaved micro-batches": (dict(pp=2, pp_schedule="interleaved_1f1b", pp_microbatches=3), 2, None,
+                                  ["pp_microbatches=3", "multiple of 2"]),
+    "zero bubble": (dict(pp=2, pp_schedule="zbv"), 2, None, ["pp_schedule='zbv'", "interleaved_1f1b"]),
+    "more stages than layers": (dict(pp=4, pp_schedule="interleaved_1f1b", pp_microbatches=4), 8, TINY_LLAMA,
+                                ["8 stages", "n_layers=4"]),
+    "layout not covering the model": (dict(pp=2, pp_layers_per_stage=[1, 2]), 2, TINY_LLAMA,
+                                      ["pp_layers_per_stage=[1, 2]", "n_layers=4"]),
+    "layout of the wrong length": (dict(pp=2, pp_layers_per_stage=[4]), 2, None, ["2 counts"]),
+    "tied embeddings": (dict(pp=2), 2, {**TINY_LLAMA, "tie_embeddings": True}, ["tie_embeddings=false"]),
+    "with FSDP2": (dict(pp=2, dp_shard=2), 4, None, ["dp_shard"]),
+    "with context parallelism": (dict(pp=2, cp=2), 4, None, ["cp"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_PLANS))
+def test_bad_pipeline_plans_are_refused_in_one_line(name):
+    kwargs, world, model, words = BAD_PLANS[name]
+    with pytest.raises(PlanError) as info:
+        ParallelPlan(**kwargs).resolve(world).check_model(ModelConfig(**model)) if model else \
+            ParallelPlan(**kwargs).resolve(world)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
