@@ -57,8 +57,9 @@ def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: in
     trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)),
                             devices=world, max_steps=max_steps, accumulate_grad_batches=accumulate,
                             gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit)
-    # pp ranks of one data-parallel rank see the same samples (rank = pp coordinate x dp + dp rank)
-    trainer.fit(module, loader(FixedTokens(), ROWS, replicas=dp, rank=rank % dp), ckpt_path=ckpt_path)
+    # the mesh is (pp, dp, tp), tp innermost: the pp and tp ranks of a data-parallel rank see its samples
+    dp_rank = (rank % (world // plan_kwargs.get("pp", 1))) // plan_kwargs.get("tp", 1)
+    trainer.fit(module, loader(FixedTokens(), ROWS, replicas=dp, rank=dp_rank), ckpt_path=ckpt_path)
     if save_path is not None:
         trainer.save_checkpoint(save_path)
     return {"losses": recorder.losses, "params": params_of(module), "start_params": recorder.start_params}
@@ -109,7 +110,7 @@ def test_checkpoint_saved_under_pp_resumes_without_pipelining(results):
     """pp=2 x dp=2 saves a DCP folder at step 2 (state dict names unchanged); tp=2 x dp=2 on the
     same 4 ranks (no pipeline) loads it and continues with the uninterrupted single-process run's
     losses (averaged over the ranks) and parameters: model, optimizer and schedule came back."""
-    reference = one_process(WORLD // SAVE_PLAN["pp"], FINAL_STEP, limit=STEPS_PER_EPOCH)
+    reference = one_process(2, FINAL_STEP, limit=STEPS_PER_EPOCH)
     saved = {k: v for result in results for k, v in result["saved"]["params"].items()}
     for result in results:
         for key, value in result["resumed"]["start_params"].items():
