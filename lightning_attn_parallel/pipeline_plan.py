@@ -82,13 +82,13 @@ def check_pipeline_plan(plan: "ParallelPlan") -> None:
         raise PlanError(f"ParallelPlan pp_layers_per_stage={list(layout)} must give {num_stages(plan)} "
                         f"counts of at least 1 (pp={plan.pp} x {v} stage(s) per rank): list one block "
                         "count per stage, or leave it unset to balance by cost")
-    unsupported = {"dp_shard": plan.dp_shard > 1, "cp": plan.cp > 1, "ep": plan.ep > 1,
+    unsupported = {"dp_shard": plan.dp_shard > 1, "cp": plan.cp > 1, "tp": plan.tp > 1, "ep": plan.ep > 1,
                    "compile='model'": plan.compile == "model", "fp8": plan.fp8 != "none",
                    "offload_activations": plan.offload_activations}
     refused = [name for name, on in unsupported.items() if on]
     if plan.pp > 1 and refused:
         raise PlanError(f"ParallelPlan pp={plan.pp} does not compose with {', '.join(refused)} yet: "
-                        "pipeline stages run with replicated data parallelism and tensor parallelism; "
+                        "pipeline stages run with replicated data parallelism; "
                         "set pp=1 or drop " + ", ".join(refused))
 
 

@@ -163,6 +163,7 @@ BAD_PLANS = {
     "tied embeddings": (dict(pp=2), 2, {**TINY_LLAMA, "tie_embeddings": True}, ["tie_embeddings=false"]),
     "with FSDP2": (dict(pp=2, dp_shard=2), 4, None, ["dp_shard"]),
     "with context parallelism": (dict(pp=2, cp=2), 4, None, ["cp"]),
+    "with tensor parallelism": (dict(pp=2, tp=2), 4, None, ["tp"]),
 }
 
 
