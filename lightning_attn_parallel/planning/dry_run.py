@@ -160,7 +160,10 @@ def dry_run(model_cfg: ModelConfig, cluster: ClusterSpec, gpu: Union[GpuSpec, st
     requested = work.evaluate(manual) if manual is not None else None
     lines = _header(work, gpu_note) + [""]
     lines += _table(_rows(ranked, selected, requested, top), ranked, work)
-    return "\n".join(lines + [""] + _closing(work, report, failure, requested))
+    from .pipeline import pipeline_advice
+
+    advice = pipeline_advice(work, selected)
+    return "\n".join(lines + [""] + _closing(work, report, failure, requested) + ([""] + advice if advice else []))
 
 
 def dry_run_from_config(cfg: Any, model_cfg: ModelConfig, plan: ParallelPlan, world_size: int,

@@ -1,0 +1,121 @@
+"""Pipeline parallelism in the planner: each pp degree priced as one stage's plan plus the
+pipeline's own costs, next to the best plan without pipelining.
+
+A stage holds n_layers / pp blocks (the embedding and head counted on every stage: the first and
+last stages hold them, and the planner sizes the worst stage) on world / pp GPUs, with replicated
+data parallelism (what pipelining composes with today, parallel/pipeline.py). The global batch is
+unchanged: data parallelism shrinks by pp, so each step runs pp x grad_accum micro-batches
+through the 1F1B schedule. On top of the stage's step:
+- the bubble, (pp - 1) / micro-batches of the compute (pipeline_plan.bubble_fraction);
+- the activations of the micro-batches the first stage holds at once (`pp` under 1F1B);
+- the p2p sends: each micro-batch's activations forward and gradients backward, over the
+  inter-node link when a stage fills whole nodes, counted as exposed (an upper bound).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import ceil
+from typing import Optional
+
+from ..pipeline_plan import bubble_fraction, in_flight_microbatches
+from ..plan import ParallelPlan, PlanError
+from .select import Evaluation, Workload
+
+PP_DEGREES = (2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class PipelineOption:
+    pp: int
+    microbatches: int
+    stage: Evaluation  # the stage's replicated plan, timed for all its micro-batches
+    bubble: float
+    p2p_s: float
+    extra_activations: float  # bytes of the micro-batches in flight beyond the stage's one
+
+    @property
+    def fits(self) -> bool:
+        return self.stage.memory.total + self.extra_activations <= self.stage.memory.capacity
+
+    @property
+    def step_s(self) -> float:
+        return self.stage.timing.step_s + self.stage.timing.compute_s * self.bubble + self.p2p_s
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.stage.timing.tokens_per_step / self.step_s / (self.stage.timing.world_size * self.pp)
+
+    def describe(self) -> str:
+        gib = (self.stage.memory.total + self.extra_activations) / 2**30
+        ac = self.stage.plan.activation_checkpointing
+        return (f"pp={self.pp} (1F1B, {self.microbatches} micro-batches, bubble {self.bubble:.0%}, "
+                f"p2p {self.p2p_s * 1e3:.0f} ms, activation checkpointing {ac}): "
+                f"{gib:.1f} GiB per GPU, " + (f"{self.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
+                                               if self.fits else "does not fit"))
+
+
+def _stage_workload(work: Workload, pp: int) -> Workload:
+    cluster = work.cluster
+    nodes = cluster.num_nodes // pp if cluster.num_nodes % pp == 0 else 1
+    per_node = cluster.world_size // pp // nodes
+    return replace(work, model_cfg=replace(work.model_cfg, n_layers=ceil(work.model_cfg.n_layers / pp)),
+                   cluster=replace(cluster, num_nodes=nodes, gpus_per_node=per_node),
+                   grad_accum=pp * work.grad_accum, template=ParallelPlan())
+
+
+def pipeline_option(work: Workload, pp: int) -> Optional[PipelineOption]:
+    """The fastest fitting (else the leanest) stage plan for `pp`, priced as a pipeline."""
+    cfg, cluster = work.model_cfg, work.cluster
+    if cluster.world_size % pp or cfg.n_layers < pp:
+        return None
+    stage_work = _stage_workload(work, pp)
+    micro = stage_work.grad_accum
+    plan_of = {ac: ParallelPlan(pp=pp, pp_microbatches=micro, activation_checkpointing=ac)
+               for ac in ("none", "block")}
+    options = []
+    for ac, plan in plan_of.items():
+        stage_plan = ParallelPlan(activation_checkpointing=ac).resolve(stage_work.cluster.world_size)
+        stage = stage_work.evaluate(stage_plan)
+        in_flight = in_flight_microbatches(plan)
+        send = work.micro_batch * work.seq_len * cfg.d_model * 2  # bf16 activations of a micro-batch
+        spans_nodes = cluster.num_nodes > 1 and stage_work.cluster.num_nodes >= 1 and cluster.num_nodes % pp == 0
+        gbps = cluster.inter_node_gbps if spans_nodes else cluster.intra_node_gbps
+        alpha = cluster.inter_node_alpha_s if spans_nodes else cluster.intra_node_alpha_s
+        p2p = 2 * micro * (send / (gbps * 1e9) + alpha)
+        options.append(PipelineOption(pp, micro, stage, bubble_fraction(pp, micro), p2p,
+                                      (in_flight - 1) * stage.memory.activations))
+    fitting = [o for o in options if o.fits]
+    if fitting:
+        return max(fitting, key=lambda o: o.tokens_per_s_per_gpu)
+    return min(options, key=lambda o: o.stage.memory.total + o.extra_activations)
+
+
+def pipeline_advice(work: Workload, best: Optional[Evaluation]) -> list[str]:
+    """Lines for the dry run: each pp degree against the chosen plan, and the verdict."""
+    if work.model_cfg.is_moe:
+        return ["Pipeline parallelism: not considered, pp does not support mixture-of-experts models yet "
+                "(the MoE balance losses cross stages)."]
+    try:
+        options = [o for o in (pipeline_option(work, pp) for pp in PP_DEGREES) if o is not None]
+    except PlanError:
+        return []
+    if not options:
+        return []
+    lines = ["Pipeline parallelism (stages with replicated data parallelism, as pp composes today):"]
+    lines += [f"  {o.describe()}" for o in options]
+    fitting = [o for o in options if o.fits]
+    best_pp = max(fitting, key=lambda o: o.tokens_per_s_per_gpu) if fitting else None
+    base = best.tokens_per_s_per_gpu if best is not None and best.fits else 0.0
+    if best_pp is None:
+        lines.append("  verdict: no pp degree fits with replicated stages; the plan above stays.")
+    elif best_pp.tokens_per_s_per_gpu > base:
+        lines.append(f"  verdict: pp={best_pp.pp} is faster than the plan above "
+                     f"({best_pp.tokens_per_s_per_gpu:,.0f} vs {base:,.0f} tokens/s per GPU).")
+    else:
+        lines.append(f"  verdict: the plan above stays ({base:,.0f} tokens/s per GPU against pp={best_pp.pp}'s "
+                     f"{best_pp.tokens_per_s_per_gpu:,.0f}): the bubble and replicated stage state cost more "
+                     "than pipelining saves.")
+    return lines
+
+
+__all__ = ["PipelineOption", "pipeline_option", "pipeline_advice", "PP_DEGREES"]
