@@ -68,18 +68,20 @@ def save_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers,
     _write(Path(path), get_model_state_dict(model), optim_states, extra or {})
 
 
-def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = None) -> dict:
+def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = None,
+                     part_of_model: bool = False) -> dict:
     """Load a `save_distributed` folder into `model` (and `optimizers`) in place; return `extra`.
 
     Every rank must call it. The model may be parallelized differently from the one that saved
     (or not at all); its parameter names and global shapes must match the checkpoint's, which is
-    checked first so a wrong model fails with the name of the first mismatch.
+    checked first so a wrong model fails with the name of the first mismatch. `part_of_model`:
+    `model` holds some of the checkpoint's parameters (a pipeline stage), which must match.
     """
     path = Path(path)
     metadata = _read_metadata(path)
     optimizers = _as_list(optimizers)
     model_state = get_model_state_dict(model)
-    _check_model_matches(path, metadata, model_state)
+    _check_model_matches(path, metadata, model_state, whole=not part_of_model)
     _check_optimizer_count(path, metadata, len(optimizers))
     extra = _read_extra(path)
     optim_states = [get_optimizer_state_dict(model, opt) for opt in optimizers]
@@ -115,13 +117,14 @@ def save_lightning_checkpoint(path: PathLike, checkpoint: dict[str, Any], is_ran
     _write(Path(path), model_state, optim_states, rest, is_rank_zero)
 
 
-def load_lightning_checkpoint(path: PathLike, model: nn.Module, optimizers: Optimizers) -> dict:
+def load_lightning_checkpoint(path: PathLike, model: nn.Module, optimizers: Optimizers,
+                              part_of_model: bool = False) -> dict:
     """Load a checkpoint folder into the (already parallelized) model and optimizers in place.
 
     Returns the rest of the Lightning checkpoint dict, without "state_dict" and
     "optimizer_states": their contents are already in the model and optimizers.
     """
-    return load_distributed(path, model, optimizers)
+    return load_distributed(path, model, optimizers, part_of_model)
 
 
 def read_checkpoint_file(path: PathLike) -> dict:
@@ -224,10 +227,12 @@ def _read_metadata(path: Path) -> Any:
                               "is corrupt; load an earlier checkpoint") from err
 
 
-def _check_model_matches(path: Path, metadata: Any, model_state: Mapping[str, Any]) -> None:
+def _check_model_matches(path: Path, metadata: Any, model_state: Mapping[str, Any], whole: bool = True) -> None:
     saved = {key[len("model."):]: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
              if key.startswith("model.") and hasattr(meta, "size")}
     expected = {k: tuple(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
+    if not whole:  # a part of the model: the checkpoint's other parameters are someone else's
+        saved = {k: v for k, v in saved.items() if k in expected}
     _raise_on_mismatch(path, saved, expected, strict=True)
 
 

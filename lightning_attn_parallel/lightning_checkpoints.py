@@ -81,7 +81,8 @@ class SplitStateCheckpoints:
         self._state_loaded_in_place = path.is_dir()
         if self._state_loaded_in_place:
             with self.masters_in_place():
-                return load_lightning_checkpoint(path, self.model, self.optimizers)
+                return load_lightning_checkpoint(path, self.model, self.optimizers,
+                                                 part_of_model=getattr(self, "pipeline", None) is not None)
         checkpoint = read_checkpoint_file(path)
         check_shared_tensors(path, self.lightning_module, checkpoint.get("state_dict", {}))
         return checkpoint

@@ -51,24 +51,31 @@ def make_module() -> lap.CausalLMModule:
 
 
 def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: int = 1, ckpt_path=None,
-        save_path=None, limit=None) -> dict:
+        save_path=None, limit=None, validate: bool = False) -> dict:
     module, recorder = make_module(), LossRecorder(average_over_ranks=True)
     dp = world // plan_kwargs.get("pp", 1) // plan_kwargs.get("tp", 1)
     trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)),
                             devices=world, max_steps=max_steps, accumulate_grad_batches=accumulate,
-                            gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit)
+                            gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit,
+                            limit_val_batches=1 if validate else 0)
     # the mesh is (pp, dp, tp), tp innermost: the pp and tp ranks of a data-parallel rank see its samples
     dp_rank = (rank % (world // plan_kwargs.get("pp", 1))) // plan_kwargs.get("tp", 1)
-    trainer.fit(module, loader(FixedTokens(), ROWS, replicas=dp, rank=dp_rank), ckpt_path=ckpt_path)
+    val = loader(FixedTokens(seed=1), ROWS, replicas=dp, rank=dp_rank) if validate else None
+    trainer.fit(module, loader(FixedTokens(), ROWS, replicas=dp, rank=dp_rank), val, ckpt_path=ckpt_path)
     if save_path is not None:
         trainer.save_checkpoint(save_path)
-    return {"losses": recorder.losses, "params": params_of(module), "start_params": recorder.start_params}
+    return {"losses": recorder.losses, "params": params_of(module), "start_params": recorder.start_params,
+            "val": float(trainer.callback_metrics["val/loss"]) if validate else None}
 
 
 def _worker(rank: int, world: int, root: str) -> dict:
     results = {name: fit(plan, world, rank, STEPS, accumulate) for name, (plan, accumulate) in CASES.items()}
     results["saved"] = fit(SAVE_PLAN, world, rank, SAVE_STEP, limit=STEPS_PER_EPOCH, save_path=f"{root}/pp2")
     results["resumed"] = fit(LOAD_PLAN, world, rank, FINAL_STEP, limit=STEPS_PER_EPOCH, ckpt_path=f"{root}/pp2")
+    # and back: saved without pipelining (tp=2 x dp=2), resumed as pp=2 x dp=2, with validation
+    fit(LOAD_PLAN, world, rank, SAVE_STEP, limit=STEPS_PER_EPOCH, save_path=f"{root}/tp2")
+    results["resumed_pp"] = fit(SAVE_PLAN, world, rank, FINAL_STEP, limit=STEPS_PER_EPOCH, ckpt_path=f"{root}/tp2",
+                                validate=True)
     return results
 
 
@@ -77,12 +84,14 @@ def results(tmp_path_factory):
     return run_distributed(_worker, WORLD, str(tmp_path_factory.mktemp("pipeline")), timeout=400)
 
 
-def one_process(dp: int, max_steps: int, accumulate: int = 1, limit=None) -> dict:
+def one_process(dp: int, max_steps: int, accumulate: int = 1, limit=None, validate: bool = False) -> dict:
     module, recorder = make_module(), LossRecorder()
     trainer = quiet_trainer(devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
-                            gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit)
-    trainer.fit(module, loader(FixedTokens(), ROWS * dp))
-    return {"losses": recorder.losses, "params": params_of(module)}
+                            gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit,
+                            limit_val_batches=1 if validate else 0)
+    trainer.fit(module, loader(FixedTokens(), ROWS * dp), loader(FixedTokens(seed=1), ROWS * dp) if validate else None)
+    return {"losses": recorder.losses, "params": params_of(module),
+            "val": float(trainer.callback_metrics["val/loss"]) if validate else None}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -121,6 +130,20 @@ def test_checkpoint_saved_under_pp_resumes_without_pipelining(results):
                      rtol=1e-10, name="resumed losses")
         for key, value in result["resumed"]["params"].items():
             assert_close(value, reference["params"][key], rtol=1e-10, name=f"resumed {key}")
+
+
+def test_checkpoint_saved_without_pipelining_resumes_under_pp(results):
+    """The other way: tp=2 x dp=2 saves at step 2, pp=2 x dp=2 resumes (each stage loads only its
+    own blocks from the folder) and equals the uninterrupted run, its validation (the forward-only
+    schedule) included."""
+    reference = one_process(2, FINAL_STEP, limit=STEPS_PER_EPOCH, validate=True)
+    for result in results:
+        got = result["resumed_pp"]
+        assert_close(torch.tensor(got["losses"]), torch.tensor(reference["losses"][SAVE_STEP:]),
+                     rtol=1e-10, name="resumed losses")
+        for key, value in got["params"].items():
+            assert_close(value, reference["params"][key], rtol=1e-10, name=f"resumed under pp {key}")
+        assert abs(got["val"] - reference["val"]) < 1e-10 * abs(reference["val"]), (got["val"], reference["val"])
 
 
 # --------------------------------------------------------------------------- stages, no processes
