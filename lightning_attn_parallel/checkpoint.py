@@ -85,9 +85,6 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     _check_optimizer_count(path, metadata, len(optimizers))
     extra = _read_extra(path)
     optim_states = [get_optimizer_state_dict(model, opt) for opt in optimizers]
-    # which parameters each group holds is this run's: pipeline stages save one stage's list
-    # under the same key (the groups' hyperparameters are the same on every stage)
-    group_params = [[group["params"] for group in s["param_groups"]] for s in optim_states]
     # each shared tensor's other names are read apart, to check that the checkpoint agrees
     probes = {name: torch.empty_like(model_state[name]) for names in _shared_names(model, model_state)
               for name in names[1:]}
@@ -97,9 +94,6 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     except (Exception, dcp.CheckpointException) as err:  # DCP gathers every rank's failure
         raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({first_line(err, with_type=True)}): "
                               "restore it from a copy or load an earlier checkpoint") from err
-    for opt_state, params in zip(optim_states, group_params):
-        for group, names in zip(opt_state["param_groups"], params):
-            group["params"] = names
     check_shared_tensors(path, model, state["model"])
     set_model_state_dict(model, model_state)  # DCP loaded in place; this also re-ties what is shared
     for opt, opt_state in zip(optimizers, optim_states):

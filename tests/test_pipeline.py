@@ -200,3 +200,24 @@ def test_bad_pipeline_plans_are_refused_in_one_line(name):
     assert "\n" not in message
     for word in words:
         assert word in message, message
+
+
+def test_planner_prices_pipeline_degrees_for_a_dense_model_and_says_why_not_for_moe():
+    """The dry run's pipeline lines: each pp degree with its bubble ((pp-1)/micro-batches under
+    1F1B), p2p time and memory per GPU, then a verdict; MoE models are not considered."""
+    from lightning_attn_parallel.hardware import H100_SXM, ClusterSpec
+    from lightning_attn_parallel.planning.dry_run import dry_run
+    from lightning_attn_parallel.planning.pipeline import pipeline_option
+    from lightning_attn_parallel.planning.select import make_workload
+
+    cfg = ModelConfig(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=4,
+                      ffn_dim=5632, max_seq_len=2048)
+    work = make_workload(cfg, ClusterSpec(num_nodes=2), H100_SXM, 2, 2048, "bf16-mixed", grad_accum=2)
+    option = pipeline_option(work, 4)
+    assert option.microbatches == 8 and option.bubble == pytest.approx(3 / 8)
+    assert option.p2p_s > 0 and option.step_s > option.stage.timing.step_s
+    text = dry_run(cfg, ClusterSpec(num_nodes=2), H100_SXM, micro_batch=2, seq_len=2048, grad_accum=2)
+    assert "pp=2 (1F1B, 4 micro-batches, bubble 25%" in text and "verdict:" in text
+    moe = ModelConfig(family="deepseek", vocab_size=1024, d_model=256, n_layers=4, n_heads=4, ffn_dim=512,
+                      max_seq_len=512, n_routed_experts=8, moe_top_k=2, moe_ffn_dim=128, n_shared_experts=1)
+    assert "not considered" in dry_run(moe, ClusterSpec(num_nodes=1), H100_SXM, micro_batch=1, seq_len=512)

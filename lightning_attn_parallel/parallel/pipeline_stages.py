@@ -66,7 +66,7 @@ def block_costs(transformer: nn.Module) -> tuple[list[float], float]:
     """(cost of each block, cost of the head) in matmul parameters, the quantity FLOPs per token
     follow (6 x matmul parameters; routed experts count top_k / n_routed of theirs)."""
     cfg = getattr(transformer, "config", None)
-    active = (cfg.top_k / cfg.n_routed_experts) if cfg is not None and getattr(cfg, "n_routed_experts", 0) else 1.0
+    active = (cfg.moe_top_k / cfg.n_routed_experts) if cfg is not None and getattr(cfg, "n_routed_experts", 0) else 1.0
     costs = []
     for i, block in enumerate(transformer.blocks):
         total = 0.0
