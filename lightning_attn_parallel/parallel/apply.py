@@ -89,7 +89,8 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         from .pipeline import build_pipeline
 
         device = next(module.parameters()).device
-        pipeline = build_pipeline(module, transformer, stages, plan, meshes, device)
+        pipeline = build_pipeline(module, transformer, stages, plan, meshes, device,
+                                  master_weights=gradients.masters is not None)
     return ParallelizeResult(gradients=gradients, context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, gradients.reducer),
                              step_context=activation_offload(plan.offload_activations,

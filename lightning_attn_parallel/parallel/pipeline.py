@@ -142,9 +142,14 @@ class PipelineRunner:
 
 
 def build_pipeline(module: nn.Module, transformer: nn.Module, stages: list[tuple[int, StageModule]],
-                   plan: ParallelPlan, meshes: ParallelMeshes, device: torch.device) -> PipelineRunner:
+                   plan: ParallelPlan, meshes: ParallelMeshes, device: torch.device,
+                   master_weights: bool = False) -> PipelineRunner:
     """The runner for the stages `split_into_stages` kept; the loss chunking is the module's
     (`loss_chunk_tokens` among its hyperparameters, as CausalLMModule has it)."""
+    if master_weights:
+        raise PlanError(f"ParallelPlan pp={plan.pp} does not run master weights yet (their compute copies are "
+                        "refreshed outside the schedule): set mixed_precision='autocast' with "
+                        "precision='bf16-mixed'")
     hparams = getattr(module, "hparams", {}) or {}
     if hparams.get("fused_loss"):
         raise PlanError(f"ParallelPlan pp={plan.pp} computes the loss with the model's head and loss "
