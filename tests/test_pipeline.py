@@ -42,6 +42,13 @@ SAVE_PLAN, LOAD_PLAN = dict(pp=2, pp_microbatches=2), dict(tp=2)
 STEPS_PER_EPOCH, SAVE_STEP, FINAL_STEP = 2, 2, 4
 
 
+@pytest.fixture(autouse=True)
+def float32_after_each_test():
+    """make_module switches the default dtype to fp64; the tests after these keep torch's own."""
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
 def make_module() -> lap.CausalLMModule:
     L.seed_everything(0, verbose=False)
     torch.set_default_dtype(torch.float64)
