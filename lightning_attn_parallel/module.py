@@ -19,9 +19,7 @@ from torch import nn
 from .callbacks.metrics import LEARNING_RATE, TRAIN_LOSS, VAL_LOSS, host_scalar
 from .callbacks.progress import loss_on_progress_bar
 from .models import ModelConfig, build_model
-from .models.deepseek import collect_aux_loss
-from .models.fused_loss import fused_cross_entropy_sum
-from .models.loss import cross_entropy_sum
+from .models.objective import causal_lm_loss
 from .step import StepBatch
 
 
@@ -70,21 +68,9 @@ class CausalLMModule(L.LightningModule):
     # ------------------------------------------------------------------ loss
     def _loss(self, batch: Union[StepBatch, dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to differentiate, mean token loss of the whole step to log)."""
-        step = StepBatch.of(batch)
-        if step.seq_len > self.model_config.max_seq_len:
-            raise ValueError(f"batch sequence length {step.seq_len} exceeds the model's "
-                             f"max_seq_len={self.model_config.max_seq_len}: raise model.max_seq_len or "
-                             "lower data.seq_len")
-        hidden = self.model(step.input_ids, step.positions, step.document_ids)
         # fused_loss: liger's fused head + cross-entropy where it can run (models/fused_loss.py)
-        loss_fn = fused_cross_entropy_sum if self.hparams.get("fused_loss") else cross_entropy_sum
-        loss_sum, count = loss_fn(hidden, self.model.output, step.labels, self.hparams.loss_chunk_tokens,
-                                  self.model.loss_kernel)
-        mean = loss_sum / step.loss_denominator(count)
-        loss = mean * step.loss_scale
-        if self.model_config.is_moe:  # the balance losses of the MoE layers' latest forward
-            loss = loss + collect_aux_loss(self.model)
-        return loss, step.step_loss(mean)
+        return causal_lm_loss(self.model, batch, self.hparams.loss_chunk_tokens,
+                              fused=bool(self.hparams.get("fused_loss")))
 
     def training_step(self, batch: Union[StepBatch, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         loss, reported = self._loss(batch)
