@@ -1,0 +1,163 @@
+"""Fabric(strategy="attn_hybrid"): the loop a Fabric user writes, on 4 gloo processes, against the
+same loop under one process on the same global batch.
+
+One spawn of 4 ranks runs every case: dp (hierarchical over 2 declared nodes), FSDP2, HSDP, tp,
+cp and ep, a user's own nn.Module under dp and FSDP2, each with accumulation through
+`fabric.no_backward_sync` and mesh-aware `fabric.clip_gradients`, in fp64 (exact: 1e-10).
+The collectives each micro-batch sends are counted: accumulating ones send no gradient.
+"""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dist_utils import assert_close, run_distributed
+from lightning_utils import FixedTokens, params_of
+
+import lightning_attn_parallel as lap
+from lightning_attn_parallel.models import ModelConfig
+
+TINY_LLAMA = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+TINY_MOE = dict(family="deepseek", attention="mla", vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, ffn_dim=64,
+                max_seq_len=32, n_routed_experts=4, n_shared_experts=1, moe_top_k=2, moe_ffn_dim=16,
+                first_k_dense_replace=1, aux_loss_coef=0.01, bias_update_speed=0.0)
+CASES = {
+    # name: (model, plan)
+    "dp_hierarchical": ("llama", dict(hierarchical="always", ranks_per_node=2, bucket_mb=0.005)),
+    "fsdp2": ("llama", dict(dp_shard=4, accumulation="defer_all")),
+    "hsdp": ("llama", dict(dp_shard=2)),
+    "tp": ("llama", dict(tp=2)),
+    "cp": ("llama", dict(cp=2)),
+    "ep": ("moe", dict(ep=2)),
+    "user_dp": ("user", dict()),
+    "user_fsdp2": ("user", dict(dp_shard=4)),
+}
+MICRO = 2  # sequences per data-parallel rank and micro-batch
+ACCUMULATE = 2
+STEPS = 2
+CLIP = 0.05  # below the gradient norm: every step clips
+GRADIENT_COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single")
+
+
+class UserModel(nn.Module):
+    """A user's own model, without the model protocol."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Embedding(vocab, dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                 nn.Linear(4 * dim, vocab))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens)
+
+
+def make_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "user":
+        return UserModel()
+    return lap.build_model(ModelConfig(**(TINY_MOE if kind == "moe" else TINY_LLAMA)))
+
+
+def loss_of(fabric: L.Fabric, model: nn.Module, kind: str, batch: dict) -> torch.Tensor:
+    if kind == "user":
+        logits = model(batch["input_ids"])
+        return nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+    loss, _ = lap.fabric.training_loss(fabric, model, batch)
+    return loss
+
+
+class Counter:
+    """Counts the gradient collectives (all-reduce, reduce-scatter) torch.distributed is asked for."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._originals = {name: getattr(dist, name) for name in GRADIENT_COLLECTIVES if hasattr(dist, name)}
+
+    def __enter__(self) -> "Counter":
+        for name, original in self._originals.items():
+            setattr(dist, name, self._counting(original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+    def _counting(self, original):
+        def call(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+        return call
+
+
+WORLD = 4
+
+
+def fabric_train(kind: str, plan: dict, world: int, precision: str = "64-true") -> dict:
+    """The Fabric loop a user writes: setup, setup_dataloaders, no_backward_sync while
+    accumulating, backward, clip_gradients, step."""
+    L.seed_everything(0, verbose=False)
+    strategy = lap.fabric.AttnHybridFabricStrategy(plan=lap.ParallelPlan(**plan)) if world > 1 else "auto"
+    fabric = L.Fabric(accelerator="cpu", devices=world, strategy=strategy, precision=precision)
+    fabric.launch()
+    model = make_model(kind)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = fabric.setup(model, optimizer)
+    dp = fabric.strategy.distributed_sampler_kwargs["num_replicas"] if world > 1 else 1
+    global_batch = MICRO * (WORLD // plan.get("tp", 1) // plan.get("cp", 1))
+    loader = fabric.setup_dataloaders(DataLoader(FixedTokens(), batch_size=global_batch // dp))
+    sent, norms = [], []
+    with Counter() as counter:
+        for i, batch in enumerate(loader):
+            if i == STEPS * ACCUMULATE:
+                break
+            accumulating = (i + 1) % ACCUMULATE != 0
+            before = counter.calls
+            with fabric.no_backward_sync(model, enabled=accumulating):
+                fabric.backward(loss_of(fabric, model, kind, batch) / ACCUMULATE)
+            sent.append(counter.calls - before)
+            if not accumulating:
+                norms.append(fabric.clip_gradients(model, optimizer, max_norm=CLIP).detach().clone())
+                optimizer.step()
+                optimizer.zero_grad()
+    return {"params": params_of(model), "grad_norm": torch.stack(norms), "sent": sent, "dp": dp,
+            "sampler": loader._dataloader.sampler.num_replicas if world > 1 else 1}
+
+
+def _worker(rank: int, world: int) -> dict:
+    return {name: fabric_train(kind, plan, world) for name, (kind, plan) in CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_worker, WORLD)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fabric_loop_equals_one_process(results, name):
+    kind, plan = CASES[name]
+    reference = fabric_train(kind, plan, 1)
+    assert float(reference["grad_norm"].min()) > CLIP, "every step must clip"
+    for rank, result in enumerate(results):
+        assert_close(result[name]["grad_norm"], reference["grad_norm"], rtol=1e-10, name=f"{name} rank{rank} norm")
+        for key, expected in reference["params"].items():
+            assert_close(result[name]["params"][key], expected, rtol=1e-10, name=f"{name} rank{rank} {key}")
+
+
+def test_sampler_splits_over_data_parallel_ranks_only(results):
+    for result in results:
+        assert {name: result[name]["sampler"] for name in ("tp", "cp", "fsdp2", "hsdp")} == \
+            {"tp": 2, "cp": 2, "fsdp2": 4, "hsdp": 4}
+
+
+@pytest.mark.parametrize("name", ["dp_hierarchical", "fsdp2", "user_dp"])
+def test_accumulating_micro_batches_send_no_gradient(results, name):
+    """no_backward_sync(enabled=True) sends nothing; the micro-batch that steps does."""
+    for result in results:
+        sent = result[name]["sent"]
+        assert sent[0::ACCUMULATE] == [0] * STEPS, f"{name}: accumulating micro-batches sent {sent}"
+        assert min(sent[ACCUMULATE - 1::ACCUMULATE]) > 0, f"{name}: {sent}"
