@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+import lightning
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -183,6 +184,7 @@ def save_fabric_state(path: Path, state: Mapping[str, Any], distributed: bool, i
     config = getattr(find_transformer(model), "config", None)
     if config is not None and "hyper_parameters" not in checkpoint:
         checkpoint["hyper_parameters"] = {"model": asdict(config)}
+    checkpoint.setdefault("pytorch-lightning_version", lightning.__version__)  # what the Trainer reads first
     checkpoint["state_dict"] = model_state_of(named, split, distributed)
     checkpoint["optimizer_states"] = [optimizer_state_of(named, o, split, distributed) for o in optimizers]
     write_checkpoint(path, checkpoint, split and distributed, is_rank_zero, barrier)

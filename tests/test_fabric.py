@@ -161,3 +161,81 @@ def test_accumulating_micro_batches_send_no_gradient(results, name):
         sent = result[name]["sent"]
         assert sent[0::ACCUMULATE] == [0] * STEPS, f"{name}: accumulating micro-batches sent {sent}"
         assert min(sent[ACCUMULATE - 1::ACCUMULATE]) > 0, f"{name}: {sent}"
+
+
+# --------------------------------------------------------------------------- checkpoint interchange
+RESUME_PLAN = dict(dp_shard=4)  # sharded: both front-ends write a torch.distributed.checkpoint folder
+RESUME_STEPS, RESUME_AT = 4, 2
+
+
+def _lm_module() -> L.LightningModule:
+    L.seed_everything(0, verbose=False)
+    module = lap.CausalLMModule(ModelConfig(**TINY_LLAMA), lr=1e-2, warmup_steps=1, total_steps=RESUME_STEPS)
+    module.configure_model()
+    return module
+
+
+def _from_batch(first: int, world: int):
+    from torch.utils.data import Subset
+
+    return Subset(FixedTokens(), range(first * MICRO * world, len(FixedTokens())))
+
+
+def trainer_run(world: int, rank: int, steps: int, first: int = 0, ckpt_path=None, save=None) -> list[float]:
+    from lightning_utils import LossRecorder, loader, quiet_trainer
+
+    recorder = LossRecorder(average_over_ranks=True)
+    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**RESUME_PLAN)), devices=world,
+                            max_steps=steps, precision="64-true", callbacks=[recorder])
+    trainer.fit(_lm_module(), loader(_from_batch(first, world), MICRO, replicas=world, rank=rank), ckpt_path=ckpt_path)
+    if save:
+        trainer.save_checkpoint(save)
+    return recorder.losses
+
+
+def fabric_run(world: int, steps: int, first: int = 0, load=None, save=None) -> list[float]:
+    """A Fabric loop over CausalLMModule's model, optimizer and schedule."""
+    fabric = L.Fabric(accelerator="cpu", devices=world, strategy=lap.fabric.AttnHybridFabricStrategy(
+        plan=lap.ParallelPlan(**RESUME_PLAN)), precision="64-true")
+    fabric.launch()
+    module = fabric.setup_module(_lm_module())
+    configured = module.configure_optimizers()
+    optimizer = fabric.setup_optimizers(configured["optimizer"])
+    scheduler = configured["lr_scheduler"]["scheduler"]
+    if load:
+        remainder = fabric.load(load, {"model": module, "optimizer": optimizer})
+        scheduler.load_state_dict(remainder["lr_schedulers"][0])
+    loader = fabric.setup_dataloaders(DataLoader(_from_batch(first, world), batch_size=MICRO))
+    losses = []
+    for batch, _ in zip(loader, range(steps)):
+        loss, _ = lap.fabric.training_loss(fabric, module.model, batch)
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        losses.append(float(fabric.all_reduce(loss.detach(), reduce_op="mean")))
+    if save:
+        fabric.save(save, {"model": module, "optimizer": optimizer, "lr_schedulers": [scheduler.state_dict()]})
+    return losses
+
+
+def _resume_worker(rank: int, world: int, folder: str) -> dict:
+    out = {"uninterrupted": trainer_run(world, rank, RESUME_STEPS)}
+    out["fabric_first"] = fabric_run(world, RESUME_AT, save=f"{folder}/fabric")
+    out["trainer_after_fabric"] = trainer_run(world, rank, RESUME_STEPS - RESUME_AT, first=RESUME_AT,
+                                              ckpt_path=f"{folder}/fabric")
+    trainer_run(world, rank, RESUME_AT, save=f"{folder}/trainer")
+    out["fabric_after_trainer"] = fabric_run(world, RESUME_STEPS - RESUME_AT, first=RESUME_AT,
+                                             load=f"{folder}/trainer")
+    return out
+
+
+def test_checkpoints_interchange_between_fabric_and_trainer(tmp_path):
+    """Fabric save -> Trainer resume and Trainer save -> Fabric resume give the uninterrupted
+    losses (and the Fabric loop's first steps are the Trainer's)."""
+    result = run_distributed(_resume_worker, WORLD, str(tmp_path))[0]
+    assert (tmp_path / "fabric").is_dir() and (tmp_path / "trainer").is_dir()
+    expected = torch.tensor(result["uninterrupted"])
+    for key, part in (("fabric_first", slice(0, RESUME_AT)), ("trainer_after_fabric", slice(RESUME_AT, None)),
+                      ("fabric_after_trainer", slice(RESUME_AT, None))):
+        assert_close(torch.tensor(result[key]), expected[part], rtol=1e-10, name=key)
