@@ -106,12 +106,7 @@ class CausalLMModule(L.LightningModule):
         # decides them, not the plan, so optimizer states and the schedule saved under one plan
         # resume under any other (parallel/optimizer_step.py lets fused AdamW take a group that
         # mixes plain and DTensor parameters).
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
-        param_groups = [{"params": params, "weight_decay": wd}
-                        for params, wd in ((no_decay, 0.0), (decay, self.hparams.weight_decay)) if params]
+        param_groups = optimizer_groups(self.model, self.hparams.weight_decay)
         if self.hparams.get("optimizer", "adamw") == "adamw_bf16_stochastic_round":
             optimizer = _stochastic_rounding_adamw(param_groups, self.hparams)
         else:
@@ -124,6 +119,16 @@ class CausalLMModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, int(total),
                                                                                self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups by weight decay (matrices decay; embeddings, norms and biases do not), in the
+    order checkpoints number them; a Fabric loop builds its optimizer from the same groups."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
+    return [{"params": params, "weight_decay": wd} for params, wd in ((no_decay, 0.0), (decay, weight_decay)) if params]
 
 
 # "adamw": torch's (fused on GPU); "adamw_bf16_stochastic_round": torchao's AdamW on bf16 weights
