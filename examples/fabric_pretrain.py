@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", default="runs/fabric_pretrain")
+    parser.add_argument("--data-cache", default="~/.cache/lightning_attn_parallel")
     args = parser.parse_args()
 
     strategy = lap.fabric.AttnHybridFabricStrategy(plan=lap.ParallelPlan(**json.loads(args.plan)))
@@ -52,7 +53,7 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
 
-    tokens = open_tokens(build_embedded_corpus(Path(args.out) / "data"), "uint8")  # stdlib sources as bytes
+    tokens = open_tokens(build_embedded_corpus(Path(args.data_cache).expanduser()), "uint8")  # stdlib sources as bytes
     loader = fabric.setup_dataloaders(DataLoader(TokenWindows(tokens, args.seq_len), batch_size=args.micro_batch,
                                                  shuffle=True, drop_last=True))
     metrics = FabricThroughput(fabric, model, log_every_n_steps=5)
@@ -77,6 +78,7 @@ def main() -> None:
         fabric.print(f"step {step}: loss {float(logged):.4f}")
     fabric.save(Path(args.out) / "final", {"model": model, "optimizer": optimizer,
                                           "lr_schedulers": [schedule.state_dict()], "global_step": step})
+    fabric.logger.finalize("success")
 
 
 if __name__ == "__main__":

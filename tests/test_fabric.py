@@ -8,6 +8,8 @@ The collectives each micro-batch sends are counted: accumulating ones send no gr
 """
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -239,3 +241,97 @@ def test_checkpoints_interchange_between_fabric_and_trainer(tmp_path):
     for key, part in (("fabric_first", slice(0, RESUME_AT)), ("trainer_after_fabric", slice(RESUME_AT, None)),
                       ("fabric_after_trainer", slice(RESUME_AT, None))):
         assert_close(torch.tensor(result[key]), expected[part], rtol=1e-10, name=key)
+
+
+# --------------------------------------------------------------------------- precisions, bad input, example
+def _precision_worker(rank: int, world: int) -> dict:
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    out = {}
+    for precision in ("32-true", "bf16-mixed", "bf16-true", "16-true"):
+        fabric = L.Fabric(accelerator="cpu", devices=1, strategy="attn_hybrid", precision=precision)
+        fabric.launch()
+        model = fabric.setup_module(make_model("llama"))
+        # eps representable in fp16 (16-true keeps AdamW's states in fp16 too)
+        optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4))
+        losses = []
+        batch = next(iter(DataLoader(FixedTokens(), batch_size=4)))
+        for _ in range(3):  # one batch, learned
+            loss, _ = lap.fabric.training_loss(fabric, model, batch)
+            fabric.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss))
+        out[precision] = {"losses": losses, "plugin": type(fabric.strategy.precision).__name__,
+                          "optimized": {p.dtype for g in optimizer.param_groups for p in g["params"]},
+                          "computed": {p.dtype for p in model.parameters()}}
+    errors = {}
+    for name, attempt in {
+        "protocol": lambda: _launched(lap.fabric.AttnHybridFabricStrategy(
+            plan=lap.ParallelPlan(activation_checkpointing="block"))).setup_module(make_model("user")),
+        "precision": lambda: L.Fabric(accelerator="cpu", devices=1, strategy="attn_hybrid",
+                                      plugins=MixedPrecision("16-mixed", "cuda")),
+        "backward": lambda: _plain_backward(),
+    }.items():
+        try:
+            attempt()
+        except Exception as error:  # noqa: BLE001 - the message is what is tested
+            errors[name] = f"{type(error).__name__}: {error}"
+    out["errors"] = errors
+    return out
+
+
+def _launched(strategy) -> L.Fabric:
+    fabric = L.Fabric(accelerator="cpu", devices=1, strategy=strategy)
+    fabric.launch()
+    return fabric
+
+
+def _plain_backward() -> None:
+    fabric = L.Fabric(accelerator="cpu", devices=1, strategy="attn_hybrid")
+    fabric.launch()
+    model = fabric.setup_module(make_model("llama"))
+    loss, _ = lap.fabric.training_loss(fabric, model, next(iter(DataLoader(FixedTokens(), batch_size=2))))
+    loss.backward()
+
+
+@pytest.fixture(scope="module")
+def single():
+    return run_distributed(_precision_worker, 1)[0]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true", "16-true"])
+def test_precisions_train(single, precision):
+    result = single[precision]
+    assert all(math.isfinite(x) for x in result["losses"]) and result["losses"][-1] < result["losses"][0]
+    if precision == "bf16-mixed":  # the plan's default: fp32 masters optimized, bf16 copies computed
+        assert result["plugin"] == "FabricMasterWeightsPrecision"
+        assert result["optimized"] == {torch.float32} and result["computed"] == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("protocol", r"PlanError: .*needs a model with `blocks`"),
+    ("precision", r"UserError: Fabric\(strategy='attn_hybrid', precision='16-mixed'\) is not supported: use one of"),
+    ("backward", r"RuntimeError: .*requires you to call `fabric.backward\(loss\)`"),
+])
+def test_bad_input_is_one_clear_line(single, name, message):
+    import re
+
+    assert re.match(message, single["errors"][name]) and "\n" not in single["errors"][name], single["errors"]
+
+
+def test_example_trains_the_tiny_recipe(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, str(root / "examples" / "fabric_pretrain.py"), "--steps", "5",
+                          "--seq-len", "32", "--micro-batch", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    losses = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("step ")]
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    assert (tmp_path / "final").exists()
+    logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "throughput/tokens_per_s" in logged and "memory/peak_allocated_gib" in logged
