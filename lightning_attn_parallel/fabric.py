@@ -227,14 +227,6 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
         with self.masters_in_place():
             return load_fabric_state(Path(self.broadcast(str(path))), state, strict, self.root_device)
 
-    def teardown(self) -> None:
-        self._release()
-        super().teardown()
-
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(cls.strategy_name, cls,
-                                   description="Attention-aware hybrid data/tensor/context/expert parallelism")
 
 
 class _AccumulationControl(_BackwardSyncControl):

@@ -196,6 +196,15 @@ class HybridParallelism:
         if failure is not None:
             raise failure from exception
 
+    def teardown(self) -> None:
+        self._release()
+        super().teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls,
+                                   description="Attention-aware hybrid data/tensor/context/expert parallelism")
+
     def _release(self) -> None:
         """The module ends holding the masters; the heartbeat stops and the reducer's hooks go."""
         if self.master_weights is not None:

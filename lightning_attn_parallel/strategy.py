@@ -182,14 +182,6 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
-    def teardown(self) -> None:
-        self._release()
-        super().teardown()
-
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(cls.strategy_name, cls,
-                                   description="Attention-aware hybrid data/tensor/context/expert parallelism")
 
 
 def register() -> None:
