@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accumulate", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--log-every", type=int, default=5, help="optimizer steps per throughput window")
     parser.add_argument("--out", default="runs/fabric_pretrain")
     parser.add_argument("--data-cache", default="~/.cache/lightning_attn_parallel")
     args = parser.parse_args()
@@ -56,7 +57,7 @@ def main() -> None:
     tokens = open_tokens(build_embedded_corpus(Path(args.data_cache).expanduser()), "uint8")  # stdlib sources as bytes
     loader = fabric.setup_dataloaders(DataLoader(TokenWindows(tokens, args.seq_len), batch_size=args.micro_batch,
                                                  shuffle=True, drop_last=True))
-    metrics = FabricThroughput(fabric, model, log_every_n_steps=5)
+    metrics = FabricThroughput(fabric, model, log_every_n_steps=args.log_every)
     step, batches = 0, iter(loader)
     while step < args.steps:
         for micro in range(args.accumulate):

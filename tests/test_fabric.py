@@ -130,13 +130,21 @@ def fabric_train(kind: str, plan: dict, world: int, precision: str = "64-true") 
             "sampler": loader._dataloader.sampler.num_replicas if world > 1 else 1}
 
 
-def _worker(rank: int, world: int) -> dict:
-    return {name: fabric_train(kind, plan, world) for name, (kind, plan) in CASES.items()}
+def _worker(rank: int, world: int, folder: str) -> dict:
+    out = {name: fabric_train(kind, plan, world) for name, (kind, plan) in CASES.items()}
+    out["interchange"] = _resume_worker(rank, world, folder)
+    return out
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_distributed(_worker, WORLD)
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="module")
+def results(folder):
+    """One spawn of WORLD ranks for every distributed case (process start-up dominates on CPU)."""
+    return run_distributed(_worker, WORLD, str(folder))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -232,11 +240,11 @@ def _resume_worker(rank: int, world: int, folder: str) -> dict:
     return out
 
 
-def test_checkpoints_interchange_between_fabric_and_trainer(tmp_path):
+def test_checkpoints_interchange_between_fabric_and_trainer(results, folder):
     """Fabric save -> Trainer resume and Trainer save -> Fabric resume give the uninterrupted
     losses (and the Fabric loop's first steps are the Trainer's)."""
-    result = run_distributed(_resume_worker, WORLD, str(tmp_path))[0]
-    assert (tmp_path / "fabric").is_dir() and (tmp_path / "trainer").is_dir()
+    result = results[0]["interchange"]
+    assert (folder / "fabric").is_dir() and (folder / "trainer").is_dir()
     expected = torch.tensor(result["uninterrupted"])
     for key, part in (("fabric_first", slice(0, RESUME_AT)), ("trainer_after_fabric", slice(RESUME_AT, None)),
                       ("fabric_after_trainer", slice(RESUME_AT, None))):
@@ -326,12 +334,12 @@ def test_example_trains_the_tiny_recipe(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    run = subprocess.run([sys.executable, str(root / "examples" / "fabric_pretrain.py"), "--steps", "5",
-                          "--seq-len", "32", "--micro-batch", "2", "--out", str(tmp_path)],
+    run = subprocess.run([sys.executable, str(root / "examples" / "fabric_pretrain.py"), "--steps", "3",
+                          "--seq-len", "32", "--micro-batch", "2", "--log-every", "1", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     losses = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("step ")]
-    assert len(losses) == 5 and losses[-1] < losses[0]
+    assert len(losses) == 3 and losses[-1] < losses[0]
     assert (tmp_path / "final").exists()
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     assert "throughput/tokens_per_s" in logged and "memory/peak_allocated_gib" in logged
