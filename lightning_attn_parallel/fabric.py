@@ -62,6 +62,7 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
     """
 
     strategy_name = "attn_hybrid"
+    launcher_class = _SubprocessScriptLauncher  # this front-end's launcher of processes
 
     def __init__(self, plan: Union[ParallelPlan, dict, str, None] = None, accelerator=None,
                  parallel_devices: Optional[list[torch.device]] = None, cluster_environment=None,
@@ -100,12 +101,6 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
         self._precision = with_master_weights(precision, self._requested_plan.mixed_precision)
 
     # ------------------------------------------------------------------ processes
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes,
-                                                       self.num_nodes)
-
     def setup_environment(self) -> None:
         self._check_requested_plan(None)
         super().setup_environment()

@@ -101,6 +101,11 @@ class HybridParallelism:
             return {"num_replicas": self.world_size, "rank": self.global_rank}
         return {"num_replicas": self.meshes.dp_size, "rank": self.meshes.dp_rank}
 
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = self.launcher_class(self.cluster_environment, self.num_processes, self.num_nodes)
+
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)

@@ -44,6 +44,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
     """
 
     strategy_name = "attn_hybrid"
+    launcher_class = _SubprocessScriptLauncher  # this front-end's launcher of processes
     # CausalLMModule(pretrained=...) builds its model on the meta device for this strategy
     materializes_meta_models = True
 
@@ -74,12 +75,6 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
         when the plan asks for them (precision.py)."""
         self._precision_plugin = plugin if plugin is None else with_master_weights(
             plugin, self._requested_plan.mixed_precision)
-
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        if not self.cluster_environment.creates_processes_externally:
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes,
-                                                       self.num_nodes)
 
     def setup_environment(self) -> None:
         self._check_requested_plan(self._model_config)

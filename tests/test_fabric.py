@@ -9,6 +9,7 @@ The collectives each micro-batch sends are counted: accumulating ones send no gr
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import lightning as L
 import pytest
@@ -22,6 +23,7 @@ from lightning_utils import FixedTokens, params_of
 
 import lightning_attn_parallel as lap
 from lightning_attn_parallel.models import ModelConfig
+from lightning_attn_parallel.precision import FabricMasterWeightsPrecision
 
 TINY_LLAMA = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
 TINY_MOE = dict(family="deepseek", attention="mla", vocab_size=64, d_model=32, n_layers=2, n_heads=4,
@@ -38,6 +40,9 @@ CASES = {
     "ep": ("moe", dict(ep=2)),
     "user_dp": ("user", dict()),
     "user_fsdp2": ("user", dict(dp_shard=4)),
+    # master weights: fp32 compute copies of fp64 masters (exactness of the mechanism, 1e-5)
+    "masters_dp": ("llama", dict(mixed_precision="master_weights", bucket_mb=0.01)),
+    "masters_fsdp2": ("llama", dict(mixed_precision="master_weights", dp_shard=4)),
 }
 MICRO = 2  # sequences per data-parallel rank and micro-batch
 ACCUMULATE = 2
@@ -99,12 +104,22 @@ class Counter:
 WORLD = 4
 
 
-def fabric_train(kind: str, plan: dict, world: int, precision: str = "64-true") -> dict:
+def precision_of(plan: dict) -> dict:
+    if plan.get("mixed_precision") == "master_weights":
+        return {"plugins": FabricMasterWeightsPrecision(torch.float32, torch.float64)}
+    return {"precision": "64-true"}
+
+
+def fabric_train(kind: str, plan: dict, world: int) -> dict:
     """The Fabric loop a user writes: setup, setup_dataloaders, no_backward_sync while
-    accumulating, backward, clip_gradients, step."""
+    accumulating, backward, clip_gradients, step. One process runs Lightning's single-device
+    strategy, or attn_hybrid's replicated plan under master weights."""
     L.seed_everything(0, verbose=False)
-    strategy = lap.fabric.AttnHybridFabricStrategy(plan=lap.ParallelPlan(**plan)) if world > 1 else "auto"
-    fabric = L.Fabric(accelerator="cpu", devices=world, strategy=strategy, precision=precision)
+    masters = plan.get("mixed_precision") == "master_weights"
+    strategy = (lap.fabric.AttnHybridFabricStrategy(plan=lap.ParallelPlan(**plan) if world > 1 else
+                                                    lap.ParallelPlan(mixed_precision="master_weights"))
+                if world > 1 or masters else "auto")
+    fabric = L.Fabric(accelerator="cpu", devices=world, strategy=strategy, **precision_of(plan))
     fabric.launch()
     model = make_model(kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -126,13 +141,33 @@ def fabric_train(kind: str, plan: dict, world: int, precision: str = "64-true") 
                 norms.append(fabric.clip_gradients(model, optimizer, max_norm=CLIP).detach().clone())
                 optimizer.step()
                 optimizer.zero_grad()
-    return {"params": params_of(model), "grad_norm": torch.stack(norms), "sent": sent, "dp": dp,
-            "sampler": loader._dataloader.sampler.num_replicas if world > 1 else 1}
+    computed = {p.dtype for p in model.parameters()}
+    with getattr(fabric.strategy, "masters_in_place", nullcontext)():  # master weights: the masters
+        params = params_of(model)
+    return {"params": params, "grad_norm": torch.stack(norms), "sent": sent, "dp": dp,
+            "sampler": loader._dataloader.sampler.num_replicas if world > 1 else 1,
+            "optimized": {p.dtype for g in optimizer.param_groups for p in g["params"]},
+            "computed": computed}
+
+
+def pretrained_load(world: int, folder: str) -> dict:
+    """init_module(empty_init=True) + a Hugging Face folder under tp x FSDP2: each rank allocates
+    and reads only its slices."""
+    fabric = L.Fabric(accelerator="cpu", devices=world, strategy=lap.fabric.AttnHybridFabricStrategy(
+        plan=lap.ParallelPlan(tp=2, dp_shard=2)))
+    fabric.launch()
+    with fabric.init_module(empty_init=True):
+        model = lap.fabric.pretrained_model(f"{folder}/hf")
+    assert all(p.is_meta for p in model.parameters())
+    model = fabric.setup_module(model)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    return {"params": params_of(model.module), "local_fraction": local / sum(p.numel() for p in model.parameters())}
 
 
 def _worker(rank: int, world: int, folder: str) -> dict:
     out = {name: fabric_train(kind, plan, world) for name, (kind, plan) in CASES.items()}
     out["interchange"] = _resume_worker(rank, world, folder)
+    out["pretrained"] = pretrained_load(world, folder)
     return out
 
 
@@ -144,7 +179,18 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(folder):
     """One spawn of WORLD ranks for every distributed case (process start-up dominates on CPU)."""
+    from lightning_attn_parallel.models import save_pretrained
+
+    save_pretrained(make_model("llama"), folder / "hf", dtype=torch.float32)
     return run_distributed(_worker, WORLD, str(folder))
+
+
+def test_pretrained_loads_each_ranks_slices(results):
+    expected = params_of(make_model("llama"))
+    for rank, result in enumerate(results):
+        assert result["pretrained"]["local_fraction"] < 0.3  # a quarter of the model, plus replicated norms
+        for key, value in expected.items():
+            assert torch.equal(result["pretrained"]["params"][key], value), f"rank{rank} {key}"
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -152,10 +198,15 @@ def test_fabric_loop_equals_one_process(results, name):
     kind, plan = CASES[name]
     reference = fabric_train(kind, plan, 1)
     assert float(reference["grad_norm"].min()) > CLIP, "every step must clip"
+    rtol = 1e-5 if "mixed_precision" in plan else 1e-10  # fp32 compute copies, or fp64 throughout
     for rank, result in enumerate(results):
-        assert_close(result[name]["grad_norm"], reference["grad_norm"], rtol=1e-10, name=f"{name} rank{rank} norm")
+        assert_close(result[name]["grad_norm"], reference["grad_norm"], rtol=rtol, name=f"{name} rank{rank} norm")
         for key, expected in reference["params"].items():
-            assert_close(result[name]["params"][key], expected, rtol=1e-10, name=f"{name} rank{rank} {key}")
+            assert_close(result[name]["params"][key], expected, rtol=rtol, name=f"{name} rank{rank} {key}")
+        if "mixed_precision" in plan:  # the optimizer updates fp64 masters
+            assert result[name]["optimized"] == {torch.float64}, result[name]["optimized"]
+            if not plan.get("dp_shard"):  # replicated: the module computes on fp32 copies
+                assert result[name]["computed"] == {torch.float32}, result[name]["computed"]
 
 
 def test_sampler_splits_over_data_parallel_ranks_only(results):
@@ -329,14 +380,18 @@ def test_bad_input_is_one_clear_line(single, name, message):
 
 
 def test_example_trains_the_tiny_recipe(tmp_path):
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
+    # a process group this test session started (a one-process reference) holds its MASTER_PORT
+    launcher = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
     run = subprocess.run([sys.executable, str(root / "examples" / "fabric_pretrain.py"), "--steps", "3",
                           "--seq-len", "32", "--micro-batch", "2", "--log-every", "1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     losses = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 3 and losses[-1] < losses[0]
