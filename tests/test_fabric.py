@@ -277,17 +277,18 @@ def fabric_run(world: int, steps: int, first: int = 0, load=None, save=None) -> 
         losses.append(float(fabric.all_reduce(loss.detach(), reduce_op="mean")))
     if save:
         fabric.save(save, {"model": module, "optimizer": optimizer, "lr_schedulers": [scheduler.state_dict()]})
-    return losses
+    return {"losses": losses, "params": params_of(module.module.model)}
 
 
 def _resume_worker(rank: int, world: int, folder: str) -> dict:
     out = {"uninterrupted": trainer_run(world, rank, RESUME_STEPS)}
-    out["fabric_first"] = fabric_run(world, RESUME_AT, save=f"{folder}/fabric")
+    first = fabric_run(world, RESUME_AT, save=f"{folder}/fabric")
+    out["fabric_first"], out["fabric_saved"] = first["losses"], first["params"]
     out["trainer_after_fabric"] = trainer_run(world, rank, RESUME_STEPS - RESUME_AT, first=RESUME_AT,
                                               ckpt_path=f"{folder}/fabric")
     trainer_run(world, rank, RESUME_AT, save=f"{folder}/trainer")
     out["fabric_after_trainer"] = fabric_run(world, RESUME_STEPS - RESUME_AT, first=RESUME_AT,
-                                             load=f"{folder}/trainer")
+                                             load=f"{folder}/trainer")["losses"]
     return out
 
 
@@ -300,6 +301,18 @@ def test_checkpoints_interchange_between_fabric_and_trainer(results, folder):
     for key, part in (("fabric_first", slice(0, RESUME_AT)), ("trainer_after_fabric", slice(RESUME_AT, None)),
                       ("fabric_after_trainer", slice(RESUME_AT, None))):
         assert_close(torch.tensor(result[key]), expected[part], rtol=1e-10, name=key)
+    _exports_as_saved(folder / "fabric", folder / "fabric_hf", result["fabric_saved"])
+
+
+def _exports_as_saved(checkpoint, out, params: dict) -> None:
+    """A Fabric checkpoint exports as a Hugging Face folder holding the saved parameters."""
+    from lightning_attn_parallel.export import export
+    from lightning_attn_parallel.models import from_pretrained
+
+    export(checkpoint, out, dtype="fp32")
+    exported = dict(from_pretrained(out, dtype=torch.float64).named_parameters())
+    for key, value in params.items():
+        assert_close(exported[key], value, rtol=1e-7, name=key)  # fp32 in the folder
 
 
 # --------------------------------------------------------------------------- precisions, bad input, example
@@ -395,6 +408,8 @@ def test_example_trains_the_tiny_recipe(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     losses = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    assert (tmp_path / "final").exists()
+    saved = torch.load(tmp_path / "final", weights_only=False)  # a replicated plan's single file
+    assert saved["global_step"] == 3 and all(k.startswith("model.") for k in saved["state_dict"])
+    _exports_as_saved(tmp_path / "final", tmp_path / "hf", {k[len("model."):]: v for k, v in saved["state_dict"].items()})
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     assert "throughput/tokens_per_s" in logged and "memory/peak_allocated_gib" in logged
