@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -77,6 +78,7 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
         self._num_nodes = 1
         self._save_distributed_checkpoint = save_distributed_checkpoint
         self._backward_sync_control = _AccumulationControl(self)
+        self._balanced: Optional[nn.Module] = None  # a MoE model whose router biases follow the loads
 
     @property
     def num_nodes(self) -> int:
@@ -141,6 +143,7 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
         self._apply_plan(module, str(self.precision.precision), getattr(self.precision, "compute_dtype", None),
                          # each rank allocates and reads only the slices it holds
                          materialize=lambda: load_pretrained_into(module, self.root_device))
+        self._balanced = _routers_to_balance(module, partial(self.all_reduce, reduce_op="sum"), self.world_size)
         return module
 
     def setup_module_and_optimizers(self, module: nn.Module, optimizers: list[Optimizer],
@@ -156,7 +159,7 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
             now = {state_dict_name(n): p for n, p in module.named_parameters(remove_duplicate=False)}
         for optimizer in optimizers:
             rebind_parameters(optimizer, lambda p: now[names[id(p)]])
-            self._prepare_optimizer(optimizer)
+            self._prepare_fabric_optimizer(optimizer)
         return module, optimizers, scheduler
 
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
@@ -166,7 +169,19 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
             from .parallel.optimizer_step import rebind_parameters
 
             rebind_parameters(optimizer, self.master_weights.master_of)
-        return self._prepare_optimizer(optimizer)
+        return self._prepare_fabric_optimizer(optimizer)
+
+    def _prepare_fabric_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """As the Trainer's (`_prepare_optimizer`), and, for MoE models that balance their
+        routers without an auxiliary loss, the bias update after each step that CausalLMModule
+        runs under the Trainer."""
+        self._prepare_optimizer(optimizer)
+        if self._balanced is not None:
+            from .models.deepseek import update_moe_biases
+
+            transformer = self._balanced
+            optimizer.register_step_post_hook(lambda *_: update_moe_biases(transformer))
+        return optimizer
 
     # ------------------------------------------------------------------ the step
     def backward(self, tensor: torch.Tensor, module: Optional[nn.Module], *args: Any, **kwargs: Any) -> None:
@@ -224,6 +239,22 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
 
 
 
+def _routers_to_balance(module: nn.Module, sum_over_ranks: Any, world_size: int) -> Optional[nn.Module]:
+    """The protocol model of `module` if its MoE routers update their biases by the loads
+    (auxiliary-loss-free balancing); their `load_sum` slot, unless expert parallelism filled it,
+    sums the loads over every rank (as the ShareRoutingLoads callback does for the Trainer)."""
+    from .models.protocol import moe_layers
+
+    transformer = find_transformer(module)
+    cfg = getattr(transformer, "config", None)
+    if cfg is None or not cfg.is_moe or cfg.bias_update_speed <= 0:
+        return None
+    for _, layer in moe_layers(transformer):
+        if getattr(layer, "load_sum", None) is None and world_size > 1:
+            layer.load_sum = sum_over_ranks
+    return transformer
+
+
 class _AccumulationControl(_BackwardSyncControl):
     """`fabric.no_backward_sync(model, enabled=True)`: micro-batches that only accumulate send
     nothing (DataParallelGradients.accumulating, as the Trainer's accumulation)."""
@@ -242,13 +273,14 @@ def training_loss(fabric: Any, model: nn.Module, batch: Any, loss_chunk_tokens: 
     """(loss to differentiate, mean token loss of the global step to log) of a set-up protocol
     model on a loader's batch: the strategy lays the batch out (context parallelism), and the
     head and loss run under the precision's forward context, as the Trainer's step does. The
-    same objective as `CausalLMModule` (models/objective.py)."""
+    same objective as `CausalLMModule` (models/objective.py). The forward runs in the plan's
+    step context (activation offload)."""
     from .models.objective import causal_lm_loss
 
-    layout = getattr(fabric.strategy, "layout_batch", None)
-    if layout is not None:
-        batch = layout(batch)
-    with fabric.autocast():
+    strategy = fabric.strategy
+    if hasattr(strategy, "layout_batch"):
+        batch = strategy.layout_batch(batch)
+    with getattr(strategy, "step_context", nullcontext)(), fabric.autocast():  # e.g. activation offload
         return causal_lm_loss(model, batch, loss_chunk_tokens, fused)
 
 

@@ -165,6 +165,11 @@ class HybridParallelism:
             optimizer.register_step_post_hook(lambda *_: self.master_weights.refresh())
         return optimizer
 
+    def step_context(self) -> ContextManager:
+        """The context a training step's forward runs in: the plan's memory levers run per step
+        (activation offload), or nothing."""
+        return self._step_context()
+
     def layout_batch(self, batch: Any) -> Any:
         """Context parallelism: this rank's share of `batch` as a StepBatch (split along the
         sequence over a degree decided by its longest document, or its length); any other plan

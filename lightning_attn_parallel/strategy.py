@@ -150,7 +150,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
         return (self.step_batch,) + tuple(args[1:])
 
     def training_step(self, *args: Any, **kwargs: Any):
-        with self._step_context():  # the memory levers applied per step (activation offload)
+        with self.step_context():  # the memory levers applied per step (activation offload)
             return super().training_step(*self._layout_batch(args, log=True), **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any):

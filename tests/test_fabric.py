@@ -29,7 +29,7 @@ TINY_LLAMA = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
 TINY_MOE = dict(family="deepseek", attention="mla", vocab_size=64, d_model=32, n_layers=2, n_heads=4,
                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, ffn_dim=64,
                 max_seq_len=32, n_routed_experts=4, n_shared_experts=1, moe_top_k=2, moe_ffn_dim=16,
-                first_k_dense_replace=1, aux_loss_coef=0.01, bias_update_speed=0.0)
+                first_k_dense_replace=1, aux_loss_coef=0.01, bias_update_speed=0.01)
 CASES = {
     # name: (model, plan)
     "dp_hierarchical": ("llama", dict(hierarchical="always", ranks_per_node=2, bucket_mb=0.005)),
@@ -38,6 +38,7 @@ CASES = {
     "tp": ("llama", dict(tp=2)),
     "cp": ("llama", dict(cp=2)),
     "ep": ("moe", dict(ep=2)),
+    "moe_dp": ("moe", dict()),  # the routers' bias update over loads summed by the strategy
     "user_dp": ("user", dict()),
     "user_fsdp2": ("user", dict(dp_shard=4)),
     # master weights: fp32 compute copies of fp64 masters (exactness of the mechanism, 1e-5)
@@ -113,12 +114,13 @@ def precision_of(plan: dict) -> dict:
 def fabric_train(kind: str, plan: dict, world: int) -> dict:
     """The Fabric loop a user writes: setup, setup_dataloaders, no_backward_sync while
     accumulating, backward, clip_gradients, step. One process runs Lightning's single-device
-    strategy, or attn_hybrid's replicated plan under master weights."""
+    strategy, or attn_hybrid's replicated plan where the case needs the strategy (master weights,
+    the MoE routers' bias update)."""
     L.seed_everything(0, verbose=False)
     masters = plan.get("mixed_precision") == "master_weights"
     strategy = (lap.fabric.AttnHybridFabricStrategy(plan=lap.ParallelPlan(**plan) if world > 1 else
                                                     lap.ParallelPlan(mixed_precision="master_weights"))
-                if world > 1 or masters else "auto")
+                if world > 1 or masters or kind == "moe" else "auto")
     fabric = L.Fabric(accelerator="cpu", devices=world, strategy=strategy, **precision_of(plan))
     fabric.launch()
     model = make_model(kind)
@@ -127,7 +129,7 @@ def fabric_train(kind: str, plan: dict, world: int) -> dict:
     dp = fabric.strategy.distributed_sampler_kwargs["num_replicas"] if world > 1 else 1
     global_batch = MICRO * (WORLD // plan.get("tp", 1) // plan.get("cp", 1))
     loader = fabric.setup_dataloaders(DataLoader(FixedTokens(), batch_size=global_batch // dp))
-    sent, norms = [], []
+    sent, norms, biases = [], [], []
     with Counter() as counter:
         for i, batch in enumerate(loader):
             if i == STEPS * ACCUMULATE:
@@ -141,9 +143,13 @@ def fabric_train(kind: str, plan: dict, world: int) -> dict:
                 norms.append(fabric.clip_gradients(model, optimizer, max_norm=CLIP).detach().clone())
                 optimizer.step()
                 optimizer.zero_grad()
+                biases.append(torch.cat([b.detach().flatten().clone() for n, b in model.named_buffers()
+                                         if n.endswith("expert_bias")] or [torch.zeros(0)]))
     computed = {p.dtype for p in model.parameters()}
     with getattr(fabric.strategy, "masters_in_place", nullcontext)():  # master weights: the masters
         params = params_of(model)
+    # the MoE routers' biases after each step, updated by the loads of every rank
+    params["router_biases"] = torch.stack(biases)
     return {"params": params, "grad_norm": torch.stack(norms), "sent": sent, "dp": dp,
             "sampler": loader._dataloader.sampler.num_replicas if world > 1 else 1,
             "optimized": {p.dtype for g in optimizer.param_groups for p in g["params"]},
@@ -198,6 +204,8 @@ def test_fabric_loop_equals_one_process(results, name):
     kind, plan = CASES[name]
     reference = fabric_train(kind, plan, 1)
     assert float(reference["grad_norm"].min()) > CLIP, "every step must clip"
+    if kind == "moe":  # the routers' biases moved
+        assert reference["params"]["router_biases"].abs().sum() > 0
     rtol = 1e-5 if "mixed_precision" in plan else 1e-10  # fp32 compute copies, or fp64 throughout
     for rank, result in enumerate(results):
         assert_close(result[name]["grad_norm"], reference["grad_norm"], rtol=rtol, name=f"{name} rank{rank} norm")
