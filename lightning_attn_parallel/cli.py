@@ -5,13 +5,14 @@ value fails with one message naming it and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, StrategyConfig
+from .config import ConfigError, StrategyConfig, TrainerConfig
 from .plan import ParallelPlan
 from .preflight import check_run, target_class, target_kwargs
 
@@ -84,14 +85,18 @@ def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # Every Trainer argument is in the group (trainer_args.py); a non-literal default stays unset.
+    trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                      if not OmegaConf.is_missing(cfg.trainer, k)}
     logger = build_logger(cfg)
     try:
         return L.Trainer(strategy=build_strategy(cfg, plan), logger=logger,
                          callbacks=build_callbacks(cfg, run_dir), default_root_dir=str(run_dir),
                          **trainer_kwargs), logger
     except (MisconfigurationException, ValueError, TypeError) as error:
-        raise ConfigError(f"the trainer settings ({', '.join(f'trainer.{k}={v!r}' for k, v in trainer_kwargs.items())}) "
+        defaults = dataclasses.asdict(TrainerConfig())
+        changed = {k: v for k, v in trainer_kwargs.items() if defaults.get(k) != v}
+        raise ConfigError(f"the trainer settings ({', '.join(f'trainer.{k}={v!r}' for k, v in changed.items())}) "
                           f"are refused by Lightning: {error}") from None
 
 
@@ -108,6 +113,10 @@ def run(cfg: DictConfig) -> Optional[Any]:
         print(dry_run_from_config(cfg, model_cfg, plan, checked.world_size))
         return None
     datamodule = build_datamodule(cfg)
+    from .data.fit_corpus import fit_loops_to_data
+
+    for note in fit_loops_to_data(cfg, datamodule, plan.world_size if plan.is_auto else plan.dp):
+        print(note)
     run_dir = Path(cfg.run_dir)
     trainer, logger = build_trainer(cfg, plan, run_dir)
 

@@ -248,6 +248,18 @@ def check_trainer(t: DictConfig) -> None:
                  "give a number of batches (an integer) or a fraction in [0, 1] (a float)")
 
 
+def corpus_model_values(cfg: DictConfig) -> dict:
+    """What a prepared corpus decides about the model: its vocabulary, unless the command line
+    sets model.vocab_size (a smaller one is refused by check_data_files)."""
+    if cfg.data.source != "documents" or OmegaConf.is_missing(cfg.data, "path") or not cfg.data.path:
+        return {}
+    if any(o.split("=", 1)[0].lstrip("+~") == "model.vocab_size" for o in _user_overrides()):
+        return {}
+    from .data.documents import DocumentCorpus
+
+    return {"vocab_size": DocumentCorpus.open(cfg.data.path, cfg.data.dtype).vocab_size}
+
+
 def model_config_from(cfg: DictConfig) -> ModelConfig:
     values = OmegaConf.to_container(cfg.model, resolve=True)
     pretrained = values.pop("pretrained", None)
@@ -255,6 +267,7 @@ def model_config_from(cfg: DictConfig) -> ModelConfig:
         from .pretrained import model_config_for
 
         return model_config_for(pretrained, values, cfg.recipe_name, smoke=cfg.smoke)
+    values.update(corpus_model_values(cfg))
     try:
         model_cfg = ModelConfig(**values)
     except ValueError as error:

@@ -13,6 +13,7 @@ any process group starts), exit code 1 with the path of a traceback log for anyt
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -28,7 +29,17 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_or_exit(lambda: run(cfg), log_dir=lambda: cfg.run_dir, translate=config_user_error)
 
 
+def _run_dir_is_hydra_dir(argv: list[str]) -> list[str]:
+    """`run_dir=X` also names Hydra's own output folder (its .hydra/ config record), unless
+    hydra.run.dir is given: otherwise that record would land in a second folder under runs/."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
+    if given and not any(a.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for a in argv):
+        return argv + [f"hydra.run.dir={given[-1]}"]
+    return argv
+
+
 def main() -> None:
+    sys.argv = sys.argv[:1] + _run_dir_is_hydra_dir(sys.argv[1:])
     register_configs()
     # Hydra must re-raise composition errors so that run_or_exit reports them as one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
