@@ -107,6 +107,15 @@ def run(cfg: DictConfig) -> Optional[Any]:
 
     checked = check_run(cfg)
     model_cfg, plan = checked.model_cfg, checked.plan
+    from .run_record import record_model, shrunk_model_line
+
+    if cfg.smoke and not cfg.model.pretrained:
+        from .models import ModelConfig
+
+        full = ModelConfig(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                              if k != "pretrained"})
+        print(shrunk_model_line(cfg.recipe_name, full, model_cfg))
+    record_model(cfg, model_cfg)
     if cfg.dry_run:
         from .planning.dry_run import dry_run_from_config
 
