@@ -101,10 +101,6 @@ def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
 
 
 def run(cfg: DictConfig) -> Optional[Any]:
-    import lightning as L
-
-    from .module import CausalLMModule
-
     checked = check_run(cfg)
     model_cfg, plan = checked.model_cfg, checked.plan
     from .run_record import record_model, shrunk_model_line
@@ -121,8 +117,12 @@ def run(cfg: DictConfig) -> Optional[Any]:
 
         print(dry_run_from_config(cfg, model_cfg, plan, checked.world_size))
         return None
-    datamodule = build_datamodule(cfg)
+    import lightning as L
+
     from .data.fit_corpus import fit_loops_to_data
+    from .module import CausalLMModule
+
+    datamodule = build_datamodule(cfg)
 
     for note in fit_loops_to_data(cfg, datamodule, plan.world_size if plan.is_auto else plan.dp):
         print(note)

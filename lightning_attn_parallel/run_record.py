@@ -14,6 +14,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
+def starting_line(cfg: DictConfig) -> str:
+    """The first line of a run, printed before torch and Lightning load (seconds)."""
+    what = "dry run" if cfg.dry_run else "training"
+    scale = " at smoke scale" if cfg.smoke else ""
+    data = cfg.data.source + (f" {cfg.data.path}" if cfg.data.get("path") and not OmegaConf.is_missing(cfg.data, "path")
+                              else "")
+    steps = "" if cfg.dry_run else f", {cfg.trainer.max_steps} steps"
+    return (f"{what}: recipe {cfg.recipe_name}{scale}, data {data}{steps}, {cfg.trainer.num_nodes} node(s) x "
+            f"{cfg.trainer.devices} device(s); loading torch and Lightning...")
+
+
 def record_model(cfg: DictConfig, model_cfg: Any) -> None:
     """Put the derived model config into `cfg.model` and re-save Hydra's record of the run."""
     with open_dict(cfg.model):
@@ -50,4 +61,4 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-__all__ = ["record_model", "shrunk_model_line"]
+__all__ = ["record_model", "shrunk_model_line", "starting_line"]

@@ -20,13 +20,22 @@ from omegaconf import DictConfig
 
 from lightning_attn_parallel.config import CONF_DIR, config_user_error, register_configs
 from lightning_attn_parallel.errors import run_or_exit
+from lightning_attn_parallel.preflight import check_config
+from lightning_attn_parallel.run_record import starting_line
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from lightning_attn_parallel.cli import run
+    def checked_then_run() -> None:
+        # The config first and a line to say what runs: both before torch and Lightning load.
+        check_config(cfg)
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+            print(starting_line(cfg), flush=True)
+        from lightning_attn_parallel.cli import run
 
-    run_or_exit(lambda: run(cfg), log_dir=lambda: cfg.run_dir, translate=config_user_error)
+        run(cfg)
+
+    run_or_exit(checked_then_run, log_dir=lambda: cfg.run_dir, translate=config_user_error)
 
 
 def _run_dir_is_hydra_dir(argv: list[str]) -> list[str]:
