@@ -42,7 +42,10 @@ def build_logger(cfg: DictConfig):
         os.environ.setdefault("WANDB_SILENT", "true")
         # The whole run, for W&B's config table. Through a partial: `instantiate` itself takes
         # an argument named `config`, so it cannot be passed as a keyword there.
-        return instantiate(cfg.logger, _partial_=True)(config=OmegaConf.to_container(cfg, resolve=True))
+        from .lightning_workarounds import without_wandb_anonymous
+
+        return without_wandb_anonymous(
+            instantiate(cfg.logger, _partial_=True)(config=OmegaConf.to_container(cfg, resolve=True)))
     return instantiate(cfg.logger)
 
 
@@ -103,14 +106,14 @@ def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
 def run(cfg: DictConfig) -> Optional[Any]:
     checked = check_run(cfg)
     model_cfg, plan = checked.model_cfg, checked.plan
-    from .run_record import record_model, shrunk_model_line
+    from .run_record import model_line, record_model
 
-    if cfg.smoke and not cfg.model.pretrained:
+    if not cfg.dry_run or cfg.smoke:
         from .models import ModelConfig
 
         full = ModelConfig(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-                              if k != "pretrained"})
-        print(shrunk_model_line(cfg.recipe_name, full, model_cfg))
+                              if k != "pretrained"}) if cfg.smoke and not cfg.model.pretrained else None
+        print(model_line(cfg.recipe_name, model_cfg, full))
     record_model(cfg, model_cfg)
     if cfg.dry_run:
         from .planning.dry_run import dry_run_from_config
@@ -120,7 +123,10 @@ def run(cfg: DictConfig) -> Optional[Any]:
     import lightning as L
 
     from .data.fit_corpus import fit_loops_to_data
+    from .lightning_workarounds import quiet_upstream_warnings
     from .module import CausalLMModule
+
+    quiet_upstream_warnings()
 
     datamodule = build_datamodule(cfg)
 
@@ -145,6 +151,10 @@ def run(cfg: DictConfig) -> Optional[Any]:
                      tokenizer_from=cfg.model.pretrained)
     if trainer.is_global_zero:
         print(f"run directory: {run_dir.resolve()}")
+        from .callbacks.report import RunReport
+
+        for report in (c for c in trainer.callbacks if isinstance(c, RunReport) and c.report_dir):
+            print(f"report: {report.report_dir.resolve()} (loss.png, summary.md and the other plots)")
         from lightning.pytorch.loggers import WandbLogger
 
         if isinstance(logger, WandbLogger) and logger.experiment is not None:

@@ -63,6 +63,9 @@ class ProjectTrainerDefaults:
     enable_progress_bar: bool = True
     enable_checkpointing: bool = True
     deterministic: bool = False
+    # train.py prints its own model line (run_record.py); Lightning's table shows "Total FLOPs: 0"
+    # for a module without an example input
+    enable_model_summary: Optional[bool] = False
 
 
 def _with_every_trainer_argument(base: type) -> type:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -42,16 +42,22 @@ def record_model(cfg: DictConfig, model_cfg: Any) -> None:
         OmegaConf.save(cfg, saved)
 
 
-def shrunk_model_line(recipe: str, full: Any, shrunk: Any) -> str:
-    """One line on what `+scale=smoke` made of a recipe's model."""
+def model_line(recipe: str, model: Any, full: Optional[Any] = None) -> str:
+    """One line on the model that trains; with `full`, what `+scale=smoke` made of the recipe's."""
     from .planning import parameter_counts
 
-    moe = (f", {shrunk.n_routed_experts} experts top-{shrunk.moe_top_k} (was {full.n_routed_experts})"
-           if shrunk.is_moe else "")
-    return (f"smoke scale: {recipe} shrunk to d_model {shrunk.d_model} (was {full.d_model}), {shrunk.n_layers} "
-            f"layers (was {full.n_layers}), {shrunk.n_heads} heads / {shrunk.n_kv_heads} KV, ffn {shrunk.ffn_dim}, "
-            f"vocab {shrunk.vocab_size} (was {full.vocab_size}){moe}: "
-            f"{_count(parameter_counts(shrunk).total)} parameters (was {_count(parameter_counts(full).total)})")
+    def was(key: str) -> str:
+        return f" (was {getattr(full, key)})" if full is not None and getattr(full, key) != getattr(model, key) else ""
+
+    moe = (f", {model.n_routed_experts} experts top-{model.moe_top_k}{was('n_routed_experts')}"
+           if model.is_moe else "")
+    params = _count(parameter_counts(model).total)
+    if full is not None:
+        params += f" (was {_count(parameter_counts(full).total)})"
+    head = f"smoke scale: {recipe} shrunk to" if full is not None else f"model: {recipe},"
+    return (f"{head} {model.family} d_model {model.d_model}{was('d_model')}, {model.n_layers} layers"
+            f"{was('n_layers')}, {model.n_heads} heads / {model.n_kv_heads} KV, ffn {model.ffn_dim}, vocab "
+            f"{model.vocab_size}{was('vocab_size')}{moe}: {params} parameters")
 
 
 def _count(n: float) -> str:
@@ -61,4 +67,4 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-__all__ = ["record_model", "shrunk_model_line", "starting_line"]
+__all__ = ["record_model", "model_line", "starting_line"]

@@ -45,11 +45,15 @@ def test_a_200_paragraph_corpus_trains_with_the_readme_commands(tmp_path):
     assert prepare.returncode == 0, prepare.stderr[-2000:]
     vocab = json.loads((tmp_path / "corpus" / "metadata.json").read_text())["vocab_size"]
     train = subprocess.run([sys.executable, str(ROOT / "train.py"), "data=documents", "data.path=corpus",
-                            "trainer.max_steps=20", "model.n_layers=2", "logger=none", "callbacks=none",
+                            "trainer.max_steps=20", "model.n_layers=2", "logger=none",
                             "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
-    assert "Traceback" not in train.stderr
+    for noise in ("Traceback", "Warning", "💡 Tip", "Total FLOPs"):  # nothing a user cannot act on
+        assert noise not in train.stderr + train.stdout, noise
+    assert f"vocab {vocab}: " in train.stdout  # the model line: the corpus's vocabulary
+    report = next(l for l in train.stdout.splitlines() if l.startswith("report: ")).split()[1]
+    assert (Path(report) / "loss.png").is_file()
     assert "validating every 20 batches counted across epochs" in train.stdout, train.stdout[-3000:]
     assert "validating on batches of 1" in train.stdout
     run_dirs = list((tmp_path / "runs" / "corpus").iterdir())
