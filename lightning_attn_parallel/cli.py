@@ -5,13 +5,14 @@ value fails with one message naming it and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, StrategyConfig
+from .config import ConfigError, StrategyConfig, TrainerConfig
 from .plan import ParallelPlan
 from .preflight import check_run, target_class, target_kwargs
 
@@ -41,7 +42,10 @@ def build_logger(cfg: DictConfig):
         os.environ.setdefault("WANDB_SILENT", "true")
         # The whole run, for W&B's config table. Through a partial: `instantiate` itself takes
         # an argument named `config`, so it cannot be passed as a keyword there.
-        return instantiate(cfg.logger, _partial_=True)(config=OmegaConf.to_container(cfg, resolve=True))
+        from .lightning_workarounds import without_wandb_anonymous
+
+        return without_wandb_anonymous(
+            instantiate(cfg.logger, _partial_=True)(config=OmegaConf.to_container(cfg, resolve=True)))
     return instantiate(cfg.logger)
 
 
@@ -84,30 +88,50 @@ def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # Every Trainer argument is in the group (trainer_args.py); a non-literal default stays unset.
+    trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                      if not OmegaConf.is_missing(cfg.trainer, k)}
     logger = build_logger(cfg)
     try:
         return L.Trainer(strategy=build_strategy(cfg, plan), logger=logger,
                          callbacks=build_callbacks(cfg, run_dir), default_root_dir=str(run_dir),
                          **trainer_kwargs), logger
     except (MisconfigurationException, ValueError, TypeError) as error:
-        raise ConfigError(f"the trainer settings ({', '.join(f'trainer.{k}={v!r}' for k, v in trainer_kwargs.items())}) "
+        defaults = dataclasses.asdict(TrainerConfig())
+        changed = {k: v for k, v in trainer_kwargs.items() if defaults.get(k) != v}
+        raise ConfigError(f"the trainer settings ({', '.join(f'trainer.{k}={v!r}' for k, v in changed.items())}) "
                           f"are refused by Lightning: {error}") from None
 
 
 def run(cfg: DictConfig) -> Optional[Any]:
-    import lightning as L
-
-    from .module import CausalLMModule
-
     checked = check_run(cfg)
     model_cfg, plan = checked.model_cfg, checked.plan
+    from .run_record import model_line, record_model
+
+    if not cfg.dry_run or cfg.smoke:
+        from .models import ModelConfig
+
+        full = ModelConfig(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                              if k != "pretrained"}) if cfg.smoke and not cfg.model.pretrained else None
+        print(model_line(cfg.recipe_name, model_cfg, full))
+    record_model(cfg, model_cfg)
     if cfg.dry_run:
         from .planning.dry_run import dry_run_from_config
 
         print(dry_run_from_config(cfg, model_cfg, plan, checked.world_size))
         return None
+    import lightning as L
+
+    from .data.fit_corpus import fit_loops_to_data
+    from .lightning_workarounds import quiet_upstream_warnings
+    from .module import CausalLMModule
+
+    quiet_upstream_warnings()
+
     datamodule = build_datamodule(cfg)
+
+    for note in fit_loops_to_data(cfg, datamodule, plan.world_size if plan.is_auto else plan.dp):
+        print(note)
     run_dir = Path(cfg.run_dir)
     trainer, logger = build_trainer(cfg, plan, run_dir)
 
@@ -127,6 +151,10 @@ def run(cfg: DictConfig) -> Optional[Any]:
                      tokenizer_from=cfg.model.pretrained)
     if trainer.is_global_zero:
         print(f"run directory: {run_dir.resolve()}")
+        from .callbacks.report import RunReport
+
+        for report in (c for c in trainer.callbacks if isinstance(c, RunReport) and c.report_dir):
+            print(f"report: {report.report_dir.resolve()} (loss.png, summary.md and the other plots)")
         from lightning.pytorch.loggers import WandbLogger
 
         if isinstance(logger, WandbLogger) and logger.experiment is not None:

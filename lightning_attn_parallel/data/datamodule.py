@@ -178,6 +178,7 @@ class LMDataModule(L.LightningDataModule):
             raise ValueError(f"data.lengths={list(lengths)} has a length above data.seq_len={seq_len}: "
                              "raise seq_len to the longest length")
         self.source, self.seq_len, self.micro_batch_size = source, seq_len, micro_batch_size
+        self.val_micro_batch_size = micro_batch_size  # smaller for a split under one batch (fit_corpus.py)
         self.train_path, self.val_path, self.dtype = train_path, val_path, dtype
         self.cache_dir = Path(cache_dir).expanduser()
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
@@ -236,8 +237,8 @@ class LMDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         replicas, rank = self._replicas()
-        sampler = ResumableSampler(self.val_set, replicas, rank, self.micro_batch_size, shuffle=False)
-        return DataLoader(self.val_set, batch_size=self.micro_batch_size, sampler=sampler,
+        sampler = ResumableSampler(self.val_set, replicas, rank, self.val_micro_batch_size, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.val_micro_batch_size, sampler=sampler,
                           num_workers=self.num_workers, drop_last=True)
 
 

@@ -258,6 +258,7 @@ class DocumentDataModule(LMDataModule):
             raise CorpusError(f"{path} has no validation split: prepare it with --val-fraction > 0")
         self.pack = pack
         self.stats: dict[str, dict[str, float]] = {}
+        self._logged = False
 
     @property
     def vocab_size(self) -> Optional[int]:
@@ -267,7 +268,8 @@ class DocumentDataModule(LMDataModule):
         pass
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None:  # set up before the Trainer (fit_corpus.py): log once it has one
+            self._log_metrics()
             return
         sets = {}
         for split in ("train", "val"):
@@ -289,8 +291,12 @@ class DocumentDataModule(LMDataModule):
             f"{self.seq_len} split; {mode} into {int(train['windows'])} windows at "
             f"{100 * train['packing_efficiency']:.1f}% efficiency ({int(train['wasted_tokens'])} "
             "padding tokens wasted)")
+        self._log_metrics()
+
+    def _log_metrics(self) -> None:
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.logger is not None:
+        if trainer is not None and trainer.logger is not None and not self._logged:
+            self._logged = True
             trainer.logger.log_metrics({f"data/{split}/{k}": v for split, s in self.stats.items()
                                         for k, v in s.items()}, step=0)
 
