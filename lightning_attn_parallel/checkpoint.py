@@ -9,7 +9,8 @@ parameter name whatever wraps the model (FSDP, activation checkpointing, torch.c
 
 Folder layout: DCP's files (`.metadata`, `*.distcp`) holding {"model": ..., "optimizers":
 {"0": ..., "1": ...}}, plus `extra.pt` (anything else: step counters, loop state) written by
-rank 0 with torch.save. Checkpoints are trusted files: `extra.pt` is unpickled.
+rank 0 with torch.save. Every file is read weights-only (safe_load.py): a file that would run
+code when unpickled is refused with an UnsafeCheckpointError naming it.
 
 Every tensor split over ranks is a DTensor (FSDP2 shards, tensor- and expert-parallel ones), so
 the state dicts are torch's own (parallel/state_dict.py) and experts reshard like everything else.
@@ -44,6 +45,8 @@ from torch.optim import Optimizer
 from .errors import first_line, rank
 from .parallel.state_dict import model_state as full_or_sharded_model_state
 from .parallel.state_dict import state_dict_name
+from .safe_load import UnsafeCheckpointError
+from .safe_load import load as safe_load
 
 PathLike = Union[str, os.PathLike]
 Optimizers = Union[Optimizer, Iterable[Optimizer], None]
@@ -124,7 +127,9 @@ def read_checkpoint_file(path: PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return safe_load(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(err, with_type=True)}): it is "
                               "corrupt or truncated; load an earlier checkpoint") from err
@@ -138,7 +143,9 @@ def saved_hyperparameters(path: PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = safe_load(path, mmap=True)
+        except UnsafeCheckpointError:
+            raise
         except Exception as err:  # noqa: BLE001 - any failure to read means the file is damaged
             raise CheckpointError(f"{str(path)!r} cannot be read ({first_line(err)}): it is truncated or "
                                   "not a checkpoint") from None
@@ -165,7 +172,9 @@ def saved_hyperparameters(path: PathLike) -> dict:
     if not (path / EXTRA_FILE).is_file():
         return {}
     try:
-        state = torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
+        state = safe_load(path / EXTRA_FILE)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"{str(path)!r} has an unreadable {EXTRA_FILE} ({first_line(err)})") from None
     return state.get("hyper_parameters") or {} if isinstance(state, dict) else {}
@@ -191,7 +200,9 @@ def load_consolidated(path: PathLike, model: nn.Module, strict: bool = True) -> 
     if not path.is_file():
         raise CheckpointError(f"consolidated checkpoint {path} does not exist: check the path")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_load(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"consolidated checkpoint {path} cannot be read "
                               f"({first_line(err, with_type=True)}): re-export it") from err
@@ -285,7 +296,9 @@ def _check_optimizer_count(path: Path, metadata: Any, wanted: int) -> None:
 
 def _read_extra(path: Path) -> dict:
     try:
-        return torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
+        return safe_load(path / EXTRA_FILE)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable {EXTRA_FILE} "
                               f"({first_line(err, with_type=True)}): it is corrupt; load an earlier checkpoint") from err
@@ -440,7 +453,7 @@ def _distributed() -> bool:
 
 
 
-__all__ = ["CheckpointError", "save_distributed", "load_distributed", "export_consolidated",
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "save_distributed", "load_distributed", "export_consolidated",
            "load_consolidated", "save_lightning_checkpoint", "load_lightning_checkpoint",
            "read_checkpoint_file", "save_file", "check_free_space", "state_bytes", "check_shared_tensors",
            "saved_hyperparameters"]
