@@ -47,6 +47,7 @@ from .parallel.state_dict import model_state as full_or_sharded_model_state
 from .parallel.state_dict import state_dict_name
 from .safe_load import UnsafeCheckpointError
 from .safe_load import load as safe_load
+from .storage import describe, existing_folder, why_not_writable
 
 PathLike = Union[str, os.PathLike]
 Optimizers = Union[Optimizer, Iterable[Optimizer], None]
@@ -315,10 +316,10 @@ def _write(path: Path, model_state: dict, optim_states: list, extra: dict,
     state = {"model": model_state, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
     error = None
     try:
+        check_free_space(path, state_bytes(state) + state_bytes(extra))  # writable, with room
         if leader:
             _remove(tmp)  # leftovers of an interrupted save
             tmp.mkdir(parents=True)
-        check_free_space(path, state_bytes(state) + state_bytes(extra))
     except Exception as err:  # noqa: BLE001 - shared with every rank below
         error = _save_error(path, err)
     _raise_if_any(error, tmp if leader else None)  # every rank agrees before DCP starts
@@ -364,10 +365,15 @@ def state_bytes(obj: Any) -> int:
 
 
 def check_free_space(path: PathLike, needed: int) -> None:
-    """Refuse a save of about `needed` bytes to `path` when its file system has less room (with 5%
-    and 1 MiB to spare for file headers and metadata)."""
+    """Refuse a save of about `needed` bytes to `path` when its folder cannot be written (read-only,
+    not permitted) or its file system has less room (with 5% and 1 MiB to spare for file headers
+    and metadata)."""
     path = Path(path)
-    folder = _existing_folder(path)
+    folder = existing_folder(path)
+    unwritable = why_not_writable(folder)
+    if unwritable is not None:
+        raise CheckpointError(f"cannot save checkpoint {path}: {folder} cannot be written, {unwritable} "
+                              f"({_human(shutil.disk_usage(folder).free)} free)")
     need = int(needed * 1.05) + (1 << 20)
     free = shutil.disk_usage(folder).free
     if free < need:
@@ -379,11 +385,11 @@ def check_free_space(path: PathLike, needed: int) -> None:
 def _save_error(path: Path, err: BaseException) -> str:
     if isinstance(err, CheckpointError):
         return str(err)
-    folder = _existing_folder(path)
+    folder = existing_folder(path)
     free = shutil.disk_usage(folder).free
+    why = describe(err) or "free space there or save elsewhere"
     return (f"could not write checkpoint {path} ({first_line(err, with_type=True)}); {folder} has {_human(free)} "
-            f"({free} bytes) free: free space there or save elsewhere (the partial save was removed; "
-            "the previous checkpoint is unchanged)")
+            f"({free} bytes) free; {why} (the partial save was removed; the previous checkpoint is unchanged)")
 
 
 def _raise_if_any(error: Optional[str], partial: Optional[Path]) -> None:
@@ -406,13 +412,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
-
-
-def _existing_folder(path: Path) -> Path:
-    folder = path.parent.resolve()
-    while not folder.exists():
-        folder = folder.parent
-    return folder
 
 
 def _human(n: int) -> str:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, StrategyConfig
 from .plan import ParallelPlan
-from .preflight import check_run, target_class, target_kwargs
+from .preflight import check_run, checkpoint_dir, target_class, target_kwargs
 
 
 def build_datamodule(cfg: DictConfig):
@@ -60,7 +60,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
         # No version counter: a resumed run overwrites its checkpoints instead of piling up
         # `-v1`, `-v2`... duplicates beside them.
         every = max(1, cfg.trainer.max_steps // 2) if cfg.trainer.max_steps > 0 else None
-        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
+        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir(run_dir)), save_last=True,
                                          every_n_train_steps=every, enable_version_counter=False))
     if cfg.callbacks and "_target_" in cfg.callbacks:
         made = instantiate(cfg.callbacks)
