@@ -46,12 +46,14 @@ def build_logger(cfg: DictConfig):
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    """Checkpointing, plus the callbacks of conf/callbacks (a `_target_` returning a callback or
-    a list of them; an empty node means none)."""
+    """Checkpointing and the non-finite step guard, plus the callbacks of conf/callbacks (a
+    `_target_` returning a callback or a list of them; an empty node means none)."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    callbacks: list = []
+    from .callbacks.nonfinite import NonFiniteGuard
+
+    callbacks: list = [NonFiniteGuard(cfg.skip_nonfinite)]
     if cfg.trainer.enable_progress_bar:  # refreshed at the log interval, with no per-step GPU stall
         from .callbacks.progress import StepLossProgressBar
 
@@ -86,9 +88,10 @@ def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     logger = build_logger(cfg)
+    callbacks = build_callbacks(cfg, run_dir)  # their own refusals name their own keys
     try:
         return L.Trainer(strategy=build_strategy(cfg, plan), logger=logger,
-                         callbacks=build_callbacks(cfg, run_dir), default_root_dir=str(run_dir),
+                         callbacks=callbacks, default_root_dir=str(run_dir),
                          **trainer_kwargs), logger
     except (MisconfigurationException, ValueError, TypeError) as error:
         raise ConfigError(f"the trainer settings ({', '.join(f'trainer.{k}={v!r}' for k, v in trainer_kwargs.items())}) "

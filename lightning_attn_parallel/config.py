@@ -107,6 +107,7 @@ class TrainConfig:
     recipe_name: str = "default"
     dry_run: bool = False
     skip_fit_check: bool = False  # run even when the planner's memory budget says it won't fit
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or grad norm to skip (0: the first one stops the run)
     seed: int = 1234
     run_dir: str = "runs/${recipe_name}"
     ckpt_path: Optional[str] = None
