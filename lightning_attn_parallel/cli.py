@@ -52,8 +52,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from .callbacks.nonfinite import NonFiniteGuard
+    from .callbacks.preemption import Preemption
 
     callbacks: list = [NonFiniteGuard(cfg.skip_nonfinite)]
+    if cfg.preemption_signals:
+        callbacks.append(Preemption(list(cfg.preemption_signals), dirpath=str(checkpoint_dir(run_dir))))
     if cfg.trainer.enable_progress_bar:  # refreshed at the log interval, with no per-step GPU stall
         from .callbacks.progress import StepLossProgressBar
 
@@ -123,6 +126,9 @@ def run(cfg: DictConfig) -> Optional[Any]:
                             total_steps=total_steps, loss_chunk_tokens=cfg.optim.loss_chunk_tokens,
                             pretrained=cfg.model.pretrained, fused_loss=cfg.optim.fused_loss)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    requeue = next((c.requested_exit_code for c in trainer.callbacks if getattr(c, "requested_exit_code", None)), None)
+    if requeue is not None:  # preempted: checkpointed; the scheduler starts it again
+        raise SystemExit(requeue)
     if cfg.export_path:
         from .export import export_model
 

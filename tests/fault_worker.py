@@ -59,8 +59,10 @@ def main() -> None:
     ckpt = sys.argv[4] if len(sys.argv) > 4 else None
     torch.set_num_threads(1)
     preemption = Preemption(dirpath=root)
-    saver = [] if mode in ("term", "usr1") else [SaveEveryStep(f"{root}/last.ckpt")]
-    callbacks = [*saver, Fault(mode, STOP_STEP, root), preemption]
+    # the preemption's all-reduce would be where a lost rank is first missed: only where tested
+    preempting = mode in ("term", "usr1")
+    callbacks = ([] if preempting else [SaveEveryStep(f"{root}/last.ckpt")]) + [Fault(mode, STOP_STEP, root)] + \
+        ([preemption] if preempting else [])
     result = fit(os.path.dirname(root), FINAL_STEP, ckpt_path=ckpt, callbacks=callbacks,
                  strategy=AttnHybridStrategy(timeout_s=timeout_s))
     torch.save(result, f"{root}/result-rank{os.environ['LOCAL_RANK']}.pt")
