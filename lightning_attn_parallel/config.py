@@ -72,6 +72,7 @@ class StrategyConfig:
     _target_: str = "lightning_attn_parallel.AttnHybridStrategy"
     plan: ParallelPlan = field(default_factory=ParallelPlan)
     save_distributed_checkpoint: bool = True
+    async_checkpoint: bool = False  # write checkpoints in the background (async_checkpoint.py)
     timeout_s: Optional[float] = None  # None: the strategy's default
 
 
