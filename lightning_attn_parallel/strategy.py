@@ -51,6 +51,8 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
             faults.DEFAULT_TIMEOUT_S); past it the rank exits naming the ranks that did not arrive.
         save_distributed_checkpoint: sharded checkpoints (a folder, loadable under another plan)
             when parameters are sharded; replicated plans always write one file.
+        async_checkpoint: write checkpoint folders in the background (async_checkpoint.py), any
+            plan; training waits only for the copy to host memory.
         process_group_backend: "nccl" on CUDA and "gloo" on CPU unless given.
     """
 
@@ -63,7 +65,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
                  cluster_environment=None, checkpoint_io=None, precision_plugin=None,
                  process_group_backend: Optional[str] = None,
                  timeout: Optional[timedelta] = None, timeout_s: Optional[float] = None,
-                 save_distributed_checkpoint: bool = True) -> None:
+                 save_distributed_checkpoint: bool = True, async_checkpoint: bool = False) -> None:
         self._requested_plan = as_plan(plan)  # first: the precision plugin's setter reads it
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
@@ -79,6 +81,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
         self._timeout = resolve_timeout(timeout_s, timeout)
         self._heartbeat: Optional[Heartbeat] = None
         self._save_distributed_checkpoint = save_distributed_checkpoint
+        self._async_checkpoint = async_checkpoint
         self._parallelized = False
         self._state_loaded_in_place = False
 
@@ -307,6 +310,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, ParallelStrategy):
             raise failure from exception
 
     def teardown(self) -> None:
+        self.finish_checkpoints()  # before the process group goes
         if self.master_weights is not None:
             self.master_weights.masters_in_place()  # the module ends holding the masters
         if self._heartbeat is not None:
