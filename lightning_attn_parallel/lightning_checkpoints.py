@@ -80,12 +80,19 @@ class SplitStateCheckpoints:
 
     _save_distributed_checkpoint: bool = True
     _state_loaded_in_place: bool = False
+    _async_checkpoint: bool = False
+    _async_saves: Any = None  # async_checkpoint.AsyncSaves once the first asynchronous save starts
 
     @property
     def _state_split_over_ranks(self) -> bool:
         from .parallel.state_dict import split_over_ranks
 
         return self.model is not None and split_over_ranks(self.model)
+
+    @property
+    def _writes_folder(self) -> bool:
+        """Checkpoints are folders: asynchronous ones always, split states unless told otherwise."""
+        return self._async_checkpoint or (self._state_split_over_ranks and self._save_distributed_checkpoint)
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -102,20 +109,47 @@ class SplitStateCheckpoints:
         """Split plans: a sharded state dict for a checkpoint folder, or the full one for a file.
         Under master weights, the masters (`masters_in_place`, the strategy's)."""
         with self.masters_in_place():
-            return model_state_of(self.model, self._state_split_over_ranks, self._save_distributed_checkpoint)
+            return model_state_of(self.model, self._state_split_over_ranks or self._async_checkpoint,
+                                  self._writes_folder)
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         with self.masters_in_place():
-            return optimizer_state_of(self.model, optimizer, self._state_split_over_ranks,
-                                      self._save_distributed_checkpoint)
+            return optimizer_state_of(self.model, optimizer, self._state_split_over_ranks or self._async_checkpoint,
+                                      self._writes_folder)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         """Write to a temporary name and rename, so an interrupted save never destroys the last
         good checkpoint. Split plans write a torch.distributed.checkpoint folder."""
         path = Path(self.broadcast(str(filepath)))
-        write_checkpoint(path, settle_fit_loop_state(checkpoint),
-                         self._state_split_over_ranks and self._save_distributed_checkpoint,
-                         self.is_global_zero, self.barrier)
+        checkpoint = settle_fit_loop_state(checkpoint)
+        if self._async_checkpoint:  # a folder under any plan, written in the background
+            from .async_checkpoint import AsyncSaves
+
+            self._async_saves = self._async_saves or AsyncSaves()
+            rest = dict(checkpoint)
+            state = {"model": rest.pop("state_dict"),
+                     "optimizers": {str(i): s for i, s in enumerate(rest.pop("optimizer_states", []))}}
+            self._async_saves.save(path, state, rest, leader=self.is_global_zero)
+        else:
+            write_checkpoint(path, checkpoint, self._writes_folder, self.is_global_zero, self.barrier)
+
+    def remove_checkpoint(self, filepath) -> None:
+        """A checkpoint retired (ModelCheckpoint's top-k, an older last) goes once the save in
+        flight is complete, so a failed save never leaves fewer checkpoints than before."""
+        if self._async_saves is None or not self._async_saves.remove_later(filepath):
+            super().remove_checkpoint(filepath)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A background save that failed is raised here, on every rank; one complete is renamed."""
+        if self._async_saves is not None:
+            self._async_saves.poll()
+        super().on_train_batch_start(batch, batch_idx)
+
+    def finish_checkpoints(self) -> None:
+        """Complete the save in flight (training ends; the strategy's teardown)."""
+        saves, self._async_saves = self._async_saves, None
+        if saves is not None:
+            saves.close()
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """A checkpoint folder (saved under any plan) is loaded into the model and optimizers in

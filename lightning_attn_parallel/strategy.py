@@ -40,6 +40,8 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
             faults.DEFAULT_TIMEOUT_S); past it the rank exits naming the ranks that did not arrive.
         save_distributed_checkpoint: sharded checkpoints (a folder, loadable under another plan)
             when parameters are sharded; replicated plans always write one file.
+        async_checkpoint: write checkpoint folders in the background (async_checkpoint.py), any
+            plan; training waits only for the copy to host memory.
         process_group_backend: "nccl" on CUDA and "gloo" on CPU unless given.
     """
 
@@ -53,7 +55,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
                  cluster_environment=None, checkpoint_io=None, precision_plugin=None,
                  process_group_backend: Optional[str] = None,
                  timeout: Optional[timedelta] = None, timeout_s: Optional[float] = None,
-                 save_distributed_checkpoint: bool = True) -> None:
+                 save_distributed_checkpoint: bool = True, async_checkpoint: bool = False) -> None:
         self._requested_plan = as_plan(plan)  # first: the precision plugin's setter reads it
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
@@ -61,6 +63,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
         self._init_hybrid(process_group_backend, timeout, timeout_s)
         self.num_nodes = 1
         self._save_distributed_checkpoint = save_distributed_checkpoint
+        self._async_checkpoint = async_checkpoint
         self._parallelized = False
         self._state_loaded_in_place = False
 
@@ -177,6 +180,9 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
+    def teardown(self) -> None:
+        self.finish_checkpoints()  # the save in flight completes before the process group goes
+        super().teardown()
 
 
 def register() -> None:
