@@ -171,7 +171,22 @@ def pretrained_load(world: int, folder: str) -> dict:
 
 
 def _worker(rank: int, world: int, folder: str) -> dict:
-    out = {name: fabric_train(kind, plan, world) for name, (kind, plan) in CASES.items()}
+    from lightning_attn_parallel.parallel import gradient_reducer
+
+    calls = {"n": 0}
+    original = gradient_reducer.hierarchical_all_reduce
+
+    def counting(*args, **kwargs):  # the two-level all-reduce of ranks declared on two nodes
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    gradient_reducer.hierarchical_all_reduce = counting
+    out = {}
+    for name, (kind, plan) in CASES.items():
+        calls["n"] = 0
+        out[name] = fabric_train(kind, plan, world)
+        out[name]["hierarchical_calls"] = calls["n"]
+    gradient_reducer.hierarchical_all_reduce = original
     out["interchange"] = _resume_worker(rank, world, folder)
     out["pretrained"] = pretrained_load(world, folder)
     return out
@@ -215,6 +230,12 @@ def test_fabric_loop_equals_one_process(results, name):
             assert result[name]["optimized"] == {torch.float64}, result[name]["optimized"]
             if not plan.get("dp_shard"):  # replicated: the module computes on fp32 copies
                 assert result[name]["computed"] == {torch.float32}, result[name]["computed"]
+
+
+def test_hierarchical_case_reduces_in_two_levels(results):
+    for result in results:
+        assert result["dp_hierarchical"]["hierarchical_calls"] >= STEPS
+        assert result["user_dp"]["hierarchical_calls"] == 0  # flat where the world is one node
 
 
 def test_sampler_splits_over_data_parallel_ranks_only(results):
