@@ -14,9 +14,10 @@ import torch
 
 import lightning_attn_parallel as lap
 from lightning_attn_parallel.fabric import training_loss
+from lightning_attn_parallel.hardware import device_peak_tflops
 from lightning_attn_parallel.module import optimizer_groups
 
-LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=4096)
+LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=262144)  # the suite's llama_1b
 TINY = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256)
 
 
@@ -56,10 +57,13 @@ def main() -> None:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     tokens_per_s = args.steps * args.micro_batch * args.seq_len / elapsed
-    if fabric.is_global_zero:
+    tflops = tokens_per_s * model.flops_per_token(args.seq_len) / 1e12  # the project's FLOP count (MFU convention)
+    peak = device_peak_tflops(fabric.device, args.precision)
+    if fabric.is_global_zero:  # the keys bench.py's table reads, as the Trainer rows give them
         with open(args.out, "w") as out:
-            json.dump({"tokens_per_s": tokens_per_s, "step_time_s": elapsed / args.steps, "loss": float(loss),
-                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            json.dump({"tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+                       "step_time_s": elapsed / args.steps, "loss": float(loss),
+                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
                        "precision": args.precision, "compile": plan.compile}, out)
 
 
