@@ -17,7 +17,8 @@ from lightning_attn_parallel.fabric import training_loss
 from lightning_attn_parallel.hardware import device_peak_tflops
 from lightning_attn_parallel.module import optimizer_groups
 
-LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=262144)  # the suite's llama_1b
+LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
+                max_seq_len=262144)  # the suite's llama_1b
 TINY = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256)
 
 
