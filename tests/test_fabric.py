@@ -439,6 +439,7 @@ def test_example_trains_the_tiny_recipe(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]
     saved = torch.load(tmp_path / "final", weights_only=False)  # a replicated plan's single file
     assert saved["global_step"] == 3 and all(k.startswith("model.") for k in saved["state_dict"])
-    _exports_as_saved(tmp_path / "final", tmp_path / "hf", {k[len("model."):]: v for k, v in saved["state_dict"].items()})
+    _exports_as_saved(tmp_path / "final", tmp_path / "hf",
+                      {k[len("model."):]: v for k, v in saved["state_dict"].items()})
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     assert "throughput/tokens_per_s" in logged and "memory/peak_allocated_gib" in logged
