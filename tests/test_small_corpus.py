@@ -54,6 +54,7 @@ def test_a_200_paragraph_corpus_trains_with_the_readme_commands(tmp_path):
     assert f"vocab {vocab}: " in train.stdout  # the model line: the corpus's vocabulary
     report = next(l for l in train.stdout.splitlines() if l.startswith("report: ")).split()[1]
     assert (Path(report) / "loss.png").is_file()
+    assert "| final val/loss |" in (Path(report) / "summary.md").read_text(), "validation ran"
     assert "validating every 20 batches counted across epochs" in train.stdout, train.stdout[-3000:]
     assert "validating on batches of 1" in train.stdout
     run_dirs = list((tmp_path / "runs" / "corpus").iterdir())
