@@ -1,7 +1,8 @@
 """lightning-attn-parallel: attention-aware parallelism for PyTorch Lightning.
 
-Importing the package registers the strategy name, so `Trainer(strategy="attn_hybrid")` works
-(Lightning has no entry point for strategy names: the import must come before the Trainer).
+Importing the package registers the strategy name, so `Trainer(strategy="attn_hybrid")` and
+`Fabric(strategy="attn_hybrid")` work (Lightning has no entry point for strategy names: the import
+must come before the Trainer or Fabric).
 The names below load on first use, so that a command-line run can check its config before
 torch and Lightning are imported (registration.py).
 """
@@ -27,4 +28,4 @@ def __getattr__(name: str) -> Any:
 register_when_lightning_loads()
 
 __all__ = ["AttnHybridStrategy", "CausalLMModule", "ModelConfig", "ParallelPlan", "PlanError",
-           "build_model", "register"]
+           "build_model", "fabric", "register"]

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, StrategyConfig, TrainerConfig
 from .plan import ParallelPlan
-from .preflight import check_run, target_class, target_kwargs
+from .preflight import check_run, checkpoint_dir, target_class, target_kwargs
 
 
 def build_datamodule(cfg: DictConfig):
@@ -50,12 +50,17 @@ def build_logger(cfg: DictConfig):
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    """Checkpointing, plus the callbacks of conf/callbacks (a `_target_` returning a callback or
-    a list of them; an empty node means none)."""
+    """Checkpointing and the non-finite step guard, plus the callbacks of conf/callbacks (a
+    `_target_` returning a callback or a list of them; an empty node means none)."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    callbacks: list = []
+    from .callbacks.nonfinite import NonFiniteGuard
+    from .callbacks.preemption import Preemption
+
+    callbacks: list = [NonFiniteGuard(cfg.skip_nonfinite)]
+    if cfg.preemption_signals:
+        callbacks.append(Preemption(list(cfg.preemption_signals), dirpath=str(checkpoint_dir(run_dir))))
     if cfg.trainer.enable_progress_bar:  # refreshed at the log interval, with no per-step GPU stall
         from .callbacks.progress import StepLossProgressBar
 
@@ -64,7 +69,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
         # No version counter: a resumed run overwrites its checkpoints instead of piling up
         # `-v1`, `-v2`... duplicates beside them.
         every = max(1, cfg.trainer.max_steps // 2) if cfg.trainer.max_steps > 0 else None
-        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
+        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir(run_dir)), save_last=True,
                                          every_n_train_steps=every, enable_version_counter=False))
     if cfg.callbacks and "_target_" in cfg.callbacks:
         made = instantiate(cfg.callbacks)
@@ -92,9 +97,10 @@ def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
     trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                       if not OmegaConf.is_missing(cfg.trainer, k)}
     logger = build_logger(cfg)
+    callbacks = build_callbacks(cfg, run_dir)  # their own refusals name their own keys
     try:
         return L.Trainer(strategy=build_strategy(cfg, plan), logger=logger,
-                         callbacks=build_callbacks(cfg, run_dir), default_root_dir=str(run_dir),
+                         callbacks=callbacks, default_root_dir=str(run_dir),
                          **trainer_kwargs), logger
     except (MisconfigurationException, ValueError, TypeError) as error:
         defaults = dataclasses.asdict(TrainerConfig())
@@ -144,6 +150,9 @@ def run(cfg: DictConfig) -> Optional[Any]:
                             total_steps=total_steps, loss_chunk_tokens=cfg.optim.loss_chunk_tokens,
                             pretrained=cfg.model.pretrained, fused_loss=cfg.optim.fused_loss)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    requeue = next((c.requested_exit_code for c in trainer.callbacks if getattr(c, "requested_exit_code", None)), None)
+    if requeue is not None:  # preempted: checkpointed; the scheduler starts it again
+        raise SystemExit(requeue)
     if cfg.export_path:
         from .export import export_model
 

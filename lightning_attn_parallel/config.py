@@ -93,6 +93,7 @@ class StrategyConfig:
     _target_: str = "lightning_attn_parallel.AttnHybridStrategy"
     plan: ParallelPlan = field(default_factory=ParallelPlan)
     save_distributed_checkpoint: bool = True
+    async_checkpoint: bool = False  # write checkpoints in the background (async_checkpoint.py)
     timeout_s: Optional[float] = None  # None: the strategy's default
 
 
@@ -128,6 +129,9 @@ class TrainConfig:
     recipe_name: str = "default"
     dry_run: bool = False
     skip_fit_check: bool = False  # run even when the planner's memory budget says it won't fit
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or grad norm to skip (0: the first one stops the run)
+    # signals that checkpoint, stop and exit with 128 + signal for a requeue (callbacks/preemption.py); [] for none
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     seed: int = 1234
     run_dir: str = "runs/${recipe_name}"
     ckpt_path: Optional[str] = None

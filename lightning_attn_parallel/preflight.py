@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -457,8 +456,10 @@ def estimated_checkpoint_bytes(model_cfg: ModelConfig) -> int:
 def check_outputs(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     """The run directory (and the export file's folder) can be written, with room for what the
     run will write there: a checkpoint of the estimated size, the consolidated export."""
-    need = estimated_checkpoint_bytes(model_cfg) if cfg.trainer.enable_checkpointing else 0
-    check_writable_folder(cfg.run_dir, need, "run_dir", "the run's checkpoints")
+    check_writable_folder(cfg.run_dir, 0, "run_dir", "the run's logs")
+    if cfg.trainer.enable_checkpointing:  # its own folder: it may be another mount
+        check_writable_folder(checkpoint_dir(cfg.run_dir), estimated_checkpoint_bytes(model_cfg),
+                              "the checkpoint folder of run_dir", "the run's checkpoints")
     if cfg.export_path:
         export = Path(cfg.export_path).expanduser()
         if cfg.export_format == "hf":  # a Hugging Face folder
@@ -472,24 +473,25 @@ def check_outputs(cfg: DictConfig, model_cfg: ModelConfig) -> None:
                               "export_path", "the consolidated export")
 
 
+def checkpoint_dir(run_dir: Any) -> Path:
+    """Where a run's checkpoints go (ModelCheckpoint's folder in cli.py)."""
+    return Path(str(run_dir)).expanduser() / "checkpoints"
+
+
 def check_writable_folder(folder: Any, need_bytes: int, key: str, what: str) -> None:
     """`folder` (or its nearest existing parent) accepts a file and has `need_bytes` free.
 
-    Probes with a real temporary file rather than os.access, which says yes to root on a
-    read-only mount."""
+    Probes with a real temporary file (storage.why_not_writable)."""
+    from .storage import existing_folder, why_not_writable
+
     folder = Path(str(folder)).expanduser().absolute()
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = folder if folder.exists() else existing_folder(folder)
     if not existing.is_dir():
         raise ConfigError(f"{key}={str(folder)!r} cannot be created: {existing} is a file, not a folder; "
                           "choose another path")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".lap-write-probe-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{key}={str(folder)!r} is not writable ({err.strerror} in {existing}): choose "
-                          "a folder you can write to") from None
+    unwritable = why_not_writable(existing)
+    if unwritable is not None:
+        raise ConfigError(f"{key}={str(folder)!r} is not writable ({existing}: {unwritable})")
     free = shutil.disk_usage(existing).free
     if need_bytes > free:
         raise ConfigError(f"{key}={str(folder)!r} has {free / 2**30:.2f} GiB free but {what} need about "
@@ -497,5 +499,5 @@ def check_writable_folder(folder: Any, need_bytes: int, key: str, what: str) -> 
                           "trainer.enable_checkpointing=false")
 
 
-__all__ = ["CheckedRun", "check_run", "check_config", "check_target_node", "target_class", "target_kwargs", "check_checkpoint_readable", "check_writable_folder",
+__all__ = ["CheckedRun", "check_run", "check_config", "check_target_node", "target_class", "target_kwargs", "check_checkpoint_readable", "check_writable_folder", "checkpoint_dir",
            "estimated_checkpoint_bytes", "model_config_from", "plan_from", "world_size_of", "UserError"]

@@ -1,4 +1,4 @@
-"""Register the strategy name "attn_hybrid" with Lightning without importing Lightning early.
+"""Register the strategy name "attn_hybrid" with Lightning (Trainer and Fabric) without importing Lightning early.
 
 Importing Lightning takes seconds; the command line reads and checks its config before it
 needs Lightning, and answers sooner for it. So importing the package registers the name at once
@@ -15,9 +15,10 @@ from typing import Any, Optional
 
 
 def _register_now() -> None:
-    from .strategy import register
+    from . import fabric, strategy
 
-    register()
+    strategy.register()
+    fabric.register()
 
 
 class _AfterLightningLoads(importlib.abc.MetaPathFinder):

@@ -20,7 +20,7 @@ import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 from ..step import IGNORE_INDEX
-from .datamodule import TOKEN_DTYPES, LMDataModule
+from .datamodule import TOKEN_DTYPES, LMDataModule, token_file
 
 METADATA = "metadata.json"
 FORMAT = "lap-documents/1"
@@ -157,6 +157,12 @@ class DocumentWindows(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return packed_window(self.tokens, self.packing, int(index), self.pad_id)
+
+    def describe(self, items: Sequence[int]) -> str:
+        """Where samples come from, for a report: the token file and each window's document indices."""
+        p = self.packing
+        docs = [p.order[p.starts[int(i)]:p.starts[int(i) + 1]].tolist() for i in items]
+        return f"{token_file(self.tokens)} documents " + "; ".join(", ".join(map(str, d)) for d in docs)
 
 
 # ---------------------------------------------------------------------------------- the corpus
