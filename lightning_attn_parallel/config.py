@@ -201,6 +201,8 @@ def unknown_key_message(key: str) -> str:
     where = ".".join(parents) or "the top level"
     known = list(_known_fields(schema)) if dataclasses.is_dataclass(schema) else []
     hint = did_you_mean(name, known, ".".join(parents) + "." if parents else "")
+    if not hint and known:
+        hint = f" (known keys: {', '.join(known)})"
     return (f"{key} is not a known key of {where}{hint}: fix its spelling, or see "
             f"`python train.py --cfg job` for every key")
 

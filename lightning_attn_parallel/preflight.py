@@ -19,7 +19,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, StrategyConfig, check_known_keys
-from .errors import UserError, first_line
+from .errors import UserError, did_you_mean, first_line
 from .models import ModelConfig, smoke_scale
 from .plan import ParallelPlan
 
@@ -181,7 +181,8 @@ def check_target_node(node: Any, key: str, schema: Optional[type] = None) -> Non
                                   f"use the default strategy (strategy=attn_hybrid), or drop {key}.{name}")
             continue
         if not var_keyword:
-            raise ConfigError(f"{key}.{name} is not a parameter of {node._target_}: remove it or fix its "
+            raise ConfigError(f"{key}.{name} is not a parameter of {node._target_}"
+                              f"{did_you_mean(name, named - {'self'}, key + '.')}: remove it or fix its "
                               f"spelling (parameters: {', '.join(sorted(named - {'self'}))})")
 
 

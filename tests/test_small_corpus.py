@@ -49,11 +49,12 @@ def test_a_200_paragraph_corpus_trains_with_the_readme_commands(tmp_path):
                             "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
-    for noise in ("Traceback", "Warning", "💡 Tip", "Total FLOPs"):  # nothing a user cannot act on
+    for noise in ("Traceback", "Warning", "💡 Tip", "Total FLOPs", "smaller than the logging interval"):  # nothing a user cannot act on
         assert noise not in train.stderr + train.stdout, noise
     assert f"vocab {vocab}: " in train.stdout  # the model line: the corpus's vocabulary
     report = next(l for l in train.stdout.splitlines() if l.startswith("report: ")).split()[1]
     assert (Path(report) / "loss.png").is_file()
+    assert "| final val/loss |" in (Path(report) / "summary.md").read_text(), "validation ran"
     assert "validating every 20 batches counted across epochs" in train.stdout, train.stdout[-3000:]
     assert "validating on batches of 1" in train.stdout
     run_dirs = list((tmp_path / "runs" / "corpus").iterdir())
@@ -69,7 +70,7 @@ def _fake(train: int, val: int) -> SimpleNamespace:
 
 def _cfg(**trainer) -> OmegaConf:
     base = dict(val_check_interval=150, check_val_every_n_epoch=1, limit_val_batches=10, max_steps=20,
-                accumulate_grad_batches=2)
+                accumulate_grad_batches=2, log_every_n_steps=1)
     return OmegaConf.create({"trainer": {**base, **trainer},
                              "data": {"path": "c", "source": "documents", "seq_len": 256, "micro_batch_size": 4}})
 
@@ -93,6 +94,12 @@ def test_data_that_fills_no_batch_is_one_line_before_training(train, val, limit,
         fit_loops_to_data(_cfg(limit_val_batches=limit), _fake(train, val), replicas=2)
     for word in words:
         assert word in str(info.value), str(info.value)
+
+
+def test_a_log_interval_longer_than_an_epoch_becomes_the_epoch():
+    cfg = _cfg(val_check_interval=3, log_every_n_steps=10)
+    notes = fit_loops_to_data(cfg, _fake(train=40, val=8), replicas=2)  # 5 batches an epoch
+    assert cfg.trainer.log_every_n_steps == 5 and len(notes) == 1 and "logging every 5 steps" in notes[0]
 
 
 def test_no_validation_asked_needs_no_validation_split():

@@ -49,6 +49,11 @@ def fit_loops_to_data(cfg: DictConfig, datamodule: Any, replicas: int) -> list[s
         notes.append(f"note: trainer.val_check_interval={interval} is more than the {batches} batches of one "
                      f"epoch of {where}: validating every {adjusted} batches counted across epochs "
                      "(trainer.check_val_every_n_epoch=null)")
+    if t.log_every_n_steps > batches:  # Lightning warns that such an epoch logs nothing
+        with open_dict(t):
+            t.log_every_n_steps = batches
+        notes.append(f"note: logging every {batches} steps, the batches of one epoch of {where} "
+                     f"(trainer.log_every_n_steps={batches})")
     return notes
 
 
