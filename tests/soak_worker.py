@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from lightning_attn_parallel import checkpoint
 from lightning_attn_parallel.async_checkpoint import AsyncSaves
@@ -62,8 +63,8 @@ def train(root: Path, total: int, rank: int, port: int) -> None:
             checkpoint.save_distributed(path, model, optimizer, {"step": step})
         else:
             phase(root, f"async-save {step}")
-            state = {"model": checkpoint.get_model_state_dict(model),
-                     "optimizers": {"0": checkpoint.get_optimizer_state_dict(model, optimizer)}}
+            state = {"model": get_model_state_dict(model),
+                     "optimizers": {"0": get_optimizer_state_dict(model, optimizer)}}
             saves.save(path, state, {"step": step}, leader=rank == 0)
     saves.close()
     phase(root, "done")
