@@ -304,4 +304,7 @@ def register() -> None:
         AttnHybridFabricStrategy.register_strategies(STRATEGY_REGISTRY)
 
 
+register()  # importing the module is what makes the name resolve (registration.py)
+
+
 __all__ = ["AttnHybridFabricStrategy", "PRECISIONS", "pretrained_model", "register", "training_loss"]

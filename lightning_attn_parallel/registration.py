@@ -9,16 +9,18 @@ strategy name", holds in either order of imports. Python has no post-import hook
 """
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import sys
 from typing import Any, Optional
 
 
 def _register_now() -> None:
-    from . import fabric, strategy
-
-    strategy.register()
-    fabric.register()
+    """Import both front-ends' strategy modules; each registers its name as its last statement.
+    A module still being imported (Lightning was loaded by its own imports) registers when it
+    finishes, so this is safe in any import order."""
+    for name in ("strategy", "fabric"):
+        importlib.import_module(f".{name}", __package__)
 
 
 class _AfterLightningLoads(importlib.abc.MetaPathFinder):

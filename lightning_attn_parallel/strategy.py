@@ -189,3 +189,6 @@ def register() -> None:
     """Make `Trainer(strategy="attn_hybrid")` resolve (importing the package calls this)."""
     if AttnHybridStrategy.strategy_name not in StrategyRegistry:
         AttnHybridStrategy.register_strategies(StrategyRegistry)
+
+
+register()  # importing the module is what makes the name resolve (registration.py)

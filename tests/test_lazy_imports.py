@@ -21,7 +21,12 @@ def test_the_config_checks_load_neither_torch_nor_lightning():
 
 
 @pytest.mark.parametrize("order", ["import lightning_attn_parallel; import lightning",
-                                   "import lightning; import lightning_attn_parallel"])
+                                   "import lightning; import lightning_attn_parallel",
+                                   # a submodule that imports Lightning itself, first
+                                   "import lightning_attn_parallel.strategy",
+                                   "import lightning_attn_parallel.fabric"])
 def test_the_strategy_name_registers_in_either_order(order):
+    """Both front-ends' registries know the name, whatever was imported first."""
     assert _python(f"{order}\nfrom lightning.pytorch.strategies import StrategyRegistry\n"
-                   "print('attn_hybrid' in StrategyRegistry)") == "True"
+                   "from lightning.fabric.strategies import STRATEGY_REGISTRY\n"
+                   "print('attn_hybrid' in StrategyRegistry, 'attn_hybrid' in STRATEGY_REGISTRY)") == "True True"
