@@ -433,7 +433,15 @@ def _launch_script(cfg: Config, timeout_s: float) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={cfg.devices}", str(Path(__file__).with_name(cfg.script)),
                *map(str, args), "--out", str(out)]
-        return _run(cmd, timeout_s, lambda _: {"script": json.loads(out.read_text())} if out.exists() else None)
+        return _run(cmd, timeout_s, lambda _: _script_result(json.loads(out.read_text())) if out.exists() else None)
+
+
+def _script_result(data: dict[str, Any]) -> dict[str, Any]:
+    """A script's JSON, and the table's figures where the script measured them (a row of the table
+    like the Trainer's rows), so a script row is compared in the same table."""
+    figures = ("tokens_per_s", "tflops_per_gpu", "mfu", "peak_gib")
+    lifted = {k: data[k] for k in figures if k in data} if all(k in data for k in figures) else {}
+    return {"script": data, **lifted}
 
 
 def _launch_torchtitan(cfg: Config, timeout_s: float) -> dict[str, Any]:

@@ -9,7 +9,8 @@ parameter name whatever wraps the model (FSDP, activation checkpointing, torch.c
 
 Folder layout: DCP's files (`.metadata`, `*.distcp`) holding {"model": ..., "optimizers":
 {"0": ..., "1": ...}}, plus `extra.pt` (anything else: step counters, loop state) written by
-rank 0 with torch.save. Checkpoints are trusted files: `extra.pt` is unpickled.
+rank 0 with torch.save. Every file is read weights-only (safe_load.py): a file that would run
+code when unpickled is refused with an UnsafeCheckpointError naming it.
 
 Every tensor split over ranks is a DTensor (FSDP2 shards, tensor- and expert-parallel ones), so
 the state dicts are torch's own (parallel/state_dict.py) and experts reshard like everything else.
@@ -44,6 +45,9 @@ from torch.optim import Optimizer
 from .errors import first_line, rank
 from .parallel.state_dict import model_state as full_or_sharded_model_state
 from .parallel.state_dict import state_dict_name
+from .safe_load import UnsafeCheckpointError
+from .safe_load import load as safe_load
+from .storage import describe, existing_folder, why_not_writable
 
 PathLike = Union[str, os.PathLike]
 Optimizers = Union[Optimizer, Iterable[Optimizer], None]
@@ -127,7 +131,9 @@ def read_checkpoint_file(path: PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return safe_load(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(err, with_type=True)}): it is "
                               "corrupt or truncated; load an earlier checkpoint") from err
@@ -141,7 +147,9 @@ def saved_hyperparameters(path: PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = safe_load(path, mmap=True)
+        except UnsafeCheckpointError:
+            raise
         except Exception as err:  # noqa: BLE001 - any failure to read means the file is damaged
             raise CheckpointError(f"{str(path)!r} cannot be read ({first_line(err)}): it is truncated or "
                                   "not a checkpoint") from None
@@ -168,7 +176,9 @@ def saved_hyperparameters(path: PathLike) -> dict:
     if not (path / EXTRA_FILE).is_file():
         return {}
     try:
-        state = torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
+        state = safe_load(path / EXTRA_FILE)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"{str(path)!r} has an unreadable {EXTRA_FILE} ({first_line(err)})") from None
     return state.get("hyper_parameters") or {} if isinstance(state, dict) else {}
@@ -194,7 +204,9 @@ def load_consolidated(path: PathLike, model: nn.Module, strict: bool = True) -> 
     if not path.is_file():
         raise CheckpointError(f"consolidated checkpoint {path} does not exist: check the path")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_load(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"consolidated checkpoint {path} cannot be read "
                               f"({first_line(err, with_type=True)}): re-export it") from err
@@ -290,7 +302,9 @@ def _check_optimizer_count(path: Path, metadata: Any, wanted: int) -> None:
 
 def _read_extra(path: Path) -> dict:
     try:
-        return torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
+        return safe_load(path / EXTRA_FILE)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable {EXTRA_FILE} "
                               f"({first_line(err, with_type=True)}): it is corrupt; load an earlier checkpoint") from err
@@ -307,10 +321,10 @@ def _write(path: Path, model_state: dict, optim_states: list, extra: dict,
     state = {"model": model_state, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
     error = None
     try:
+        check_free_space(path, state_bytes(state) + state_bytes(extra))  # writable, with room
         if leader:
             _remove(tmp)  # leftovers of an interrupted save
             tmp.mkdir(parents=True)
-        check_free_space(path, state_bytes(state) + state_bytes(extra))
     except Exception as err:  # noqa: BLE001 - shared with every rank below
         error = _save_error(path, err)
     _raise_if_any(error, tmp if leader else None)  # every rank agrees before DCP starts
@@ -356,10 +370,15 @@ def state_bytes(obj: Any) -> int:
 
 
 def check_free_space(path: PathLike, needed: int) -> None:
-    """Refuse a save of about `needed` bytes to `path` when its file system has less room (with 5%
-    and 1 MiB to spare for file headers and metadata)."""
+    """Refuse a save of about `needed` bytes to `path` when its folder cannot be written (read-only,
+    not permitted) or its file system has less room (with 5% and 1 MiB to spare for file headers
+    and metadata)."""
     path = Path(path)
-    folder = _existing_folder(path)
+    folder = existing_folder(path)
+    unwritable = why_not_writable(folder)
+    if unwritable is not None:
+        raise CheckpointError(f"cannot save checkpoint {path}: {folder} cannot be written, {unwritable} "
+                              f"({_human(shutil.disk_usage(folder).free)} free)")
     need = int(needed * 1.05) + (1 << 20)
     free = shutil.disk_usage(folder).free
     if free < need:
@@ -371,11 +390,11 @@ def check_free_space(path: PathLike, needed: int) -> None:
 def _save_error(path: Path, err: BaseException) -> str:
     if isinstance(err, CheckpointError):
         return str(err)
-    folder = _existing_folder(path)
+    folder = existing_folder(path)
     free = shutil.disk_usage(folder).free
+    why = describe(err) or "free space there or save elsewhere"
     return (f"could not write checkpoint {path} ({first_line(err, with_type=True)}); {folder} has {_human(free)} "
-            f"({free} bytes) free: free space there or save elsewhere (the partial save was removed; "
-            "the previous checkpoint is unchanged)")
+            f"({free} bytes) free; {why} (the partial save was removed; the previous checkpoint is unchanged)")
 
 
 def _raise_if_any(error: Optional[str], partial: Optional[Path]) -> None:
@@ -398,13 +417,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
-
-
-def _existing_folder(path: Path) -> Path:
-    folder = path.parent.resolve()
-    while not folder.exists():
-        folder = folder.parent
-    return folder
 
 
 def _human(n: int) -> str:
@@ -445,7 +457,7 @@ def _distributed() -> bool:
 
 
 
-__all__ = ["CheckpointError", "save_distributed", "load_distributed", "export_consolidated",
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "save_distributed", "load_distributed", "export_consolidated",
            "load_consolidated", "save_lightning_checkpoint", "load_lightning_checkpoint",
            "read_checkpoint_file", "save_file", "check_free_space", "state_bytes", "check_shared_tensors",
            "saved_hyperparameters"]

@@ -5,15 +5,16 @@ value fails with one message naming it and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, StrategyConfig
+from .config import ConfigError, StrategyConfig, TrainerConfig
 from .plan import ParallelPlan
-from .preflight import check_run, target_class, target_kwargs
+from .preflight import check_run, checkpoint_dir, target_class, target_kwargs
 
 
 def build_datamodule(cfg: DictConfig):
@@ -41,17 +42,25 @@ def build_logger(cfg: DictConfig):
         os.environ.setdefault("WANDB_SILENT", "true")
         # The whole run, for W&B's config table. Through a partial: `instantiate` itself takes
         # an argument named `config`, so it cannot be passed as a keyword there.
-        return instantiate(cfg.logger, _partial_=True)(config=OmegaConf.to_container(cfg, resolve=True))
+        from .lightning_workarounds import without_wandb_anonymous
+
+        return without_wandb_anonymous(
+            instantiate(cfg.logger, _partial_=True)(config=OmegaConf.to_container(cfg, resolve=True)))
     return instantiate(cfg.logger)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    """Checkpointing, plus the callbacks of conf/callbacks (a `_target_` returning a callback or
-    a list of them; an empty node means none)."""
+    """Checkpointing and the non-finite step guard, plus the callbacks of conf/callbacks (a
+    `_target_` returning a callback or a list of them; an empty node means none)."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    callbacks: list = []
+    from .callbacks.nonfinite import NonFiniteGuard
+    from .callbacks.preemption import Preemption
+
+    callbacks: list = [NonFiniteGuard(cfg.skip_nonfinite)]
+    if cfg.preemption_signals:
+        callbacks.append(Preemption(list(cfg.preemption_signals), dirpath=str(checkpoint_dir(run_dir))))
     if cfg.trainer.enable_progress_bar:  # refreshed at the log interval, with no per-step GPU stall
         from .callbacks.progress import StepLossProgressBar
 
@@ -60,7 +69,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
         # No version counter: a resumed run overwrites its checkpoints instead of piling up
         # `-v1`, `-v2`... duplicates beside them.
         every = max(1, cfg.trainer.max_steps // 2) if cfg.trainer.max_steps > 0 else None
-        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
+        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir(run_dir)), save_last=True,
                                          every_n_train_steps=every, enable_version_counter=False))
     if cfg.callbacks and "_target_" in cfg.callbacks:
         made = instantiate(cfg.callbacks)
@@ -84,30 +93,51 @@ def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # Every Trainer argument is in the group (trainer_args.py); a non-literal default stays unset.
+    trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                      if not OmegaConf.is_missing(cfg.trainer, k)}
     logger = build_logger(cfg)
+    callbacks = build_callbacks(cfg, run_dir)  # their own refusals name their own keys
     try:
         return L.Trainer(strategy=build_strategy(cfg, plan), logger=logger,
-                         callbacks=build_callbacks(cfg, run_dir), default_root_dir=str(run_dir),
+                         callbacks=callbacks, default_root_dir=str(run_dir),
                          **trainer_kwargs), logger
     except (MisconfigurationException, ValueError, TypeError) as error:
-        raise ConfigError(f"the trainer settings ({', '.join(f'trainer.{k}={v!r}' for k, v in trainer_kwargs.items())}) "
+        defaults = dataclasses.asdict(TrainerConfig())
+        changed = {k: v for k, v in trainer_kwargs.items() if defaults.get(k) != v}
+        raise ConfigError(f"the trainer settings ({', '.join(f'trainer.{k}={v!r}' for k, v in changed.items())}) "
                           f"are refused by Lightning: {error}") from None
 
 
 def run(cfg: DictConfig) -> Optional[Any]:
-    import lightning as L
-
-    from .module import CausalLMModule
-
     checked = check_run(cfg)
     model_cfg, plan = checked.model_cfg, checked.plan
+    from .run_record import model_line, record_model
+
+    if not cfg.dry_run or cfg.smoke:
+        from .models import ModelConfig
+
+        full = ModelConfig(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                              if k != "pretrained"}) if cfg.smoke and not cfg.model.pretrained else None
+        print(model_line(cfg.recipe_name, model_cfg, full))
+    record_model(cfg, model_cfg)
     if cfg.dry_run:
         from .planning.dry_run import dry_run_from_config
 
         print(dry_run_from_config(cfg, model_cfg, plan, checked.world_size))
         return None
+    import lightning as L
+
+    from .data.fit_corpus import fit_loops_to_data
+    from .lightning_workarounds import quiet_upstream_warnings
+    from .module import CausalLMModule
+
+    quiet_upstream_warnings()
+
     datamodule = build_datamodule(cfg)
+
+    for note in fit_loops_to_data(cfg, datamodule, plan.world_size if plan.is_auto else plan.dp):
+        print(note)
     run_dir = Path(cfg.run_dir)
     trainer, logger = build_trainer(cfg, plan, run_dir)
 
@@ -120,6 +150,9 @@ def run(cfg: DictConfig) -> Optional[Any]:
                             total_steps=total_steps, loss_chunk_tokens=cfg.optim.loss_chunk_tokens,
                             pretrained=cfg.model.pretrained, fused_loss=cfg.optim.fused_loss)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    requeue = next((c.requested_exit_code for c in trainer.callbacks if getattr(c, "requested_exit_code", None)), None)
+    if requeue is not None:  # preempted: checkpointed; the scheduler starts it again
+        raise SystemExit(requeue)
     if cfg.export_path:
         from .export import export_model
 
@@ -127,6 +160,10 @@ def run(cfg: DictConfig) -> Optional[Any]:
                      tokenizer_from=cfg.model.pretrained)
     if trainer.is_global_zero:
         print(f"run directory: {run_dir.resolve()}")
+        from .callbacks.report import RunReport
+
+        for report in (c for c in trainer.callbacks if isinstance(c, RunReport) and c.report_dir):
+            print(f"report: {report.report_dir.resolve()} (loss.png, summary.md and the other plots)")
         from lightning.pytorch.loggers import WandbLogger
 
         if isinstance(logger, WandbLogger) and logger.experiment is not None:

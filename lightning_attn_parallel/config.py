@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import UserError, one_line
+from .errors import UserError, did_you_mean, one_line
 from .models.config import ModelConfig
 from .plan import ParallelPlan
 
@@ -46,7 +46,9 @@ class DataConfig:
 
 
 @dataclass
-class TrainerConfig:
+class ProjectTrainerDefaults:
+    """The Trainer arguments train.py sets differently from Lightning, typed."""
+
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
@@ -61,6 +63,25 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     enable_checkpointing: bool = True
     deterministic: bool = False
+    # train.py prints its own model line (run_record.py); Lightning's table shows "Total FLOPs: 0"
+    # for a module without an example input
+    enable_model_summary: Optional[bool] = False
+
+
+def _with_every_trainer_argument(base: type) -> type:
+    """`base` plus every other `lightning.Trainer` argument at Lightning's default (typed Any,
+    as Lightning types many as unions OmegaConf cannot hold), so any of them can be set with
+    `trainer.NAME=VALUE` while a misspelt name is still refused when Hydra composes."""
+    from .trainer_args import NOT_A_LITERAL, SET_BY_THE_PROJECT, trainer_parameters
+
+    own = {f.name for f in dataclasses.fields(base)}
+    extra = [(name, Any, field(default=MISSING if default is NOT_A_LITERAL else default))
+             for name, default in trainer_parameters().items()
+             if name not in own and name not in SET_BY_THE_PROJECT]
+    return dataclasses.make_dataclass("TrainerConfig", extra, bases=(base,))
+
+
+TrainerConfig = _with_every_trainer_argument(ProjectTrainerDefaults)
 
 
 @dataclass
@@ -72,6 +93,7 @@ class StrategyConfig:
     _target_: str = "lightning_attn_parallel.AttnHybridStrategy"
     plan: ParallelPlan = field(default_factory=ParallelPlan)
     save_distributed_checkpoint: bool = True
+    async_checkpoint: bool = False  # write checkpoints in the background (async_checkpoint.py)
     timeout_s: Optional[float] = None  # None: the strategy's default
 
 
@@ -107,6 +129,9 @@ class TrainConfig:
     recipe_name: str = "default"
     dry_run: bool = False
     skip_fit_check: bool = False  # run even when the planner's memory budget says it won't fit
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or grad norm to skip (0: the first one stops the run)
+    # signals that checkpoint, stop and exit with 128 + signal for a requeue (callbacks/preemption.py); [] for none
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     seed: int = 1234
     run_dir: str = "runs/${recipe_name}"
     ckpt_path: Optional[str] = None
@@ -119,8 +144,17 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+def run_name(recipe_name: str, data_path: Optional[str]) -> str:
+    """The folder under runs/ a run is filed in: its recipe, and the corpus it trains on."""
+    corpus = Path(str(data_path)).expanduser().resolve().name if data_path else ""
+    if not corpus:
+        return recipe_name
+    return corpus if recipe_name == "default" else f"{recipe_name}-{corpus}"
+
+
 def register_configs() -> None:
-    """Register the schema and every recipe with Hydra (idempotent)."""
+    """Register the schema, every recipe and the run-name resolver with Hydra (idempotent)."""
+    OmegaConf.register_new_resolver("lap_run_name", run_name, replace=True)
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
@@ -145,14 +179,32 @@ def check_known_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> 
     known = _known_fields(schema)
     for key in cfg.keys():
         if key not in known:
-            where = prefix.rstrip(".") or "the top level"
-            raise ConfigError(f"{prefix}{key} is not a known key of {where}: remove it or fix its "
-                              f"spelling (known keys: {', '.join(known)})")
+            raise ConfigError(unknown_key_message(f"{prefix}{key}"))
         value = cfg._get_node(key)
         if isinstance(value, DictConfig) and "_target_" in value:
             continue  # checked against its target's parameters (preflight.check_target_node)
         if dataclasses.is_dataclass(known[key]) and isinstance(value, DictConfig) and not value._is_none():
             check_known_keys(value, known[key], f"{prefix}{key}.")
+
+
+def unknown_key_message(key: str) -> str:
+    """One line for a key no schema declares: the closest known key, the keys train.py sets from
+    other groups, or where to see every key."""
+    from .trainer_args import SET_BY_THE_PROJECT
+
+    *parents, name = key.split(".")
+    schema: Any = TrainConfig
+    for part in parents:
+        schema = _known_fields(schema).get(part) if dataclasses.is_dataclass(schema) else None
+    if parents == ["trainer"] and name in SET_BY_THE_PROJECT:
+        return (f"{key} is set by train.py itself: use {SET_BY_THE_PROJECT[name]} instead")
+    where = ".".join(parents) or "the top level"
+    known = list(_known_fields(schema)) if dataclasses.is_dataclass(schema) else []
+    hint = did_you_mean(name, known, ".".join(parents) + "." if parents else "")
+    if not hint and known:
+        hint = f" (known keys: {', '.join(known)})"
+    return (f"{key} is not a known key of {where}{hint}: fix its spelling, or see "
+            f"`python train.py --cfg job` for every key")
 
 
 def config_user_error(error: BaseException) -> Optional[ConfigError]:
@@ -186,8 +238,7 @@ def config_user_error(error: BaseException) -> Optional[ConfigError]:
         key = getattr(omega, "full_key", None)
         message = str(omega).split("\n")[0].strip()
         if "not in" in message and key:
-            return ConfigError(f"{key} is not a known key: fix its spelling, or see `python train.py "
-                               f"--cfg job` for every key ({message})")
+            return ConfigError(unknown_key_message(key))
         if key:
             return ConfigError(f"{key}: {message}: give a value of the right type")
         return ConfigError(one_line(message))

@@ -66,6 +66,14 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def did_you_mean(name: str, choices: Any, prefix: str = "") -> str:
+    """' (did you mean PREFIXbest?)' for a misspelt name, or '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 def exit_for_user_error(error: BaseException) -> NoReturn:
     """Print `error: <message>` as one line on stderr and exit with code 2."""
     print(f"error: {one_line(str(error))}", file=sys.stderr, flush=True)
@@ -111,6 +119,6 @@ def run_or_exit(main: Callable[[], T], log_dir: Union[str, Path, Callable[[], An
         sys.exit(EXIT_FAILURE)
 
 
-__all__ = ["UserError", "run_or_exit", "exit_for_user_error", "write_traceback_log", "one_line",
+__all__ = ["UserError", "run_or_exit", "did_you_mean", "exit_for_user_error", "write_traceback_log", "one_line",
            "first_line", "rank",
            "EXIT_USER_ERROR", "EXIT_FAILURE"]

@@ -115,4 +115,35 @@ def settle_fit_loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-__all__ = ["pinned", "share_inf_checks", "clip_across_ranks", "settle_fit_loop_state"]
+def _no_tips(record: Any) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_upstream_warnings() -> None:
+    """Filter the warnings of Lightning's own code that a user of this project cannot act on.
+
+    - Lightning 2.6's `utilities/_pytree.py` tests `isinstance(treespec, LeafSpec)`, which torch
+      2.10+ deprecates with a FutureWarning on every run (Lightning issue #21326, fixed upstream
+      after the Lightning release installed here).
+    - Lightning 2.6 logs "💡 Tip: ... try installing litlogger" on every Trainer without its
+      LitLogger: an advertisement, not about the run."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)  # once: a set
+
+
+def without_wandb_anonymous(logger: Any) -> Any:
+    """Lightning's WandbLogger passes `anonymous=None` to wandb.init unconditionally, which wandb
+    0.23+ answers with "The anonymous setting has no effect" on every run (wandb PR #10909 names
+    Lightning's integration as the caller); leaving the unset value out says the same to wandb."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    return logger
+
+
+__all__ = ["pinned", "share_inf_checks", "clip_across_ranks", "settle_fit_loop_state",
+           "quiet_upstream_warnings", "without_wandb_anonymous"]

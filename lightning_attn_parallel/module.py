@@ -19,9 +19,7 @@ from torch import nn
 from .callbacks.metrics import LEARNING_RATE, TRAIN_LOSS, VAL_LOSS, host_scalar
 from .callbacks.progress import loss_on_progress_bar
 from .models import ModelConfig, build_model
-from .models.deepseek import collect_aux_loss
-from .models.fused_loss import fused_cross_entropy_sum
-from .models.loss import cross_entropy_sum
+from .models.objective import causal_lm_loss
 from .step import StepBatch
 
 
@@ -70,21 +68,9 @@ class CausalLMModule(L.LightningModule):
     # ------------------------------------------------------------------ loss
     def _loss(self, batch: Union[StepBatch, dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to differentiate, mean token loss of the whole step to log)."""
-        step = StepBatch.of(batch)
-        if step.seq_len > self.model_config.max_seq_len:
-            raise ValueError(f"batch sequence length {step.seq_len} exceeds the model's "
-                             f"max_seq_len={self.model_config.max_seq_len}: raise model.max_seq_len or "
-                             "lower data.seq_len")
-        hidden = self.model(step.input_ids, step.positions, step.document_ids)
         # fused_loss: liger's fused head + cross-entropy where it can run (models/fused_loss.py)
-        loss_fn = fused_cross_entropy_sum if self.hparams.get("fused_loss") else cross_entropy_sum
-        loss_sum, count = loss_fn(hidden, self.model.output, step.labels, self.hparams.loss_chunk_tokens,
-                                  self.model.loss_kernel)
-        mean = loss_sum / step.loss_denominator(count)
-        loss = mean * step.loss_scale
-        if self.model_config.is_moe:  # the balance losses of the MoE layers' latest forward
-            loss = loss + collect_aux_loss(self.model)
-        return loss, step.step_loss(mean)
+        return causal_lm_loss(self.model, batch, self.hparams.loss_chunk_tokens,
+                              fused=bool(self.hparams.get("fused_loss")))
 
     def training_step(self, batch: Union[StepBatch, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         loss, reported = self._loss(batch)
@@ -120,12 +106,7 @@ class CausalLMModule(L.LightningModule):
         # decides them, not the plan, so optimizer states and the schedule saved under one plan
         # resume under any other (parallel/optimizer_step.py lets fused AdamW take a group that
         # mixes plain and DTensor parameters).
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
-        param_groups = [{"params": params, "weight_decay": wd}
-                        for params, wd in ((no_decay, 0.0), (decay, self.hparams.weight_decay)) if params]
+        param_groups = optimizer_groups(self.model, self.hparams.weight_decay)
         if self.hparams.get("optimizer", "adamw") == "adamw_bf16_stochastic_round":
             optimizer = _stochastic_rounding_adamw(param_groups, self.hparams)
         else:
@@ -138,6 +119,16 @@ class CausalLMModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, int(total),
                                                                                self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups by weight decay (matrices decay; embeddings, norms and biases do not), in the
+    order checkpoints number them; a Fabric loop builds its optimizer from the same groups."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
+    return [{"params": params, "weight_decay": wd} for params, wd in ((no_decay, 0.0), (decay, weight_decay)) if params]
 
 
 # "adamw": torch's (fused on GPU); "adamw_bf16_stochastic_round": torchao's AdamW on bf16 weights

@@ -14,15 +14,17 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Generator
 
 import torch
+from lightning.fabric.plugins.precision import MixedPrecision as FabricMixedPrecision
+from lightning.fabric.plugins.precision import Precision as FabricPrecision
 from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning_utilities import apply_to_collection
 from torch import nn
 
 
-class MasterWeightsPrecision(Precision):
+class FabricMasterWeightsPrecision(FabricPrecision):
     """Compute in `compute_dtype` on copies of `master_dtype` weights (bf16 on fp32 by default;
-    the exactness tests use fp32 on fp64)."""
+    the exactness tests use fp32 on fp64). Fabric's plugin; the Trainer's adds its hooks."""
 
     precision = "bf16-mixed"
 
@@ -51,13 +53,18 @@ class MasterWeightsPrecision(Precision):
                                    dst_type=self.compute_dtype)
 
 
-def with_master_weights(plugin: Precision, mixed_precision: str) -> Precision:
-    """Lightning's plugin for the Trainer's precision, or, for "bf16-mixed" when the plan asks
-    for mixed_precision="master_weights", the master-weights plugin in its place."""
-    if (mixed_precision == "master_weights" and isinstance(plugin, MixedPrecision)
+class MasterWeightsPrecision(FabricMasterWeightsPrecision, Precision):
+    """The Trainer's master-weights plugin (Lightning's Precision adds the Trainer's hooks)."""
+
+
+def with_master_weights(plugin: FabricPrecision, mixed_precision: str) -> FabricPrecision:
+    """Lightning's plugin for the run's precision, or, for "bf16-mixed" when the plan asks
+    for mixed_precision="master_weights", the master-weights plugin of the same front-end
+    (Trainer or Fabric) in its place."""
+    if (mixed_precision == "master_weights" and isinstance(plugin, (MixedPrecision, FabricMixedPrecision))
             and plugin.precision == "bf16-mixed"):
-        return MasterWeightsPrecision()
+        return MasterWeightsPrecision() if isinstance(plugin, Precision) else FabricMasterWeightsPrecision()
     return plugin
 
 
-__all__ = ["MasterWeightsPrecision", "with_master_weights"]
+__all__ = ["FabricMasterWeightsPrecision", "MasterWeightsPrecision", "with_master_weights"]

@@ -11,17 +11,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, StrategyConfig, check_known_keys
-from .errors import UserError, first_line
+from .errors import UserError, did_you_mean, first_line
 from .models import ModelConfig, smoke_scale
 from .plan import ParallelPlan
 
@@ -43,20 +41,12 @@ class CheckedRun:
 
 def check_run(cfg: DictConfig) -> CheckedRun:
     """Check everything about the run `cfg` describes; raise ConfigError on the first problem."""
-    check_known_keys(cfg)
+    model_cfg, plan = check_config(cfg)
     check_target_node(cfg.strategy, "strategy", StrategyConfig)
     check_target_node(cfg.logger, "logger")
     check_target_node(cfg.callbacks, "callbacks")
-    check_scale_overrides(cfg)
-    check_optim(cfg)
     check_trainer(cfg.trainer)
-    timeout = cfg.strategy.timeout_s
-    _require(timeout is None or (not isinstance(timeout, bool) and isinstance(timeout, (int, float)) and timeout > 0),
-             "strategy.timeout_s", timeout, "give the longest wait for a collective in seconds, > 0")
-    model_cfg = model_config_from(cfg)
-    plan = plan_from(cfg)
     world = world_size_of(cfg)
-    check_data_shape(cfg, model_cfg)
     if cfg.dry_run:
         return CheckedRun(model_cfg, plan, world)
     if not plan.is_auto:
@@ -81,6 +71,21 @@ def check_run(cfg: DictConfig) -> CheckedRun:
         check_checkpoint_readable(cfg.ckpt_path, model_cfg)
     check_outputs(cfg, model_cfg)
     return CheckedRun(model_cfg, plan, world)
+
+
+def check_config(cfg: DictConfig) -> tuple[ModelConfig, ParallelPlan]:
+    """The checks that need neither torch nor Lightning (seconds to import): keys, values, the
+    model and the plan's fields. Run first, so that a refused command answers in about a second."""
+    check_known_keys(cfg)
+    check_scale_overrides(cfg)
+    check_optim(cfg)
+    timeout = cfg.strategy.timeout_s
+    _require(timeout is None or (not isinstance(timeout, bool) and isinstance(timeout, (int, float)) and timeout > 0),
+             "strategy.timeout_s", timeout, "give the longest wait for a collective in seconds, > 0")
+    model_cfg = model_config_from(cfg)
+    plan = plan_from(cfg)
+    check_data_shape(cfg, model_cfg)
+    return model_cfg, plan
 
 
 # ---------------------------------------------------------------------------------- config values
@@ -176,7 +181,8 @@ def check_target_node(node: Any, key: str, schema: Optional[type] = None) -> Non
                                   f"use the default strategy (strategy=attn_hybrid), or drop {key}.{name}")
             continue
         if not var_keyword:
-            raise ConfigError(f"{key}.{name} is not a parameter of {node._target_}: remove it or fix its "
+            raise ConfigError(f"{key}.{name} is not a parameter of {node._target_}"
+                              f"{did_you_mean(name, named - {'self'}, key + '.')}: remove it or fix its "
                               f"spelling (parameters: {', '.join(sorted(named - {'self'}))})")
 
 
@@ -248,6 +254,18 @@ def check_trainer(t: DictConfig) -> None:
                  "give a number of batches (an integer) or a fraction in [0, 1] (a float)")
 
 
+def corpus_model_values(cfg: DictConfig) -> dict:
+    """What a prepared corpus decides about the model: its vocabulary, unless the command line
+    sets model.vocab_size (a smaller one is refused by check_data_files)."""
+    if cfg.data.source != "documents" or OmegaConf.is_missing(cfg.data, "path") or not cfg.data.path:
+        return {}
+    if any(o.split("=", 1)[0].lstrip("+~") == "model.vocab_size" for o in _user_overrides()):
+        return {}
+    from .data.documents import DocumentCorpus
+
+    return {"vocab_size": DocumentCorpus.open(cfg.data.path, cfg.data.dtype).vocab_size}
+
+
 def model_config_from(cfg: DictConfig) -> ModelConfig:
     values = OmegaConf.to_container(cfg.model, resolve=True)
     pretrained = values.pop("pretrained", None)
@@ -255,6 +273,7 @@ def model_config_from(cfg: DictConfig) -> ModelConfig:
         from .pretrained import model_config_for
 
         return model_config_for(pretrained, values, cfg.recipe_name, smoke=cfg.smoke)
+    values.update(corpus_model_values(cfg))
     try:
         model_cfg = ModelConfig(**values)
     except ValueError as error:
@@ -277,6 +296,8 @@ def plan_from(cfg: DictConfig) -> ParallelPlan:
 
 
 def world_size_of(cfg: DictConfig) -> int:
+    import torch
+
     devices = cfg.trainer.devices
     if isinstance(devices, int) and devices > 0:
         per_node = devices
@@ -312,6 +333,8 @@ def check_machine(cfg: DictConfig, model_cfg: ModelConfig, plan: ParallelPlan) -
 
     The memory check is the planner's estimate (planning/memory.py), on the GPU it detects or,
     on CPU, against this machine's RAM."""
+    import torch
+
     wants_gpu = cfg.trainer.accelerator in ("gpu", "cuda")
     if wants_gpu and not torch.cuda.is_available():
         raise ConfigError(
@@ -433,8 +456,10 @@ def estimated_checkpoint_bytes(model_cfg: ModelConfig) -> int:
 def check_outputs(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     """The run directory (and the export file's folder) can be written, with room for what the
     run will write there: a checkpoint of the estimated size, the consolidated export."""
-    need = estimated_checkpoint_bytes(model_cfg) if cfg.trainer.enable_checkpointing else 0
-    check_writable_folder(cfg.run_dir, need, "run_dir", "the run's checkpoints")
+    check_writable_folder(cfg.run_dir, 0, "run_dir", "the run's logs")
+    if cfg.trainer.enable_checkpointing:  # its own folder: it may be another mount
+        check_writable_folder(checkpoint_dir(cfg.run_dir), estimated_checkpoint_bytes(model_cfg),
+                              "the checkpoint folder of run_dir", "the run's checkpoints")
     if cfg.export_path:
         export = Path(cfg.export_path).expanduser()
         if cfg.export_format == "hf":  # a Hugging Face folder
@@ -448,24 +473,25 @@ def check_outputs(cfg: DictConfig, model_cfg: ModelConfig) -> None:
                               "export_path", "the consolidated export")
 
 
+def checkpoint_dir(run_dir: Any) -> Path:
+    """Where a run's checkpoints go (ModelCheckpoint's folder in cli.py)."""
+    return Path(str(run_dir)).expanduser() / "checkpoints"
+
+
 def check_writable_folder(folder: Any, need_bytes: int, key: str, what: str) -> None:
     """`folder` (or its nearest existing parent) accepts a file and has `need_bytes` free.
 
-    Probes with a real temporary file rather than os.access, which says yes to root on a
-    read-only mount."""
+    Probes with a real temporary file (storage.why_not_writable)."""
+    from .storage import existing_folder, why_not_writable
+
     folder = Path(str(folder)).expanduser().absolute()
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = folder if folder.exists() else existing_folder(folder)
     if not existing.is_dir():
         raise ConfigError(f"{key}={str(folder)!r} cannot be created: {existing} is a file, not a folder; "
                           "choose another path")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".lap-write-probe-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{key}={str(folder)!r} is not writable ({err.strerror} in {existing}): choose "
-                          "a folder you can write to") from None
+    unwritable = why_not_writable(existing)
+    if unwritable is not None:
+        raise ConfigError(f"{key}={str(folder)!r} is not writable ({existing}: {unwritable})")
     free = shutil.disk_usage(existing).free
     if need_bytes > free:
         raise ConfigError(f"{key}={str(folder)!r} has {free / 2**30:.2f} GiB free but {what} need about "
@@ -473,5 +499,5 @@ def check_writable_folder(folder: Any, need_bytes: int, key: str, what: str) -> 
                           "trainer.enable_checkpointing=false")
 
 
-__all__ = ["CheckedRun", "check_run", "check_target_node", "target_class", "target_kwargs", "check_checkpoint_readable", "check_writable_folder",
+__all__ = ["CheckedRun", "check_run", "check_config", "check_target_node", "target_class", "target_kwargs", "check_checkpoint_readable", "check_writable_folder", "checkpoint_dir",
            "estimated_checkpoint_bytes", "model_config_from", "plan_from", "world_size_of", "UserError"]

@@ -20,6 +20,7 @@ from .errors import UserError
 from .models.config import ModelConfig
 from .models.hf import Checkpoint, Index, PathLike, determined_fields, load_into
 from .models.materialize import materialize
+from .models.protocol import find_transformer
 from .parallel.state_dict import state_dict_name
 
 
@@ -107,7 +108,8 @@ def load_pretrained(model: nn.Module, path: PathLike) -> Checkpoint:
 def load_pretrained_into(module: nn.Module, device: torch.device) -> Optional[Checkpoint]:
     """The strategy's hook, once the plan is applied and before data parallelism lays gradients
     out: allocate on `device` a model built on the meta device (by now only this rank's shards
-    exist), then fill `module.model` from `module.pretrained` (if set)."""
+    exist), then fill its protocol model from `module.pretrained` (if set): a CausalLMModule's
+    `model`, or a protocol model itself (Fabric)."""
     path = getattr(module, "pretrained", None)
     on_meta = any(t.is_meta for t in module.parameters())
     if on_meta:
@@ -116,7 +118,7 @@ def load_pretrained_into(module: nn.Module, device: torch.device) -> Optional[Ch
         materialize(module, device)  # tied embeddings stay one tensor
     if not path:
         return None
-    return load_pretrained(module.model, path)
+    return load_pretrained(find_transformer(module), path)
 
 
 __all__ = ["load_pretrained", "load_pretrained_into", "model_config_for"]

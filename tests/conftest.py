@@ -16,3 +16,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_two_rank_run(tmp_path_factory) -> list:
+    """tests/fault_worker.py's run to the end on two gloo ranks (the reference of the fault,
+    preemption and kill tests), once per session: [result of rank 0, of rank 1]."""
+    from test_faults import finish, launch, results
+    from test_resume import data_module
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data_module(str(root / "cache")).prepare_data()
+    for code, err in finish(launch("none", root / "run")):
+        assert code == 0, err[-3000:]
+    return results(root / "run")

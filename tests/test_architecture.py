@@ -29,8 +29,8 @@ def test_benchmark_suites_are_rows_of_known_fields():
 # -- import rules ------------------------------------------------------------------------------
 PACKAGE = ROOT / "lightning_attn_parallel"
 FOUNDATION = ("plan", "pipeline_plan", "hardware", "collective_cost", "step")
-GLUE = ("strategy", "lightning_workarounds", "lightning_checkpoints", "processes", "module", "cli",
-        "config", "train")
+GLUE = ("strategy", "fabric", "hybrid_base", "lightning_workarounds", "lightning_checkpoints", "processes",
+        "module", "cli", "config", "train")
 EXTERNAL = ("torch", "lightning")  # names of other packages (the Lightning framework itself: "lightning")
 # layer -> what it must not import (package modules, torch.distributed, or the Lightning framework)
 FORBIDDEN = {

@@ -333,7 +333,6 @@ def _broken(corpus: Path, tmp_path: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how, overrides, words", [
-    ("intact", [], ["model.vocab_size=256", "vocabulary"]),
     ("intact", ["model.vocab_size=320", "data.dtype=uint32"], ["data.dtype='uint32'", "uint16"]),
     ("missing index", ["model.vocab_size=320"], ["train.idx.npy", "missing"]),
     ("corrupt index", ["model.vocab_size=320"], ["train.idx.npy", "corrupt"]),
@@ -355,8 +354,9 @@ def test_bad_corpus_fails_with_one_clear_error_before_training(corpus_dir, tmp_p
 
 
 def test_train_command_refuses_a_larger_vocabulary_in_one_line(corpus_dir, tmp_path):
+    """The corpus's vocabulary is the model's unless the command line gives a smaller one."""
     result = subprocess.run([sys.executable, "train.py", "data=documents", f"data.path={corpus_dir}",
-                             f"run_dir={tmp_path / 'run'}"] + QUICK, cwd=ROOT, capture_output=True,
+                             "model.vocab_size=256", f"run_dir={tmp_path / 'run'}"] + QUICK, cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]

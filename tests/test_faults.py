@@ -60,11 +60,8 @@ def base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(base) -> list[dict]:
-    root = base / "uninterrupted"
-    for code, err in finish(launch("none", root)):
-        assert code == 0, err[-3000:]
-    return results(root)
+def uninterrupted(uninterrupted_two_rank_run) -> list[dict]:
+    return uninterrupted_two_rank_run
 
 
 @pytest.mark.parametrize("fault,lost", [("stop", 1), ("kill", 1), ("stop", 0)])

@@ -58,6 +58,12 @@ def reset_peak(device: torch.device) -> None:
         pass  # no /proc: the peak stays the lifetime peak, as documented above
 
 
+def memory_metrics(rows: list[list[float]]) -> dict[str, float]:
+    """The maximum over ranks of each figure of every rank's `memory_gib` row."""
+    keys = (m.MEMORY_ALLOCATED, m.MEMORY_RESERVED, m.MEMORY_PEAK_ALLOCATED, m.MEMORY_PEAK_RESERVED)
+    return {key: max(row[i] for row in rows) for i, key in enumerate(keys)}
+
+
 class MemoryCallback(WindowedMetrics):
     """Logs the maximum over ranks of each figure and every rank's peak allocated memory."""
 
@@ -67,8 +73,7 @@ class MemoryCallback(WindowedMetrics):
     def window_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule,
                        steps: int) -> dict[str, float]:
         rows = gather_rows(memory_gib(pl_module.device))
-        keys = (m.MEMORY_ALLOCATED, m.MEMORY_RESERVED, m.MEMORY_PEAK_ALLOCATED, m.MEMORY_PEAK_RESERVED)
-        out = {key: max(row[i] for row in rows) for i, key in enumerate(keys)}
+        out = memory_metrics(rows)
         for rank, row in enumerate(rows):
             out[m.per_rank(m.MEMORY_PEAK_ALLOCATED, rank)] = row[2]
         return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -70,12 +70,14 @@ def _pick(series: Series, *keys: str, labels: Optional[Sequence[str]] = None) ->
 
 
 def write_plots(directory: Path, series: Series) -> list[Path]:
-    """throughput.png, mfu.png, memory.png and load_balance.png, for the metrics present."""
+    """loss.png, throughput.png, mfu.png, memory.png and load_balance.png, for the metrics present."""
     mfu = {}
     if m.MFU in series:
         steps, values = series[m.MFU]
         mfu["MFU"] = (steps, [100 * v for v in values])
     figures = {
+        "loss.png": ("Loss", [("loss", "cross-entropy", _pick(series, m.TRAIN_LOSS, m.VAL_LOSS,
+                                                             labels=["train", "validation"]))]),
         "throughput.png": ("Throughput", [
             ("global", "tokens/s", _pick(series, m.TOKENS_PER_S)),
             ("per GPU", "tokens/s", _pick(series, m.TOKENS_PER_S_PER_GPU)),
@@ -118,11 +120,33 @@ def format_summary(series: Series, losses: Mapping[str, float], last_step: int,
 
 
 class RunReport(Callback):
-    """At the end of training, writes <run dir>/report/{*.png, summary.md} (rank 0)."""
+    """At the end of training, writes <run dir>/report/{*.png, summary.md} (rank 0).
+
+    The loss curve comes from the values Lightning logged (`trainer.callback_metrics`): each is
+    kept as it appears, at the log interval, and read back to the host only at the end, so
+    no step waits for the GPU."""
 
     def __init__(self, run_dir: Optional[str] = None) -> None:
         self.run_dir = run_dir
         self.report_dir: Optional[Path] = None
+        self.losses: dict[str, list[tuple[int, Any]]] = {m.TRAIN_LOSS: [], m.VAL_LOSS: []}
+
+    def _keep_loss(self, trainer: L.Trainer, key: str) -> None:
+        value = trainer.callback_metrics.get(key)
+        points = self.losses[key]
+        if value is not None and (not points or points[-1][1] is not value):
+            points.append((trainer.global_step, value))
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._keep_loss(trainer, m.TRAIN_LOSS)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._keep_loss(trainer, m.VAL_LOSS)
+
+    def loss_series(self) -> Series:
+        return {key: ([s for s, _ in points], [float(v) for _, v in points])
+                for key, points in self.losses.items() if points}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for callback in trainer.callbacks:  # close partial windows whatever the callback order
@@ -132,7 +156,8 @@ class RunReport(Callback):
         if not trainer.is_global_zero:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        series = collect_series(trainer)
+        self._keep_loss(trainer, m.TRAIN_LOSS)  # the last logged value
+        series = {**collect_series(trainer), **self.loss_series()}
         plots = write_plots(directory, series)
         losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k}
         summary = format_summary(series, losses, trainer.global_step, trainer.world_size, plots)

@@ -7,6 +7,7 @@ data exercises the sequence-length-aware context-parallel switch.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -21,6 +22,7 @@ from .corpus import build_embedded_corpus
 TOKEN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
 METADATA_FILE = "metadata.json"  # written beside prepared token files (data/prepare)
 WIDTH_SAMPLE = 1 << 20  # tokens read to tell a uint32 file from a uint16 one
+RECENT_BATCHES = 4096  # batches whose samples a sampler remembers (a few indices each)
 
 
 def token_file_metadata(path: Union[str, Path]) -> Optional[dict]:
@@ -114,6 +116,11 @@ class TokenWindows(Dataset):
         window = torch.from_numpy(np.asarray(self.tokens[start: start + length + 1], dtype=np.int64))
         return {"input_ids": window[:-1], "labels": window[1:]}
 
+    def describe(self, items: Sequence) -> str:
+        """Where samples come from, for a report: the token file and each window's token range."""
+        starts = [(item[0] if isinstance(item, tuple) else item) * self.seq_len for item in items]
+        return f"{token_file(self.tokens)} tokens " + ", ".join(f"{s}-{s + self.seq_len}" for s in starts)
+
 
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler (so Lightning does not replace it) over data-parallel ranks that can
@@ -130,6 +137,8 @@ class ResumableSampler(DistributedSampler):
                          drop_last=True)
         self.batch_size = batch_size
         self.lengths = list(lengths) if lengths else None
+        # (epoch, batch index) -> this rank's sample indices, for naming the samples of a bad step
+        self.recent: OrderedDict[tuple[int, int], list] = OrderedDict()
         self.skip_batches = 0
         self.skip_epoch = 0
 
@@ -147,7 +156,11 @@ class ResumableSampler(DistributedSampler):
                 length = self.lengths[int(torch.randint(len(self.lengths), (1,), generator=gen))]
             if b < skip:
                 continue
-            for i in indices[b * self.batch_size: (b + 1) * self.batch_size]:
+            batch = indices[b * self.batch_size: (b + 1) * self.batch_size]
+            self.recent[(self.epoch, b)] = batch
+            while len(self.recent) > RECENT_BATCHES:
+                self.recent.popitem(last=False)
+            for i in batch:
                 yield i if length is None else (i, length)
 
     def __len__(self) -> int:
@@ -178,6 +191,7 @@ class LMDataModule(L.LightningDataModule):
             raise ValueError(f"data.lengths={list(lengths)} has a length above data.seq_len={seq_len}: "
                              "raise seq_len to the longest length")
         self.source, self.seq_len, self.micro_batch_size = source, seq_len, micro_batch_size
+        self.val_micro_batch_size = micro_batch_size  # smaller for a split under one batch (fit_corpus.py)
         self.train_path, self.val_path, self.dtype = train_path, val_path, dtype
         self.cache_dir = Path(cache_dir).expanduser()
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
@@ -234,11 +248,22 @@ class LMDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, drop_last=True,
                           persistent_workers=self.num_workers > 0)
 
+    def describe_batch(self, epoch: int, batch_idx: int) -> Optional[str]:
+        """This rank's samples of a recent training batch (file and position), None if unknown."""
+        sampler = self._sampler
+        items = sampler.recent.get((epoch, batch_idx)) if sampler is not None else None
+        return None if items is None else self.train_set.describe(items)
+
     def val_dataloader(self) -> DataLoader:
         replicas, rank = self._replicas()
-        sampler = ResumableSampler(self.val_set, replicas, rank, self.micro_batch_size, shuffle=False)
-        return DataLoader(self.val_set, batch_size=self.micro_batch_size, sampler=sampler,
+        sampler = ResumableSampler(self.val_set, replicas, rank, self.val_micro_batch_size, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.val_micro_batch_size, sampler=sampler,
                           num_workers=self.num_workers, drop_last=True)
+
+
+def token_file(tokens: np.ndarray) -> str:
+    """The file a memory-mapped token array reads (the corpus's name in reports)."""
+    return str(getattr(tokens, "filename", None) or "an in-memory token array")
 
 
 def _batches_done_this_epoch(trainer: L.Trainer) -> int:

@@ -20,7 +20,7 @@ import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 from ..step import IGNORE_INDEX
-from .datamodule import TOKEN_DTYPES, LMDataModule
+from .datamodule import TOKEN_DTYPES, LMDataModule, token_file
 
 METADATA = "metadata.json"
 FORMAT = "lap-documents/1"
@@ -158,6 +158,12 @@ class DocumentWindows(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return packed_window(self.tokens, self.packing, int(index), self.pad_id)
 
+    def describe(self, items: Sequence[int]) -> str:
+        """Where samples come from, for a report: the token file and each window's document indices."""
+        p = self.packing
+        docs = [p.order[p.starts[int(i)]:p.starts[int(i) + 1]].tolist() for i in items]
+        return f"{token_file(self.tokens)} documents " + "; ".join(", ".join(map(str, d)) for d in docs)
+
 
 # ---------------------------------------------------------------------------------- the corpus
 
@@ -258,6 +264,7 @@ class DocumentDataModule(LMDataModule):
             raise CorpusError(f"{path} has no validation split: prepare it with --val-fraction > 0")
         self.pack = pack
         self.stats: dict[str, dict[str, float]] = {}
+        self._logged = False
 
     @property
     def vocab_size(self) -> Optional[int]:
@@ -267,7 +274,8 @@ class DocumentDataModule(LMDataModule):
         pass
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None:  # set up before the Trainer (fit_corpus.py): log once it has one
+            self._log_metrics()
             return
         sets = {}
         for split in ("train", "val"):
@@ -289,8 +297,12 @@ class DocumentDataModule(LMDataModule):
             f"{self.seq_len} split; {mode} into {int(train['windows'])} windows at "
             f"{100 * train['packing_efficiency']:.1f}% efficiency ({int(train['wasted_tokens'])} "
             "padding tokens wasted)")
+        self._log_metrics()
+
+    def _log_metrics(self) -> None:
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.logger is not None:
+        if trainer is not None and trainer.logger is not None and not self._logged:
+            self._logged = True
             trainer.logger.log_metrics({f"data/{split}/{k}": v for split, s in self.stats.items()
                                         for k, v in s.items()}, step=0)
 

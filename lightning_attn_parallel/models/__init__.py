@@ -1,16 +1,31 @@
-"""Model zoo: plain nn.Modules that know nothing about parallelism."""
+"""Model zoo: plain nn.Modules that know nothing about parallelism.
+
+The config (config.py) loads without torch; the modules load on first use, so that a command-line
+run can check its config before torch is imported.
+"""
 from __future__ import annotations
 
+import importlib
+from typing import Any
 
 from .config import ModelConfig, smoke_scale
-from .hf import from_pretrained, save_pretrained
-from .llama import CausalTransformer, build_llama
-from .protocol import expert_modules, is_expert_module, is_expert_parameter, moe_layers
+
+_EXPORTS = {"from_pretrained": ".hf", "save_pretrained": ".hf", "CausalTransformer": ".llama",
+            "build_llama": ".llama", "expert_modules": ".protocol", "is_expert_module": ".protocol",
+            "is_expert_parameter": ".protocol", "moe_layers": ".protocol"}
 
 
-def build_model(cfg: ModelConfig) -> CausalTransformer:
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_model(cfg: ModelConfig) -> "CausalTransformer":
     """Build the family named by `cfg.family` ("llama" or "deepseek")."""
     if cfg.family == "llama":
+        from .llama import build_llama
+
         return build_llama(cfg)
     if cfg.family == "deepseek":
         from .deepseek import build_deepseek

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-from .rope import SCALINGS, RopeScaling
+from .rope_scaling import SCALINGS, RopeScaling
 
 
 @dataclass

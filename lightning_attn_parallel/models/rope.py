@@ -14,37 +14,12 @@ read by), computed here in float64 so that the tables are exact to the model's d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 from torch import nn
 
-SCALINGS = ("none", "llama3", "yarn")
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """The scaling fields of a ModelConfig (`rope_*`), gathered; kind "none" is plain RoPE."""
-
-    kind: str = "none"
-    factor: float = 1.0
-    original_max_seq_len: int = 0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 0.0  # 0: unset
-    mscale_all_dim: float = 0.0  # 0: unset
-    attention_factor: Optional[float] = None  # None: derived from factor and the mscales
-    truncate: bool = True
-
-    @classmethod
-    def of(cls, cfg) -> "RopeScaling":
-        """The scaling a ModelConfig asks for: its `rope_<field>` values (`rope_scaling` the kind)."""
-        return cls(**{f.name: getattr(cfg, "rope_scaling" if f.name == "kind" else f"rope_{f.name}")
-                      for f in fields(cls)})
-
+from .rope_scaling import SCALINGS, RopeScaling  # noqa: F401 - re-exported
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""

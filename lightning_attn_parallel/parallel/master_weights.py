@@ -61,12 +61,18 @@ class MasterWeights:
                         copy.register_post_accumulate_grad_hook(self._hook_for(master))
                 self._slots.append((owner, name, master, copy))
         self._pairs = [(m, c) for m, c in {id(m): (m, c) for _, _, m, c in self._slots}.values()]
+        self._master_by_copy = {id(c): m for m, c in self._pairs}
         self.compute_in_place()
 
     @property
     def master_params(self) -> list[nn.Parameter]:
         """Every master, once (shared parameters appear once)."""
         return [master for master, _ in self._pairs]
+
+    def master_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The master of a compute copy (an optimizer built over the module's parameters holds
+        the copies); any other tensor, itself."""
+        return self._master_by_copy.get(id(tensor), tensor)
 
     # ------------------------------------------------------------------ which tensors the module holds
     def compute_in_place(self) -> None:

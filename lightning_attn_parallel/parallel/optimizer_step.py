@@ -44,4 +44,19 @@ def step_over_mixed_tensors(optimizer: torch.optim.Optimizer) -> torch.optim.Opt
     return optimizer
 
 
-__all__ = ["mixes_tensor_types", "step_over_mixed_tensors"]
+def rebind_parameters(optimizer: torch.optim.Optimizer, new_for: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Point `optimizer`'s groups at the parameters that replaced the ones it was built over.
+
+    A plan replaces a module's parameters (FSDP2 and tensor parallelism install DTensor
+    Parameters, a meta-built model is allocated anew, master weights leave compute copies in the
+    module), so an optimizer created before the plan was applied, or over the compute copies,
+    would update tensors nobody computes with. torch has no call for this (FSDP2 asks for the
+    optimizer to be built afterwards), hence by hand; only before the first step, while the
+    optimizer holds no state."""
+    if optimizer.state:
+        raise ValueError("the optimizer has already stepped: set it up before its first step")
+    for group in optimizer.param_groups:
+        group["params"] = [new_for(p) for p in group["params"]]
+
+
+__all__ = ["mixes_tensor_types", "step_over_mixed_tensors", "rebind_parameters"]

@@ -5,6 +5,7 @@ dry run for a 16-node recipe finishes in seconds on a laptop.
 """
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from typing import Any, Optional, Union
 
@@ -16,10 +17,20 @@ from .memory import precision_spec
 from .select import (Evaluation, NoPlanFitsError, PlanReport, Workload, choose, evaluate_layouts,
                      make_workload, nearest_fit)
 
-_COLUMNS = (("plan", 36, "<"), ("AC", 11, "<"), ("params", 7, ">"), ("grads", 7, ">"),
-            ("optim", 7, ">"), ("act", 7, ">"), ("comm", 6, ">"), ("total", 7, ">"),
-            ("fits", 5, ">"), ("tok/s/GPU", 10, ">"), ("MFU", 5, ">"))
-
+# (name, alignment); widths follow the longest cell, so long plan names stay in line
+_COLUMNS = (("plan", "<"), ("AC", "<"), ("params", ">"), ("grads", ">"), ("optim", ">"), ("act", ">"),
+            ("comm", ">"), ("total", ">"), ("fits", ">"), ("tok/s/GPU", ">"), ("MFU", ">"))
+# What the table's abbreviations mean, shown for those it uses.
+_LEGEND = (("+sp", "sequence-parallel norms under tensor parallelism (sequence_parallel=true)"),
+           ("(ring)", "context-parallel kernel, e.g. cp=2(ring): cp=2 with cp_kernel=ring"),
+           ("acc=rs_each", "FSDP2 reduce-scatters every micro-batch (accumulation=reduce_scatter_each)"),
+           ("acc=defer_ar", "HSDP defers only the all-reduce across replicas (accumulation=defer_all_reduce)"),
+           ("/", "activation checkpointing on every n-th block, e.g. block/4: ac_every_n=4"))
+# Largest gap between the planner's memory estimate and a measured peak on held-out runs
+# (benchmarks/RESULTS.md, "Planner"): a plan closer than this to the card's memory may not fit.
+MEMORY_MODEL_ERROR = 0.063
+# A requested plan this much slower than the selected one gets a line of its own.
+MUCH_SLOWER = 1.25
 
 def resolve_gpu(gpu: Union[GpuSpec, str, None]) -> tuple[GpuSpec, str]:
     """(card, note): a name is looked up; None detects the local card and, on a machine without
@@ -52,20 +63,23 @@ def _ac_short(plan: ParallelPlan) -> str:
     return f"{policy}/{plan.ac_every_n}" if policy != "none" and plan.ac_every_n > 1 else policy
 
 
-def _row(mark: str, e: Evaluation) -> str:
-    """One table line; `mark` is up to two characters ('*' selected, '>' requested)."""
+def _cells(e: Evaluation) -> tuple[str, ...]:
     g = e.memory.gib()
     speed = f"{e.timing.tokens_per_s_per_gpu:,.0f}" if e.timing else "-"
     mfu = f"{e.timing.mfu:.0%}" if e.timing else "-"
-    values = (_plan_text(e.plan), _ac_short(e.plan), f"{g['params']:.1f}", f"{g['grads']:.1f}",
-              f"{g['optimizer']:.1f}", f"{g['activations']:.1f}", f"{g['comm']:.1f}",
-              f"{g['total']:.1f}", "yes" if e.fits else "NO", speed, mfu)
-    cells = [f"{v:{align}{width}}" for v, (_, width, align) in zip(values, _COLUMNS)]
-    return f"{mark:<2}" + " ".join(cells)
+    return (_plan_text(e.plan), _ac_short(e.plan), f"{g['params']:.1f}", f"{g['grads']:.1f}",
+            f"{g['optimizer']:.1f}", f"{g['activations']:.1f}", f"{g['comm']:.1f}",
+            f"{g['total']:.1f}", "yes" if e.fits else "NO", speed, mfu)
 
 
-def _header_row() -> str:
-    return "  " + " ".join(f"{name:{align}{width}}" for name, width, align in _COLUMNS)
+def _aligned(rows: list[tuple[str, Evaluation]]) -> list[str]:
+    """The header and one line per plan; `mark` is up to two characters ('*' selected,
+    '>' requested)."""
+    cells = [tuple(name for name, _ in _COLUMNS)] + [_cells(e) for _, e in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
+    marks = [""] + [mark for mark, _ in rows]
+    return [(f"{mark:<2}" + " ".join(f"{v:{align}{w}}" for v, (_, align), w in zip(row, _COLUMNS, widths))).rstrip()
+            for mark, row in zip(marks, cells)]
 
 
 def _model_line(cfg: ModelConfig) -> str:
@@ -100,10 +114,13 @@ def _header(work: Workload, gpu_note: str) -> list[str]:
 def _table(rows: list[tuple[str, Evaluation]], ranked: list[Evaluation],
            work: Workload) -> list[str]:
     fitting = sum(e.fits for e in ranked)
-    return ([_header_row()] + [_row(mark, e) for mark, e in rows]
+    text = "\n".join(_cells(e)[0] + " " + _cells(e)[1] for _, e in rows)
+    legend = [f"  {abbreviation}: {meaning}" for abbreviation, meaning in _LEGEND if abbreviation in text]
+    return (_aligned(rows)
             + [f"  (GiB per GPU; total adds {work.calibration.cuda_context_gib:.1f} GiB CUDA context "
                f"and {work.calibration.fragmentation:.0%} allocator slack on act + comm; "
-               f"{len(ranked)} layouts evaluated, {fitting} fit; * selected, > requested)"])
+               f"{len(ranked)} layouts evaluated, {fitting} fit; * selected, > requested; "
+               "AC: activation checkpointing)"] + legend)
 
 
 def _rows(ranked: list[Evaluation], selected: Optional[Evaluation],
@@ -120,7 +137,7 @@ def _rows(ranked: list[Evaluation], selected: Optional[Evaluation],
 
 
 def _closing(work: Workload, report: Optional[PlanReport], failure: Optional[NoPlanFitsError],
-             requested: Optional[Evaluation]) -> list[str]:
+             requested: Optional[Evaluation], ranked: list[Evaluation]) -> list[str]:
     lines: list[str] = []
     if requested is not None and not requested.fits:
         suggestions = nearest_fit(work.model_cfg, work.cluster, work.gpu, work.micro_batch,
@@ -134,7 +151,68 @@ def _closing(work: Workload, report: Optional[PlanReport], failure: Optional[NoP
         lines.append(str(failure))
     if report is not None:
         lines += textwrap.wrap("Why: " + report.reason, width=100, subsequent_indent="  ")
+        lines += _advice(work, ranked, ranked[0], requested)
     return lines
+
+
+def _headroom(work: Workload, e: Evaluation) -> float:
+    """The share of the card's memory the plan leaves free, by the planner's estimate."""
+    return 1 - e.memory.gib()["total"] / work.gpu.memory_gib
+
+
+def _advice(work: Workload, ranked: list[Evaluation], selected: Evaluation,
+            requested: Optional[Evaluation]) -> list[str]:
+    """How to run the selected plan, whether the requested one is much slower, and whether the
+    selected one's memory headroom is enough."""
+    lines = ["", "Run the selected plan with:", "  " + " ".join(plan_overrides(selected.plan, requested and requested.plan)),
+             f"  or in Python: {plan_code(selected.plan)}"]
+    if requested is not None and requested.fits and requested.plan != selected.plan and requested.timing:
+        ratio = selected.tokens_per_s_per_gpu / max(requested.tokens_per_s_per_gpu, 1e-9)
+        if ratio >= MUCH_SLOWER:
+            lines += textwrap.wrap(
+                f"The requested plan (the recipe's, with your overrides) is predicted {ratio:.1f}x slower "
+                f"than the selected one ({requested.tokens_per_s_per_gpu:,.0f} against "
+                f"{selected.tokens_per_s_per_gpu:,.0f} tokens/s per GPU). A run keeps the plan it is given: "
+                "add the overrides above, or strategy.plan.mode=auto to let the planner choose at start-up.",
+                width=100, subsequent_indent="  ")
+    free = _headroom(work, selected)
+    total = selected.memory.gib()["total"]
+    if free >= MEMORY_MODEL_ERROR:
+        lines.append(f"Memory: {total:.1f} of {work.gpu.memory_gib:.1f} GiB ({free:.0%} free), more than the "
+                     f"planner's largest memory error on held-out runs ({MEMORY_MODEL_ERROR:.1%}): safe.")
+        return lines
+    safer = next((e for e in ranked if e.fits and _headroom(work, e) >= MEMORY_MODEL_ERROR), None)
+    lines += textwrap.wrap(
+        f"Memory: {total:.1f} of {work.gpu.memory_gib:.1f} GiB ({free:.1%} free) is within the planner's "
+        f"largest memory error on held-out runs ({MEMORY_MODEL_ERROR:.1%}), so it may not fit"
+        + (f"; the fastest plan with more room is {plan_code(safer.plan)} ({_headroom(work, safer):.0%} free, "
+           f"{safer.tokens_per_s_per_gpu:,.0f} tokens/s per GPU)" if safer else "")
+        + ".", width=100, subsequent_indent="  ")
+    if safer:
+        lines.append("  " + " ".join(plan_overrides(safer.plan, requested and requested.plan)))
+    return lines
+
+
+def _differences(plan: ParallelPlan, base: ParallelPlan) -> dict[str, Any]:
+    """Fields of `plan` that differ from `base`, the degrees always included (so that
+    dp_replicate=-1 in `base` cannot fill them differently)."""
+    degrees = ("dp_replicate", "dp_shard", "cp", "tp", "ep")
+    return {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)
+            if f.name in degrees or getattr(plan, f.name) != getattr(base, f.name)}
+
+
+def plan_overrides(plan: ParallelPlan, requested: Optional[ParallelPlan] = None) -> list[str]:
+    """The `strategy.plan.*` overrides that turn the requested plan (the defaults without one)
+    into `plan`."""
+    base = requested if requested is not None else ParallelPlan()
+    return [f"strategy.plan.{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in _differences(plan, base).items()]
+
+
+def plan_code(plan: ParallelPlan) -> str:
+    """`ParallelPlan(...)` with the fields that differ from its defaults."""
+    values = {k: v for k, v in _differences(plan, ParallelPlan()).items() if v != getattr(ParallelPlan(), k)}
+    return "ParallelPlan(" + ", ".join(f"{k}={v!r}" for k, v in values.items()) + ")"
 
 
 def dry_run(model_cfg: ModelConfig, cluster: ClusterSpec, gpu: Union[GpuSpec, str, None] = None,
@@ -163,7 +241,8 @@ def dry_run(model_cfg: ModelConfig, cluster: ClusterSpec, gpu: Union[GpuSpec, st
     from .pipeline import pipeline_advice
 
     advice = pipeline_advice(work, selected)
-    return "\n".join(lines + [""] + _closing(work, report, failure, requested) + ([""] + advice if advice else []))
+    return "\n".join(lines + [""] + _closing(work, report, failure, requested, ranked)
+                     + ([""] + advice if advice else []))
 
 
 def dry_run_from_config(cfg: Any, model_cfg: ModelConfig, plan: ParallelPlan, world_size: int,
@@ -187,4 +266,4 @@ def dry_run_from_config(cfg: Any, model_cfg: ModelConfig, plan: ParallelPlan, wo
                    loss_chunk_tokens=cfg.optim.loss_chunk_tokens)
 
 
-__all__ = ["dry_run", "dry_run_from_config", "resolve_gpu"]
+__all__ = ["dry_run", "dry_run_from_config", "resolve_gpu", "plan_overrides", "plan_code"]
