@@ -51,8 +51,9 @@ def load(path: PathLike, mmap: bool = False) -> Any:
 
 
 # What torch's weights-only unpickler says when a pickle asks for a callable or class it does not
-# allow (as opposed to a truncated or damaged file).
-_UNSAFE = re.compile(r"Unsupported global|GLOBAL [\w.]+|Unsupported operand|Unsupported class|not an allowed global")
+# allow. An opcode it does not know ("Unsupported operand") is what random bytes give too: that
+# file is refused as unreadable (nothing in it runs either way).
+_UNSAFE = re.compile(r"Unsupported global|GLOBAL [\w.]+|Unsupported class|not an allowed global")
 
 
 def refusal(path: PathLike, err: BaseException) -> str:

@@ -535,12 +535,12 @@ def test_fused_loss_falls_back_to_the_chunked_loss_exactly(monkeypatch):
 
 def test_module_selects_the_fused_loss(monkeypatch):
     from lightning_attn_parallel import module as module_file
-    from lightning_attn_parallel.models import ModelConfig
+    from lightning_attn_parallel.models import ModelConfig, objective
     from test_tensor_parallel import TINY as TINY_MODEL
 
     used = []
-    real = module_file.fused_cross_entropy_sum
-    monkeypatch.setattr(module_file, "fused_cross_entropy_sum",
+    real = objective.fused_cross_entropy_sum
+    monkeypatch.setattr(objective, "fused_cross_entropy_sum",
                         lambda *a: used.append("fused") or real(*a))
     tokens, targets = make_batch(2, seed=0)
     for fused in (False, True):
