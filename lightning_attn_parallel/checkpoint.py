@@ -87,7 +87,7 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     model_state = get_model_state_dict(model)
     _check_model_matches(path, metadata, model_state, whole=not part_of_model)
     _check_optimizer_count(path, metadata, len(optimizers))
-    extra = _read_extra(path)
+    extra = read_extra(path)
     optim_states = [get_optimizer_state_dict(model, opt) for opt in optimizers]
     # each shared tensor's other names are read apart, to check that the checkpoint agrees
     probes = {name: torch.empty_like(model_state[name]) for names in _shared_names(model, model_state)
@@ -300,7 +300,8 @@ def _check_optimizer_count(path: Path, metadata: Any, wanted: int) -> None:
                               "with, or none to load the model only")
 
 
-def _read_extra(path: Path) -> dict:
+def read_extra(path: Path) -> dict:
+    """A checkpoint folder's extra file (weights only), or one CheckpointError line naming it."""
     try:
         return safe_load(path / EXTRA_FILE)
     except UnsafeCheckpointError:

@@ -69,15 +69,14 @@ class _FolderState(Mapping):
 
 def read_training_checkpoint(path: PathLike) -> tuple[ModelConfig, Mapping[str, torch.Tensor], dict]:
     """(model config, model tensors by name, hyper-parameters) of a .ckpt file or folder."""
-    from .checkpoint import EXTRA_FILE, read_checkpoint_file
-    from .safe_load import load as safe_load
+    from .checkpoint import EXTRA_FILE, read_checkpoint_file, read_extra
 
     path = Path(path)
     if path.is_dir():
         if not (path / EXTRA_FILE).exists():
             raise UserError(f"{path} is not a checkpoint folder of this package (no {EXTRA_FILE}): "
                             "give a folder that trainer.save_checkpoint wrote, or a .ckpt file")
-        extra = safe_load(path / EXTRA_FILE)
+        extra = read_extra(path)
         state: Mapping[str, torch.Tensor] = _FolderState(path)
     elif path.is_file():
         extra = read_checkpoint_file(path)

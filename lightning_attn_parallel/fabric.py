@@ -8,8 +8,8 @@ the same functions the Trainer's strategy calls. A loop::
 
     fabric = L.Fabric(strategy="attn_hybrid", devices=8, precision="bf16-mixed")
     fabric.launch()
-    with fabric.init_module(empty_init=True):
-        model = lap.build_model(cfg)            # or lap.fabric.pretrained_model(folder)
+    with fabric.init_module():
+        model = lap.build_model(cfg)  # or, under init_module(empty_init=True), lap.fabric.pretrained_model(folder)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters()))
     for i, batch in enumerate(fabric.setup_dataloaders(loader)):   # sampled over dp ranks only
@@ -243,20 +243,18 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
             return load_fabric_state(Path(self.broadcast(str(path))), state, strict, self.root_device)
 
 
-
 def _routers_to_balance(module: nn.Module, sum_over_ranks: Any, world_size: int) -> Optional[nn.Module]:
     """The protocol model of `module` if its MoE routers update their biases by the loads
     (auxiliary-loss-free balancing); their `load_sum` slot, unless expert parallelism filled it,
     sums the loads over every rank (as the ShareRoutingLoads callback does for the Trainer)."""
-    from .models.protocol import moe_layers
+    from .callbacks.routing_loads import share_routing_loads
 
     transformer = find_transformer(module)
     cfg = getattr(transformer, "config", None)
     if cfg is None or not cfg.is_moe or cfg.bias_update_speed <= 0:
         return None
-    for _, layer in moe_layers(transformer):
-        if getattr(layer, "load_sum", None) is None and world_size > 1:
-            layer.load_sum = sum_over_ranks
+    if world_size > 1:
+        share_routing_loads(transformer, sum_over_ranks)
     return transformer
 
 

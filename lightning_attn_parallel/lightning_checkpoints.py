@@ -96,6 +96,12 @@ class SplitStateCheckpoints:
         return self._async_checkpoint or (self._state_split_over_ranks and self._save_distributed_checkpoint)
 
     @property
+    def _states_by_name(self) -> bool:
+        """States go through torch's state-dict functions (keyed by parameter name): split plans,
+        and asynchronous saves under any plan."""
+        return self._async_checkpoint or self._state_split_over_ranks
+
+    @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True
 
@@ -110,13 +116,11 @@ class SplitStateCheckpoints:
         """Split plans: a sharded state dict for a checkpoint folder, or the full one for a file.
         Under master weights, the masters (`masters_in_place`, the strategy's)."""
         with self.masters_in_place():
-            return model_state_of(self.model, self._state_split_over_ranks or self._async_checkpoint,
-                                  self._writes_folder)
+            return model_state_of(self.model, self._states_by_name, self._writes_folder)
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         with self.masters_in_place():
-            return optimizer_state_of(self.model, optimizer, self._state_split_over_ranks or self._async_checkpoint,
-                                      self._writes_folder)
+            return optimizer_state_of(self.model, optimizer, self._states_by_name, self._writes_folder)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         """Write to a temporary name and rename, so an interrupted save never destroys the last

@@ -114,7 +114,11 @@ def load_pretrained_into(module: nn.Module, device: torch.device) -> Optional[Ch
     on_meta = any(t.is_meta for t in module.parameters())
     if on_meta:
         if not path:
-            raise RuntimeError("the model was built on the meta device but has no pretrained folder to fill it")
+            from .errors import UserError
+
+            raise UserError("the model was built on the meta device (init_module(empty_init=True)) but has "
+                            "no pretrained folder to fill it: build a new model under init_module() "
+                            "(empty_init=False), or load one with lightning_attn_parallel.fabric.pretrained_model(folder)")
         materialize(module, device)  # tied embeddings stay one tensor
     if not path:
         return None

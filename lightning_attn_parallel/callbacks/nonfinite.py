@@ -75,9 +75,13 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        grads = [g.to_local() if isinstance(g, DTensor) else g
-                 for g in (p.grad for group in optimizer.param_groups for p in group["params"])
-                 if g is not None]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            grads = []  # fp16's scaler skips a step whose gradients overflowed: that is not a bad step
+        else:
+            grads = [g.to_local() if isinstance(g, DTensor) else g
+                     for g in (p.grad for group in optimizer.param_groups for p in group["params"])
+                     if g is not None]
         if grads:  # one pass over the gradients, as the clipping norm's
             self._flag(GRAD, ~torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()))
         if self.skip_nonfinite:

@@ -138,7 +138,8 @@ class RunReport(Callback):
             points.append((trainer.global_step, value))
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        self._keep_loss(trainer, m.TRAIN_LOSS)
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:  # a point per log interval
+            self._keep_loss(trainer, m.TRAIN_LOSS)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

@@ -15,6 +15,14 @@ import lightning as L
 from ..models.protocol import find_transformer, moe_layers
 
 
+def share_routing_loads(transformer, sum_over_ranks) -> None:
+    """Fill each MoE layer's `load_sum` slot that expert parallelism left empty with
+    `sum_over_ranks`, so every rank's routers see the loads of all ranks (both front-ends)."""
+    for _, layer in moe_layers(transformer):
+        if getattr(layer, "load_sum", None) is None:
+            layer.load_sum = sum_over_ranks
+
+
 class ShareRoutingLoads(L.Callback):
     """Fill the MoE layers' `load_sum` slot with a sum over all ranks (`strategy.reduce`)."""
 
@@ -22,9 +30,7 @@ class ShareRoutingLoads(L.Callback):
         transformer = find_transformer(pl_module)
         if trainer.world_size == 1 or transformer is None:
             return
-        for _, layer in moe_layers(transformer):
-            if getattr(layer, "load_sum", None) is None:
-                layer.load_sum = partial(trainer.strategy.reduce, reduce_op="sum")
+        share_routing_loads(transformer, partial(trainer.strategy.reduce, reduce_op="sum"))
 
 
-__all__ = ["ShareRoutingLoads"]
+__all__ = ["ShareRoutingLoads", "share_routing_loads"]

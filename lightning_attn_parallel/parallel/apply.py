@@ -83,13 +83,11 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         apply_compile(transformer, plan.compile)
     gradients = apply_data_parallel(module, transformer, plan, meshes, precision, cluster, materialize,
                                     compute_dtype)
-    device = torch.device(meshes.dense.device_type)
     pipeline = None
     if stages is not None:
         from .pipeline import build_pipeline
 
-        device = next(module.parameters()).device
-        pipeline = build_pipeline(module, transformer, stages, plan, meshes, device,
+        pipeline = build_pipeline(module, transformer, stages, plan, meshes, next(module.parameters()).device,
                                   master_weights=gradients.masters is not None)
     return ParallelizeResult(gradients=gradients, context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, gradients.reducer),
@@ -177,7 +175,7 @@ def layer_table(transformer: Optional[nn.Module], plan: ParallelPlan, meshes: Pa
         tensor = f"tp {plan.tp}" if plan.tp > 1 and (layer != "moe") else "-"
         context = cp_desc if layer == "attention" else "-"
         experts = f"ep {plan.ep}" if layer == "moe" and plan.ep > 1 else "-"
-        data = data_desc if layer != "moe" or plan.ep == 1 else f"edp {plan.world_size // plan.ep}"
+        data = data_desc if layer != "moe" or plan.ep == 1 else f"edp {plan.edp}"
         rows.append(f"{layer:<14}{data:<46}{tensor:<10}{context:<22}{experts:<10}")
     if plan.pp > 1:
         from ..pipeline_plan import microbatches, stages_per_rank

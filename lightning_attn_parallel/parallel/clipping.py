@@ -29,7 +29,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
         return torch.tensor(0.0)
     norm_type = float(norm_type)
     group_norms = [_group_norm(group, norm_type) for group in _group_by_mesh(grads).values()]
-    device = group_norms[0].device if group_norms else torch.device("cpu")
+    device = group_norms[0].device if group_norms else _collective_device(stage_group)
     total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in group_norms]), norm_type) \
         if group_norms else torch.zeros((), device=device)
     if stage_group is not None:
@@ -66,6 +66,14 @@ def _group_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     # norms of low-precision gradients are combined in fp32; fp64 ones stay fp64 (rounding them
     # to fp32 would move every clipped gradient by ~1e-8)
     return norm if norm.dtype == torch.float64 else norm.float()
+
+
+def _collective_device(group) -> torch.device:
+    """Where a tensor must be for a collective over `group` (a rank without gradients still joins
+    the stages' norm): the current GPU under NCCL, else the CPU."""
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 __all__ = ["clip_grad_norm_"]

@@ -9,7 +9,6 @@ forward; torch.distributed.pipelining wraps the views in PipelineStage.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -86,12 +85,10 @@ def layout_of(transformer: nn.Module, plan: ParallelPlan) -> list[int]:
     return balanced_layout(costs, num_stages(plan), last_cost=head)
 
 
-def split_into_stages(transformer: nn.Module, plan: ParallelPlan, pp_rank: int,
-                      counts: Optional[list[int]] = None) -> list[tuple[int, StageModule]]:
+def split_into_stages(transformer: nn.Module, plan: ParallelPlan, pp_rank: int) -> list[tuple[int, StageModule]]:
     """Keep this pipeline rank's part of `transformer` in place and return its (stage index,
-    StageModule) pairs, in stage order. `counts`: blocks per stage (default `layout_of`)."""
-    counts = counts or layout_of(transformer, plan)
-    ranges = stage_blocks(counts)
+    StageModule) pairs, in stage order (blocks per stage: `layout_of`)."""
+    ranges = stage_blocks(layout_of(transformer, plan))
     last = len(ranges) - 1
     mine = stage_ranks_of(plan)[pp_rank]
     all_blocks = list(transformer.blocks)

@@ -70,18 +70,16 @@ def pipeline_option(work: Workload, pp: int) -> Optional[PipelineOption]:
         return None
     stage_work = _stage_workload(work, pp)
     micro = stage_work.grad_accum
-    plan_of = {ac: ParallelPlan(pp=pp, pp_microbatches=micro, activation_checkpointing=ac)
-               for ac in ("none", "block")}
+    in_flight = in_flight_microbatches(ParallelPlan(pp=pp, pp_microbatches=micro))
+    send = work.micro_batch * work.seq_len * cfg.d_model * 2  # bf16 activations of a micro-batch
+    spans_nodes = cluster.num_nodes > 1 and cluster.num_nodes % pp == 0  # stages on different nodes
+    gbps = cluster.inter_node_gbps if spans_nodes else cluster.intra_node_gbps
+    alpha = cluster.inter_node_alpha_s if spans_nodes else cluster.intra_node_alpha_s
+    p2p = 2 * micro * (send / (gbps * 1e9) + alpha)
     options = []
-    for ac, plan in plan_of.items():
+    for ac in ("none", "block"):
         stage_plan = ParallelPlan(activation_checkpointing=ac).resolve(stage_work.cluster.world_size)
         stage = stage_work.evaluate(stage_plan)
-        in_flight = in_flight_microbatches(plan)
-        send = work.micro_batch * work.seq_len * cfg.d_model * 2  # bf16 activations of a micro-batch
-        spans_nodes = cluster.num_nodes > 1 and stage_work.cluster.num_nodes >= 1 and cluster.num_nodes % pp == 0
-        gbps = cluster.inter_node_gbps if spans_nodes else cluster.intra_node_gbps
-        alpha = cluster.inter_node_alpha_s if spans_nodes else cluster.intra_node_alpha_s
-        p2p = 2 * micro * (send / (gbps * 1e9) + alpha)
         options.append(PipelineOption(pp, micro, stage, bubble_fraction(pp, micro), p2p,
                                       (in_flight - 1) * stage.memory.activations))
     fitting = [o for o in options if o.fits]
