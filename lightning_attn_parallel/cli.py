@@ -109,8 +109,9 @@ def build_trainer(cfg: DictConfig, plan: ParallelPlan, run_dir: Path):
                           f"are refused by Lightning: {error}") from None
 
 
-def run(cfg: DictConfig) -> Optional[Any]:
-    checked = check_run(cfg)
+def run(cfg: DictConfig, config_checked: Optional[tuple] = None) -> Optional[Any]:
+    """Train (or dry-run) what `cfg` describes; `config_checked`: check_config's result, if run."""
+    checked = check_run(cfg, config_checked)
     model_cfg, plan = checked.model_cfg, checked.plan
     from .run_record import model_line, record_model
 

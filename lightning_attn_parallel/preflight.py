@@ -39,9 +39,10 @@ class CheckedRun:
     world_size: int
 
 
-def check_run(cfg: DictConfig) -> CheckedRun:
-    """Check everything about the run `cfg` describes; raise ConfigError on the first problem."""
-    model_cfg, plan = check_config(cfg)
+def check_run(cfg: DictConfig, checked: Optional[tuple[ModelConfig, ParallelPlan]] = None) -> CheckedRun:
+    """Check everything about the run `cfg` describes; raise ConfigError on the first problem.
+    `checked`: what `check_config(cfg)` returned already (train.py runs it before the imports)."""
+    model_cfg, plan = checked or check_config(cfg)
     check_target_node(cfg.strategy, "strategy", StrategyConfig)
     check_target_node(cfg.logger, "logger")
     check_target_node(cfg.callbacks, "callbacks")

@@ -28,12 +28,12 @@ from lightning_attn_parallel.run_record import starting_line
 def _hydra_main(cfg: DictConfig) -> None:
     def checked_then_run() -> None:
         # The config first and a line to say what runs: both before torch and Lightning load.
-        check_config(cfg)
+        checked = check_config(cfg)
         if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
             print(starting_line(cfg), flush=True)
         from lightning_attn_parallel.cli import run
 
-        run(cfg)
+        run(cfg, checked)
 
     run_or_exit(checked_then_run, log_dir=lambda: cfg.run_dir, translate=config_user_error)
 

@@ -32,7 +32,8 @@ class FabricThroughput:
         self.history: list[tuple[int, dict[str, float]]] = []
         # ConsumedTokens reads the strategy's batch layout as `trainer.strategy` (duck-typed)
         self._consumed = ConsumedTokens()
-        self._consumed.attach(SimpleNamespace(strategy=fabric.strategy), SimpleNamespace(model=self.model))
+        self._view = SimpleNamespace(strategy=fabric.strategy)  # what the Trainer-side helpers read
+        self._consumed.attach(self._view, SimpleNamespace(model=self.model))
         self._flops_per_token = FlopsPerToken()
         self.timer = WindowTimer()
         self._open()
@@ -52,10 +53,9 @@ class FabricThroughput:
         self._steps += 1
         if step % self.every:
             return {}
-        trainer = SimpleNamespace(strategy=self.fabric.strategy)
-        rows = gather_rows([self._tokens, self._flops, self.timer.elapsed_s()])
-        metrics = throughput_metrics(rows, tensor_parallel_degree(trainer), self._steps, self.peak)
-        metrics.update(memory_metrics(gather_rows(memory_gib(self.fabric.device))))
+        rows = gather_rows([self._tokens, self._flops, self.timer.elapsed_s(), *memory_gib(self.fabric.device)])
+        metrics = throughput_metrics([r[:3] for r in rows], tensor_parallel_degree(self._view), self._steps, self.peak)
+        metrics.update(memory_metrics([r[3:] for r in rows]))  # one gather for both
         self.fabric.log_dict(metrics, step=step)
         self.history.append((step, metrics))
         self._open()
