@@ -21,6 +21,8 @@ MIXED_PRECISION_MODES = ("autocast", "master_weights", "cast_params")
 # Gradient accumulation under FSDP2/HSDP (parallel/fully_sharded.py says what each sends and keeps)
 # torch.compile: nothing, each block (composes with every plan), or the whole model (replicated only)
 COMPILE_MODES = ("none", "block", "model")
+# torch.compile's mode for either compiled granularity ("default": torch's default)
+COMPILE_TUNING = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 FP8_MODES = ("none", "tensorwise", "rowwise")  # parallel/float8.py
 ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
 # Pipeline schedules (parallel/pipeline_schedule.py); "zbv" (zero bubble) is named so that asking
@@ -88,6 +90,12 @@ class ParallelPlan:
     fp8: str = field(default="none", metadata=_limits(choices=FP8_MODES))
     # a bool is kept for older configs: True is "block", False "none"
     compile: Union[bool, str] = field(default="none", metadata=_limits(choices=COMPILE_MODES))
+    # torch.compile's mode: "max-autotune-no-cudagraphs" benchmarks Triton GEMM templates against
+    # cuBLAS and fuses element-wise neighbours into the chosen templates (minutes of compiling)
+    compile_mode: str = field(default="default", metadata=_limits(choices=COMPILE_TUNING))
+    # one GEMM for projections sharing an input (q|k|v, gate|up, MLA's down projections); the
+    # parameters and their names are unchanged (models/fused_projections.py)
+    fuse_projections: bool = False
     # pipeline parallel: stages over the outermost mesh dimension (parallel/pipeline.py)
     pp: int = field(default=1, metadata=_limits(minimum=1))
     pp_schedule: str = field(default="1f1b", metadata=_limits(choices=PP_SCHEDULES))

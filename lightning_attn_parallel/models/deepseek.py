@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fused_projections import project
 from .layers import LocalAttentionKernel, RMSNorm, SwiGLU
 from .llama import CausalTransformer, GroupedQueryAttention, TransformerBlock, run_kernel
 from .protocol import moe_layers
@@ -66,18 +67,22 @@ class MultiHeadLatentAttention(nn.Module):
         # The published scale is 1/sqrt(qk head dim) (v has another width, so set it explicitly),
         # times YaRN's mscale(factor, mscale_all_dim)^2 when the context is extended.
         self.kernel.scale = self.qk_dim ** -0.5 * softmax_scale_factor(scaling)
+        self.fuse_projections = False  # down projections as one GEMM (models/fused_projections.py)
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "wq"):
-            return self.wq(x)
-        return self.wq_b(self.q_norm(self.wq_a(x)))
+    def _down_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries, the latent and rotary key of wkv_a): the two projections of x share one GEMM
+        under `fuse_projections` (wq or wq_a, with wkv_a), where fusion applies."""
+        first = self.wq if hasattr(self, "wq") else self.wq_a
+        q, kv = project(x, (first, self.wkv_a), self.fuse_projections)
+        return (q if hasattr(self, "wq") else self.wq_b(self.q_norm(q))), kv
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self._queries(x).view(b, s, -1, self.qk_dim).transpose(1, 2)
+        q, kv_a = self._down_projections(x)
+        q = q.view(b, s, -1, self.qk_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.wkv_b(self.kv_norm(latent)).view(b, s, -1, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         # One rotary key per token, shared by every head (the "decoupled" RoPE of MLA).

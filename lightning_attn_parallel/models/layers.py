@@ -15,6 +15,7 @@ from torch.nn.attention import sdpa_kernel
 
 from .attention_backend import sdpa_backends
 from .document_attention import document_attention
+from .fused_projections import project
 
 
 class RMSNorm(nn.Module):
@@ -65,9 +66,11 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.fuse_projections = False  # gate|up as one GEMM (models/fused_projections.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, (self.w1, self.w3), self.fuse_projections)
+        return self.w2(F.silu(gate) * up)
 
 
 def init_linear_weights(module: nn.Module, std: float) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .flops import flops_per_token
+from .fused_projections import project
 from .layers import LocalAttentionKernel, RMSNorm, SwiGLU, init_linear_weights
 from .loss import TokenCrossEntropy
 from .rope import RopeScaling, RotaryEmbedding
@@ -42,13 +43,13 @@ class GroupedQueryAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, RopeScaling.of(cfg))
         self.kernel: nn.Module = LocalAttentionKernel()
+        self.fuse_projections = False  # q|k|v as one GEMM (models/fused_projections.py)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (t.reshape(b, s, -1, self.head_dim).transpose(1, 2)
+                   for t in project(x, (self.wq, self.wk, self.wv), self.fuse_projections))
         q, k = self.rope(q, positions), self.rope(k, positions)
         out = run_kernel(self.kernel, q, k, v, positions, document_ids)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))

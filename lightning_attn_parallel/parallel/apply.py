@@ -16,6 +16,7 @@ from torch import nn
 
 from ..hardware import ClusterSpec
 from ..mesh import ParallelMeshes, add_expert_mesh
+from ..models.fused_projections import set_fused_projections
 from ..models.loss import TokenCrossEntropy
 from ..models.protocol import moe_layers
 from ..plan import ParallelPlan, PlanError
@@ -79,8 +80,9 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         for sub in transformer.modules():
             if hasattr(sub, "use_grouped_mm"):
                 sub.use_grouped_mm = plan.grouped_gemm
+        set_fused_projections(transformer, plan.fuse_projections)
         apply_activation_checkpointing(transformer, plan.activation_checkpointing, plan.ac_every_n)
-        apply_compile(transformer, plan.compile)
+        apply_compile(transformer, plan.compile, plan.compile_mode)
     gradients = apply_data_parallel(module, transformer, plan, meshes, precision, cluster, materialize,
                                     compute_dtype)
     pipeline = None
@@ -128,7 +130,7 @@ def _check_protocol(transformer: Optional[nn.Module], plan: ParallelPlan) -> Non
         plan.check_model(cfg)  # without `model_config`, reaches this point unchecked
 
 
-def apply_compile(transformer: nn.Module, mode: str) -> None:
+def apply_compile(transformer: nn.Module, mode: str, tuning: str = "default") -> None:
     """torch.compile per `mode`: "block" compiles each block on its own (FSDP2 hooks, collectives
     and checkpointing stay between graphs, so it composes with every plan); "model" compiles the
     transformer as one graph, embedding to final norm (the plan allows it on replicated plans
@@ -137,12 +139,14 @@ def apply_compile(transformer: nn.Module, mode: str) -> None:
     Either compiled mode also compiles the local loss kernel (the head's logits to the sum of
     token losses): fused, the fp32 upcast and the log-softmax are one reduction instead of a
     copy and two softmax passes over the logits, about 8% of a step at a 102k vocabulary.
-    A vocabulary-parallel kernel (tensor parallelism) stays eager: it calls collectives."""
+    A vocabulary-parallel kernel (tensor parallelism) stays eager: it calls collectives.
+    `tuning` is torch.compile's mode for the blocks or the model ("default": torch's own)."""
+    options = {} if tuning == "default" else {"mode": tuning}
     if mode == "block":
         for block in transformer.blocks:
-            block.compile()
+            block.compile(**options)
     elif mode == "model":
-        transformer.compile()
+        transformer.compile(**options)
     if mode != "none" and type(getattr(transformer, "loss_kernel", None)) is TokenCrossEntropy:
         transformer.loss_kernel.compile()
 

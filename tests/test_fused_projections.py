@@ -1,0 +1,141 @@
+"""Fused projections (q|k|v, gate|up, MLA's down projections as one GEMM each) compute exactly
+what the separate projections compute, keep the parameters and their names, and step aside where
+they cannot apply (tensor-parallel DTensors, layers with hooks). Under FSDP2 the unsharded
+weights are plain tensors, so fusion runs there: 2 gloo ranks with fusion equal one process
+without it."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from dist_utils import assert_close, run_distributed
+from lightning_utils import FixedTokens, loader, params_of, quiet_trainer
+
+import lightning_attn_parallel as lap
+from lightning_attn_parallel.models import ModelConfig, build_model
+from lightning_attn_parallel.models import fused_projections
+from lightning_attn_parallel.models.fused_projections import fusable, project, set_fused_projections
+from lightning_attn_parallel.models.loss import cross_entropy_sum
+
+LLAMA = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+DEEPSEEK = dict(LLAMA, family="deepseek", attention="mla", kv_lora_rank=16, qk_nope_head_dim=8,
+                qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_top_k=2,
+                moe_ffn_dim=32, first_k_dense_replace=1)
+MODELS = {"llama": LLAMA, "deepseek_mla": DEEPSEEK, "deepseek_mla_q_latent": dict(DEEPSEEK, q_lora_rank=16)}
+
+
+@contextmanager
+def counting_fused_gemms() -> Iterator[list[int]]:
+    """The output widths of the GEMMs run on concatenated weights (no module's Parameter)."""
+    widths: list[int] = []
+    real_linear = fused_projections.F.linear
+
+    def counting(x, weight, *args):
+        if not isinstance(weight, nn.Parameter):
+            widths.append(weight.shape[0])
+        return real_linear(x, weight, *args)
+
+    fused_projections.F.linear = counting
+    try:
+        yield widths
+    finally:
+        fused_projections.F.linear = real_linear
+
+
+def _loss_and_grads(cfg: dict, fuse: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**cfg)).double()
+    assert set_fused_projections(model, fuse) > 0
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg["vocab_size"], (3, 13), generator=gen)
+    with counting_fused_gemms() as fused:
+        total, count = cross_entropy_sum(model(tokens[:, :-1]), model.output, tokens[:, 1:],
+                                         kernel=model.loss_kernel)
+    loss = total / count
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, len(fused)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_projections_equal_the_separate_ones(name):
+    loss, grads, fused = _loss_and_grads(MODELS[name], fuse=True)
+    ref_loss, ref_grads, unfused = _loss_and_grads(MODELS[name], fuse=False)
+    # every block fuses its attention's projections; every dense ffn and shared expert its gate|up
+    assert unfused == 0 and fused >= 2 * MODELS[name]["n_layers"]
+    assert_close(loss, ref_loss, rtol=1e-10, name="loss")
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        assert_close(grads[n], ref_grads[n], rtol=1e-10, name=n)
+
+
+def test_parameters_and_their_names_are_unchanged():
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(**LLAMA))
+    torch.manual_seed(0)
+    fused = build_model(ModelConfig(**LLAMA))
+    set_fused_projections(fused, True)
+    assert list(plain.state_dict()) == list(fused.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fused.state_dict().values()))
+
+
+def test_fusion_steps_aside_where_it_cannot_apply():
+    a, b = nn.Linear(4, 3, bias=False), nn.Linear(4, 5, bias=False)
+    x = torch.randn(2, 4)
+    assert fusable([a, b])
+    with_bias = nn.Linear(4, 2)
+    assert not fusable([a, with_bias])
+    hooked = nn.Linear(4, 2, bias=False)
+    seen = []
+    hooked.register_forward_hook(lambda *_: seen.append(1))
+    assert not fusable([a, hooked])
+    project(x, (a, hooked), fuse=True)
+    assert seen == [1]  # the hook ran: the layer went through its own module
+
+    class Float8Like(nn.Linear):  # a subclass (torchao's Float8Linear) computes differently
+        pass
+
+    assert not fusable([a, Float8Like(4, 2, bias=False)])
+    out = project(x, (a, b), fuse=True)
+    assert [o.shape[-1] for o in out] == [3, 5]
+    assert_close(out[1], b(x), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- under the strategy
+STEPS, GLOBAL_BATCH = 2, 4
+
+
+def _train(rank: int, world: int, plan_kwargs: dict) -> dict:
+    L.seed_everything(0, verbose=False)
+    module = lap.CausalLMModule(ModelConfig(**LLAMA), lr=1e-2, warmup_steps=1, total_steps=STEPS)
+    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)),
+                            devices=world, max_steps=STEPS)
+    tp = plan_kwargs.get("tp", 1)
+    dp = world // tp
+    with counting_fused_gemms() as fused:
+        trainer.fit(module, loader(FixedTokens(), GLOBAL_BATCH // dp, replicas=dp, rank=rank // tp))
+    return {"params": params_of(module), "fused_gemms": len(fused)}
+
+
+def _one_process(rank: int, world: int) -> dict:
+    return _train(rank, world, {})
+
+
+def _worker(rank: int, world: int) -> dict:
+    return {"fsdp2": _train(rank, world, dict(dp_shard=2, fuse_projections=True)),
+            "tp2": _train(rank, world, dict(tp=2, fuse_projections=True))}
+
+
+def test_fused_projections_under_fsdp2_and_tp_equal_one_process():
+    ranks = run_distributed(_worker, 2)
+    reference = run_distributed(_one_process, 1)[0]
+    # FSDP2 unshards into plain tensors, so its blocks fuse; tensor parallelism's hooked
+    # DTensor layers run each projection through its own module
+    assert ranks[0]["fsdp2"]["fused_gemms"] > 0 and ranks[0]["tp2"]["fused_gemms"] == 0
+    for case in ("fsdp2", "tp2"):
+        for n, ref in reference["params"].items():
+            assert_close(ranks[0][case]["params"][n], ref, rtol=1e-5, name=f"{case} {n}")
