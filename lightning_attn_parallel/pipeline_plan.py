@@ -3,7 +3,9 @@ the bubble, shared by the plan's validation, parallel/pipeline*.py and the plann
 
 A plan with `pp` ranks per pipeline and `v` stages per rank has `pp x v` stages; stage `s` runs on
 pipeline rank `s % pp` (torch.distributed.pipelining's "loop" placement, which its interleaved
-schedules use). Checks run before any process group starts, one line each.
+schedules use), except under "zbv", whose two stages per rank form a V: rank r holds stages r and
+2 pp - 1 - r, so the first rank also holds the last stage. Checks run before any process group
+starts, one line each.
 """
 from __future__ import annotations
 
@@ -13,11 +15,18 @@ if TYPE_CHECKING:
     from .plan import ParallelPlan
 
 
+# schedules that run several stages per rank (and take the list of a rank's stages)
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zb", "zbv")
+# schedules that split each backward into its input and weight halves (no compile: torch's split
+# backward runs the stage's autograd graph twice, which compiled graphs do not support)
+ZERO_BUBBLE_SCHEDULES = ("interleaved_zb", "zbv")
+
+
 def stages_per_rank(plan: "ParallelPlan") -> int:
-    """Virtual stages a rank holds: 2 by default for interleaved 1F1B, else 1."""
+    """Virtual stages a rank holds: 2 by default for the multi-stage schedules, else 1."""
     if plan.pp_stages_per_rank is not None:
         return plan.pp_stages_per_rank
-    return 2 if plan.pp_schedule == "interleaved_1f1b" else 1
+    return 2 if plan.pp_schedule in MULTI_STAGE_SCHEDULES else 1
 
 
 def num_stages(plan: "ParallelPlan") -> int:
@@ -30,7 +39,9 @@ def microbatches(plan: "ParallelPlan") -> int:
 
 
 def stage_ranks_of(plan: "ParallelPlan") -> list[list[int]]:
-    """The stage indices each pipeline rank holds, rank by rank."""
+    """The stage indices each pipeline rank holds, rank by rank, in stage order."""
+    if plan.pp_schedule == "zbv":
+        return [sorted((r, 2 * plan.pp - 1 - r)) for r in range(plan.pp)]
     return [list(range(r, num_stages(plan), plan.pp)) for r in range(plan.pp)]
 
 
@@ -48,6 +59,8 @@ def in_flight_microbatches(plan: "ParallelPlan") -> float:
     micro = microbatches(plan)
     if plan.pp_schedule == "gpipe":
         return float(micro)
+    if plan.pp_schedule == "zbv":  # the V keeps 1F1B's peak: pp micro-batches of the rank's blocks
+        return float(min(micro, plan.pp))
     v = stages_per_rank(plan)
     if v == 1:
         return float(min(micro, plan.pp))
@@ -58,25 +71,34 @@ def check_pipeline_plan(plan: "ParallelPlan") -> None:
     """The schedule against its stages and micro-batches, and the compositions that run today."""
     from .plan import PlanError
 
-    if plan.pp_schedule == "zbv":
-        raise PlanError("ParallelPlan pp_schedule='zbv' (zero bubble) is not supported: its split "
-                        "weight/input backward needs stage modules without compile or attention masks; "
+    schedule = plan.pp_schedule
+    if schedule in ZERO_BUBBLE_SCHEDULES and plan.compile != "none":
+        raise PlanError(f"ParallelPlan pp_schedule={schedule!r} does not run with compile={plan.compile!r}: "
+                        "its split input/weight backward runs the stage's autograd graph in two "
+                        "halves, which torch.compile's graphs do not support; set compile='none' or "
                         "use pp_schedule='interleaved_1f1b'")
     v = stages_per_rank(plan)
-    if plan.pp_schedule == "interleaved_1f1b" and v < 2:
-        raise PlanError(f"ParallelPlan pp_schedule='interleaved_1f1b' needs pp_stages_per_rank >= 2 "
+    if schedule == "zbv" and v != 2:
+        raise PlanError(f"ParallelPlan pp_schedule='zbv' runs exactly 2 stages per rank (got "
+                        f"pp_stages_per_rank={v}): set pp_stages_per_rank=2 or leave it unset")
+    if schedule in MULTI_STAGE_SCHEDULES and v < 2:
+        raise PlanError(f"ParallelPlan pp_schedule={schedule!r} needs pp_stages_per_rank >= 2 "
                         f"(got {v}): set pp_stages_per_rank=2, or use pp_schedule='1f1b'")
-    if plan.pp_schedule != "interleaved_1f1b" and v != 1:
-        raise PlanError(f"ParallelPlan pp_stages_per_rank={v} needs pp_schedule='interleaved_1f1b' "
-                        f"({plan.pp_schedule!r} runs one stage per rank): set pp_stages_per_rank=1")
+    if schedule not in MULTI_STAGE_SCHEDULES and v != 1:
+        raise PlanError(f"ParallelPlan pp_stages_per_rank={v} needs a schedule of several stages per rank "
+                        f"({', '.join(MULTI_STAGE_SCHEDULES)}; {schedule!r} runs one): set "
+                        "pp_stages_per_rank=1")
     micro = microbatches(plan)
-    if plan.pp_schedule == "1f1b" and micro < plan.pp:
+    if schedule == "1f1b" and micro < plan.pp:
         raise PlanError(f"ParallelPlan pp_microbatches={micro} is too few for pp_schedule='1f1b' with "
                         f"pp={plan.pp}: use at least {plan.pp} (more shrink the bubble, "
                         f"(pp-1)/micro-batches)")
-    if plan.pp_schedule == "interleaved_1f1b" and (micro < plan.pp or micro % plan.pp):
-        raise PlanError(f"ParallelPlan pp_microbatches={micro} does not fit pp_schedule='interleaved_1f1b' "
+    if schedule in ("interleaved_1f1b", "interleaved_zb") and (micro < plan.pp or micro % plan.pp):
+        raise PlanError(f"ParallelPlan pp_microbatches={micro} does not fit pp_schedule={schedule!r} "
                         f"with pp={plan.pp}: use a multiple of {plan.pp}")
+    if schedule == "zbv" and micro < plan.pp:
+        raise PlanError(f"ParallelPlan pp_microbatches={micro} is too few for pp_schedule='zbv' with "
+                        f"pp={plan.pp}: use at least {plan.pp} (2 x pp - 1 fill the V)")
     layout = plan.pp_layers_per_stage
     if layout is not None and (len(layout) != num_stages(plan) or any(int(n) < 1 for n in layout)):
         raise PlanError(f"ParallelPlan pp_layers_per_stage={list(layout)} must give {num_stages(plan)} "
@@ -156,6 +178,6 @@ def stage_blocks(counts: Sequence[int]) -> list[range]:
     return out
 
 
-__all__ = ["stages_per_rank", "num_stages", "microbatches", "stage_ranks_of", "bubble_fraction",
+__all__ = ["MULTI_STAGE_SCHEDULES", "ZERO_BUBBLE_SCHEDULES", "stages_per_rank", "num_stages", "microbatches", "stage_ranks_of", "bubble_fraction",
            "in_flight_microbatches", "check_pipeline_plan", "check_pipeline_model", "balanced_layout",
            "stage_blocks"]

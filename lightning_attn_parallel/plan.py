@@ -25,9 +25,9 @@ COMPILE_MODES = ("none", "block", "model")
 COMPILE_TUNING = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 FP8_MODES = ("none", "tensorwise", "rowwise")  # parallel/float8.py
 ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
-# Pipeline schedules (parallel/pipeline_schedule.py); "zbv" (zero bubble) is named so that asking
-# for it gets a reason rather than "unknown"
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
+# Pipeline schedules (parallel/pipeline_schedule.py); the zero-bubble ones split each backward into
+# its input and weight halves and fill the bubble with weight halves
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
 
 
 class PlanError(UserError):
@@ -101,7 +101,7 @@ class ParallelPlan:
     pp_schedule: str = field(default="1f1b", metadata=_limits(choices=PP_SCHEDULES))
     # micro-batches each batch is split into (None: one per stage, the fewest the schedules take)
     pp_microbatches: Optional[int] = field(default=None, metadata=_limits(minimum=1))
-    # stages each rank holds (None: 2 for interleaved_1f1b, else 1)
+    # stages each rank holds (None: 2 for the interleaved and zero-bubble schedules, else 1)
     pp_stages_per_rank: Optional[int] = field(default=None, metadata=_limits(minimum=1))
     # blocks of each stage, in order (None: balanced by cost, embedding first, head and loss last)
     pp_layers_per_stage: Optional[List[int]] = None

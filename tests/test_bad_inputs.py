@@ -168,7 +168,7 @@ CASES = {
                             ["pp_layers_per_stage=[1, 2]", "n_layers=4"]),
     "pp too few micro-batches": ([*CPU2, "strategy.plan.pp=2", "strategy.plan.pp_microbatches=1"],
                                  ["pp_microbatches=1", "at least 2"]),
-    "pp zero bubble": ([*CPU2, "strategy.plan.pp=2", "strategy.plan.pp_schedule=zbv"], ["zbv", "interleaved_1f1b"]),
+    "pp zero bubble with compile": ([*CPU2, "strategy.plan.pp=2", "strategy.plan.pp_schedule=zbv", "strategy.plan.compile=block"], ["zbv", "interleaved_1f1b"]),
     "model too big for RAM": (["model.d_model=16384", "model.n_heads=128", "model.n_kv_heads=8",
                                "model.ffn_dim=65536", "model.n_layers=200"], ["GiB", "dp_shard"]),
     # data files

@@ -184,7 +184,7 @@ BAD_PLANS = {
     "too few micro-batches for 1f1b": (dict(pp=4, pp_microbatches=2), 4, None, ["pp_microbatches=2", "at least 4"]),
     "interleaved micro-batches": (dict(pp=2, pp_schedule="interleaved_1f1b", pp_microbatches=3), 2, None,
                                   ["pp_microbatches=3", "multiple of 2"]),
-    "zero bubble": (dict(pp=2, pp_schedule="zbv"), 2, None, ["pp_schedule='zbv'", "interleaved_1f1b"]),
+    "zero bubble with compile": (dict(pp=2, pp_schedule="zbv", compile="block"), 2, None, ["pp_schedule='zbv'", "interleaved_1f1b"]),
     "more stages than layers": (dict(pp=4, pp_schedule="interleaved_1f1b", pp_microbatches=4), 8, TINY_LLAMA,
                                 ["8 stages", "n_layers=4"]),
     "layout not covering the model": (dict(pp=2, pp_layers_per_stage=[1, 2]), 2, TINY_LLAMA,

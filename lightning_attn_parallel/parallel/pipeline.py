@@ -62,8 +62,7 @@ class PipelineRunner:
         self._width = transformer.config.d_model
         self._shape: Optional[tuple[int, int]] = None
         self.schedule = None
-        self._parameters = [p for _, module in stages for p in module.parameters()] + \
-            ([p for p in transformer.output.parameters()] if self.has_last else [])
+        self._parameters = [p for _, module in stages for p in module.parameters()]  # the head too
         self._held: list = []
 
     def _schedule_for(self, input_ids: torch.Tensor):

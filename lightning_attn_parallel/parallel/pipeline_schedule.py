@@ -17,8 +17,12 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining.schedules import ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+from ..pipeline_plan import MULTI_STAGE_SCHEDULES
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
+             "interleaved_zb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble}
 
 
 def build_stage(module: nn.Module, index: int, stages: int, device: torch.device, group: ProcessGroup,
@@ -35,7 +39,7 @@ def build_schedule(name: str, stages: list[PipelineStage], microbatches: int,
     """The schedule `name` over this rank's stages. Gradients are not scaled by the micro-batch
     count (`scale_grads=False`): the loss is already divided by the batch's token count."""
     cls = SCHEDULES[name]
-    target = stages if name == "interleaved_1f1b" else stages[0]
+    target = stages if name in MULTI_STAGE_SCHEDULES else stages[0]
     return cls(target, microbatches, loss_fn=loss_fn, scale_grads=False)
 
 

@@ -51,6 +51,9 @@ class StageModule(nn.Module):
         self.tok_embeddings = transformer.tok_embeddings if first else None
         self.blocks = nn.ModuleList(blocks)
         self.norm = transformer.norm if last else None
+        # The head runs in the loss, not here, but belongs to the last stage's parameters: the
+        # zero-bubble schedules compute weight gradients for the stage's parameters only.
+        self.head = transformer.output if last else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.tok_embeddings is not None:
