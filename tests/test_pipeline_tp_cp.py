@@ -13,6 +13,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from dist_utils import assert_close, run_distributed
 from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_trainer
@@ -63,7 +64,8 @@ def fit(plan_kwargs: dict, max_steps: int, validate: bool = False, ckpt_path=Non
     if save_path is not None:
         trainer.save_checkpoint(save_path)
     return {"losses": recorder.losses, "params": params_of(module), "start_params": recorder.start_params,
-            "val": float(trainer.callback_metrics["val/loss"]) if validate else None}
+            "val": float(trainer.callback_metrics["val/loss"]) if validate else None,
+            "split": {name for name, p in module.named_parameters() if isinstance(p, DTensor)}}
 
 
 def _worker(rank: int, world: int, root: str) -> dict:
@@ -100,6 +102,10 @@ def test_pipeline_with_tp_or_cp_equals_one_process(results, name):
             assert_close(value, reference["params"][key], rtol=1e-10, name=f"{name} rank{rank} {key}")
         assert_close(torch.tensor(got["losses"]), torch.tensor(reference["losses"]), rtol=1e-10,
                      name=f"{name} rank{rank} losses")
+        if plan.get("tp", 1) > 1:  # every stage's projections, embedding and head are split over tp
+            matrices = {k for k in got["params"] if k.endswith(("wq.weight", "w2.weight"))
+                        or k.startswith(("tok_embeddings.", "output."))}
+            assert matrices and matrices <= got["split"], (rank, matrices - got["split"])
         if validate:
             assert abs(got["val"] - reference["val"]) < 1e-10 * abs(reference["val"]), (got["val"], reference["val"])
     assert set().union(*stages) == set(reference["params"]), "the stages together hold the whole model"
