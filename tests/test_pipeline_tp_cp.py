@@ -5,8 +5,9 @@ One spawn of 4 gloo processes trains (fp64, gradient clipping on, 3 steps) pp=2 
 without sequence parallelism: the stages exchange whole activations, or each rank's sequence
 shard) and pp=2 x cp=2 (each micro-batch's load-balanced sequence shards, with their global
 positions, through interleaved 1F1B, and the forward-only schedule for validation); then pp=4
-saves a DCP folder after 2 steps, which pp=2 x tp=2 resumes for one more. Losses and parameters
-are compared with one process (relative error below 1e-10 in fp64).
+saves a DCP folder after 2 steps, which pp=2 x tp=2 resumes for one more. Losses, the first
+step's gradients and the parameters are compared with one process (relative error below 1e-10
+in fp64).
 """
 from __future__ import annotations
 
@@ -53,11 +54,24 @@ def make_module() -> lap.CausalLMModule:
     return module
 
 
+class FirstGradients(L.Callback):
+    """The gradients of the first optimizer step, whole (before clipping), by parameter name:
+    Adam's update barely depends on the gradients' scale, the gradients do."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            self.grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+                          for name, p in pl_module.named_parameters() if p.grad is not None}
+
+
 def fit(plan_kwargs: dict, max_steps: int, validate: bool = False, ckpt_path=None, save_path=None,
         limit=None) -> dict:
-    module, recorder = make_module(), LossRecorder(average_over_ranks=True)
+    module, recorder, grads = make_module(), LossRecorder(average_over_ranks=True), FirstGradients()
     trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)),
-                            devices=WORLD, max_steps=max_steps, gradient_clip_val=CLIP, callbacks=[recorder],
+                            devices=WORLD, max_steps=max_steps, gradient_clip_val=CLIP, callbacks=[recorder, grads],
                             limit_train_batches=limit, limit_val_batches=1 if validate else 0)
     val = loader(FixedTokens(seed=1), ROWS) if validate else None
     trainer.fit(module, loader(FixedTokens(), ROWS), val, ckpt_path=ckpt_path)
@@ -65,7 +79,8 @@ def fit(plan_kwargs: dict, max_steps: int, validate: bool = False, ckpt_path=Non
         trainer.save_checkpoint(save_path)
     return {"losses": recorder.losses, "params": params_of(module), "start_params": recorder.start_params,
             "val": float(trainer.callback_metrics["val/loss"]) if validate else None,
-            "split": {name for name, p in module.named_parameters() if isinstance(p, DTensor)}}
+            "split": {name for name, p in module.named_parameters() if isinstance(p, DTensor)},
+            "grads": grads.grads}
 
 
 def _worker(rank: int, world: int, root: str) -> dict:
@@ -81,11 +96,11 @@ def results(tmp_path_factory):
 
 
 def one_process(max_steps: int, validate: bool = False, limit=None) -> dict:
-    module, recorder = make_module(), LossRecorder()
-    trainer = quiet_trainer(devices=1, max_steps=max_steps, gradient_clip_val=CLIP, callbacks=[recorder],
+    module, recorder, grads = make_module(), LossRecorder(), FirstGradients()
+    trainer = quiet_trainer(devices=1, max_steps=max_steps, gradient_clip_val=CLIP, callbacks=[recorder, grads],
                             limit_train_batches=limit, limit_val_batches=1 if validate else 0)
     trainer.fit(module, loader(FixedTokens(), ROWS), loader(FixedTokens(seed=1), ROWS) if validate else None)
-    return {"losses": recorder.losses, "params": params_of(module),
+    return {"losses": recorder.losses, "params": params_of(module), "grads": grads.grads,
             "val": float(trainer.callback_metrics["val/loss"]) if validate else None}
 
 
@@ -100,6 +115,9 @@ def test_pipeline_with_tp_or_cp_equals_one_process(results, name):
         stages.add(frozenset(got["params"]))
         for key, value in got["params"].items():
             assert_close(value, reference["params"][key], rtol=1e-10, name=f"{name} rank{rank} {key}")
+        assert set(got["grads"]) == set(got["params"])
+        for key, value in got["grads"].items():
+            assert_close(value, reference["grads"][key], rtol=1e-10, name=f"{name} rank{rank} gradient {key}")
         assert_close(torch.tensor(got["losses"]), torch.tensor(reference["losses"]), rtol=1e-10,
                      name=f"{name} rank{rank} losses")
         if plan.get("tp", 1) > 1:  # every stage's projections, embedding and head are split over tp
