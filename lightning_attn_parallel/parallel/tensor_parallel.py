@@ -18,6 +18,10 @@ Layout (Megatron-style, written with DTensor styles):
 Whatever the mode, the model's output (final hidden states) is a plain tensor of the whole
 sequence, identical on every TP rank.
 
+A pipeline stage (parallel/pipeline_stages.py) holds some blocks, and the embedding or the
+final norm and head only on the first or last stage (None elsewhere): TP splits what it holds,
+and under sequence parallelism the blocks' plain sequence shards are what crosses the stages.
+
 - MLA attention: split by heads (wq or wq_b and wkv_b column-parallel, wo row-parallel); the
   latent down-projections and norms stay whole on every rank.
 
