@@ -93,6 +93,7 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     probes = {name: torch.empty_like(model_state[name]) for names in _shared_names(model, model_state)
               for name in names[1:]}
     state = {"model": {**model_state, **probes}, "optimizers": {str(i): s for i, s in enumerate(optim_states)}}
+    own_groups = [[list(group["params"]) for group in s["param_groups"]] for s in optim_states]
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, dcp.CheckpointException) as err:  # DCP gathers every rank's failure
@@ -100,9 +101,23 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
                               "restore it from a copy or load an earlier checkpoint") from err
     check_shared_tensors(path, model, state["model"])
     set_model_state_dict(model, model_state)  # DCP loaded in place; this also re-ties what is shared
-    for opt, opt_state in zip(optimizers, optim_states):
+    for opt, opt_state, own in zip(optimizers, optim_states, own_groups):
+        _keep_own_parameters(path, opt_state, own)
         set_optimizer_state_dict(model, opt, opt_state)
     return extra
+
+
+def _keep_own_parameters(path: Path, optim_state: dict, own: list[list[str]]) -> None:
+    """The loaded param groups' settings (learning rate, weight decay...) with this rank's own
+    parameter names. DCP stores one rank's copy of a non-tensor entry, so when the saving ranks
+    held different parameters (pipeline stages) every rank reads the groups of one of them;
+    configure_optimizers makes the same groups, in the same order, on every rank, so the
+    groups are matched by position."""
+    loaded = optim_state["param_groups"]
+    if len(loaded) != len(own):
+        raise CheckpointError(f"checkpoint {path} has {len(loaded)} optimizer param group(s) but this run's "
+                              f"optimizer has {len(own)}: resume with the configure_optimizers it was saved with")
+    optim_state["param_groups"] = [{**group, "params": names} for group, names in zip(loaded, own)]
 
 
 def save_lightning_checkpoint(path: PathLike, checkpoint: dict[str, Any], is_rank_zero: bool) -> None:

@@ -68,7 +68,8 @@ def in_flight_microbatches(plan: "ParallelPlan") -> float:
 
 
 def check_pipeline_plan(plan: "ParallelPlan") -> None:
-    """The schedule against its stages and micro-batches, and the compositions that run today."""
+    """The schedule against its stages and micro-batches, and the compositions that run today
+    (tensor and context parallelism inside each stage; context parallelism at a fixed degree)."""
     from .plan import PlanError
 
     schedule = plan.pp_schedule
@@ -104,7 +105,11 @@ def check_pipeline_plan(plan: "ParallelPlan") -> None:
         raise PlanError(f"ParallelPlan pp_layers_per_stage={list(layout)} must give {num_stages(plan)} "
                         f"counts of at least 1 (pp={plan.pp} x {v} stage(s) per rank): list one block "
                         "count per stage, or leave it unset to balance by cost")
-    unsupported = {"dp_shard": plan.dp_shard > 1, "cp": plan.cp > 1, "tp": plan.tp > 1, "ep": plan.ep > 1,
+    if plan.pp > 1 and plan.cp > 1 and plan.cp_min_seq_len > 0:
+        raise PlanError(f"ParallelPlan pp={plan.pp} with cp_min_seq_len={plan.cp_min_seq_len}: a pipeline's "
+                        "micro-batch shapes are fixed, so the context-parallel degree cannot change per "
+                        f"batch; set cp_min_seq_len=0 (every batch split over cp={plan.cp})")
+    unsupported = {"dp_shard": plan.dp_shard > 1, "ep": plan.ep > 1,
                    "compile='model'": plan.compile == "model", "fp8": plan.fp8 != "none",
                    "offload_activations": plan.offload_activations}
     refused = [name for name, on in unsupported.items() if on]

@@ -159,6 +159,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
 
     def training_step(self, *args: Any, **kwargs: Any):
         if self.pipeline is not None:  # the schedule runs forward and backward (parallel/pipeline.py)
+            args = self._layout_batch(args, log=True)  # context parallelism: this rank's shard
             with self.precision_plugin.train_step_context():
                 trainer = self.lightning_module.trainer
                 loss = self.pipeline.training_step(args[0], self.gradients,
@@ -172,7 +173,7 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
     def validation_step(self, *args: Any, **kwargs: Any):
         if self.pipeline is not None:
             with self.precision_plugin.val_step_context():
-                loss = self.pipeline.validation_step(args[0])
+                loss = self.pipeline.validation_step(self._layout_batch(args, log=False)[0])
             self.lightning_module.log(VAL_LOSS, loss, prog_bar=True, sync_dist=True)
             return None
         return super().validation_step(*self._layout_batch(args, log=False), **kwargs)

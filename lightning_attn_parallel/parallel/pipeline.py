@@ -30,17 +30,20 @@ from .pipeline_stages import StageModule
 class TokenSumLoss:
     """The last stage's loss of one micro-batch: the sum of its token losses over the batch's
     token count (`denominator`, set per batch), so the micro-batches' losses add up to the batch
-    mean and their gradients to its gradient."""
+    mean and their gradients to its gradient; times `multiplier` (the StepBatch's `loss_scale`:
+    cp under context parallelism). Under tensor parallelism the head is split over the vocabulary
+    and the model's `loss_kernel` is the vocabulary-parallel one, read at each call."""
 
     def __init__(self, transformer: nn.Module, chunk_tokens: Optional[int]) -> None:
         self.transformer = transformer
         self.chunk_tokens = chunk_tokens
         self.denominator: torch.Tensor = torch.ones(())
+        self.multiplier = 1.0
 
     def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         total, _ = cross_entropy_sum(hidden, self.transformer.output, labels, self.chunk_tokens,
                                      self.transformer.loss_kernel)
-        return total / self.denominator
+        return total / self.denominator * self.multiplier
 
 
 class PipelineRunner:
@@ -66,10 +69,20 @@ class PipelineRunner:
         self._held: list = []
 
     def _schedule_for(self, input_ids: torch.Tensor):
-        """The schedule for micro-batches of this shape, built at the first batch: stages are
-        given their boundary shapes (the shapes are fixed from then on)."""
+        """The schedule for micro-batches of this shape (this rank's share of the sequence under
+        context parallelism), built at the first batch: stages are given their boundary shapes
+        (the shapes are fixed from then on).
+
+        Stages exchange plain tensors (DTensors cross stages only from torch 2.12): without
+        sequence parallelism the whole activation, identical on the tensor-parallel ranks; with
+        it each rank's 1/tp of the sequence, which every block takes and gives as a plain
+        tensor, and which the last stage's final norm gathers (parallel/tensor_parallel.py)."""
         rows, seq = input_ids.shape
         shape = (rows // self.microbatches, seq)
+        tp = self.plan.tp if self.plan.sequence_parallel else 1
+        if seq % tp:
+            raise PlanError(f"sequence_parallel=true needs each rank's sequence length ({seq}) to be a multiple "
+                            f"of tp={tp}: pad the batch, or set sequence_parallel=false")
         if self.schedule is not None:
             if shape != self._shape:
                 raise PlanError(f"ParallelPlan pp={self.plan.pp} fixes the micro-batch shape at the first "
@@ -80,9 +93,11 @@ class PipelineRunner:
         for index, module in self._modules:
             dtype = next(module.parameters()).dtype
             # activations carry gradients back across the boundary (the static metadata says so)
-            hidden = torch.empty(*shape, self._width, dtype=dtype, device="meta", requires_grad=True)
-            inputs = torch.empty(shape, dtype=input_ids.dtype, device="meta") if index == 0 else hidden
-            stages.append(build_stage(module, index, self._total, self._device, self.group, inputs, hidden))
+            hidden = lambda length: torch.empty(shape[0], length, self._width, dtype=dtype,  # noqa: E731
+                                                device="meta", requires_grad=True)
+            inputs = torch.empty(shape, dtype=input_ids.dtype, device="meta") if index == 0 else hidden(seq // tp)
+            outputs = hidden(seq if index == self._total - 1 else seq // tp)
+            stages.append(build_stage(module, index, self._total, self._device, self.group, inputs, outputs))
         self.stages, self._shape = stages, shape
         # every rank gets the loss function: torch runs a rank's backward only when it has one
         self.schedule = build_schedule(self.plan.pp_schedule, stages, self.microbatches, self.loss)
@@ -120,7 +135,9 @@ class PipelineRunner:
 
     def _run(self, batch: Any, train: bool, scale: int = 1) -> torch.Tensor:
         step = StepBatch.of(batch)
-        if step.document_ids is not None or step.positions is not None:
+        # per-row positions come with packed documents; context parallelism's (S_local,) positions
+        # of its shard are the same for every row
+        if step.document_ids is not None or (step.positions is not None and step.positions.dim() > 1):
             raise PlanError(f"ParallelPlan pp={self.plan.pp} does not take packed documents (batches with "
                             "positions or document_ids) yet: pack without document boundaries, or set pp=1")
         rows = step.input_ids.shape[0]
@@ -128,7 +145,15 @@ class PipelineRunner:
             raise PlanError(f"a batch of {rows} sequences does not split into pp_microbatches="
                             f"{self.microbatches}: use a micro-batch size that is a multiple of "
                             f"{self.microbatches}, or change pp_microbatches")
-        self.loss.denominator = (step.labels != IGNORE_INDEX).sum().clamp_min(1) * scale
+        positions = step.positions if step.positions is not None else \
+            torch.arange(step.input_ids.shape[1], device=step.input_ids.device)
+        for _, module in self._modules:
+            module.positions = positions
+        # context parallelism: this rank's token losses over the whole sequences' token count,
+        # times cp (the data-parallel average over dp x cp divides again), as without pipelining
+        counted = (step.labels != IGNORE_INDEX).sum()
+        self.loss.denominator = step.loss_denominator(counted) * scale
+        self.loss.multiplier = step.loss_scale
         losses: list[torch.Tensor] = []
         args = (step.input_ids,) if self.has_first else ()
         run_schedule(self._schedule_for(step.input_ids), args, step.labels if self.has_last else None, losses, train)
@@ -137,7 +162,7 @@ class PipelineRunner:
         for loss in losses:
             local += loss.detach().double()
         dist.all_reduce(local, group=self.group)
-        return local * scale
+        return step.step_loss(local * scale / step.loss_scale)
 
 
 def build_pipeline(module: nn.Module, transformer: nn.Module, stages: list[tuple[int, StageModule]],

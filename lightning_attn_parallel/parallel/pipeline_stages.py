@@ -9,6 +9,7 @@ forward; torch.distributed.pipelining wraps the views in PipelineStage.
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 from torch import nn
@@ -43,8 +44,12 @@ class KeptBlocks(nn.ModuleList):
 class StageModule(nn.Module):
     """One stage's slice of CausalTransformer.forward: the embedding (first stage), its blocks,
     the final norm (last stage). The LM head and the loss run in the schedule's loss function on
-    the last stage, so the logits are never kept as a stage output. Positions are 0..S-1 on every
-    stage (packed documents are refused under pipelining)."""
+    the last stage, so the logits are never kept as a stage output.
+
+    `positions` are the RoPE positions of the tokens this rank holds, set per batch by the runner
+    (parallel/pipeline.py): 0..S-1, or the global positions of a context-parallel shard. They
+    cannot be read off the activation: under sequence parallelism it holds 1/tp of the sequence,
+    under context parallelism positions that are not contiguous (packed documents are refused)."""
 
     def __init__(self, transformer: nn.Module, blocks: list[nn.Module], first: bool, last: bool) -> None:
         super().__init__()
@@ -54,11 +59,13 @@ class StageModule(nn.Module):
         # The head runs in the loss, not here, but belongs to the last stage's parameters: the
         # zero-bubble schedules compute weight gradients for the stage's parameters only.
         self.head = transformer.output if last else None
+        self.positions: Optional[torch.Tensor] = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(h)
-        positions = torch.arange(h.shape[1], device=h.device)
+        positions = self.positions
+        assert positions is not None, "the pipeline runner sets the stage's positions before each batch"
         for block in self.blocks:
             h = block(h, positions)
         return self.norm(h) if self.norm is not None else h

@@ -18,6 +18,10 @@ Layout (Megatron-style, written with DTensor styles):
 Whatever the mode, the model's output (final hidden states) is a plain tensor of the whole
 sequence, identical on every TP rank.
 
+A pipeline stage (parallel/pipeline_stages.py) holds some blocks, and the embedding or the
+final norm and head only on the first or last stage (None elsewhere): TP splits what it holds,
+and under sequence parallelism the blocks' plain sequence shards are what crosses the stages.
+
 - MLA attention: split by heads (wq or wq_b and wkv_b column-parallel, wo row-parallel); the
   latent down-projections and norms stay whole on every rank.
 
@@ -97,8 +101,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
     if sequence_parallel:
         # Gather the sequence before the final norm rather than after it: the model's output
         # is then a fresh tensor rather than a view of a DTensor's local shard (FSDP warns
-        # about views), for the price of one norm over the whole sequence.
-        _on_first_arg(model.norm, lambda x: _gather_sequence(x, tp_mesh))
+        # about views), for the price of one norm over the whole sequence. A pipeline stage
+        # without the norm (parallel/pipeline_stages.py) passes its sequence shard on.
+        if model.norm is not None:
+            _on_first_arg(model.norm, lambda x: _gather_sequence(x, tp_mesh))
         model.register_forward_pre_hook(_sequence_length_check(tp), with_kwargs=True)
     _match_grad_placements(model)
     return model
@@ -235,18 +241,21 @@ register_tensor_parallel_handler(SwiGLU, _mlp_handler)
 
 
 def _parallelize_embedding(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    if model.output.weight is model.tok_embeddings.weight:
+    """The embedding and the head, each where this rank holds it (a pipeline stage holds the
+    embedding on the first stage only, the head on the last: the other is None)."""
+    embedding, head = model.tok_embeddings, model.output
+    if embedding is not None and head is not None and head.weight is embedding.weight:
         if sequence_parallel:  # replicated lookup, then keep this rank's sequence shard
-            model.tok_embeddings.register_forward_hook(
-                lambda mod, args, out: _keep_sequence_shard(out, mesh))
+            embedding.register_forward_hook(lambda mod, args, out: _keep_sequence_shard(out, mesh))
         return
     out_layout = Shard(1) if sequence_parallel else Replicate()
-    parallelize_module(model.tok_embeddings, mesh,
-                       RowwiseParallel(input_layouts=Replicate(), output_layouts=out_layout))
-    # the head sees the whole (gathered) sequence; its logits stay sharded for the loss
-    parallelize_module(model.output, mesh, ColwiseParallel(
-        input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False))
-    model.loss_kernel = VocabParallelLoss()
+    if embedding is not None:
+        parallelize_module(embedding, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=out_layout))
+    if head is not None:
+        # the head sees the whole (gathered) sequence; its logits stay sharded for the loss
+        parallelize_module(head, mesh, ColwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False))
+        model.loss_kernel = VocabParallelLoss()
 
 
 # ---------------------------------------------------------------------------- layout hooks

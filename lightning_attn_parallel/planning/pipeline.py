@@ -2,14 +2,17 @@
 pipeline's own costs, next to the best plan without pipelining.
 
 A stage holds n_layers / pp blocks (the embedding and head counted on every stage: the first and
-last stages hold them, and the planner sizes the worst stage) on world / pp GPUs, with replicated
-data parallelism (what pipelining composes with today, parallel/pipeline.py). The global batch is
+last stages hold them, and the planner sizes the worst stage) on world / pp GPUs, laid out as
+the planner lays out a whole model (`select.layouts`) but with what pipelining composes with
+today (parallel/pipeline.py): replicated data parallelism, tensor and context parallelism, no
+FSDP2 or expert parallelism. The global batch is
 unchanged: data parallelism shrinks by pp, so each step runs pp x grad_accum micro-batches
 through the 1F1B schedule. On top of the stage's step:
 - the bubble, (pp - 1) / micro-batches of the compute (pipeline_plan.bubble_fraction);
 - the activations of the micro-batches the first stage holds at once (`pp` under 1F1B);
-- the p2p sends: each micro-batch's activations forward and gradients backward, over the
-  inter-node link when a stage fills whole nodes, counted as exposed (an upper bound).
+- the p2p sends: each micro-batch's activations forward and gradients backward (a rank's
+  1/(cp x tp) of them: sequence parallelism is on with tp), over the inter-node link when a stage
+  fills whole nodes, counted as exposed (an upper bound).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Optional
 
 from ..pipeline_plan import bubble_fraction, in_flight_microbatches
 from ..plan import ParallelPlan, PlanError
-from .select import Evaluation, Workload
+from .select import Evaluation, Workload, layouts
 
 PP_DEGREES = (2, 4, 8, 16)
 
@@ -47,9 +50,10 @@ class PipelineOption:
 
     def describe(self) -> str:
         gib = (self.stage.memory.total + self.extra_activations) / 2**30
-        ac = self.stage.plan.activation_checkpointing
+        plan = self.stage.plan
+        inside = "".join(f", {name} {degree}" for name, degree in (("tp", plan.tp), ("cp", plan.cp)) if degree > 1)
         return (f"pp={self.pp} (1F1B, {self.microbatches} micro-batches, bubble {self.bubble:.0%}, "
-                f"p2p {self.p2p_s * 1e3:.0f} ms, activation checkpointing {ac}): "
+                f"p2p {self.p2p_s * 1e3:.0f} ms{inside}, activation checkpointing {plan.activation_checkpointing}): "
                 f"{gib:.1f} GiB per GPU, " + (f"{self.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
                                                if self.fits else "does not fit"))
 
@@ -75,13 +79,16 @@ def pipeline_option(work: Workload, pp: int) -> Optional[PipelineOption]:
     spans_nodes = cluster.num_nodes > 1 and cluster.num_nodes % pp == 0  # stages on different nodes
     gbps = cluster.inter_node_gbps if spans_nodes else cluster.intra_node_gbps
     alpha = cluster.inter_node_alpha_s if spans_nodes else cluster.intra_node_alpha_s
-    p2p = 2 * micro * (send / (gbps * 1e9) + alpha)
+    stage_cluster = stage_work.cluster
     options = []
-    for ac in ("none", "block"):
-        stage_plan = ParallelPlan(activation_checkpointing=ac).resolve(stage_work.cluster.world_size)
-        stage = stage_work.evaluate(stage_plan)
-        options.append(PipelineOption(pp, micro, stage, bubble_fraction(pp, micro), p2p,
-                                      (in_flight - 1) * stage.memory.activations))
+    for layout in layouts(stage_work.model_cfg, stage_cluster.world_size, stage_cluster.gpus_per_node, work.seq_len):
+        if layout.dp_shard > 1 or layout.ep > 1:  # not composed with pp yet
+            continue
+        p2p = 2 * micro * (send / (layout.cp * layout.tp) / (gbps * 1e9) + alpha)
+        for ac in ("none", "block"):
+            stage = stage_work.evaluate(replace(layout, activation_checkpointing=ac).resolve(stage_cluster.world_size))
+            options.append(PipelineOption(pp, micro, stage, bubble_fraction(pp, micro), p2p,
+                                          (in_flight - 1) * stage.memory.activations))
     fitting = [o for o in options if o.fits]
     if fitting:
         return max(fitting, key=lambda o: o.tokens_per_s_per_gpu)
@@ -99,13 +106,14 @@ def pipeline_advice(work: Workload, best: Optional[Evaluation]) -> list[str]:
         return []
     if not options:
         return []
-    lines = ["Pipeline parallelism (stages with replicated data parallelism, as pp composes today):"]
+    lines = ["Pipeline parallelism (stages with replicated data, tensor and context parallelism, as pp "
+             "composes today):"]
     lines += [f"  {o.describe()}" for o in options]
     fitting = [o for o in options if o.fits]
     best_pp = max(fitting, key=lambda o: o.tokens_per_s_per_gpu) if fitting else None
     base = best.tokens_per_s_per_gpu if best is not None and best.fits else 0.0
     if best_pp is None:
-        lines.append("  verdict: no pp degree fits with replicated stages; the plan above stays.")
+        lines.append("  verdict: no pp degree fits without sharded stages; the plan above stays.")
     elif best_pp.tokens_per_s_per_gpu > base:
         lines.append(f"  verdict: pp={best_pp.pp} is faster than the plan above "
                      f"({best_pp.tokens_per_s_per_gpu:,.0f} vs {base:,.0f} tokens/s per GPU).")
