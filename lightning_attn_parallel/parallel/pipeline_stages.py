@@ -9,11 +9,12 @@ forward; torch.distributed.pipelining wraps the views in PipelineStage.
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ..models.protocol import is_expert_parameter
+from ..models.protocol import is_expert_module, is_expert_parameter
 from ..pipeline_plan import balanced_layout, num_stages, stage_blocks, stage_ranks_of
 from ..plan import ParallelPlan
 
@@ -40,17 +41,46 @@ class KeptBlocks(nn.ModuleList):
         return [int(k) for k in self._modules]
 
 
+class AuxLossBackward(torch.autograd.Function):
+    """Returns the activation `h` unchanged; its backward also sends `scale` as the gradient of
+    the stage's MoE balance loss `aux`, so that loss joins this micro-batch's backward.
+
+    Written by hand because torch.distributed.pipelining has no channel for side losses: a stage
+    returns one activation and only the last stage has a loss function, while the balance losses
+    arise on every stage (Megatron-Core's MoEAuxLossAutoScaler does the same)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.aux_like = (aux.shape, aux.dtype, aux.device)
+        ctx.scale = scale
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.aux_like
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
 class StageModule(nn.Module):
     """One stage's slice of CausalTransformer.forward: the embedding (first stage), its blocks,
     the final norm (last stage). The LM head and the loss run in the schedule's loss function on
     the last stage, so the logits are never kept as a stage output. Positions are 0..S-1 on every
-    stage (packed documents are refused under pipelining)."""
+    stage (packed documents are refused under pipelining).
+
+    MoE blocks leave a balance loss on their ffn (`aux_loss`) after each forward; the stage adds
+    their sum to the backward through `AuxLossBackward`, scaled by `aux_scale` (set per batch by
+    the runner: 1 / (micro-batches x accumulated batches), as the one-process step weighs the
+    balance loss of the whole batch), and sums the micro-batches' losses in `aux_total` for the log."""
 
     def __init__(self, transformer: nn.Module, blocks: list[nn.Module], first: bool, last: bool) -> None:
         super().__init__()
         self.tok_embeddings = transformer.tok_embeddings if first else None
         self.blocks = nn.ModuleList(blocks)
         self.norm = transformer.norm if last else None
+        # the model protocol's MoE blocks (models.protocol.moe_layers): an ffn holding routed experts
+        self.moe = [block.ffn for block in blocks if any(is_expert_module(m) for m in block.ffn.modules())]
+        self.aux_scale = 1.0
+        self.aux_total: Optional[torch.Tensor] = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.tok_embeddings is not None:
@@ -58,7 +88,18 @@ class StageModule(nn.Module):
         positions = torch.arange(h.shape[1], device=h.device)
         for block in self.blocks:
             h = block(h, positions)
+        h = self._add_aux_loss(h)
         return self.norm(h) if self.norm is not None else h
+
+    def _add_aux_loss(self, h: torch.Tensor) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.moe if m.aux_loss is not None]
+        if not losses:
+            return h
+        aux = torch.stack(losses).sum()
+        self.aux_total = aux.detach() if self.aux_total is None else self.aux_total + aux.detach()
+        if not (torch.is_grad_enabled() and aux.requires_grad):
+            return h
+        return AuxLossBackward.apply(h, aux, self.aux_scale)
 
 
 def block_costs(transformer: nn.Module) -> tuple[list[float], float]:
@@ -104,4 +145,4 @@ def split_into_stages(transformer: nn.Module, plan: ParallelPlan, pp_rank: int) 
     return stages
 
 
-__all__ = ["KeptBlocks", "StageModule", "block_costs", "layout_of", "split_into_stages"]
+__all__ = ["AuxLossBackward", "KeptBlocks", "StageModule", "block_costs", "layout_of", "split_into_stages"]
