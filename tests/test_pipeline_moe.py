@@ -10,7 +10,8 @@ then pp=2 x ep=2 saves a checkpoint folder at step 2 and replicated data paralle
 over the 4 ranks (pp=1) resumes it to step 4. The balance loss arises on both stages and joins
 each micro-batch's backward there (AuxLossBackward); every stage updates its own routers'
 biases. Weights, router biases, the loss each rank differentiates (token + balance loss) and the
-logged token loss are compared with one process (relative error below 1e-10).
+logged token loss are compared with one process (relative error below 1e-10). The load-balance
+callback's expert loads, gathered over the ranks, cover both stages' MoE layers.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dist_utils import assert_close, run_distributed
 from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_trainer
 
 import lightning_attn_parallel as lap
+from lightning_attn_parallel.callbacks import LoadBalanceCallback
 from lightning_attn_parallel.models import ModelConfig
 
 MOE = dict(family="deepseek", attention="mla", vocab_size=64, d_model=32, n_layers=4, n_heads=4,
@@ -77,11 +79,11 @@ def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: in
     torch.set_default_dtype(torch.float64)
     module = lap.CausalLMModule(ModelConfig(**MOE), lr=1e-2, warmup_steps=1, total_steps=FINAL_STEP)
     module.configure_model()
-    recorder, logged = LossRecorder(average_over_ranks=True), LoggedLoss()
+    recorder, logged, balance = LossRecorder(average_over_ranks=True), LoggedLoss(), LoadBalanceCallback(1)
     strategy = lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)) if world > 1 else "auto"
     trainer = quiet_trainer(strategy=strategy, devices=world, max_steps=max_steps,
                             accumulate_grad_batches=accumulate, gradient_clip_val=CLIP,
-                            callbacks=[recorder, logged], limit_train_batches=limit)
+                            callbacks=[recorder, logged, balance], limit_train_batches=limit)
     pp = plan_kwargs.get("pp", 1)
     dp = world // pp
     rows = GLOBAL_BATCH // DP // accumulate
@@ -89,7 +91,7 @@ def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: in
     if save_path is not None:
         trainer.save_checkpoint(save_path)
     return {"losses": recorder.losses, "logged": logged.losses, "state": state_of(module),
-            "start": recorder.start_params}
+            "start": recorder.start_params, "balance": balance.history[-1][1] if balance.history else {}}
 
 
 def _worker(rank: int, world: int, root: str) -> dict:
@@ -131,6 +133,11 @@ def test_pipelined_moe_equals_one_process(results, name):
         "the two stages together hold the whole model, and each holds MoE layers"
     for keys in stages:
         assert any(k.endswith("expert_bias") for k in keys)
+    # every rank logs the expert loads of all MoE layers, whichever stage holds them
+    for result in results:
+        loads = {k: v for k, v in result[name]["balance"].items() if "/moe/" in k and k.endswith("imbalance")}
+        assert sorted(loads) == sorted(k for k in reference["balance"] if "/moe/" in k and k.endswith("imbalance"))
+        assert len(loads) == 3 and all(v >= 1.0 for v in loads.values()), loads
 
 
 def test_checkpoint_saved_under_pp_and_ep_resumes_without_pipelining(results):

@@ -16,11 +16,14 @@ sequences show up as FLOP imbalance even when step times are equal. Like the mod
 ignores the causal mask.
 
 For MoE models, `models.deepseek.moe_load_stats(model)` gives the per-layer expert load; the
-maximum over ranks of each figure is logged under balance/moe/.
+maximum over ranks of each figure is logged under balance/moe/. Under pipeline parallelism a
+rank holds some layers only: every rank gathers a slot for each MoE layer of the whole model
+(NaN where another stage holds it), so rank 0 logs every stage's layers.
 """
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable, Optional, Sequence
 
 import lightning as L
@@ -59,6 +62,12 @@ def _moe_load_stats() -> Optional[Callable[[nn.Module], dict[str, float]]]:
     except ImportError:
         return None
     return getattr(module, "moe_load_stats", None)
+
+
+def _moe_stat_names() -> Callable[[object], list[str]]:
+    from ..models.deepseek import moe_stat_names  # imported with moe_load_stats above
+
+    return moe_stat_names
 
 
 class LoadBalanceCallback(TokenCountingMetrics):
@@ -100,11 +109,13 @@ class LoadBalanceCallback(TokenCountingMetrics):
         moe_keys: list[str] = []
         if self._moe_stats is not None:
             stats = self._moe_stats(pl_module.model)
-            moe_keys = sorted(stats)
-            local += [float(stats[key]) for key in moe_keys]
+            moe_keys = _moe_stat_names()(pl_module.model.config)
+            local += [float(stats.get(key, math.nan)) for key in moe_keys]
         rows = gather_rows(local)
         out = balance_metrics({prefix: [row[i] for row in rows]
                                for i, prefix in enumerate(m.BALANCE_QUANTITIES)})
         for j, key in enumerate(moe_keys, start=len(m.BALANCE_QUANTITIES)):
-            out[m.moe(key)] = max(row[j] for row in rows)
+            held = [row[j] for row in rows if not math.isnan(row[j])]  # ranks holding the layer
+            if held:
+                out[m.moe(key)] = max(held)
         return out
