@@ -3,7 +3,11 @@ pipeline's own costs, next to the best plan without pipelining.
 
 A stage holds n_layers / pp blocks (the embedding and head counted on every stage: the first and
 last stages hold them, and the planner sizes the worst stage) on world / pp GPUs, with replicated
-data parallelism (what pipelining composes with today, parallel/pipeline.py). The global batch is
+data parallelism (what pipelining composes with today, parallel/pipeline.py) and, for a
+mixture-of-experts model, expert parallelism inside the stage (each ep degree that divides the
+experts and the stage's GPUs is tried). An MoE stage is sized as the last one, which holds the
+fewest dense (first_k_dense_replace) blocks; its compute counts the routed experts' active share
+and its all-to-all, as the plan without pipelining does. The global batch is
 unchanged: data parallelism shrinks by pp, so each step runs pp x grad_accum micro-batches
 through the 1F1B schedule. On top of the stage's step:
 - the bubble, (pp - 1) / micro-batches of the compute (pipeline_plan.bubble_fraction);
@@ -19,7 +23,7 @@ from typing import Optional
 
 from ..pipeline_plan import bubble_fraction, in_flight_microbatches
 from ..plan import ParallelPlan, PlanError
-from .select import Evaluation, Workload
+from .select import Evaluation, Workload, expert_degrees
 
 PP_DEGREES = (2, 4, 8, 16)
 
@@ -48,7 +52,8 @@ class PipelineOption:
     def describe(self) -> str:
         gib = (self.stage.memory.total + self.extra_activations) / 2**30
         ac = self.stage.plan.activation_checkpointing
-        return (f"pp={self.pp} (1F1B, {self.microbatches} micro-batches, bubble {self.bubble:.0%}, "
+        ep = f" x ep={self.stage.plan.ep}" if self.stage.plan.ep > 1 else ""
+        return (f"pp={self.pp}{ep} (1F1B, {self.microbatches} micro-batches, bubble {self.bubble:.0%}, "
                 f"p2p {self.p2p_s * 1e3:.0f} ms, activation checkpointing {ac}): "
                 f"{gib:.1f} GiB per GPU, " + (f"{self.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
                                                if self.fits else "does not fit"))
@@ -58,7 +63,11 @@ def _stage_workload(work: Workload, pp: int) -> Workload:
     cluster = work.cluster
     nodes = cluster.num_nodes // pp if cluster.num_nodes % pp == 0 else 1
     per_node = cluster.world_size // pp // nodes
-    return replace(work, model_cfg=replace(work.model_cfg, n_layers=ceil(work.model_cfg.n_layers / pp)),
+    cfg = work.model_cfg
+    layers = ceil(cfg.n_layers / pp)
+    # the last stage's dense blocks: the fewest of any stage, so the most experts
+    dense = max(0, cfg.first_k_dense_replace - (cfg.n_layers - layers))
+    return replace(work, model_cfg=replace(cfg, n_layers=layers, first_k_dense_replace=dense),
                    cluster=replace(cluster, num_nodes=nodes, gpus_per_node=per_node),
                    grad_accum=pp * work.grad_accum, template=ParallelPlan())
 
@@ -77,11 +86,12 @@ def pipeline_option(work: Workload, pp: int) -> Optional[PipelineOption]:
     alpha = cluster.inter_node_alpha_s if spans_nodes else cluster.intra_node_alpha_s
     p2p = 2 * micro * (send / (gbps * 1e9) + alpha)
     options = []
-    for ac in ("none", "block"):
-        stage_plan = ParallelPlan(activation_checkpointing=ac).resolve(stage_work.cluster.world_size)
-        stage = stage_work.evaluate(stage_plan)
-        options.append(PipelineOption(pp, micro, stage, bubble_fraction(pp, micro), p2p,
-                                      (in_flight - 1) * stage.memory.activations))
+    for ep in expert_degrees(cfg, stage_work.cluster.world_size):
+        for ac in ("none", "block"):
+            stage_plan = ParallelPlan(ep=ep, activation_checkpointing=ac).resolve(stage_work.cluster.world_size)
+            stage = stage_work.evaluate(stage_plan)
+            options.append(PipelineOption(pp, micro, stage, bubble_fraction(pp, micro), p2p,
+                                          (in_flight - 1) * stage.memory.activations))
     fitting = [o for o in options if o.fits]
     if fitting:
         return max(fitting, key=lambda o: o.tokens_per_s_per_gpu)
@@ -90,22 +100,27 @@ def pipeline_option(work: Workload, pp: int) -> Optional[PipelineOption]:
 
 def pipeline_advice(work: Workload, best: Optional[Evaluation]) -> list[str]:
     """Lines for the dry run: each pp degree against the chosen plan, and the verdict."""
-    if work.model_cfg.is_moe:
-        return ["Pipeline parallelism: not considered, pp does not support mixture-of-experts models yet "
-                "(the MoE balance losses cross stages)."]
     try:
         options = [o for o in (pipeline_option(work, pp) for pp in PP_DEGREES) if o is not None]
     except PlanError:
         return []
     if not options:
         return []
-    lines = ["Pipeline parallelism (stages with replicated data parallelism, as pp composes today):"]
+    experts = " and expert parallelism" if work.model_cfg.is_moe else ""
+    lines = [f"Pipeline parallelism (stages with replicated data parallelism{experts}, as pp composes today):"]
     lines += [f"  {o.describe()}" for o in options]
     fitting = [o for o in options if o.fits]
     best_pp = max(fitting, key=lambda o: o.tokens_per_s_per_gpu) if fitting else None
     base = best.tokens_per_s_per_gpu if best is not None and best.fits else 0.0
     if best_pp is None:
-        lines.append("  verdict: no pp degree fits with replicated stages; the plan above stays.")
+        lean = min(options, key=lambda o: o.stage.memory.total + o.extra_activations)
+        memory = lean.stage.memory
+        lines.append(f"  verdict: no pp degree fits with replicated stages; the plan above stays (at "
+                     f"pp={lean.pp}, the leanest, a GPU keeps its stage's parameters, gradients and "
+                     f"optimizer state unsharded, {memory.static / 2**30:.1f} GiB, and the activations "
+                     f"of the micro-batches in flight, "
+                     f"{(memory.activations + lean.extra_activations) / 2**30:.1f} GiB, against "
+                     f"{memory.capacity / 2**30:.1f} GiB usable).")
     elif best_pp.tokens_per_s_per_gpu > base:
         lines.append(f"  verdict: pp={best_pp.pp} is faster than the plan above "
                      f"({best_pp.tokens_per_s_per_gpu:,.0f} vs {base:,.0f} tokens/s per GPU).")
