@@ -156,3 +156,19 @@ def test_checkpoint_saved_under_pp_and_ep_resumes_without_pipelining(results):
                      rtol=1e-10, name="resumed losses")
         for key, value in result["resumed"]["state"].items():
             assert_close(value, reference["state"][key], rtol=1e-10, name=f"resumed {key}")
+
+
+def test_stage_costs_count_the_routed_experts_active_share():
+    """Blocks are balanced by matmul parameters per token: a dense (first_k_dense_replace) block
+    counts its whole MLP, an MoE block its router, shared experts and top_k / n_routed of its
+    routed experts, so the dense block 0 is the costliest here."""
+    from lightning_attn_parallel.models import build_model
+    from lightning_attn_parallel.parallel.pipeline_stages import block_costs
+
+    cfg = ModelConfig(**MOE)
+    costs, head = block_costs(build_model(cfg))
+    d, e = cfg.d_model, cfg.n_routed_experts
+    attention = costs[0] - 3 * d * cfg.ffn_dim
+    moe = 3 * d * cfg.moe_ffn_dim * (cfg.moe_top_k + cfg.n_shared_experts) + e * d
+    assert costs[1:] == [pytest.approx(attention + moe)] * 3 and costs[0] > costs[1]
+    assert head == cfg.vocab_size * d
