@@ -88,7 +88,7 @@ def check_pipeline_plan(plan: "ParallelPlan") -> None:
     refused = [name for name, on in unsupported.items() if on]
     if plan.pp > 1 and refused:
         raise PlanError(f"ParallelPlan pp={plan.pp} does not compose with {', '.join(refused)} yet: "
-                        "pipeline stages run with replicated data parallelism (and ep); "
+                        "pipeline stages run with replicated data parallelism and expert parallelism; "
                         "set pp=1 or drop " + ", ".join(refused))
 
 
