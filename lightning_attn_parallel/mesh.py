@@ -111,6 +111,8 @@ class ParallelMeshes:
     extra: dict = field(default_factory=dict)
     # pp > 1: the whole mesh (pp, dp_replicate, dp_shard, cp, tp); `dense` is this stage's slice
     pipeline: Optional[DeviceMesh] = None
+    # pp > 1: every rank of this pipeline rank's stages (its sub-world), which hold the same layers
+    stage_world: Optional[dist.ProcessGroup] = None
 
     def coordinate(self, dim: str) -> int:
         return self.dense.get_local_rank(dim)
@@ -155,18 +157,27 @@ def build_meshes(plan: ParallelPlan, device_type: str, ranks_per_node: int) -> P
     dense_partition = groups_along(layout, (first, first + 1, first + 2))
     dense_grads = make_reduction_groups(dense_partition, "dense", 1.0 / len(dense_partition[0]),
                                         ranks_per_node)
+    stage_world = None
+    if pipeline is not None:
+        stage_world = new_groups(groups_along(layout, tuple(range(1, layout.ndim))))
     return ParallelMeshes(plan=plan, dense=dense, expert=None, dense_grads=dense_grads,
-                          expert_grads=None, ranks_per_node=ranks_per_node, pipeline=pipeline)
+                          expert_grads=None, ranks_per_node=ranks_per_node, pipeline=pipeline,
+                          stage_world=stage_world)
 
 
 def add_expert_mesh(meshes: ParallelMeshes) -> None:
-    """Create the expert mesh on demand (every rank reaches this at the same point)."""
+    """Create the expert mesh on demand (every rank reaches this at the same point). Under
+    pipeline parallelism it is built inside each pipeline rank's sub-world, (pp, edp, ep) with
+    pp outermost as for the dense mesh, so a stage's experts live on that stage's ranks."""
     if meshes.expert is not None:
         return
     plan = meshes.plan
-    meshes.expert = init_device_mesh(meshes.dense.device_type, (plan.world_size // plan.ep, plan.ep),
-                                     mesh_dim_names=EXPERT_DIMS)
-    meshes.expert_grads = make_reduction_groups(groups_along(meshes.expert.mesh, (0,)), "expert",
+    whole = init_device_mesh(meshes.dense.device_type, (plan.pp, plan.edp, plan.ep),
+                             mesh_dim_names=(PIPELINE_DIM, *EXPERT_DIMS)) if plan.pp > 1 else \
+        init_device_mesh(meshes.dense.device_type, (plan.edp, plan.ep), mesh_dim_names=EXPERT_DIMS)
+    meshes.expert = whole[EXPERT_DIMS] if plan.pp > 1 else whole
+    # expert gradients are reduced over edp: the ranks of the same stage holding the same experts
+    meshes.expert_grads = make_reduction_groups(groups_along(whole.mesh, (whole.ndim - 2,)), "expert",
                                                 plan.expert_gradient_scale, meshes.ranks_per_node)
     if plan.tp > 1:  # router and shared experts fed a TP slice of the tokens (parallel/moe_token_split.py)
         meshes.token_split_grads = make_reduction_groups(groups_along(meshes.dense.mesh, (0, 1, 2, 3)),

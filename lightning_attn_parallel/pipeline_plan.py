@@ -109,18 +109,20 @@ def check_pipeline_plan(plan: "ParallelPlan") -> None:
         raise PlanError(f"ParallelPlan pp={plan.pp} with cp_min_seq_len={plan.cp_min_seq_len}: a pipeline's "
                         "micro-batch shapes are fixed, so the context-parallel degree cannot change per "
                         f"batch; set cp_min_seq_len=0 (every batch split over cp={plan.cp})")
-    unsupported = {"dp_shard": plan.dp_shard > 1, "ep": plan.ep > 1,
+    unsupported = {"dp_shard": plan.dp_shard > 1,
                    "compile='model'": plan.compile == "model", "fp8": plan.fp8 != "none",
                    "offload_activations": plan.offload_activations}
     refused = [name for name, on in unsupported.items() if on]
     if plan.pp > 1 and refused:
         raise PlanError(f"ParallelPlan pp={plan.pp} does not compose with {', '.join(refused)} yet: "
-                        "pipeline stages run with replicated data parallelism; "
+                        "pipeline stages run with replicated data parallelism and expert parallelism; "
                         "set pp=1 or drop " + ", ".join(refused))
 
 
 def check_pipeline_model(plan: "ParallelPlan", model_cfg: Any) -> None:
-    """Enough blocks for the stages, a layout that covers the model, and no tied embeddings."""
+    """Enough blocks for the stages, a layout that covers the model, and no tied embeddings.
+    Mixture-of-experts models pass: each stage adds its blocks' balance losses to its own
+    backward (parallel/pipeline_stages.AuxLossBackward)."""
     from .plan import PlanError
 
     stages, layers = num_stages(plan), model_cfg.n_layers
@@ -135,9 +137,6 @@ def check_pipeline_model(plan: "ParallelPlan", model_cfg: Any) -> None:
     if getattr(model_cfg, "tie_embeddings", False):
         raise PlanError(f"ParallelPlan pp={plan.pp} with tie_embeddings=true: the tied embedding and head "
                         "sit on the first and last stages; build the model with tie_embeddings=false")
-    if getattr(model_cfg, "n_routed_experts", 0):
-        raise PlanError(f"ParallelPlan pp={plan.pp} does not support mixture-of-experts models yet (their "
-                        "balance losses cross stages): set pp=1")
 
 
 def balanced_layout(block_costs: Sequence[float], stages: int, first_cost: float = 0.0,

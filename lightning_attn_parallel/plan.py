@@ -196,6 +196,10 @@ class ParallelPlan:
         if world_size % plan.ep:
             raise PlanError(f"ParallelPlan ep={plan.ep} does not divide the world size {world_size}: "
                             f"choose ep among the divisors of {world_size}")
+        if plan.stage_ranks % plan.ep:  # pp > 1: experts are split within each stage's ranks
+            raise PlanError(f"ParallelPlan ep={plan.ep} does not divide the {plan.stage_ranks} ranks of a "
+                            f"pipeline stage (world {world_size} / pp={plan.pp}): choose ep among "
+                            f"{divisors(plan.stage_ranks)}")
         return plan
 
     def check_model(self, model_cfg: Any, seq_len: Optional[int] = None,

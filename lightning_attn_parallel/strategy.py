@@ -165,8 +165,10 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
                 loss = self.pipeline.training_step(args[0], self.gradients,
                                                    zero_grad=args[1] % trainer.accumulate_grad_batches == 0,
                                                    accumulate=trainer.accumulate_grad_batches)
+            # logged: the token loss, as CausalLMModule logs it; returned: what one process
+            # differentiates, balance losses included
             self.lightning_module.log(TRAIN_LOSS, loss, prog_bar=loss_on_progress_bar(trainer))
-            return loss
+            return loss + self.pipeline.aux_loss.to(loss)
         with self.step_context():  # the memory levers applied per step (activation offload)
             return super().training_step(*self._layout_batch(args, log=True), **kwargs)
 

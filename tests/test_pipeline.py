@@ -194,6 +194,7 @@ BAD_PLANS = {
     "with FSDP2": (dict(pp=2, dp_shard=2), 4, None, ["dp_shard"]),
     "with a per-batch context-parallel degree": (dict(pp=2, cp=2, cp_min_seq_len=64), 4, None,
                                                  ["cp_min_seq_len=64", "cp_min_seq_len=0"]),
+    "experts beyond a stage": (dict(pp=2, ep=4), 4, None, ["ep=4", "2 ranks of a pipeline stage"]),
 }
 
 
@@ -209,9 +210,10 @@ def test_bad_pipeline_plans_are_refused_in_one_line(name):
         assert word in message, message
 
 
-def test_planner_prices_pipeline_degrees_for_a_dense_model_and_says_why_not_for_moe():
+def test_planner_prices_pipeline_degrees_for_dense_and_moe_models():
     """The dry run's pipeline lines: each pp degree with its bubble ((pp-1)/micro-batches under
-    1F1B), p2p time and memory per GPU, then a verdict; MoE models are not considered."""
+    1F1B), p2p time and memory per GPU, then a verdict; MoE stages are priced with expert
+    parallelism inside the stage, sized as the stage holding the most MoE blocks."""
     from lightning_attn_parallel.hardware import H100_SXM, ClusterSpec
     from lightning_attn_parallel.planning.dry_run import dry_run
     from lightning_attn_parallel.planning.pipeline import pipeline_option
@@ -227,4 +229,13 @@ def test_planner_prices_pipeline_degrees_for_a_dense_model_and_says_why_not_for_
     assert "pp=2 (1F1B, 4 micro-batches, bubble 25%" in text and "verdict:" in text
     moe = ModelConfig(family="deepseek", vocab_size=1024, d_model=256, n_layers=4, n_heads=4, ffn_dim=512,
                       max_seq_len=512, n_routed_experts=8, moe_top_k=2, moe_ffn_dim=128, n_shared_experts=1)
-    assert "not considered" in dry_run(moe, ClusterSpec(num_nodes=1), H100_SXM, micro_batch=1, seq_len=512)
+    text = dry_run(moe, ClusterSpec(num_nodes=1), H100_SXM, micro_batch=1, seq_len=512)
+    assert "stages with replicated data parallelism and expert parallelism" in text
+    assert "pp=2" in text and "verdict:" in text
+    # DeepSeekMoE 16B on 8 GPUs: replicated over a stage's 4 GPUs, 14 blocks of experts do not
+    # fit; split over ep=4 inside the stage they do
+    moe16b = ModelConfig(family="deepseek", vocab_size=102400, d_model=2048, n_layers=28, n_heads=16,
+                         ffn_dim=10944, max_seq_len=4096, n_routed_experts=64, moe_top_k=6, moe_ffn_dim=1408,
+                         n_shared_experts=2, first_k_dense_replace=1)
+    option = pipeline_option(make_workload(moe16b, ClusterSpec(num_nodes=1), H100_SXM, 1, 4096, "bf16-mixed"), 2)
+    assert option.fits and option.stage.plan.ep == 4 and option.describe().startswith("pp=2 x ep=4 (1F1B")

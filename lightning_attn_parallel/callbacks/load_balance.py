@@ -16,11 +16,14 @@ sequences show up as FLOP imbalance even when step times are equal. Like the mod
 ignores the causal mask.
 
 For MoE models, `models.deepseek.moe_load_stats(model)` gives the per-layer expert load; the
-maximum over ranks of each figure is logged under balance/moe/.
+maximum over ranks of each figure is logged under balance/moe/. Under pipeline parallelism a
+rank holds some layers only: every rank gathers a slot for each MoE layer of the whole model
+(NaN where another stage holds it), so rank 0 logs every stage's layers.
 """
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable, Optional, Sequence
 
 import lightning as L
@@ -52,13 +55,15 @@ def balance_metrics(per_rank: dict[str, Sequence[float]]) -> dict[str, float]:
     return out
 
 
-def _moe_load_stats() -> Optional[Callable[[nn.Module], dict[str, float]]]:
-    """The MoE statistics function if the DeepSeek model family provides one."""
+def _moe_load_stats(config) -> tuple[Optional[Callable[[nn.Module], dict[str, float]]], list[str]]:
+    """The MoE statistics function if the DeepSeek model family provides one, and the names of
+    its figures for every MoE layer of the whole model (the same on every rank)."""
     try:
         module = importlib.import_module("lightning_attn_parallel.models.deepseek")
     except ImportError:
-        return None
-    return getattr(module, "moe_load_stats", None)
+        return None, []
+    stats, names = getattr(module, "moe_load_stats", None), getattr(module, "moe_stat_names", None)
+    return (stats, names(config)) if stats is not None and names is not None else (None, [])
 
 
 class LoadBalanceCallback(TokenCountingMetrics):
@@ -67,6 +72,7 @@ class LoadBalanceCallback(TokenCountingMetrics):
     def __init__(self, log_every_n_steps: Optional[int] = None) -> None:
         super().__init__(log_every_n_steps)
         self._moe_stats: Optional[Callable[[nn.Module], dict[str, float]]] = None
+        self._moe_keys: list[str] = []
         self._tokens = 0.0
         self._attention_flops = 0.0
         self._exposed_s = 0.0
@@ -74,7 +80,8 @@ class LoadBalanceCallback(TokenCountingMetrics):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         config = getattr(pl_module.model, "config", None)
-        self._moe_stats = _moe_load_stats() if getattr(config, "is_moe", False) else None
+        self._moe_stats, self._moe_keys = _moe_load_stats(config) if getattr(config, "is_moe", False) \
+            else (None, [])
 
     def start_window(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._tokens = 0.0
@@ -97,14 +104,15 @@ class LoadBalanceCallback(TokenCountingMetrics):
                        steps: int) -> dict[str, float]:
         busy = max(self.timer.elapsed_s() - self._exposed_s, 0.0)
         local = [busy / steps, self._tokens / steps, self._attention_flops / steps / 1e12]
-        moe_keys: list[str] = []
-        if self._moe_stats is not None:
+        moe_keys = self._moe_keys if self._moe_stats is not None else []
+        if moe_keys:
             stats = self._moe_stats(pl_module.model)
-            moe_keys = sorted(stats)
-            local += [float(stats[key]) for key in moe_keys]
+            local += [float(stats.get(key, math.nan)) for key in moe_keys]
         rows = gather_rows(local)
         out = balance_metrics({prefix: [row[i] for row in rows]
                                for i, prefix in enumerate(m.BALANCE_QUANTITIES)})
         for j, key in enumerate(moe_keys, start=len(m.BALANCE_QUANTITIES)):
-            out[m.moe(key)] = max(row[j] for row in rows)
+            held = [row[j] for row in rows if not math.isnan(row[j])]  # ranks holding the layer
+            if held:
+                out[m.moe(key)] = max(held)
         return out

@@ -4,7 +4,8 @@ The update follows the routing loads since the last optimizer step; each data-pa
 sees other tokens, so the loads must be summed over every rank first, or the replicas' biases (and
 with them the routing) drift apart. The MoE layers take that sum through their `load_sum` slot;
 this callback fills it through the strategy's own all-reduce, so it works under any Lightning
-strategy. A slot that parallel/ has filled already (expert parallelism) is left as it is.
+strategy. A slot that parallel/ has filled already (expert parallelism, or pipeline parallelism,
+whose stages sum over their own ranks) is left as it is.
 """
 from __future__ import annotations
 

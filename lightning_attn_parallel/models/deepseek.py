@@ -423,13 +423,20 @@ def moe_load_stats(model: nn.Module) -> dict[str, float]:
                        else loads.new_full((), float("nan")) for _, layer in layers])
     rows = torch.stack([loads.amax(1), loads.mean(1), aux.to(loads)], dim=1).tolist()
     stats: dict[str, float] = {}
-    for (i, _), (max_load, mean_load, aux_loss) in zip(layers, rows):
+    for (i, _), (max_load, mean_load, aux_loss) in zip(layers, rows):  # named as in moe_stat_names
         stats[f"moe/layer{i}/max_load"] = max_load
         stats[f"moe/layer{i}/mean_load"] = mean_load
         stats[f"moe/layer{i}/imbalance"] = max_load / mean_load if mean_load > 0 else 0.0
         if not math.isnan(aux_loss):
             stats[f"moe/layer{i}/aux_loss"] = aux_loss
     return stats
+
+
+def moe_stat_names(cfg: ModelConfig) -> list[str]:
+    """The names `moe_load_stats` gives, for every MoE layer of the whole model: the same list on
+    every rank, whichever layers a pipeline rank holds (metrics gathered over ranks need that)."""
+    kinds = ("max_load", "mean_load", "imbalance", "aux_loss")
+    return [f"moe/layer{i}/{kind}" for i in range(cfg.n_layers) if cfg.is_moe_layer(i) for kind in kinds]
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,6 +460,6 @@ def build_deepseek(cfg: ModelConfig) -> CausalTransformer:
 
 __all__ = [
     "MultiHeadLatentAttention", "Router", "RoutedExperts", "LocalDispatcher", "DeepSeekMoE",
-    "build_deepseek", "collect_aux_loss", "moe_load_stats", "update_moe_biases",
+    "build_deepseek", "collect_aux_loss", "moe_load_stats", "moe_stat_names", "update_moe_biases",
     "sequence_balance_loss", "expert_counts", "sort_by_expert", "combine", "grouped_swiglu", "looped_swiglu",
 ]

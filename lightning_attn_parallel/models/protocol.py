@@ -39,8 +39,11 @@ def is_expert_parameter(model: nn.Module, name: str) -> bool:
 
 
 def moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(block index, ffn) of every block of `model.blocks` whose ffn holds routed experts."""
-    return [(i, block.ffn) for i, block in enumerate(model.blocks)
+    """(block index, ffn) of every block of `model.blocks` whose ffn holds routed experts. The
+    index is the block's in the whole model, also where a pipeline rank keeps some blocks only
+    (their `indices`, parallel/pipeline_stages.KeptBlocks)."""
+    indices = getattr(model.blocks, "indices", None) or range(len(model.blocks))
+    return [(i, block.ffn) for i, block in zip(indices, model.blocks)
             if any(is_expert_module(m) for m in block.ffn.modules())]
 
 

@@ -72,6 +72,12 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         add_expert_mesh(meshes)
         apply_expert_parallel(transformer, meshes.expert["ep"],
                               token_split_group=meshes.group("tp") if plan.tp > 1 else None)
+    if plan.pp > 1 and getattr(getattr(transformer, "config", None), "is_moe", False):
+        from .expert_parallel import share_routing_loads
+
+        # a stage's routers have their replicas on the stage's ranks only (other stages hold
+        # other layers): their bias updates sum the loads over this pipeline rank's sub-world
+        share_routing_loads(transformer, meshes.stage_world)
     if plan.cp > 1:
         from .cp_batch import apply_context_parallel_layout
 
@@ -173,8 +179,8 @@ def layer_table(transformer: Optional[nn.Module], plan: ParallelPlan, meshes: Pa
     data_desc = f"{dp_mode} over {grads.size}{hier}" if dp_mode == "replicated" else f"{dp_mode} {plan.dp}"
     types = {"attention"}
     if transformer is not None:
-        moe = {i for i, _ in moe_layers(transformer)}
-        types |= {"moe" if i in moe else "mlp" for i in range(len(transformer.blocks))}
+        moe = {id(ffn) for _, ffn in moe_layers(transformer)}
+        types |= {"moe" if id(block.ffn) in moe else "mlp" for block in transformer.blocks}
     for layer in sorted(types):
         tensor = f"tp {plan.tp}" if plan.tp > 1 and (layer != "moe") else "-"
         context = cp_desc if layer == "attention" else "-"

@@ -4,7 +4,9 @@ The strategy's training step hands the batch to `PipelineRunner.training_step`, 
 plan's schedule over micro-batches: every forward and backward happens inside the schedule, so
 the strategy's backward only runs the hooks around it. The loss is the sum of the token losses
 of every micro-batch divided by the batch's token count (as without pipelining), computed on the
-last stage and shared with every stage for logging and the finite checks. Data parallelism is
+last stage and shared with every stage for logging and the finite checks. MoE balance losses
+arise on every stage and join each micro-batch's backward there (pipeline_stages.AuxLossBackward);
+their batch total is shared like the loss (`aux_loss`). Data parallelism is
 reduced once per step: buckets accumulate over the micro-batches and are reduced when the
 strategy's backward hook finishes them.
 """
@@ -67,6 +69,9 @@ class PipelineRunner:
         self.schedule = None
         self._parameters = [p for _, module in stages for p in module.parameters()]  # the head too
         self._held: list = []
+        # the latest batch's MoE balance loss summed over the stages (0 for a dense model), on
+        # every rank: the one-process step differentiates token loss + balance loss
+        self.aux_loss: torch.Tensor = torch.zeros(())
 
     def _schedule_for(self, input_ids: torch.Tensor):
         """The schedule for micro-batches of this shape (this rank's share of the sequence under
@@ -149,6 +154,9 @@ class PipelineRunner:
             torch.arange(step.input_ids.shape[1], device=step.input_ids.device)
         for _, module in self._modules:
             module.positions = positions
+            # each micro-batch's balance loss weighs 1/micro-batches of the batch's, whose
+            # gradient Lightning would divide by the accumulated batches
+            module.aux_scale, module.aux_total = 1.0 / (self.microbatches * scale), None
         # context parallelism: this rank's token losses over the whole sequences' token count,
         # times cp (the data-parallel average over dp x cp divides again), as without pipelining
         counted = (step.labels != IGNORE_INDEX).sum()
@@ -157,12 +165,17 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         args = (step.input_ids,) if self.has_first else ()
         run_schedule(self._schedule_for(step.input_ids), args, step.labels if self.has_last else None, losses, train)
-        # only the last stage holds the loss; fp64 so that no precision is lost in the sharing
-        local = torch.zeros((), dtype=torch.float64, device=step.input_ids.device)
+        # only the last stage holds the loss, every stage its balance losses: (token loss, balance
+        # loss) summed over the stages, in fp64 so that no precision is lost in the sharing
+        local = torch.zeros(2, dtype=torch.float64, device=step.input_ids.device)
         for loss in losses:
-            local += loss.detach().double()
+            local[0] += loss.detach().double()
+        for _, module in self._modules:
+            if module.aux_total is not None:
+                local[1] += module.aux_total.double() / self.microbatches
         dist.all_reduce(local, group=self.group)
-        return step.step_loss(local * scale / step.loss_scale)
+        self.aux_loss = local[1]
+        return step.step_loss(local[0] * scale / step.loss_scale)
 
 
 def build_pipeline(module: nn.Module, transformer: nn.Module, stages: list[tuple[int, StageModule]],

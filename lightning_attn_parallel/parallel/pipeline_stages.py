@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..models.protocol import is_expert_parameter
+from ..models.protocol import is_expert_module, is_expert_parameter
 from ..pipeline_plan import balanced_layout, num_stages, stage_blocks, stage_ranks_of
 from ..plan import ParallelPlan
 
@@ -41,6 +41,26 @@ class KeptBlocks(nn.ModuleList):
         return [int(k) for k in self._modules]
 
 
+class AuxLossBackward(torch.autograd.Function):
+    """Returns the activation `h` unchanged; its backward also sends `scale` as the gradient of
+    the stage's MoE balance loss `aux`, so that loss joins this micro-batch's backward.
+
+    Written by hand because torch.distributed.pipelining has no channel for side losses: a stage
+    returns one activation and only the last stage has a loss function, while the balance losses
+    arise on every stage (Megatron-Core's MoEAuxLossAutoScaler does the same)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.aux_like = (aux.shape, aux.dtype, aux.device)
+        ctx.scale = scale
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.aux_like
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
 class StageModule(nn.Module):
     """One stage's slice of CausalTransformer.forward: the embedding (first stage), its blocks,
     the final norm (last stage). The LM head and the loss run in the schedule's loss function on
@@ -49,7 +69,12 @@ class StageModule(nn.Module):
     `positions` are the RoPE positions of the tokens this rank holds, set per batch by the runner
     (parallel/pipeline.py): 0..S-1, or the global positions of a context-parallel shard. They
     cannot be read off the activation: under sequence parallelism it holds 1/tp of the sequence,
-    under context parallelism positions that are not contiguous (packed documents are refused)."""
+    under context parallelism positions that are not contiguous (packed documents are refused).
+
+    MoE blocks leave a balance loss on their ffn (`aux_loss`) after each forward; the stage adds
+    their sum to the backward through `AuxLossBackward`, scaled by `aux_scale` (set per batch by
+    the runner: 1 / (micro-batches x accumulated batches), as the one-process step weighs the
+    balance loss of the whole batch), and sums the micro-batches' losses in `aux_total` for the log."""
 
     def __init__(self, transformer: nn.Module, blocks: list[nn.Module], first: bool, last: bool) -> None:
         super().__init__()
@@ -60,6 +85,10 @@ class StageModule(nn.Module):
         # zero-bubble schedules compute weight gradients for the stage's parameters only.
         self.head = transformer.output if last else None
         self.positions: Optional[torch.Tensor] = None
+        # the model protocol's MoE blocks (models.protocol.moe_layers): an ffn holding routed experts
+        self.moe = [block.ffn for block in blocks if any(is_expert_module(m) for m in block.ffn.modules())]
+        self.aux_scale = 1.0
+        self.aux_total: Optional[torch.Tensor] = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.tok_embeddings is not None:
@@ -68,7 +97,18 @@ class StageModule(nn.Module):
         assert positions is not None, "the pipeline runner sets the stage's positions before each batch"
         for block in self.blocks:
             h = block(h, positions)
+        h = self._add_aux_loss(h)
         return self.norm(h) if self.norm is not None else h
+
+    def _add_aux_loss(self, h: torch.Tensor) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.moe if m.aux_loss is not None]
+        if not losses:
+            return h
+        aux = torch.stack(losses).sum()
+        self.aux_total = aux.detach() if self.aux_total is None else self.aux_total + aux.detach()
+        if not (torch.is_grad_enabled() and aux.requires_grad):
+            return h
+        return AuxLossBackward.apply(h, aux, self.aux_scale)
 
 
 def block_costs(transformer: nn.Module) -> tuple[list[float], float]:
@@ -114,4 +154,4 @@ def split_into_stages(transformer: nn.Module, plan: ParallelPlan, pp_rank: int) 
     return stages
 
 
-__all__ = ["KeptBlocks", "StageModule", "block_costs", "layout_of", "split_into_stages"]
+__all__ = ["AuxLossBackward", "KeptBlocks", "StageModule", "block_costs", "layout_of", "split_into_stages"]

@@ -4,8 +4,10 @@ pipeline's own costs, next to the best plan without pipelining.
 A stage holds n_layers / pp blocks (the embedding and head counted on every stage: the first and
 last stages hold them, and the planner sizes the worst stage) on world / pp GPUs, laid out as
 the planner lays out a whole model (`select.layouts`) but with what pipelining composes with
-today (parallel/pipeline.py): replicated data parallelism, tensor and context parallelism, no
-FSDP2 or expert parallelism. The global batch is
+today (parallel/pipeline.py): replicated data parallelism, tensor, context and expert
+parallelism, no FSDP2. An MoE stage is sized as the last one, which holds the fewest dense
+(first_k_dense_replace) blocks; its compute counts the routed experts' active share and its
+all-to-all, as the plan without pipelining does. The global batch is
 unchanged: data parallelism shrinks by pp, so each step runs pp x grad_accum micro-batches
 through the 1F1B schedule. On top of the stage's step:
 - the bubble, (pp - 1) / micro-batches of the compute (pipeline_plan.bubble_fraction);
@@ -51,7 +53,8 @@ class PipelineOption:
     def describe(self) -> str:
         gib = (self.stage.memory.total + self.extra_activations) / 2**30
         plan = self.stage.plan
-        inside = "".join(f", {name} {degree}" for name, degree in (("tp", plan.tp), ("cp", plan.cp)) if degree > 1)
+        inside = "".join(f", {name} {degree}" for name, degree in (("tp", plan.tp), ("cp", plan.cp), ("ep", plan.ep))
+                         if degree > 1)
         return (f"pp={self.pp} (1F1B, {self.microbatches} micro-batches, bubble {self.bubble:.0%}, "
                 f"p2p {self.p2p_s * 1e3:.0f} ms{inside}, activation checkpointing {plan.activation_checkpointing}): "
                 f"{gib:.1f} GiB per GPU, " + (f"{self.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
@@ -62,7 +65,11 @@ def _stage_workload(work: Workload, pp: int) -> Workload:
     cluster = work.cluster
     nodes = cluster.num_nodes // pp if cluster.num_nodes % pp == 0 else 1
     per_node = cluster.world_size // pp // nodes
-    return replace(work, model_cfg=replace(work.model_cfg, n_layers=ceil(work.model_cfg.n_layers / pp)),
+    cfg = work.model_cfg
+    layers = ceil(cfg.n_layers / pp)
+    # the last stage's dense blocks: the fewest of any stage, so the most experts
+    dense = max(0, cfg.first_k_dense_replace - (cfg.n_layers - layers))
+    return replace(work, model_cfg=replace(cfg, n_layers=layers, first_k_dense_replace=dense),
                    cluster=replace(cluster, num_nodes=nodes, gpus_per_node=per_node),
                    grad_accum=pp * work.grad_accum, template=ParallelPlan())
 
@@ -82,7 +89,7 @@ def pipeline_option(work: Workload, pp: int) -> Optional[PipelineOption]:
     stage_cluster = stage_work.cluster
     options = []
     for layout in layouts(stage_work.model_cfg, stage_cluster.world_size, stage_cluster.gpus_per_node, work.seq_len):
-        if layout.dp_shard > 1 or layout.ep > 1:  # not composed with pp yet
+        if layout.dp_shard > 1:  # FSDP2 stages are not composed with pp yet
             continue
         p2p = 2 * micro * (send / (layout.cp * layout.tp) / (gbps * 1e9) + alpha)
         for ac in ("none", "block"):
@@ -97,23 +104,27 @@ def pipeline_option(work: Workload, pp: int) -> Optional[PipelineOption]:
 
 def pipeline_advice(work: Workload, best: Optional[Evaluation]) -> list[str]:
     """Lines for the dry run: each pp degree against the chosen plan, and the verdict."""
-    if work.model_cfg.is_moe:
-        return ["Pipeline parallelism: not considered, pp does not support mixture-of-experts models yet "
-                "(the MoE balance losses cross stages)."]
     try:
         options = [o for o in (pipeline_option(work, pp) for pp in PP_DEGREES) if o is not None]
     except PlanError:
         return []
     if not options:
         return []
-    lines = ["Pipeline parallelism (stages with replicated data, tensor and context parallelism, as pp "
-             "composes today):"]
+    lines = ["Pipeline parallelism (stages with replicated data, tensor, context and expert parallelism, "
+             "as pp composes today):"]
     lines += [f"  {o.describe()}" for o in options]
     fitting = [o for o in options if o.fits]
     best_pp = max(fitting, key=lambda o: o.tokens_per_s_per_gpu) if fitting else None
     base = best.tokens_per_s_per_gpu if best is not None and best.fits else 0.0
     if best_pp is None:
-        lines.append("  verdict: no pp degree fits without sharded stages; the plan above stays.")
+        lean = min(options, key=lambda o: o.stage.memory.total + o.extra_activations)
+        memory = lean.stage.memory
+        lines.append(f"  verdict: no pp degree fits without sharded stages; the plan above stays (at "
+                     f"pp={lean.pp}, the leanest, a GPU keeps its stage's parameters, gradients and "
+                     f"optimizer state unsharded, {memory.static / 2**30:.1f} GiB, and the activations "
+                     f"of the micro-batches in flight, "
+                     f"{(memory.activations + lean.extra_activations) / 2**30:.1f} GiB, against "
+                     f"{memory.capacity / 2**30:.1f} GiB usable).")
     elif best_pp.tokens_per_s_per_gpu > base:
         lines.append(f"  verdict: pp={best_pp.pp} is faster than the plan above "
                      f"({best_pp.tokens_per_s_per_gpu:,.0f} vs {base:,.0f} tokens/s per GPU).")

@@ -109,7 +109,8 @@ def _cp_kernels(cfg: ModelConfig, tp: int, cp: int) -> list[str]:
     return kernels
 
 
-def _ep_degrees(cfg: ModelConfig, world_size: int) -> list[int]:
+def expert_degrees(cfg: ModelConfig, world_size: int) -> list[int]:
+    """Expert-parallel degrees: those dividing both the routed experts and the ranks."""
     return divisors(gcd(cfg.n_routed_experts, world_size)) if cfg.is_moe else [1]
 
 
@@ -128,7 +129,7 @@ def layouts(model_cfg: ModelConfig, world_size: int, gpus_per_node: int,
             dp = world_size // (tp * cp)
             for kernel in _cp_kernels(model_cfg, tp, cp):
                 for dp_shard in divisors(dp):
-                    for ep in _ep_degrees(model_cfg, world_size):
+                    for ep in expert_degrees(model_cfg, world_size):
                         yield replace(base, dp_replicate=dp // dp_shard, dp_shard=dp_shard, cp=cp,
                                       tp=tp, ep=ep, cp_kernel=kernel, sequence_parallel=tp > 1)
 
