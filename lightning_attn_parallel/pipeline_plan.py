@@ -82,13 +82,13 @@ def check_pipeline_plan(plan: "ParallelPlan") -> None:
         raise PlanError(f"ParallelPlan pp_layers_per_stage={list(layout)} must give {num_stages(plan)} "
                         f"counts of at least 1 (pp={plan.pp} x {v} stage(s) per rank): list one block "
                         "count per stage, or leave it unset to balance by cost")
-    unsupported = {"dp_shard": plan.dp_shard > 1, "cp": plan.cp > 1, "tp": plan.tp > 1, "ep": plan.ep > 1,
-                   "compile='model'": plan.compile == "model", "fp8": plan.fp8 != "none",
-                   "offload_activations": plan.offload_activations}
+    # stages compose with replicated and sharded (FSDP2/HSDP) data parallelism, activation
+    # checkpointing, compile, fp8 and activation offload; the degrees that split a block do not
+    unsupported = {"cp": plan.cp > 1, "tp": plan.tp > 1, "ep": plan.ep > 1}
     refused = [name for name, on in unsupported.items() if on]
     if plan.pp > 1 and refused:
         raise PlanError(f"ParallelPlan pp={plan.pp} does not compose with {', '.join(refused)} yet: "
-                        "pipeline stages run with replicated data parallelism; "
+                        "pipeline stages run with data parallelism (replicated or sharded) only; "
                         "set pp=1 or drop " + ", ".join(refused))
 
 

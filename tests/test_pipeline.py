@@ -191,7 +191,6 @@ BAD_PLANS = {
                                       ["pp_layers_per_stage=[1, 2]", "n_layers=4"]),
     "layout of the wrong length": (dict(pp=2, pp_layers_per_stage=[4]), 2, None, ["2 counts"]),
     "tied embeddings": (dict(pp=2), 2, {**TINY_LLAMA, "tie_embeddings": True}, ["tie_embeddings=false"]),
-    "with FSDP2": (dict(pp=2, dp_shard=2), 4, None, ["dp_shard"]),
     "with context parallelism": (dict(pp=2, cp=2), 4, None, ["cp"]),
     "with tensor parallelism": (dict(pp=2, tp=2), 4, None, ["tp"]),
 }

@@ -6,7 +6,10 @@ the strategy's backward only runs the hooks around it. The loss is the sum of th
 of every micro-batch divided by the batch's token count (as without pipelining), computed on the
 last stage and shared with every stage for logging and the finite checks. Data parallelism is
 reduced once per step: buckets accumulate over the micro-batches and are reduced when the
-strategy's backward hook finishes them.
+strategy's backward hook finishes them. FSDP2/HSDP stages (each stage module a root unit over its
+blocks, parameters kept gathered over the micro-batches) reduce-scatter once per step, after the
+last micro-batch, as torch's PipelineStage drives them; with the "defer_all" accumulation policy,
+only on the last batch of an accumulation window (pipeline_schedule.AccumulatingStage).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..mesh import PIPELINE_DIM, ParallelMeshes
 from ..models.loss import cross_entropy_sum
@@ -62,9 +66,9 @@ class PipelineRunner:
         self._width = transformer.config.d_model
         self._shape: Optional[tuple[int, int]] = None
         self.schedule = None
-        self._parameters = [p for _, module in stages for p in module.parameters()] + \
-            ([p for p in transformer.output.parameters()] if self.has_last else [])
+        self._parameters = [p for _, module in stages for p in module.parameters()]  # the head: last stage's
         self._held: list = []
+        self._reduce = True  # whether this batch's step reduces FSDP2 gradients (AccumulatingStage)
 
     def _schedule_for(self, input_ids: torch.Tensor):
         """The schedule for micro-batches of this shape, built at the first batch: stages are
@@ -83,7 +87,8 @@ class PipelineRunner:
             # activations carry gradients back across the boundary (the static metadata says so)
             hidden = torch.empty(*shape, self._width, dtype=dtype, device="meta", requires_grad=True)
             inputs = torch.empty(shape, dtype=input_ids.dtype, device="meta") if index == 0 else hidden
-            stages.append(build_stage(module, index, self._total, self._device, self.group, inputs, hidden))
+            stages.append(build_stage(module, index, self._total, self._device, self.group, inputs, hidden,
+                                      reduce_now=lambda: self._reduce))
         self.stages, self._shape = stages, shape
         # every rank gets the loss function: torch runs a rank's backward only when it has one
         self.schedule = build_schedule(self.plan.pp_schedule, stages, self.microbatches, self.loss)
@@ -100,6 +105,9 @@ class PipelineRunner:
         if zero_grad:
             for p in self._parameters:
                 p.grad = None
+        # FSDP2 reduces at the end of the schedule unless the window defers every reduction and
+        # this is not its last batch (Lightning's block_backward_sync has turned sync off)
+        self._reduce = gradients is None or gradients.synced or gradients.accumulation != "defer_all"
         if gradients is not None:
             gradients.before_backward()
         with gradients.accumulating() if gradients is not None else nullcontext():
@@ -117,7 +125,15 @@ class PipelineRunner:
         self._held = []
 
     def validation_step(self, batch: Any) -> torch.Tensor:
-        return self._run(batch, train=False)
+        loss = self._run(batch, train=False)
+        # FSDP2 stages keep their parameters gathered after a forward (for the micro-batches'
+        # backward); without one, nothing reshards them: free them here, so that validation
+        # holds no more than training and state dicts see the shards
+        for _, module in self._modules:
+            for sub in module.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
+        return loss
 
     def _run(self, batch: Any, train: bool, scale: int = 1) -> torch.Tensor:
         step = StepBatch.of(batch)

@@ -43,14 +43,17 @@ class KeptBlocks(nn.ModuleList):
 class StageModule(nn.Module):
     """One stage's slice of CausalTransformer.forward: the embedding (first stage), its blocks,
     the final norm (last stage). The LM head and the loss run in the schedule's loss function on
-    the last stage, so the logits are never kept as a stage output. Positions are 0..S-1 on every
-    stage (packed documents are refused under pipelining)."""
+    the last stage, so the logits are never kept as a stage output; the head is still registered
+    here (unused by `forward`) so that FSDP2 shards it with the last stage's root unit, which keeps
+    it gathered for the loss. Positions are 0..S-1 on every stage (packed documents are refused
+    under pipelining)."""
 
     def __init__(self, transformer: nn.Module, blocks: list[nn.Module], first: bool, last: bool) -> None:
         super().__init__()
         self.tok_embeddings = transformer.tok_embeddings if first else None
         self.blocks = nn.ModuleList(blocks)
         self.norm = transformer.norm if last else None
+        self.output = transformer.output if last else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.tok_embeddings is not None:
