@@ -6,7 +6,7 @@ One spawn of 4 gloo processes trains pp=2 x dp_shard=2 (fp64, gradient clipping 
 steps) under 1F1B with 2 batches accumulated per step ("defer_all": one reduce-scatter per unit
 and optimizer step), GPipe with activation checkpointing, activation offload and accumulation
 "reduce_scatter_each" (one reduce-scatter per unit and batch), and interleaved 1F1B; every batch's
-all-gathers and reduce-scatters are counted. Then pp=2 x dp_shard=2 saves a checkpoint folder
+all-gathers and reduce-scatters are counted; pp=2 x dp_shard=2 also trains in bf16-mixed. Then pp=2 x dp_shard=2 saves a checkpoint folder
 after 2 steps, and rank 0 alone (a new one-process world, no pipeline, no sharding) resumes it to
 step 4. Losses and parameters (full tensors from the project's state-dict path) are compared with
 one process (relative error below 1e-10 in fp64). HSDP (pp=2 x dp_replicate=2 x dp_shard=2) needs 8
@@ -47,6 +47,7 @@ CASES = {
     "interleaved": (dict(SHARDED, pp_schedule="interleaved_1f1b"), 1),
 }
 STEPS_PER_EPOCH, SAVE_STEP, FINAL_STEP = 2, 2, 4
+BF16_STEPS = 2
 # HSDP: 8 ranks = pp 2 x dp_replicate 2 x dp_shard 2, a spawn of its own with one case
 HSDP_WORLD = 8
 HSDP = (dict(pp=2, dp_replicate=2, dp_shard=2, pp_microbatches=2, accumulation="defer_all"), 2)
@@ -121,11 +122,14 @@ def sharded_units(strategy) -> int:
 
 
 def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: int = 1, ckpt_path=None,
-        save_path=None, limit=None) -> dict:
+        save_path=None, limit=None, precision: str = "64-true") -> dict:
     module, recorder, counter = make_module(), LossRecorder(average_over_ranks=True), GatherScatterCounter()
+    if precision != "64-true":
+        module.float()
     pp = plan_kwargs.get("pp", 1)
     trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)),
                             devices=world, max_steps=max_steps, accumulate_grad_batches=accumulate,
+                            precision=precision,
                             gradient_clip_val=CLIP, callbacks=[recorder, counter], limit_train_batches=limit)
     # the mesh is (pp, dp_replicate, dp_shard): the stages of a data-parallel rank see its samples
     trainer.fit(module, loader(FixedTokens(), ROWS, replicas=world // pp, rank=rank % (world // pp)),
@@ -140,6 +144,7 @@ def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: in
 
 def _worker(rank: int, world: int, root: str, resume_port: int) -> dict:
     results = {name: fit(plan, world, rank, STEPS, accumulate) for name, (plan, accumulate) in CASES.items()}
+    results["bf16"] = fit(SHARDED, world, rank, BF16_STEPS, precision="bf16-mixed")
     results["saved"] = fit(SHARDED, world, rank, SAVE_STEP, limit=STEPS_PER_EPOCH, save_path=f"{root}/pp2_fsdp2")
     # one process, no pipeline and no sharding, resumes the folder (a new world of one rank)
     dist.barrier()
@@ -171,10 +176,14 @@ def results(tmp_path_factory):
                            timeout=400)
 
 
-def one_process(max_steps: int, accumulate: int = 1, limit=None, dp: int = WORLD // SHARDED["pp"]) -> dict:
+def one_process(max_steps: int, accumulate: int = 1, limit=None, dp: int = WORLD // SHARDED["pp"],
+                precision: str = "64-true") -> dict:
     module, recorder = make_module(), LossRecorder()
+    if precision != "64-true":
+        module.float()
     trainer = quiet_trainer(devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
-                            gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit)
+                            gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit,
+                            precision=precision)
     trainer.fit(module, loader(FixedTokens(), ROWS * dp))
     return {"losses": recorder.losses, "params": full_parameters(module)}
 
@@ -227,6 +236,17 @@ def test_parameters_are_gathered_once_and_gradients_reduced_once_per_step(result
             window = [(units, 0)] + [(0, 0)] * (accumulate - 2) + [(0, units)] if accumulate > 1 else [(units, units)]
             expected = window * STEPS
         assert got == expected, f"{name} rank{rank}: (all-gathers, reduce-scatters) per batch {got}, expected {expected}"
+
+
+def test_bf16_mixed_stages_send_what_fsdp2_computes_in(results):
+    """Under bf16-mixed FSDP2 computes in bf16: the stages' boundaries carry bf16 activations
+    (declared fp32, they came through as NaN). Losses follow one bf16-mixed process to bf16's
+    precision."""
+    reference = one_process(BF16_STEPS, precision="bf16-mixed")
+    for rank, result in enumerate(results):
+        losses = torch.tensor(result["bf16"]["losses"])
+        assert torch.isfinite(losses).all(), f"rank{rank}: {losses}"
+        assert_close(losses, torch.tensor(reference["losses"]), rtol=1e-2, name=f"bf16 rank{rank} losses")
 
 
 def test_checkpoint_saved_under_sharded_pp_resumes_in_one_plain_process(results):

@@ -88,7 +88,8 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         from .pipeline import build_pipeline
 
         pipeline = build_pipeline(module, transformer, stages, plan, meshes, next(module.parameters()).device,
-                                  master_weights=gradients.masters is not None)
+                                  master_weights=gradients.masters is not None,
+                                  activation_dtype=gradients.param_dtype)
     return ParallelizeResult(gradients=gradients, context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, gradients.reducer),
                              step_context=activation_offload(plan.offload_activations,

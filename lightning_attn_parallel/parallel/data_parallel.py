@@ -38,6 +38,7 @@ class DataParallelGradients:
     fixups: tuple = ()  # FSDP2 gradients to finish once reduced (experts' scale, tp x ep token split)
     synced: bool = True  # False while micro-batches only accumulate
     masters: Optional[MasterWeights] = None  # replicated master weights (parallel/master_weights.py)
+    param_dtype: Optional[torch.dtype] = None  # what FSDP2 computes in (None: the parameters' dtype)
 
     def before_backward(self) -> None:
         if self.reducer is not None:
@@ -125,7 +126,8 @@ def apply_data_parallel(module: nn.Module, transformer: Optional[nn.Module], pla
     if plan.ep > 1 and plan.tp > 1:
         fixups.append(token_split_fixup(transformer, meshes.group("tp")))
     materialize()
-    return DataParallelGradients(module, None, True, plan.accumulation, tuple(fixups))
+    return DataParallelGradients(module, None, True, plan.accumulation, tuple(fixups),
+                                 param_dtype=policy.param_dtype)
 
 
 def sharding_mesh(meshes: ParallelMeshes):

@@ -51,7 +51,8 @@ class PipelineRunner:
     """This rank's stages and the schedule that runs them."""
 
     def __init__(self, stages: list[tuple[int, StageModule]], transformer: nn.Module, plan: ParallelPlan,
-                 meshes: ParallelMeshes, device: torch.device, chunk_tokens: Optional[int] = None) -> None:
+                 meshes: ParallelMeshes, device: torch.device, chunk_tokens: Optional[int] = None,
+                 activation_dtype: Optional[torch.dtype] = None) -> None:
         self.plan = plan
         self.group = meshes.group(PIPELINE_DIM)
         self.microbatches = microbatches(plan)
@@ -64,6 +65,7 @@ class PipelineRunner:
         self._device = device
         self._total = total
         self._width = transformer.config.d_model
+        self._dtype = activation_dtype  # FSDP2's compute dtype, else the stage parameters'
         self._shape: Optional[tuple[int, int]] = None
         self.schedule = None
         self._parameters = [p for _, module in stages for p in module.parameters()]  # the head: last stage's
@@ -83,7 +85,7 @@ class PipelineRunner:
             return self.schedule
         stages = []
         for index, module in self._modules:
-            dtype = next(module.parameters()).dtype
+            dtype = self._dtype or next(module.parameters()).dtype
             # activations carry gradients back across the boundary (the static metadata says so)
             hidden = torch.empty(*shape, self._width, dtype=dtype, device="meta", requires_grad=True)
             inputs = torch.empty(shape, dtype=input_ids.dtype, device="meta") if index == 0 else hidden
@@ -159,9 +161,11 @@ class PipelineRunner:
 
 def build_pipeline(module: nn.Module, transformer: nn.Module, stages: list[tuple[int, StageModule]],
                    plan: ParallelPlan, meshes: ParallelMeshes, device: torch.device,
-                   master_weights: bool = False) -> PipelineRunner:
+                   master_weights: bool = False, activation_dtype: Optional[torch.dtype] = None) -> PipelineRunner:
     """The runner for the stages `split_into_stages` kept; the loss chunking is the module's
-    (`loss_chunk_tokens` among its hyperparameters, as CausalLMModule has it)."""
+    (`loss_chunk_tokens` among its hyperparameters, as CausalLMModule has it).
+    `activation_dtype`: what the stages compute and send in when FSDP2 casts their parameters
+    (its MixedPrecisionPolicy's param_dtype); None: the parameters' own dtype."""
     if master_weights:
         raise PlanError(f"ParallelPlan pp={plan.pp} does not run master weights yet (their compute copies are "
                         "refreshed outside the schedule): set mixed_precision='autocast' with "
@@ -170,7 +174,8 @@ def build_pipeline(module: nn.Module, transformer: nn.Module, stages: list[tuple
     if hparams.get("fused_loss"):
         raise PlanError(f"ParallelPlan pp={plan.pp} computes the loss with the model's head and loss "
                         "kernel on the last stage: set fused_loss=false")
-    return PipelineRunner(stages, transformer, plan, meshes, device, hparams.get("loss_chunk_tokens"))
+    return PipelineRunner(stages, transformer, plan, meshes, device, hparams.get("loss_chunk_tokens"),
+                          activation_dtype)
 
 
 __all__ = ["PipelineRunner", "TokenSumLoss", "build_pipeline"]
