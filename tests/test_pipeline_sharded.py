@@ -305,3 +305,29 @@ def test_compile_model_under_pp_compiles_each_stage():
     apply_compile(model, "model", [m for _, m in stages])
     assert all(m._compiled_call_impl is not None for _, m in stages)
     assert model._compiled_call_impl is None
+
+
+def test_planner_prices_stages_sharded_and_gathered_over_the_step():
+    """A Llama-8B shape on 16 H100s: at pp=2 a replicated stage (4B parameters at 16 bytes each)
+    does not fit, an FSDP2 stage over its 8 GPUs does. Priced as the pipeline runs it: the whole
+    stage held gathered in bf16 beside the FSDP2 plan's own memory, one all-gather per step."""
+    from dataclasses import replace
+
+    from lightning_attn_parallel.hardware import H100_SXM, ClusterSpec
+    from lightning_attn_parallel.planning.pipeline import _stage_workload, pipeline_option
+    from lightning_attn_parallel.planning.select import make_workload
+
+    cfg = ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                      max_seq_len=4096)
+    work = make_workload(cfg, ClusterSpec(num_nodes=2), H100_SXM, 1, 4096, "bf16-mixed", grad_accum=2)
+    option = pipeline_option(work, 2)
+    assert option.fits and option.stage.plan.dp_shard == 8 and option.stage.plan.dp_replicate == 1
+    assert "stages FSDP2 over 8" in option.describe()
+    stage_work = _stage_workload(work, 2)
+    plain = stage_work.evaluate(option.stage.plan)
+    held = option.stage.memory.params - plain.memory.params
+    # the gathered copy: the stage's 16 of 32 blocks plus embedding and head, 2 bytes a parameter
+    assert 2 * 3.5e9 < held < 2 * 5.5e9, held
+    assert option.stage.timing.fsdp_gather_s == pytest.approx(plain.timing.fsdp_gather_s / option.microbatches)
+    replicated = stage_work.evaluate(replace(option.stage.plan, dp_shard=1, dp_replicate=8))
+    assert not replicated.fits

@@ -3,7 +3,9 @@ pipeline's own costs, next to the best plan without pipelining.
 
 A stage holds n_layers / pp blocks (the embedding and head counted on every stage: the first and
 last stages hold them, and the planner sizes the worst stage) on world / pp GPUs, with replicated
-data parallelism (what pipelining composes with today, parallel/pipeline.py). The global batch is
+data parallelism or FSDP2 over those GPUs (parallel/pipeline.py). FSDP2 stages keep their
+parameters gathered over a step's micro-batches: the gathered copy is held all step, the
+all-gathers run once per step, and gradients are reduced once ("defer_all"). The global batch is
 unchanged: data parallelism shrinks by pp, so each step runs pp x grad_accum micro-batches
 through the 1F1B schedule. On top of the stage's step:
 - the bubble, (pp - 1) / micro-batches of the compute (pipeline_plan.bubble_fraction);
@@ -19,6 +21,7 @@ from typing import Optional
 
 from ..pipeline_plan import bubble_fraction, in_flight_microbatches
 from ..plan import ParallelPlan, PlanError
+from .memory import compute_precision, local_params, precision_spec
 from .select import Evaluation, Workload
 
 PP_DEGREES = (2, 4, 8, 16)
@@ -48,8 +51,9 @@ class PipelineOption:
     def describe(self) -> str:
         gib = (self.stage.memory.total + self.extra_activations) / 2**30
         ac = self.stage.plan.activation_checkpointing
+        data = f"FSDP2 over {self.stage.plan.dp_shard}" if self.stage.plan.sharded else "replicated"
         return (f"pp={self.pp} (1F1B, {self.microbatches} micro-batches, bubble {self.bubble:.0%}, "
-                f"p2p {self.p2p_s * 1e3:.0f} ms, activation checkpointing {ac}): "
+                f"p2p {self.p2p_s * 1e3:.0f} ms, stages {data}, activation checkpointing {ac}): "
                 f"{gib:.1f} GiB per GPU, " + (f"{self.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
                                                if self.fits else "does not fit"))
 
@@ -77,15 +81,32 @@ def pipeline_option(work: Workload, pp: int) -> Optional[PipelineOption]:
     alpha = cluster.inter_node_alpha_s if spans_nodes else cluster.intra_node_alpha_s
     p2p = 2 * micro * (send / (gbps * 1e9) + alpha)
     options = []
+    ranks = stage_work.cluster.world_size
     for ac in ("none", "block"):
-        stage_plan = ParallelPlan(activation_checkpointing=ac).resolve(stage_work.cluster.world_size)
-        stage = stage_work.evaluate(stage_plan)
-        options.append(PipelineOption(pp, micro, stage, bubble_fraction(pp, micro), p2p,
-                                      (in_flight - 1) * stage.memory.activations))
+        for shard in sorted({1, ranks}):
+            stage_plan = ParallelPlan(activation_checkpointing=ac, dp_shard=shard,
+                                      accumulation="defer_all").resolve(ranks)
+            stage = stage_work.evaluate(stage_plan)
+            if stage_plan.sharded:
+                stage = _gathered_over_the_step(stage_work, stage)
+            options.append(PipelineOption(pp, micro, stage, bubble_fraction(pp, micro), p2p,
+                                          (in_flight - 1) * stage.memory.activations))
     fitting = [o for o in options if o.fits]
     if fitting:
         return max(fitting, key=lambda o: o.tokens_per_s_per_gpu)
     return min(options, key=lambda o: o.stage.memory.total + o.extra_activations)
+
+
+def _gathered_over_the_step(stage_work: Workload, stage: Evaluation) -> Evaluation:
+    """An FSDP2 stage as the pipeline runs it: every unit stays gathered from the step's first
+    forward to its reduction (the stage's parameters in the compute dtype, on top of the units in
+    flight the memory model counts), and each is all-gathered once per step, not per micro-batch."""
+    p = compute_precision(precision_spec(stage_work.precision), stage.plan)
+    held = local_params(stage_work.counts, stage.plan).unsharded * p.compute_bytes
+    micro = stage_work.grad_accum
+    timing = replace(stage.timing, fsdp_gather_s=stage.timing.fsdp_gather_s / micro,
+                     fsdp_exposed_s=stage.timing.fsdp_exposed_s / micro)
+    return replace(stage, memory=replace(stage.memory, params=stage.memory.params + held), timing=timing)
 
 
 def pipeline_advice(work: Workload, best: Optional[Evaluation]) -> list[str]:
@@ -99,19 +120,19 @@ def pipeline_advice(work: Workload, best: Optional[Evaluation]) -> list[str]:
         return []
     if not options:
         return []
-    lines = ["Pipeline parallelism (stages with replicated data parallelism, as pp composes today):"]
+    lines = ["Pipeline parallelism (each degree's best stage, replicated or FSDP2 over its GPUs):"]
     lines += [f"  {o.describe()}" for o in options]
     fitting = [o for o in options if o.fits]
     best_pp = max(fitting, key=lambda o: o.tokens_per_s_per_gpu) if fitting else None
     base = best.tokens_per_s_per_gpu if best is not None and best.fits else 0.0
     if best_pp is None:
-        lines.append("  verdict: no pp degree fits with replicated stages; the plan above stays.")
+        lines.append("  verdict: no pp degree fits; the plan above stays.")
     elif best_pp.tokens_per_s_per_gpu > base:
         lines.append(f"  verdict: pp={best_pp.pp} is faster than the plan above "
                      f"({best_pp.tokens_per_s_per_gpu:,.0f} vs {base:,.0f} tokens/s per GPU).")
     else:
         lines.append(f"  verdict: the plan above stays ({base:,.0f} tokens/s per GPU against pp={best_pp.pp}'s "
-                     f"{best_pp.tokens_per_s_per_gpu:,.0f}): the bubble and replicated stage state cost more "
+                     f"{best_pp.tokens_per_s_per_gpu:,.0f}): the bubble and the stages' state cost more "
                      "than pipelining saves.")
     return lines
 
