@@ -122,7 +122,7 @@ def sharded_units(strategy) -> int:
 
 
 def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: int = 1, ckpt_path=None,
-        save_path=None, limit=None, precision: str = "64-true") -> dict:
+        save_path=None, limit=None, precision: str = "64-true", validate: bool = False) -> dict:
     module, recorder, counter = make_module(), LossRecorder(average_over_ranks=True), GatherScatterCounter()
     if precision != "64-true":
         module.float()
@@ -130,22 +130,27 @@ def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: in
     trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)),
                             devices=world, max_steps=max_steps, accumulate_grad_batches=accumulate,
                             precision=precision,
-                            gradient_clip_val=CLIP, callbacks=[recorder, counter], limit_train_batches=limit)
+                            gradient_clip_val=CLIP, callbacks=[recorder, counter], limit_train_batches=limit,
+                            limit_val_batches=1 if validate else 0)
     # the mesh is (pp, dp_replicate, dp_shard): the stages of a data-parallel rank see its samples
-    trainer.fit(module, loader(FixedTokens(), ROWS, replicas=world // pp, rank=rank % (world // pp)),
-                ckpt_path=ckpt_path)
+    dp, dp_rank = world // pp, rank % (world // pp)
+    val = loader(FixedTokens(seed=1), ROWS, replicas=dp, rank=dp_rank) if validate else None
+    trainer.fit(module, loader(FixedTokens(), ROWS, replicas=dp, rank=dp_rank), val, ckpt_path=ckpt_path)
     if save_path is not None:
         trainer.save_checkpoint(save_path)
     sharded = all(isinstance(p, DTensor) for p in module.parameters())
     return {"losses": recorder.losses, "params": full_parameters(module), "sharded": sharded,
             "traffic": counter.per_batch, "units": sharded_units(trainer.strategy) if pp > 1 else 0,
-            "start_params": recorder.start_params}
+            "start_params": recorder.start_params,
+            "val": float(trainer.callback_metrics["val/loss"]) if validate else None}
 
 
 def _worker(rank: int, world: int, root: str, resume_port: int) -> dict:
     results = {name: fit(plan, world, rank, STEPS, accumulate) for name, (plan, accumulate) in CASES.items()}
     results["bf16"] = fit(SHARDED, world, rank, BF16_STEPS, precision="bf16-mixed")
-    results["saved"] = fit(SHARDED, world, rank, SAVE_STEP, limit=STEPS_PER_EPOCH, save_path=f"{root}/pp2_fsdp2")
+    # validated at the epoch's end (the forward-only schedule), then saved
+    results["saved"] = fit(SHARDED, world, rank, SAVE_STEP, limit=STEPS_PER_EPOCH, save_path=f"{root}/pp2_fsdp2",
+                           validate=True)
     # one process, no pipeline and no sharding, resumes the folder (a new world of one rank)
     dist.barrier()
     dist.destroy_process_group()
@@ -177,15 +182,16 @@ def results(tmp_path_factory):
 
 
 def one_process(max_steps: int, accumulate: int = 1, limit=None, dp: int = WORLD // SHARDED["pp"],
-                precision: str = "64-true") -> dict:
+                precision: str = "64-true", validate: bool = False) -> dict:
     module, recorder = make_module(), LossRecorder()
     if precision != "64-true":
         module.float()
     trainer = quiet_trainer(devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
                             gradient_clip_val=CLIP, callbacks=[recorder], limit_train_batches=limit,
-                            precision=precision)
-    trainer.fit(module, loader(FixedTokens(), ROWS * dp))
-    return {"losses": recorder.losses, "params": full_parameters(module)}
+                            precision=precision, limit_val_batches=1 if validate else 0)
+    trainer.fit(module, loader(FixedTokens(), ROWS * dp), loader(FixedTokens(seed=1), ROWS * dp) if validate else None)
+    return {"losses": recorder.losses, "params": full_parameters(module),
+            "val": float(trainer.callback_metrics["val/loss"]) if validate else None}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -250,12 +256,16 @@ def test_bf16_mixed_stages_send_what_fsdp2_computes_in(results):
 
 
 def test_checkpoint_saved_under_sharded_pp_resumes_in_one_plain_process(results):
-    """pp=2 x dp_shard=2 saves a DCP folder at step 2; one process without pipeline or sharding
-    loads it (every stage's shards) and continues with the uninterrupted run's losses and parameters."""
+    """pp=2 x dp_shard=2 validates (the forward-only schedule; FSDP2 reshards the stages after a
+    forward without gradients) and saves a DCP folder at step 2; one process without pipeline or sharding loads it (every
+    stage's shards) and continues with the uninterrupted run's losses and parameters."""
     reference = one_process(FINAL_STEP, limit=STEPS_PER_EPOCH)
+    validated = one_process(SAVE_STEP, limit=STEPS_PER_EPOCH, validate=True)
     saved = {k: v for result in results for k, v in result["saved"]["params"].items()}
     assert set(saved) == set(reference["params"])
     for result in results:
+        assert result["saved"]["sharded"], "the stages are sharded after validation"
+        assert abs(result["saved"]["val"] - validated["val"]) < 1e-10 * abs(validated["val"])
         assert_close(torch.tensor(result["saved"]["losses"]), torch.tensor(reference["losses"][:SAVE_STEP]),
                      rtol=1e-10, name="saved losses")
     resumed = results[0]["resumed"]

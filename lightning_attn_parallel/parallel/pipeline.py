@@ -19,7 +19,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from ..mesh import PIPELINE_DIM, ParallelMeshes
 from ..models.loss import cross_entropy_sum
@@ -127,15 +126,7 @@ class PipelineRunner:
         self._held = []
 
     def validation_step(self, batch: Any) -> torch.Tensor:
-        loss = self._run(batch, train=False)
-        # FSDP2 stages keep their parameters gathered after a forward (for the micro-batches'
-        # backward); without one, nothing reshards them: free them here, so that validation
-        # holds no more than training and state dicts see the shards
-        for _, module in self._modules:
-            for sub in module.modules():
-                if isinstance(sub, FSDPModule):
-                    sub.reshard()
-        return loss
+        return self._run(batch, train=False)
 
     def _run(self, batch: Any, train: bool, scale: int = 1) -> torch.Tensor:
         step = StepBatch.of(batch)
