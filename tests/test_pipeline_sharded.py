@@ -10,7 +10,8 @@ all-gathers and reduce-scatters are counted; pp=2 x dp_shard=2 also trains in bf
 after 2 steps, and rank 0 alone (a new one-process world, no pipeline, no sharding) resumes it to
 step 4. Losses and parameters (full tensors from the project's state-dict path) are compared with
 one process (relative error below 1e-10 in fp64). HSDP (pp=2 x dp_replicate=2 x dp_shard=2) needs 8
-processes, about 90 s on 2 cores: it runs with LAP_EIGHT_RANK_TESTS=1.
+processes, about 90 s on 2 cores, and compiled stages compile for a minute or more: both run with
+LAP_SLOW_TESTS=1.
 """
 from __future__ import annotations
 
@@ -111,6 +112,32 @@ class GatherScatterCounter(L.Callback):
         self.per_batch.append((self._counts["gather"], self._counts["scatter"]))
 
 
+class OffloadProbe(L.Callback):
+    """Per batch, whether the training step ran inside activation offload (save_on_cpu)."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[bool] = []
+        self._entered = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        original = torch.autograd.graph.saved_tensors_hooks.__enter__
+
+        def entering(hooks):
+            self._entered = True
+            return original(hooks)
+
+        torch.autograd.graph.save_on_cpu.__enter__ = entering
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        del torch.autograd.graph.save_on_cpu.__enter__
+
+    def on_train_batch_start(self, *args) -> None:
+        self._entered = False
+
+    def on_train_batch_end(self, *args) -> None:
+        self.per_batch.append(self._entered)
+
+
 def sharded_units(strategy) -> int:
     """FSDP2 units holding parameters on this rank: each block, and each stage's root where it
     holds the embedding or the final norm and head."""
@@ -124,13 +151,14 @@ def sharded_units(strategy) -> int:
 def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: int = 1, ckpt_path=None,
         save_path=None, limit=None, precision: str = "64-true", validate: bool = False) -> dict:
     module, recorder, counter = make_module(), LossRecorder(average_over_ranks=True), GatherScatterCounter()
+    offload = OffloadProbe()
     if precision != "64-true":
         module.float()
     pp = plan_kwargs.get("pp", 1)
     trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan_kwargs)),
                             devices=world, max_steps=max_steps, accumulate_grad_batches=accumulate,
                             precision=precision,
-                            gradient_clip_val=CLIP, callbacks=[recorder, counter], limit_train_batches=limit,
+                            gradient_clip_val=CLIP, callbacks=[recorder, counter, offload], limit_train_batches=limit,
                             limit_val_batches=1 if validate else 0)
     # the mesh is (pp, dp_replicate, dp_shard): the stages of a data-parallel rank see its samples
     dp, dp_rank = world // pp, rank % (world // pp)
@@ -140,8 +168,8 @@ def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: in
         trainer.save_checkpoint(save_path)
     sharded = all(isinstance(p, DTensor) for p in module.parameters())
     return {"losses": recorder.losses, "params": full_parameters(module), "sharded": sharded,
-            "traffic": counter.per_batch, "units": sharded_units(trainer.strategy) if pp > 1 else 0,
-            "start_params": recorder.start_params,
+            "traffic": counter.per_batch, "offloaded": offload.per_batch,
+            "units": sharded_units(trainer.strategy) if pp > 1 else 0, "start_params": recorder.start_params,
             "val": float(trainer.callback_metrics["val/loss"]) if validate else None}
 
 
@@ -168,6 +196,18 @@ def resume_plain(folder: str) -> dict:
                             limit_train_batches=STEPS_PER_EPOCH)
     trainer.fit(module, loader(FixedTokens(), ROWS * WORLD // SHARDED["pp"]), ckpt_path=folder)
     return {"losses": recorder.losses, "params": full_parameters(module), "start_params": recorder.start_params}
+
+
+SLOW = pytest.mark.skipif(os.environ.get("LAP_SLOW_TESTS") != "1",
+                          reason="minutes on 2 cores (8 processes, or compiling): set LAP_SLOW_TESTS=1")
+# compiled stages: per block under FSDP2, and each stage whole (replicated data parallelism)
+COMPILED = {"block_fsdp2": dict(SHARDED, compile="block"),
+            "model_replicated": dict(pp=2, pp_microbatches=2, compile="model")}
+COMPILED_STEPS = 2
+
+
+def _compiled_worker(rank: int, world: int) -> dict:
+    return {name: fit(plan, world, rank, COMPILED_STEPS) for name, plan in COMPILED.items()}
 
 
 def _hsdp_worker(rank: int, world: int) -> dict:
@@ -200,8 +240,7 @@ def test_sharded_pipeline_equals_one_process(results, name):
     check_against_one_process([result[name] for result in results], name, accumulate, WORLD // plan["pp"])
 
 
-@pytest.mark.skipif(os.environ.get("LAP_EIGHT_RANK_TESTS") != "1",
-                    reason="8 gloo processes take about 90 s on 2 cores: set LAP_EIGHT_RANK_TESTS=1")
+@SLOW
 def test_hsdp_pipeline_equals_one_process():
     """pp=2 x dp_replicate=2 x dp_shard=2: each stage's gradients are reduce-scattered inside its
     shard group and all-reduced across the replicas, once per optimizer step."""
@@ -213,11 +252,22 @@ def test_hsdp_pipeline_equals_one_process():
         assert result["traffic"] == [(units, 0), (0, units)] * STEPS, f"rank{rank}: {result['traffic']}"
 
 
-def check_against_one_process(results: list, name: str, accumulate: int, dp: int) -> None:
-    reference = one_process(STEPS, accumulate, dp=dp)
+@SLOW
+def test_compiled_stages_equal_one_process():
+    """compile='block' under pp x FSDP2 and compile='model' (each stage module compiled whole)
+    under pp x replicated data parallelism equal one eager process."""
+    results = run_distributed(_compiled_worker, WORLD, timeout=900)
+    for name in COMPILED:
+        check_against_one_process([result[name] for result in results], name, 1, WORLD // 2, steps=COMPILED_STEPS,
+                                  sharded=name.endswith("fsdp2"))
+
+
+def check_against_one_process(results: list, name: str, accumulate: int, dp: int, steps: int = STEPS,
+                              sharded: bool = True) -> None:
+    reference = one_process(steps, accumulate, dp=dp)
     stages = {}
     for rank, got in enumerate(results):
-        assert got["sharded"], f"{name} rank{rank}: every parameter is an FSDP2 shard"
+        assert got["sharded"] == sharded, f"{name} rank{rank}: every parameter is an FSDP2 shard, or none"
         assert got["params"] and set(got["params"]) < set(reference["params"]), name
         for key, value in got["params"].items():
             assert_close(value, reference["params"][key], rtol=1e-10, name=f"{name} rank{rank} {key}")
@@ -225,6 +275,13 @@ def check_against_one_process(results: list, name: str, accumulate: int, dp: int
                      name=f"{name} rank{rank} losses")
         stages.setdefault(frozenset(got["params"]), 0)
     assert set().union(*stages) == set(reference["params"]), "the stages together hold the whole model"
+
+
+def test_activation_offload_spans_the_schedule(results):
+    """offload_activations wraps every training step (the schedule's forwards and backwards)."""
+    for rank, result in enumerate(results):
+        assert result["gpipe_reduce_each_checkpointed_offloaded"]["offloaded"] == [True] * STEPS * 2, rank
+        assert not any(result["1f1b_defer_all"]["offloaded"]), rank
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -67,7 +67,7 @@ class PipelineRunner:
         self._dtype = activation_dtype  # FSDP2's compute dtype, else the stage parameters'
         self._shape: Optional[tuple[int, int]] = None
         self.schedule = None
-        self._parameters = [p for _, module in stages for p in module.parameters()]  # the head: last stage's
+        self._parameters = [p for _, module in stages for p in module.parameters()]  # the last has the head
         self._held: list = []
         self._reduce = True  # whether this batch's step reduces FSDP2 gradients (AccumulatingStage)
 

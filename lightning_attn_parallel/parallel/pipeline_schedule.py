@@ -6,10 +6,10 @@ versions the package supports (2.11 to 2.13), in this one module.
 - `eval` (forward only, no backward): used where the schedule has it, else `step` under no_grad.
 - 2.12 lets stage boundaries carry DTensors and 2.13 forwards `loss_kwargs`; stages here send
   plain activations and the loss reads its denominator from its own object, so neither is needed.
-- FSDP2 stages (the stage module is an FSDPModule): every version since 2.10 runs each
+- FSDP2 stages (the stage module is an FSDPModule): each supported version runs every
   micro-batch's backward without gradient sync or resharding and reduces once, after the last
-  micro-batch, in `PipelineStage.perform_reduce_grad`; `AccumulatingStage` lets that reduction
-  wait for the last batch of an accumulation window.
+  micro-batch, in `PipelineStage.perform_reduce_grad` (the schedules' REDUCE_GRAD action, torch
+  2.10+); `AccumulatingStage` lets that reduction wait for the last batch of an accumulation window.
 """
 from __future__ import annotations
 
