@@ -109,14 +109,14 @@ def check_pipeline_plan(plan: "ParallelPlan") -> None:
         raise PlanError(f"ParallelPlan pp={plan.pp} with cp_min_seq_len={plan.cp_min_seq_len}: a pipeline's "
                         "micro-batch shapes are fixed, so the context-parallel degree cannot change per "
                         f"batch; set cp_min_seq_len=0 (every batch split over cp={plan.cp})")
-    unsupported = {"dp_shard": plan.dp_shard > 1,
-                   "compile='model'": plan.compile == "model", "fp8": plan.fp8 != "none",
-                   "offload_activations": plan.offload_activations}
-    refused = [name for name, on in unsupported.items() if on]
-    if plan.pp > 1 and refused:
-        raise PlanError(f"ParallelPlan pp={plan.pp} does not compose with {', '.join(refused)} yet: "
-                        "pipeline stages run with replicated data parallelism and expert parallelism; "
-                        "set pp=1 or drop " + ", ".join(refused))
+    # stages compose with replicated or sharded (FSDP2/HSDP) data parallelism, and replicated
+    # stages with tp, cp and ep; sharded stages that also split blocks are not tested yet
+    splitting = [f"{name}={degree}" for name, degree in (("tp", plan.tp), ("cp", plan.cp), ("ep", plan.ep))
+                 if degree > 1]
+    if plan.pp > 1 and plan.dp_shard > 1 and splitting:
+        raise PlanError(f"ParallelPlan pp={plan.pp} with dp_shard={plan.dp_shard} and {', '.join(splitting)}: "
+                        "pipeline stages are sharded (FSDP2/HSDP) or split by tp, cp and ep, not both yet; "
+                        "set dp_shard=1 or " + " and ".join(f"{d.split('=')[0]}=1" for d in splitting))
 
 
 def check_pipeline_model(plan: "ParallelPlan", model_cfg: Any) -> None:
@@ -125,6 +125,10 @@ def check_pipeline_model(plan: "ParallelPlan", model_cfg: Any) -> None:
     backward (parallel/pipeline_stages.AuxLossBackward)."""
     from .plan import PlanError
 
+    if plan.pp > 1 and plan.dp_shard > 1 and getattr(model_cfg, "n_routed_experts", 0):
+        raise PlanError(f"ParallelPlan pp={plan.pp} with dp_shard={plan.dp_shard} and a mixture-of-experts model: "
+                        "MoE pipeline stages run with replicated data parallelism and ep so far; set "
+                        "dp_shard=1 (and ep to split the experts)")
     stages, layers = num_stages(plan), model_cfg.n_layers
     if stages > layers:
         raise PlanError(f"ParallelPlan pp={plan.pp} x {stages_per_rank(plan)} stage(s) per rank = {stages} "

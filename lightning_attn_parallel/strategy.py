@@ -160,7 +160,8 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
     def training_step(self, *args: Any, **kwargs: Any):
         if self.pipeline is not None:  # the schedule runs forward and backward (parallel/pipeline.py)
             args = self._layout_batch(args, log=True)  # context parallelism: this rank's shard
-            with self.precision_plugin.train_step_context():
+            # the step context (activation offload) spans the schedule's forwards and backwards
+            with self.step_context(), self.precision_plugin.train_step_context():
                 trainer = self.lightning_module.trainer
                 loss = self.pipeline.training_step(args[0], self.gradients,
                                                    zero_grad=args[1] % trainer.accumulate_grad_batches == 0,

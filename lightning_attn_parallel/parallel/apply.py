@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ContextManager, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import nn
@@ -88,15 +88,17 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
                 sub.use_grouped_mm = plan.grouped_gemm
         set_fused_projections(transformer, plan.fuse_projections)
         apply_activation_checkpointing(transformer, plan.activation_checkpointing, plan.ac_every_n)
-        apply_compile(transformer, plan.compile, plan.compile_mode)
+        apply_compile(transformer, plan.compile, [m for _, m in stages] if stages is not None else (),
+                      plan.compile_mode)
     gradients = apply_data_parallel(module, transformer, plan, meshes, precision, cluster, materialize,
-                                    compute_dtype)
+                                    compute_dtype, [m for _, m in stages] if stages is not None else ())
     pipeline = None
     if stages is not None:
         from .pipeline import build_pipeline
 
         pipeline = build_pipeline(module, transformer, stages, plan, meshes, next(module.parameters()).device,
-                                  master_weights=gradients.masters is not None)
+                                  master_weights=gradients.masters is not None,
+                                  activation_dtype=gradients.param_dtype)
     return ParallelizeResult(gradients=gradients, context_parallel=context_parallel,
                              table=layer_table(transformer, plan, meshes, gradients.reducer),
                              step_context=activation_offload(plan.offload_activations,
@@ -136,11 +138,13 @@ def _check_protocol(transformer: Optional[nn.Module], plan: ParallelPlan) -> Non
         plan.check_model(cfg)  # without `model_config`, reaches this point unchecked
 
 
-def apply_compile(transformer: nn.Module, mode: str, tuning: str = "default") -> None:
+def apply_compile(transformer: nn.Module, mode: str, stages: Sequence[nn.Module] = (),
+                  tuning: str = "default") -> None:
     """torch.compile per `mode`: "block" compiles each block on its own (FSDP2 hooks, collectives
     and checkpointing stay between graphs, so it composes with every plan); "model" compiles the
     transformer as one graph, embedding to final norm (the plan allows it on replicated plans
-    only); "none" leaves it eager.
+    only), or under pipeline parallelism each of this rank's `stages` (the modules the schedule
+    calls); "none" leaves it eager.
 
     Either compiled mode also compiles the local loss kernel (the head's logits to the sum of
     token losses): fused, the fp32 upcast and the log-softmax are one reduction instead of a
@@ -152,7 +156,8 @@ def apply_compile(transformer: nn.Module, mode: str, tuning: str = "default") ->
         for block in transformer.blocks:
             block.compile(**options)
     elif mode == "model":
-        transformer.compile(**options)
+        for whole in stages or [transformer]:
+            whole.compile(**options)
     if mode != "none" and type(getattr(transformer, "loss_kernel", None)) is TokenCrossEntropy:
         transformer.loss_kernel.compile()
 

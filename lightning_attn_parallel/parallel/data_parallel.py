@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ class DataParallelGradients:
     fixups: tuple = ()  # FSDP2 gradients to finish once reduced (experts' scale, tp x ep token split)
     synced: bool = True  # False while micro-batches only accumulate
     masters: Optional[MasterWeights] = None  # replicated master weights (parallel/master_weights.py)
+    param_dtype: Optional[torch.dtype] = None  # what FSDP2 computes in (None: the parameters' dtype)
 
     def before_backward(self) -> None:
         if self.reducer is not None:
@@ -80,14 +81,20 @@ class DataParallelGradients:
 def apply_data_parallel(module: nn.Module, transformer: Optional[nn.Module], plan: ParallelPlan,
                         meshes: ParallelMeshes, precision: str, cluster: ClusterSpec,
                         materialize: Callable[[], None],
-                        compute_dtype: Optional[torch.dtype] = None) -> DataParallelGradients:
+                        compute_dtype: Optional[torch.dtype] = None,
+                        stages: Sequence[nn.Module] = ()) -> DataParallelGradients:
     """FSDP2 (sharded plans, or "-mixed" with mixed_precision="cast_params") or the bucketed
     reducer; `materialize` allocates a meta-built model once its parameters have their final
     layout (FSDP2: after sharding, so a rank allocates only its shards).
 
     `compute_dtype` (master weights: the parameters are the masters, computed with in this
     dtype): FSDP2 casts sharded parameters itself; replicated ones get compute copies
-    (MasterWeights) whose gradients reach the reducer's buckets in the masters' dtype."""
+    (MasterWeights) whose gradients reach the reducer's buckets in the masters' dtype.
+
+    `stages` (pipeline parallelism): this rank's stage modules, each made an FSDP2 root over its
+    blocks (the embedding, final norm and head go with the first and last stage's root), since
+    the schedule calls them and never the transformer. They stay gathered after the forward:
+    torch's PipelineStage gathers them once per step and reshards after the step's reduction."""
     if not casts_parameters(plan, precision):
         materialize()
         reducer = _build_reducer(module, transformer, plan, meshes, cluster)
@@ -113,13 +120,14 @@ def apply_data_parallel(module: nn.Module, transformer: Optional[nn.Module], pla
     # Over a shard dimension of one rank (cast_params on replicated parameters) resharding
     # after the forward frees only the bf16 copy, and the backward would cast the fp32
     # masters again: keep the copy (2 bytes a parameter) and cast once a step.
-    apply_fully_sharded(transformer if transformer is not None else module, mesh,
-                        policy.param_dtype, policy.reduce_dtype,
-                        reshard_after_forward=mesh.size(mesh.ndim - 1) > 1)
+    for root in stages or [transformer if transformer is not None else module]:
+        apply_fully_sharded(root, mesh, policy.param_dtype, policy.reduce_dtype,
+                            reshard_after_forward=mesh.size(mesh.ndim - 1) > 1 and not stages)
     if plan.ep > 1 and plan.tp > 1:
         fixups.append(token_split_fixup(transformer, meshes.group("tp")))
     materialize()
-    return DataParallelGradients(module, None, True, plan.accumulation, tuple(fixups))
+    return DataParallelGradients(module, None, True, plan.accumulation, tuple(fixups),
+                                 param_dtype=policy.param_dtype)
 
 
 def sharding_mesh(meshes: ParallelMeshes):

@@ -8,7 +8,10 @@ last stage and shared with every stage for logging and the finite checks. MoE ba
 arise on every stage and join each micro-batch's backward there (pipeline_stages.AuxLossBackward);
 their batch total is shared like the loss (`aux_loss`). Data parallelism is
 reduced once per step: buckets accumulate over the micro-batches and are reduced when the
-strategy's backward hook finishes them.
+strategy's backward hook finishes them. FSDP2/HSDP stages (each stage module a root unit over its
+blocks, parameters kept gathered over the micro-batches) reduce-scatter once per step, after the
+last micro-batch, as torch's PipelineStage drives them; with the "defer_all" accumulation policy,
+only on the last batch of an accumulation window (pipeline_schedule.AccumulatingStage).
 """
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ class PipelineRunner:
     """This rank's stages and the schedule that runs them."""
 
     def __init__(self, stages: list[tuple[int, StageModule]], transformer: nn.Module, plan: ParallelPlan,
-                 meshes: ParallelMeshes, device: torch.device, chunk_tokens: Optional[int] = None) -> None:
+                 meshes: ParallelMeshes, device: torch.device, chunk_tokens: Optional[int] = None,
+                 activation_dtype: Optional[torch.dtype] = None) -> None:
         self.plan = plan
         self.group = meshes.group(PIPELINE_DIM)
         self.microbatches = microbatches(plan)
@@ -65,10 +69,12 @@ class PipelineRunner:
         self._device = device
         self._total = total
         self._width = transformer.config.d_model
+        self._dtype = activation_dtype  # FSDP2's compute dtype, else the stage parameters'
         self._shape: Optional[tuple[int, int]] = None
         self.schedule = None
-        self._parameters = [p for _, module in stages for p in module.parameters()]  # the head too
+        self._parameters = [p for _, module in stages for p in module.parameters()]  # the last has the head
         self._held: list = []
+        self._reduce = True  # whether this batch's step reduces FSDP2 gradients (AccumulatingStage)
         # the latest batch's MoE balance loss summed over the stages (0 for a dense model), on
         # every rank: the one-process step differentiates token loss + balance loss
         self.aux_loss: torch.Tensor = torch.zeros(())
@@ -96,13 +102,14 @@ class PipelineRunner:
             return self.schedule
         stages = []
         for index, module in self._modules:
-            dtype = next(module.parameters()).dtype
+            dtype = self._dtype or next(module.parameters()).dtype
             # activations carry gradients back across the boundary (the static metadata says so)
             hidden = lambda length: torch.empty(shape[0], length, self._width, dtype=dtype,  # noqa: E731
                                                 device="meta", requires_grad=True)
             inputs = torch.empty(shape, dtype=input_ids.dtype, device="meta") if index == 0 else hidden(seq // tp)
             outputs = hidden(seq if index == self._total - 1 else seq // tp)
-            stages.append(build_stage(module, index, self._total, self._device, self.group, inputs, outputs))
+            stages.append(build_stage(module, index, self._total, self._device, self.group, inputs, outputs,
+                                      reduce_now=lambda: self._reduce))
         self.stages, self._shape = stages, shape
         # every rank gets the loss function: torch runs a rank's backward only when it has one
         self.schedule = build_schedule(self.plan.pp_schedule, stages, self.microbatches, self.loss)
@@ -119,6 +126,9 @@ class PipelineRunner:
         if zero_grad:
             for p in self._parameters:
                 p.grad = None
+        # FSDP2 reduces at the end of the schedule unless the window defers every reduction and
+        # this is not its last batch (Lightning's block_backward_sync has turned sync off)
+        self._reduce = gradients is None or gradients.synced or gradients.accumulation != "defer_all"
         if gradients is not None:
             gradients.before_backward()
         with gradients.accumulating() if gradients is not None else nullcontext():
@@ -180,9 +190,11 @@ class PipelineRunner:
 
 def build_pipeline(module: nn.Module, transformer: nn.Module, stages: list[tuple[int, StageModule]],
                    plan: ParallelPlan, meshes: ParallelMeshes, device: torch.device,
-                   master_weights: bool = False) -> PipelineRunner:
+                   master_weights: bool = False, activation_dtype: Optional[torch.dtype] = None) -> PipelineRunner:
     """The runner for the stages `split_into_stages` kept; the loss chunking is the module's
-    (`loss_chunk_tokens` among its hyperparameters, as CausalLMModule has it)."""
+    (`loss_chunk_tokens` among its hyperparameters, as CausalLMModule has it).
+    `activation_dtype`: what the stages compute and send in when FSDP2 casts their parameters
+    (its MixedPrecisionPolicy's param_dtype); None: the parameters' own dtype."""
     if master_weights:
         raise PlanError(f"ParallelPlan pp={plan.pp} does not run master weights yet (their compute copies are "
                         "refreshed outside the schedule): set mixed_precision='autocast' with "
@@ -191,7 +203,8 @@ def build_pipeline(module: nn.Module, transformer: nn.Module, stages: list[tuple
     if hparams.get("fused_loss"):
         raise PlanError(f"ParallelPlan pp={plan.pp} computes the loss with the model's head and loss "
                         "kernel on the last stage: set fused_loss=false")
-    return PipelineRunner(stages, transformer, plan, meshes, device, hparams.get("loss_chunk_tokens"))
+    return PipelineRunner(stages, transformer, plan, meshes, device, hparams.get("loss_chunk_tokens"),
+                          activation_dtype)
 
 
 __all__ = ["PipelineRunner", "TokenSumLoss", "build_pipeline"]

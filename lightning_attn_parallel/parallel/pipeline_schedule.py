@@ -6,6 +6,10 @@ versions the package supports (2.11 to 2.13), in this one module.
 - `eval` (forward only, no backward): used where the schedule has it, else `step` under no_grad.
 - 2.12 lets stage boundaries carry DTensors and 2.13 forwards `loss_kwargs`; stages here send
   plain activations and the loss reads its denominator from its own object, so neither is needed.
+- FSDP2 stages (the stage module is an FSDPModule): each supported version runs every
+  micro-batch's backward without gradient sync or resharding and reduces once, after the last
+  micro-batch, in `PipelineStage.perform_reduce_grad` (the schedules' REDUCE_GRAD action, torch
+  2.10+); `AccumulatingStage` lets that reduction wait for the last batch of an accumulation window.
 """
 from __future__ import annotations
 
@@ -25,13 +29,32 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": S
              "interleaved_zb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble}
 
 
+class AccumulatingStage(PipelineStage):
+    """A PipelineStage whose data-parallel gradient reduction at the end of a schedule step runs
+    only when `reduce_now()` says so. torch reduces an FSDP2 stage's gradients after every step
+    (`perform_reduce_grad`); inside an accumulation window whose policy defers every reduction
+    ("defer_all"), the unsharded gradients instead keep accumulating (FSDP2 holds them while
+    gradient sync is off, as torch's backward left it) and the window's last step reduces them
+    all. torch has no switch for this (an open proposal adds one), hence the override."""
+
+    def __init__(self, *args, reduce_now: Callable[[], bool], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reduce_now = reduce_now
+
+    def perform_reduce_grad(self, grad_scale_factor):
+        # the schedules never scale (scale_grads=False), so skipping drops no scaling either
+        if self.reduce_now():
+            super().perform_reduce_grad(grad_scale_factor)
+
+
 def build_stage(module: nn.Module, index: int, stages: int, device: torch.device, group: ProcessGroup,
-                inputs: torch.Tensor, outputs: torch.Tensor) -> PipelineStage:
+                inputs: torch.Tensor, outputs: torch.Tensor,
+                reduce_now: Callable[[], bool] = lambda: True) -> PipelineStage:
     """A stage with its micro-batch's input and output given (meta tensors): every torch version
     then skips shape inference, whose protocol changed between them (2.13 votes on static or
-    dynamic inference over p2p)."""
-    return PipelineStage(module, index, stages, device, input_args=(inputs,), output_args=(outputs,),
-                         group=group)
+    dynamic inference over p2p). `reduce_now`: see AccumulatingStage."""
+    return AccumulatingStage(module, index, stages, device, input_args=(inputs,), output_args=(outputs,),
+                             group=group, reduce_now=reduce_now)
 
 
 def build_schedule(name: str, stages: list[PipelineStage], microbatches: int,
@@ -61,4 +84,4 @@ def run_schedule(schedule, args: tuple, target: Optional[torch.Tensor], losses: 
         schedule.step(*args, **kwargs)
 
 
-__all__ = ["SCHEDULES", "build_stage", "build_schedule", "run_schedule"]
+__all__ = ["SCHEDULES", "AccumulatingStage", "build_stage", "build_schedule", "run_schedule"]

@@ -64,7 +64,10 @@ class AuxLossBackward(torch.autograd.Function):
 class StageModule(nn.Module):
     """One stage's slice of CausalTransformer.forward: the embedding (first stage), its blocks,
     the final norm (last stage). The LM head and the loss run in the schedule's loss function on
-    the last stage, so the logits are never kept as a stage output.
+    the last stage, so the logits are never kept as a stage output. The head is still registered
+    here (`output`, unused by `forward`): FSDP2 shards it with the last stage's root unit, which
+    keeps it gathered for the loss, and the zero-bubble schedules compute weight gradients for the
+    stage's own parameters only.
 
     `positions` are the RoPE positions of the tokens this rank holds, set per batch by the runner
     (parallel/pipeline.py): 0..S-1, or the global positions of a context-parallel shard. They
@@ -81,9 +84,7 @@ class StageModule(nn.Module):
         self.tok_embeddings = transformer.tok_embeddings if first else None
         self.blocks = nn.ModuleList(blocks)
         self.norm = transformer.norm if last else None
-        # The head runs in the loss, not here, but belongs to the last stage's parameters: the
-        # zero-bubble schedules compute weight gradients for the stage's parameters only.
-        self.head = transformer.output if last else None
+        self.output = transformer.output if last else None  # run by the loss (docstring)
         self.positions: Optional[torch.Tensor] = None
         # the model protocol's MoE blocks (models.protocol.moe_layers): an ffn holding routed experts
         self.moe = [block.ffn for block in blocks if any(is_expert_module(m) for m in block.ffn.modules())]

@@ -4,10 +4,12 @@ pipeline's own costs, next to the best plan without pipelining.
 A stage holds n_layers / pp blocks (the embedding and head counted on every stage: the first and
 last stages hold them, and the planner sizes the worst stage) on world / pp GPUs, laid out as
 the planner lays out a whole model (`select.layouts`) but with what pipelining composes with
-today (parallel/pipeline.py): replicated data parallelism, tensor, context and expert
-parallelism, no FSDP2. An MoE stage is sized as the last one, which holds the fewest dense
-(first_k_dense_replace) blocks; its compute counts the routed experts' active share and its
-all-to-all, as the plan without pipelining does. The global batch is
+today (parallel/pipeline.py): replicated stages with tensor, context and expert parallelism, or
+FSDP2/HSDP stages of a dense model. FSDP2 stages keep their parameters gathered over a step's
+micro-batches: the gathered copy is held all step, the all-gathers run once per step, and
+gradients are reduced once ("defer_all"). An MoE stage is sized as the last one, which holds
+the fewest dense (first_k_dense_replace) blocks; its compute counts the routed experts' active
+share and its all-to-all, as the plan without pipelining does. The global batch is
 unchanged: data parallelism shrinks by pp, so each step runs pp x grad_accum micro-batches
 through the 1F1B schedule. On top of the stage's step:
 - the bubble, (pp - 1) / micro-batches of the compute (pipeline_plan.bubble_fraction);
@@ -24,6 +26,7 @@ from typing import Optional
 
 from ..pipeline_plan import bubble_fraction, in_flight_microbatches
 from ..plan import ParallelPlan, PlanError
+from .memory import compute_precision, local_params, precision_spec
 from .select import Evaluation, Workload, layouts
 
 PP_DEGREES = (2, 4, 8, 16)
@@ -53,10 +56,12 @@ class PipelineOption:
     def describe(self) -> str:
         gib = (self.stage.memory.total + self.extra_activations) / 2**30
         plan = self.stage.plan
+        data = f"FSDP2 over {plan.dp_shard}" if plan.sharded else "replicated"
         inside = "".join(f", {name} {degree}" for name, degree in (("tp", plan.tp), ("cp", plan.cp), ("ep", plan.ep))
                          if degree > 1)
         return (f"pp={self.pp} (1F1B, {self.microbatches} micro-batches, bubble {self.bubble:.0%}, "
-                f"p2p {self.p2p_s * 1e3:.0f} ms{inside}, activation checkpointing {plan.activation_checkpointing}): "
+                f"p2p {self.p2p_s * 1e3:.0f} ms, stages {data}{inside}, activation checkpointing "
+                f"{plan.activation_checkpointing}): "
                 f"{gib:.1f} GiB per GPU, " + (f"{self.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
                                                if self.fits else "does not fit"))
 
@@ -89,17 +94,32 @@ def pipeline_option(work: Workload, pp: int) -> Optional[PipelineOption]:
     stage_cluster = stage_work.cluster
     options = []
     for layout in layouts(stage_work.model_cfg, stage_cluster.world_size, stage_cluster.gpus_per_node, work.seq_len):
-        if layout.dp_shard > 1:  # FSDP2 stages are not composed with pp yet
-            continue
+        if layout.dp_shard > 1 and (max(layout.tp, layout.cp, layout.ep) > 1 or cfg.is_moe):
+            continue  # sharded stages run dense models without tp, cp or ep (pipeline_plan)
         p2p = 2 * micro * (send / (layout.cp * layout.tp) / (gbps * 1e9) + alpha)
         for ac in ("none", "block"):
-            stage = stage_work.evaluate(replace(layout, activation_checkpointing=ac).resolve(stage_cluster.world_size))
+            stage_plan = replace(layout, activation_checkpointing=ac, accumulation="defer_all")
+            stage = stage_work.evaluate(stage_plan.resolve(stage_cluster.world_size))
+            if stage.plan.sharded:
+                stage = _gathered_over_the_step(stage_work, stage)
             options.append(PipelineOption(pp, micro, stage, bubble_fraction(pp, micro), p2p,
                                           (in_flight - 1) * stage.memory.activations))
     fitting = [o for o in options if o.fits]
     if fitting:
         return max(fitting, key=lambda o: o.tokens_per_s_per_gpu)
     return min(options, key=lambda o: o.stage.memory.total + o.extra_activations)
+
+
+def _gathered_over_the_step(stage_work: Workload, stage: Evaluation) -> Evaluation:
+    """An FSDP2 stage as the pipeline runs it: every unit stays gathered from the step's first
+    forward to its reduction (the stage's parameters in the compute dtype, on top of the units in
+    flight the memory model counts), and each is all-gathered once per step, not per micro-batch."""
+    p = compute_precision(precision_spec(stage_work.precision), stage.plan)
+    held = local_params(stage_work.counts, stage.plan).unsharded * p.compute_bytes
+    micro = stage_work.grad_accum
+    timing = replace(stage.timing, fsdp_gather_s=stage.timing.fsdp_gather_s / micro,
+                     fsdp_exposed_s=stage.timing.fsdp_exposed_s / micro)
+    return replace(stage, memory=replace(stage.memory, params=stage.memory.params + held), timing=timing)
 
 
 def pipeline_advice(work: Workload, best: Optional[Evaluation]) -> list[str]:
@@ -110,7 +130,7 @@ def pipeline_advice(work: Workload, best: Optional[Evaluation]) -> list[str]:
         return []
     if not options:
         return []
-    lines = ["Pipeline parallelism (stages with replicated data, tensor, context and expert parallelism, "
+    lines = ["Pipeline parallelism (each degree's best stage: replicated with tp, cp and ep, or FSDP2, "
              "as pp composes today):"]
     lines += [f"  {o.describe()}" for o in options]
     fitting = [o for o in options if o.fits]
@@ -119,18 +139,16 @@ def pipeline_advice(work: Workload, best: Optional[Evaluation]) -> list[str]:
     if best_pp is None:
         lean = min(options, key=lambda o: o.stage.memory.total + o.extra_activations)
         memory = lean.stage.memory
-        lines.append(f"  verdict: no pp degree fits without sharded stages; the plan above stays (at "
-                     f"pp={lean.pp}, the leanest, a GPU keeps its stage's parameters, gradients and "
-                     f"optimizer state unsharded, {memory.static / 2**30:.1f} GiB, and the activations "
-                     f"of the micro-batches in flight, "
-                     f"{(memory.activations + lean.extra_activations) / 2**30:.1f} GiB, against "
-                     f"{memory.capacity / 2**30:.1f} GiB usable).")
+        lines.append(f"  verdict: no pp degree fits; the plan above stays (at pp={lean.pp}, the leanest, a GPU "
+                     f"keeps {memory.static / 2**30:.1f} GiB of its stage's parameters, gradients and "
+                     f"optimizer state and {(memory.activations + lean.extra_activations) / 2**30:.1f} GiB "
+                     f"of activations in flight, against {memory.capacity / 2**30:.1f} GiB usable).")
     elif best_pp.tokens_per_s_per_gpu > base:
         lines.append(f"  verdict: pp={best_pp.pp} is faster than the plan above "
                      f"({best_pp.tokens_per_s_per_gpu:,.0f} vs {base:,.0f} tokens/s per GPU).")
     else:
         lines.append(f"  verdict: the plan above stays ({base:,.0f} tokens/s per GPU against pp={best_pp.pp}'s "
-                     f"{best_pp.tokens_per_s_per_gpu:,.0f}): the bubble and replicated stage state cost more "
+                     f"{best_pp.tokens_per_s_per_gpu:,.0f}): the bubble and the stages' state cost more "
                      "than pipelining saves.")
     return lines
 
