@@ -233,7 +233,7 @@ def test_planner_prices_pipeline_degrees_for_dense_and_moe_models():
     moe = ModelConfig(family="deepseek", vocab_size=1024, d_model=256, n_layers=4, n_heads=4, ffn_dim=512,
                       max_seq_len=512, n_routed_experts=8, moe_top_k=2, moe_ffn_dim=128, n_shared_experts=1)
     text = dry_run(moe, ClusterSpec(num_nodes=1), H100_SXM, micro_batch=1, seq_len=512)
-    assert "stages with replicated data, tensor, context and expert parallelism" in text
+    assert "replicated with tp, cp and ep, or FSDP2" in text
     assert "pp=2" in text and "verdict:" in text
     # DeepSeekMoE 16B on 8 GPUs: replicated over a stage's 4 GPUs, 14 blocks of experts do not
     # fit; split over ep=4 inside the stage they do
