@@ -384,20 +384,20 @@ def test_planner_prices_stages_sharded_and_gathered_over_the_step():
     from dataclasses import replace
 
     from lightning_attn_parallel.hardware import H100_SXM, ClusterSpec
-    from lightning_attn_parallel.planning.pipeline import _stage_workload, pipeline_option
+    from lightning_attn_parallel.planning.pipeline import _gathered_over_the_step, _stage_workload, pipeline_option
     from lightning_attn_parallel.planning.select import make_workload
 
     cfg = ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                       max_seq_len=4096)
     work = make_workload(cfg, ClusterSpec(num_nodes=2), H100_SXM, 1, 4096, "bf16-mixed", grad_accum=2)
-    option = pipeline_option(work, 2)
-    assert option.fits and option.stage.plan.dp_shard == 8 and option.stage.plan.dp_replicate == 1
-    assert "stages FSDP2 over 8" in option.describe()
+    assert pipeline_option(work, 2).fits  # the best stage of the search (it may split blocks over tp)
     stage_work = _stage_workload(work, 2)
-    plain = stage_work.evaluate(option.stage.plan)
-    held = option.stage.memory.params - plain.memory.params
+    plain = stage_work.evaluate(ParallelPlan(dp_shard=8, accumulation="defer_all").resolve(8))
+    stage = _gathered_over_the_step(stage_work, plain)
+    assert stage.fits
+    held = stage.memory.params - plain.memory.params
     # the gathered copy: the stage's 16 of 32 blocks plus embedding and head, 2 bytes a parameter
     assert 2 * 3.5e9 < held < 2 * 5.5e9, held
-    assert option.stage.timing.fsdp_gather_s == pytest.approx(plain.timing.fsdp_gather_s / option.microbatches)
-    replicated = stage_work.evaluate(replace(option.stage.plan, dp_shard=1, dp_replicate=8))
+    assert stage.timing.fsdp_gather_s == pytest.approx(plain.timing.fsdp_gather_s / stage_work.grad_accum)
+    replicated = stage_work.evaluate(replace(plain.plan, dp_shard=1, dp_replicate=8))
     assert not replicated.fits
