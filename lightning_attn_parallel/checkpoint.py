@@ -89,6 +89,7 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
     _check_optimizer_count(path, metadata, len(optimizers))
     extra = read_extra(path)
     optim_states = [get_optimizer_state_dict(model, opt) for opt in optimizers]
+    held = [[list(group["params"]) for group in s["param_groups"]] for s in optim_states]
     # each shared tensor's other names are read apart, to check that the checkpoint agrees
     probes = {name: torch.empty_like(model_state[name]) for names in _shared_names(model, model_state)
               for name in names[1:]}
@@ -100,9 +101,26 @@ def load_distributed(path: PathLike, model: nn.Module, optimizers: Optimizers = 
                               "restore it from a copy or load an earlier checkpoint") from err
     check_shared_tensors(path, model, state["model"])
     set_model_state_dict(model, model_state)  # DCP loaded in place; this also re-ties what is shared
+    if part_of_model:
+        _own_group_names(path, optim_states, held)
     for opt, opt_state in zip(optimizers, optim_states):
         set_optimizer_state_dict(model, opt, opt_state)
     return extra
+
+
+def _own_group_names(path: Path, optim_states: list[dict], held: list[list[list[str]]]) -> None:
+    """A folder keeps one rank's list of each parameter group's names (the lists are not tensors:
+    one writer), so under pipeline parallelism it names one stage's parameters, and
+    `set_optimizer_state_dict`, which finds a rank's groups by those names, finds none on the
+    other stages. A stage's groups are the saved ones in order (the model decides the groups, not
+    the plan): each loaded group gets this stage's names back, its hyper-parameters stay loaded."""
+    for state, groups in zip(optim_states, held):
+        if len(state["param_groups"]) != len(groups):
+            raise CheckpointError(f"checkpoint {path} has {len(state['param_groups'])} optimizer parameter groups "
+                                  f"but this run's optimizer has {len(groups)}: resume with the "
+                                  "configure_optimizers it was saved with")
+        for group, names in zip(state["param_groups"], groups):
+            group["params"] = names
 
 
 def save_lightning_checkpoint(path: PathLike, checkpoint: dict[str, Any], is_rank_zero: bool) -> None:

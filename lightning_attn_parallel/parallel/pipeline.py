@@ -66,6 +66,12 @@ class PipelineRunner:
             ([p for p in transformer.output.parameters()] if self.has_last else [])
         self._held: list = []
 
+    @property
+    def stage_modules(self) -> list[StageModule]:
+        """This rank's stage modules, in stage order (the first one sees every micro-batch's
+        tokens as they enter this rank: the throughput callbacks count them there)."""
+        return [module for _, module in self._modules]
+
     def _schedule_for(self, input_ids: torch.Tensor):
         """The schedule for micro-batches of this shape, built at the first batch: stages are
         given their boundary shapes (the shapes are fixed from then on)."""

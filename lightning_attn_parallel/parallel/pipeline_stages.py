@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.flops import WHOLE_MODEL_MATMUL_PARAMS, active_matmul_params
 from ..models.protocol import is_expert_parameter
 from ..pipeline_plan import balanced_layout, num_stages, stage_blocks, stage_ranks_of
 from ..plan import ParallelPlan
@@ -90,6 +91,8 @@ def split_into_stages(transformer: nn.Module, plan: ParallelPlan, pp_rank: int) 
     StageModule) pairs, in stage order (blocks per stage: `layout_of`)."""
     ranges = stage_blocks(layout_of(transformer, plan))
     last = len(ranges) - 1
+    # MFU counts the whole model's FLOPs per token on every stage (models/flops.py)
+    setattr(transformer, WHOLE_MODEL_MATMUL_PARAMS, active_matmul_params(transformer))
     mine = stage_ranks_of(plan)[pp_rank]
     all_blocks = list(transformer.blocks)
     kept = {i: all_blocks[i] for s in mine for i in ranges[s]}
@@ -104,4 +107,9 @@ def split_into_stages(transformer: nn.Module, plan: ParallelPlan, pp_rank: int) 
     return stages
 
 
-__all__ = ["KeptBlocks", "StageModule", "block_costs", "layout_of", "split_into_stages"]
+def is_pipeline_stage(transformer: nn.Module) -> bool:
+    """Whether `transformer` holds only a pipeline rank's part of the model."""
+    return isinstance(getattr(transformer, "blocks", None), KeptBlocks)
+
+
+__all__ = ["KeptBlocks", "StageModule", "block_costs", "is_pipeline_stage", "layout_of", "split_into_stages"]
