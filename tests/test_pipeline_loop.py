@@ -289,3 +289,63 @@ def test_fine_tune_from_hf_under_pp_reads_only_each_stage(runs):
     for key, value in union(results, "tuned_pp").items():
         assert_close(value, tuned[key], rtol=1e-10, name=f"fine-tuned {key}")
     assert set(results[0]["tuned_pp"]["read"]).isdisjoint(results[1]["tuned_pp"]["read"])
+
+
+# --------------------------------------------------------------------------- torch version branches
+class FakeSchedule:
+    """A schedule whose `step` and `eval` name only the keywords given (the rest would reach the
+    model through **kwargs, as torch's do)."""
+
+    def __init__(self, step_names: tuple, eval_names: tuple | None) -> None:
+        self.calls: list = []
+
+        def make(kind, names):
+            def call(*args, **kwargs):
+                unknown = set(kwargs) - set(names)
+                assert not unknown, f"{kind} got {unknown}"
+                self.calls.append((kind, sorted(kwargs), torch.is_grad_enabled()))
+            return call
+
+        self.step = make("step", step_names)
+        if eval_names is not None:
+            self.eval = make("eval", eval_names)
+
+
+def _signed(names: tuple):
+    """A function whose signature names `names` and takes **kwargs (inspect reads it)."""
+    namespace: dict = {}
+    exec(f"def f(*args, {', '.join(n + '=None' for n in names)}, **kwargs): pass", namespace)
+    return namespace["f"]
+
+
+@pytest.mark.parametrize("step_names, eval_names, train, expected", [
+    (("target", "losses", "return_outputs"), ("target", "losses"), True,
+     ("step", ["losses", "return_outputs", "target"], True)),
+    (("target", "losses"), ("target", "losses"), True, ("step", ["losses", "target"], True)),  # no return_outputs
+    (("target", "losses", "return_outputs"), ("target", "losses"), False, ("eval", ["losses", "target"], True)),
+    (("target", "losses", "return_outputs"), None, False,  # no eval: step without gradients
+     ("step", ["losses", "return_outputs", "target"], False)),
+    (("target", "losses", "return_outputs"), ("target",), False,  # an eval without losses
+     ("step", ["losses", "return_outputs", "target"], False)),
+])
+def test_schedule_calls_follow_what_the_installed_torch_accepts(monkeypatch, step_names, eval_names, train, expected):
+    """The branches of parallel/pipeline_schedule.py ask the signatures, not torch's version."""
+    from lightning_attn_parallel.parallel import pipeline_schedule
+
+    schedule = FakeSchedule(step_names, eval_names)
+    signatures = {schedule.step: _signed(step_names)}
+    if eval_names is not None:
+        signatures[schedule.eval] = _signed(eval_names)
+    real = pipeline_schedule.inspect.signature
+    monkeypatch.setattr(pipeline_schedule.inspect, "signature", lambda fn: real(signatures.get(fn, fn)))
+    pipeline_schedule.run_schedule(schedule, (), None, [], train)
+    assert schedule.calls == [expected]
+
+
+def test_installed_torch_has_what_the_schedules_need():
+    """The installed torch's schedules take what run_schedule and build_schedule pass."""
+    from lightning_attn_parallel.parallel.pipeline_schedule import SCHEDULES, _accepts
+
+    for cls in SCHEDULES.values():
+        assert _accepts(cls.__init__, "scale_grads"), cls
+        assert _accepts(cls.step, "target") and _accepts(cls.step, "losses"), cls
