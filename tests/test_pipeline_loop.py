@@ -16,7 +16,7 @@ from dist_utils import assert_close, run_distributed
 from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_trainer
 
 import lightning_attn_parallel as lap
-from lightning_attn_parallel.callbacks import LoadBalanceCallback, MemoryCallback, RunReport, ThroughputCallback
+from lightning_attn_parallel.callbacks import LoadBalanceCallback, MemoryCallback, ThroughputCallback, default_callbacks
 from lightning_attn_parallel.callbacks import metrics as m
 from lightning_attn_parallel.callbacks.nonfinite import NonFiniteGuard, NonFiniteStep
 from lightning_attn_parallel.models import ModelConfig, build_model
@@ -105,14 +105,15 @@ def read_names(folder: str) -> list:
 
 
 def _worker(rank: int, world: int, root: str) -> dict:
-    callbacks = [ThroughputCallback(1, peak_tflops=1.0), MemoryCallback(1), LoadBalanceCallback(1),
-                 RunReport(f"{root}/run")]
+    callbacks = default_callbacks(log_every_n_steps=1, peak_tflops=1.0, run_dir=f"{root}/run")
     out = {"metrics": fit(PP2, world, 2, callbacks, validate=True, log_every_n_steps=1)}
-    out["metrics"]["history"] = [dict(c.history) for c in callbacks[:3]]
+    out["metrics"]["history"] = [dict(next(c for c in callbacks if isinstance(c, kind)).history)
+                                 for kind in (ThroughputCallback, MemoryCallback, LoadBalanceCallback)]
     out["full"] = fit(PP2, world, FINAL_STEP)
     out["saved"] = fit(PP2, world, SAVE_STEP, save_path=f"{root}/pp2")
     out["resumed"] = fit(PP2, world, FINAL_STEP, ckpt_path=f"{root}/pp2")
     out["as_pp1"] = fit(NO_PP, world, FINAL_STEP, ckpt_path=f"{root}/pp2")
+    out["resumed_to_3"] = fit(PP2, world, SAVE_STEP + 1, ckpt_path=f"{root}/pp2")  # pp=4's reference
     out["tuned_pp"] = read_names(f"{root}/hf")
     out["tuned"] = fit(NO_PP, world, 2, pretrained=f"{root}/hf")
     # last: a run that stops leaves its process group to the next one only if it stopped cleanly
@@ -122,7 +123,8 @@ def _worker(rank: int, world: int, root: str) -> dict:
 
 
 def _pp4_worker(rank: int, world: int, root: str) -> dict:
-    return fit(dict(pp=4, pp_microbatches=4), world, FINAL_STEP, ckpt_path=f"{root}/pp2")
+    torch.set_num_threads(1)
+    return fit(dict(pp=4, pp_microbatches=4), world, SAVE_STEP + 1, ckpt_path=f"{root}/pp2")
 
 
 def save_hf_folder(folder) -> None:
@@ -159,9 +161,10 @@ def union(results: list, key: str) -> dict:
 
 # --------------------------------------------------------------------------- metrics and validation
 def test_throughput_mfu_memory_and_balance_count_the_pipeline_once(runs):
-    """tokens/s x step time is the batch's token count (as without pp, not pp times it); TFLOP/s
-    per GPU x world / tokens/s is the whole model's FLOPs per token; memory and balance figures
-    come from both ranks, each rank's attention FLOPs being its own blocks'."""
+    """The standard callbacks under pp=2: tokens/s x step time is the batch's token count (as
+    without pp, not pp times it); TFLOP/s per GPU x world / tokens/s is the whole model's FLOPs per
+    token; memory and balance figures come from both ranks, each rank's attention FLOPs being its
+    own blocks'; the run report is written."""
     root, results = runs
     whole = build_model(ModelConfig(**TINY))
     flops = whole.flops_per_token(SEQ)
@@ -238,19 +241,20 @@ def test_pp2_checkpoint_continues_under_pp1(runs):
 
 def test_pp2_checkpoint_continues_under_pp4(runs):
     """The pp=2 folder loads under pp=4 (4 ranks, one block each): each rank reads its block, and
-    the next batches equal the uninterrupted pp=2 run."""
+    the next batch's loss equals the uninterrupted pp=2 run's (the weights after it too: the
+    optimizer states came back)."""
     root, results = runs
     pp4 = run_distributed(_pp4_worker, 4, str(root), timeout=300)
-    full = union(results, "full")
+    after, saved = union(results, "resumed_to_3"), union(results, "saved")
     blocks = [sorted({k.split(".")[2] for k in r["params"] if k.startswith("model.blocks.")}) for r in pp4]
     assert blocks == [["0"], ["1"], ["2"], ["3"]], blocks
     for result in pp4:
-        assert_close(torch.tensor(result["losses"]), torch.tensor(results[0]["full"]["losses"][SAVE_STEP:]),
-                     rtol=1e-10, name="losses under pp=4")
+        assert_close(torch.tensor(result["losses"]), torch.tensor(results[0]["full"]["losses"][SAVE_STEP:SAVE_STEP + 1]),
+                     rtol=1e-10, name="loss under pp=4")
         for key, value in result["start_params"].items():
-            assert_close(value, union(results, "saved")[key], rtol=1e-12, name=f"loaded {key}")
+            assert_close(value, saved[key], rtol=1e-12, name=f"loaded {key}")
         for key, value in result["params"].items():
-            assert_close(value, full[key], rtol=1e-10, name=f"pp=4 {key}")
+            assert_close(value, after[key], rtol=1e-10, name=f"pp=4 {key}")
 
 
 # --------------------------------------------------------------------------- Hugging Face folders
