@@ -19,6 +19,8 @@ import lightning_attn_parallel as lap
 from lightning_attn_parallel.callbacks import LoadBalanceCallback, MemoryCallback, ThroughputCallback, default_callbacks
 from lightning_attn_parallel.callbacks import metrics as m
 from lightning_attn_parallel.callbacks.nonfinite import NonFiniteGuard, NonFiniteStep
+from lightning_attn_parallel.checkpoint import export_consolidated
+from lightning_attn_parallel.export import export_model
 from lightning_attn_parallel.models import ModelConfig, build_model
 from lightning_attn_parallel.models.flops import attention_flops_per_token
 
@@ -46,7 +48,7 @@ def make_module(pretrained=None) -> lap.CausalLMModule:
 
 
 def fit(plan: dict, world: int, max_steps: int, callbacks=(), ckpt_path=None, save_path=None,
-        validate: bool = False, rows: int = ROWS, pretrained=None, **trainer_kwargs) -> dict:
+        validate: bool = False, rows: int = ROWS, pretrained=None, export_to=None, **trainer_kwargs) -> dict:
     """The plan's run on data-parallel rank 0's share (every plan here has one data-parallel rank)."""
     module, recorder = make_module(pretrained), LossRecorder(average_over_ranks=True)
     trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=lap.ParallelPlan(**plan)), devices=world,
@@ -56,6 +58,9 @@ def fit(plan: dict, world: int, max_steps: int, callbacks=(), ckpt_path=None, sa
     trainer.fit(module, loader(FixedTokens(), rows), val, ckpt_path=ckpt_path)
     if save_path is not None:
         trainer.save_checkpoint(save_path)
+    if export_to is not None:  # the end-of-run exports of train.py (collective)
+        export_model(module.model, f"{export_to}_hf", "hf", "fp32")
+        export_consolidated(f"{export_to}.pt", module.model)
     return {"losses": recorder.losses, "params": params_of(module), "start_params": recorder.start_params,
             "val": float(trainer.callback_metrics["val/loss"]) if validate else None}
 
@@ -109,7 +114,7 @@ def _worker(rank: int, world: int, root: str) -> dict:
     out = {"metrics": fit(PP2, world, 2, callbacks, validate=True, log_every_n_steps=1)}
     out["metrics"]["history"] = [dict(next(c for c in callbacks if isinstance(c, kind)).history)
                                  for kind in (ThroughputCallback, MemoryCallback, LoadBalanceCallback)]
-    out["full"] = fit(PP2, world, FINAL_STEP)
+    out["full"] = fit(PP2, world, FINAL_STEP, export_to=f"{root}/end")
     out["saved"] = fit(PP2, world, SAVE_STEP, save_path=f"{root}/pp2")
     out["resumed"] = fit(PP2, world, FINAL_STEP, ckpt_path=f"{root}/pp2")
     out["as_pp1"] = fit(NO_PP, world, FINAL_STEP, ckpt_path=f"{root}/pp2")
@@ -260,18 +265,26 @@ def test_pp2_checkpoint_continues_under_pp4(runs):
 # --------------------------------------------------------------------------- Hugging Face folders
 def test_export_from_pp_checkpoint_folder_gives_the_model_logits(runs, tmp_path):
     """The pp=2 folder (each stage wrote its blocks) exports one HF folder that transformers loads
-    with the logits of the whole model the stages held together."""
+    with the logits of the whole model the stages held together; so do the end-of-run exports of
+    a pp=2 run (HF folder and consolidated file), which rank 0 writes with the other stage's
+    tensors sent to it."""
     transformers = pytest.importorskip("transformers")
     from lightning_attn_parallel.export import export
 
     root, results = runs
     export(root / "pp2", tmp_path / "hf", dtype="fp32")
-    model = build_model(ModelConfig(**TINY)).double()
-    model.load_state_dict({k.removeprefix("model."): v for k, v in union(results, "saved").items()})
     tokens = torch.randint(TINY["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(3))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
-    with torch.no_grad():
-        assert_close(hf(tokens).logits.double(), model.logits(tokens), rtol=1e-5, name="exported logits")
+    for folder, key in ((tmp_path / "hf", "saved"), (root / "end_hf", "full")):
+        model = build_model(ModelConfig(**TINY)).double()
+        model.load_state_dict({k.removeprefix("model."): v for k, v in union(results, key).items()})
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+        with torch.no_grad():
+            assert_close(hf(tokens).logits.double(), model.logits(tokens), rtol=1e-5, name=f"{folder} logits")
+    consolidated = torch.load(root / "end.pt", weights_only=True)
+    full = union(results, "full")
+    assert sorted(consolidated) == sorted(k.removeprefix("model.") for k in full)
+    for key, value in full.items():
+        assert_close(consolidated[key.removeprefix("model.")], value, rtol=1e-7, name=f"consolidated {key}")
 
 
 def test_fine_tune_from_hf_under_pp_reads_only_each_stage(runs):

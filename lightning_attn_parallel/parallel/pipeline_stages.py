@@ -11,6 +11,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..models.flops import WHOLE_MODEL_MATMUL_PARAMS, active_matmul_params
@@ -112,4 +113,40 @@ def is_pipeline_stage(transformer: nn.Module) -> bool:
     return isinstance(getattr(transformer, "blocks", None), KeptBlocks)
 
 
-__all__ = ["KeptBlocks", "StageModule", "block_costs", "is_pipeline_stage", "layout_of", "split_into_stages"]
+def holds_stages(model: nn.Module) -> bool:
+    """Whether `model` (a protocol model or a module around one) is a pipeline rank's part."""
+    return any(isinstance(m, KeptBlocks) for m in model.modules())
+
+
+def gather_stages_to_rank0(model: nn.Module, state: dict) -> dict:
+    """Rank 0's full state dict (`state`, its own stages' tensors on its CPU) completed with the
+    other stages' tensors, sent to it one at a time by the lowest rank holding each; the other
+    ranks return `state` unchanged. Collective over the world. By hand: the state-dict API gathers
+    DTensors over their meshes, but a stage's plain tensors exist on other ranks only."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    held = get_model_state_dict(model)
+    mine = {name: (tuple(t.shape), t.dtype) for name, t in held.items()}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    owner: dict[str, int] = {}
+    for r, names in enumerate(everyone):
+        for name in names:
+            owner.setdefault(name, r)
+    me = dist.get_rank()
+    for name in sorted(owner):
+        src = owner[name]
+        if src == 0:
+            continue
+        if me == src:
+            dist.send(held[name].detach().contiguous(), dst=0)
+        elif me == 0:
+            shape, dtype = everyone[src][name]
+            buffer = torch.empty(shape, dtype=dtype, device=next(model.parameters()).device)
+            dist.recv(buffer, src=src)
+            state[name] = buffer.cpu()
+    return state
+
+
+__all__ = ["KeptBlocks", "StageModule", "block_costs", "gather_stages_to_rank0", "holds_stages",
+           "is_pipeline_stage", "layout_of", "split_into_stages"]
