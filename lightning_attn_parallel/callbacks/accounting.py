@@ -37,10 +37,11 @@ def token_sharing_degree(trainer: L.Trainer) -> int:
 
 def held_layer_fraction(model: torch.nn.Module) -> float:
     """The share of the model's layers this rank runs: 1, or a pipeline stage's blocks over
-    all of them."""
-    from ..parallel.pipeline_stages import is_pipeline_stage
-
-    return len(model.blocks) / model.config.n_layers if is_pipeline_stage(model) else 1.0
+    all of them (a stage keeps only its own blocks)."""
+    blocks, config = getattr(model, "blocks", None), getattr(model, "config", None)
+    if blocks is None or not getattr(config, "n_layers", 0):
+        return 1.0
+    return len(blocks) / config.n_layers
 
 
 def gradient_reducer(trainer: L.Trainer) -> Any:
