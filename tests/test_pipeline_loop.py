@@ -82,12 +82,13 @@ class Inject(L.Callback):
             next(p for p in pl_module.parameters() if p.grad is not None).grad[0] = float("nan")
 
 
-def nonfinite(where: str, rank: int, world: int) -> str:
+def nonfinite(where: str, rank: int, world: int, skip: int = 0):
+    guard = NonFiniteGuard(skip_nonfinite=skip)
     try:
-        fit(PP2, world, 3, callbacks=[NonFiniteGuard(), Inject(where, rank)], log_every_n_steps=1)
+        result = fit(PP2, world, 3, callbacks=[guard, Inject(where, rank)], log_every_n_steps=1)
     except NonFiniteStep as error:
         return str(error)
-    return "no error"
+    return {"skipped": guard.skipped, "finite": all(bool(torch.isfinite(p).all()) for p in result["params"].values())}
 
 
 def read_names(folder: str) -> list:
@@ -124,6 +125,7 @@ def _worker(rank: int, world: int, root: str) -> dict:
     # last: a run that stops leaves its process group to the next one only if it stopped cleanly
     out["nan_weight"] = nonfinite("weight", 0, world)
     out["nan_grad"] = nonfinite("grad", 1, world)
+    out["nan_grad_skipped"] = nonfinite("grad", 1, world, skip=1)
     return out
 
 
@@ -212,11 +214,14 @@ def test_validation_under_pp_equals_one_process(runs):
 def test_nan_on_one_stage_is_named_on_every_rank(runs):
     """A NaN weight in stage 0 makes the loss NaN on the last stage, which shares it: every rank
     stops at step 2 naming the loss on both ranks. A NaN gradient on stage 1 alone (the loss is
-    finite) stops both ranks naming the gradient norm on rank 1 only."""
+    finite) stops both ranks naming the gradient norm on rank 1 only, or, under skip_nonfinite=1,
+    is skipped by both (the weights stay finite)."""
     _, results = runs
     for result in results:
         assert result["nan_weight"].startswith("step 2 is not finite: loss on ranks 0, 1"), result["nan_weight"]
         assert result["nan_grad"].startswith("step 2 is not finite: gradient norm on rank 1;"), result["nan_grad"]
+        # skip_nonfinite=1: both stages drop step 2's gradients (the other stage's are finite)
+        assert result["nan_grad_skipped"] == {"skipped": [2], "finite": True}, result["nan_grad_skipped"]
 
 
 # --------------------------------------------------------------------------- checkpoints
