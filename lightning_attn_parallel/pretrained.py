@@ -21,6 +21,7 @@ from .models.config import ModelConfig
 from .models.hf import Checkpoint, Index, PathLike, determined_fields, load_into
 from .models.materialize import materialize
 from .models.protocol import find_transformer
+from .parallel.pipeline_stages import is_pipeline_stage
 from .parallel.state_dict import state_dict_name
 
 
@@ -101,7 +102,8 @@ def load_pretrained(model: nn.Module, path: PathLike) -> Checkpoint:
     ckpt = Checkpoint(path)
     cfg = model.config  # every tensor's shape is checked against config.json's on the way
     tensors = {state_dict_name(name): tensor for name, tensor in model.state_dict(keep_vars=True).items()}
-    load_into(ckpt, tensors, cfg, _local_index, _local_of)
+    # a pipeline stage holds (and reads) its own blocks only
+    load_into(ckpt, tensors, cfg, _local_index, _local_of, held_only=is_pipeline_stage(model))
     return ckpt
 
 

@@ -28,6 +28,22 @@ def tensor_parallel_degree(trainer: L.Trainer) -> int:
     return int(getattr(plan, "tp", 1) or 1)
 
 
+def token_sharing_degree(trainer: L.Trainer) -> int:
+    """Ranks that process the same tokens: a tensor-parallel group, times the pipeline's stages
+    (every stage runs every token of its data-parallel rank's batch)."""
+    plan = getattr(trainer.strategy, "plan", None)
+    return tensor_parallel_degree(trainer) * int(getattr(plan, "pp", 1) or 1)
+
+
+def held_layer_fraction(model: torch.nn.Module) -> float:
+    """The share of the model's layers this rank runs: 1, or a pipeline stage's blocks over
+    all of them (a stage keeps only its own blocks)."""
+    blocks, config = getattr(model, "blocks", None), getattr(model, "config", None)
+    if blocks is None or not getattr(config, "n_layers", 0):
+        return 1.0
+    return len(blocks) / config.n_layers
+
+
 def gradient_reducer(trainer: L.Trainer) -> Any:
     """The strategy's gradient reducer (with comm_stats()), or None under other strategies."""
     return getattr(trainer.strategy, "gradient_reducer", None)
@@ -40,6 +56,10 @@ class ConsumedTokens:
     split it (context parallelism shards sequences, or the batch, inside its training_step). The
     model's own input is this rank's share whatever the strategy does. Forward passes in eval
     mode (validation) are not counted.
+
+    Under pipeline parallelism the schedule runs the rank's stage modules, never the model's
+    forward: the tokens are counted at the rank's first stage instead, once per micro-batch on
+    every stage (its input is token ids on the first stage, activations (B, S, D) on the others).
     """
 
     def __init__(self) -> None:
@@ -54,7 +74,16 @@ class ConsumedTokens:
                 tokens = args[0] if args else kwargs["tokens"]
                 self._pending.append((tokens.numel(), global_seq_len(trainer, tokens)))
 
-        self._handle = pl_module.model.register_forward_pre_hook(count, with_kwargs=True)
+        def count_stage(module: torch.nn.Module, args: tuple) -> None:
+            if pl_module.training:  # a stage module's own flag does not follow the LightningModule's
+                rows, seq = args[0].shape[:2]
+                self._pending.append((rows * seq, seq))
+
+        pipeline = getattr(trainer.strategy, "pipeline", None)
+        if pipeline is not None:
+            self._handle = pipeline.stage_modules[0].register_forward_pre_hook(count_stage)
+        else:
+            self._handle = pl_module.model.register_forward_pre_hook(count, with_kwargs=True)
 
     def detach(self) -> None:
         if self._handle is not None:

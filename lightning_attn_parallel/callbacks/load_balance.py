@@ -12,8 +12,9 @@ the reducer, so under those plans tokens and attention FLOPs are the sharper sig
 
 Attention FLOPs per rank use the model's attention term at the full sequence length times the
 rank's tokens, divided by tp (tensor parallelism splits the heads), so ranks that drew longer
-sequences show up as FLOP imbalance even when step times are equal. Like the model's count, it
-ignores the causal mask.
+sequences show up as FLOP imbalance even when step times are equal. Under pipeline parallelism a
+rank counts the attention of the blocks it holds, so uneven stages show up too. Like the model's
+count, it ignores the causal mask.
 
 For MoE models, `models.deepseek.moe_load_stats(model)` gives the per-layer expert load; the
 maximum over ranks of each figure is logged under balance/moe/. Under pipeline parallelism a
@@ -30,7 +31,7 @@ import lightning as L
 from torch import nn
 
 from . import metrics as m
-from .accounting import gradient_reducer, tensor_parallel_degree
+from .accounting import gradient_reducer, held_layer_fraction, tensor_parallel_degree
 from .base import TokenCountingMetrics
 from .distributed import gather_rows
 from ..models.flops import attention_flops_per_token
@@ -89,11 +90,11 @@ class LoadBalanceCallback(TokenCountingMetrics):
         self._exposed_s = 0.0
 
     def micro_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tp = tensor_parallel_degree(trainer)
+        share = held_layer_fraction(pl_module.model) / tensor_parallel_degree(trainer)
         for tokens, seq_len in self._consumed.take():
             self._tokens += tokens
             self._attention_flops += tokens * attention_flops_per_token(pl_module.model.config,
-                                                                        seq_len) / tp
+                                                                        seq_len) * share
 
     def optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reducer = gradient_reducer(trainer)

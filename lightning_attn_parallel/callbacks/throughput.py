@@ -1,16 +1,19 @@
 """Tokens per second, TFLOP/s per GPU, MFU and step time.
 
 Global throughput counts each token once. Ranks of a tensor-parallel group process the same
-tokens (each computes a slice of every matmul), while context-parallel and data-parallel ranks
-process distinct tokens. So the global token count of a window is the sum over ranks of local
-tokens divided by tp. Lightning's ThroughputMonitor instead multiplies one rank's rate by the
+tokens (each computes a slice of every matmul), and so do the stages of a pipeline (each runs its
+blocks on every token of the batch), while context-parallel and data-parallel ranks process
+distinct tokens. So the global token count of a window is the sum over ranks of local tokens
+divided by tp x pp. Lightning's ThroughputMonitor instead multiplies one rank's rate by the
 world size, which counts every token tp times under tensor parallelism.
 
 Tokens are counted at the model's input (see accounting.ConsumedTokens), after any splitting
 the strategy does. FLOPs follow the model's own count at the full sequence length (attention
 cost grows with the whole sequence even when context parallelism gives a rank only part of
 it), and per-GPU figures divide the global work by the world size, so
-MFU = FLOPs/token x tokens/s per GPU / peak.
+MFU = FLOPs/token x tokens/s per GPU / peak. Under pipeline parallelism FLOPs per token are the
+whole model's (models/flops.py), although a rank holds only its stages: the whole model's work on
+the pipeline's tokens, over world size x peak.
 """
 from __future__ import annotations
 
@@ -20,14 +23,15 @@ import lightning as L
 
 from ..hardware import device_peak_tflops
 from . import metrics as m
-from .accounting import FlopsPerToken, tensor_parallel_degree
+from .accounting import FlopsPerToken, token_sharing_degree
 from .base import TokenCountingMetrics
 from .distributed import gather_rows
 
 
 def throughput_metrics(rows: Sequence[Sequence[float]], tp: int, steps: int,
                        peak_tflops: Optional[float]) -> dict[str, float]:
-    """Window metrics from every rank's (local tokens, local FLOPs, elapsed seconds).
+    """Window metrics from every rank's (local tokens, local FLOPs, elapsed seconds); `tp`: the
+    ranks that process the same tokens (accounting.token_sharing_degree).
 
     The slowest rank's elapsed time is the window's wall time: the step is done when all are.
     """
@@ -81,7 +85,7 @@ class ThroughputCallback(TokenCountingMetrics):
     def window_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule,
                        steps: int) -> dict[str, float]:
         rows = gather_rows([self._tokens, self._flops, self.timer.elapsed_s()])
-        return throughput_metrics(rows, tensor_parallel_degree(trainer), steps, self._peak)
+        return throughput_metrics(rows, token_sharing_degree(trainer), steps, self._peak)
 
     def after_emit(self, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
         if m.TOKENS_PER_S in metrics:

@@ -39,6 +39,16 @@ def attention_flops_per_token(cfg, seq_len: int) -> float:
     return 6.0 * cfg.n_layers * cfg.n_heads * seq_len * (qk + v)
 
 
+# A pipeline stage's model holds only its own blocks; the whole model's matmul parameters are
+# recorded on it under this name before the other stages' blocks are dropped
+# (parallel/pipeline_stages.py), so FLOPs per token stay the whole model's.
+WHOLE_MODEL_MATMUL_PARAMS = "whole_model_matmul_params"
+
+
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
-    return 6.0 * active_matmul_params(model) + attention_flops_per_token(model.config, seq_len)
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`, of the whole
+    model (also on a pipeline stage, which holds only part of it)."""
+    matmul = getattr(model, WHOLE_MODEL_MATMUL_PARAMS, None)
+    if matmul is None:
+        matmul = active_matmul_params(model)
+    return 6.0 * matmul + attention_flops_per_token(model.config, seq_len)

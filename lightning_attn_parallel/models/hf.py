@@ -502,11 +502,15 @@ def from_pretrained(path: PathLike, dtype: torch.dtype = torch.float32,
 
 def load_into(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], cfg: ModelConfig,
               local_index: Callable[[str, torch.Tensor], Optional[Index]] = lambda n, t: _full_index(t.shape),
-              local_of: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+              local_of: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+              held_only: bool = False) -> None:
     """Copy every tensor of a model (`tensors`: state-dict name -> tensor with its global shape)
     from `ckpt`, reading only `local_index(name, tensor)` of each (None: this process holds none
-    of it) into `local_of(tensor)`, its local storage (a DTensor's shard; plain tensors: itself)."""
+    of it) into `local_of(tensor)`, its local storage (a DTensor's shard; plain tensors: itself).
+    `held_only`: `tensors` are a pipeline stage's, the folder's other tensors are not read."""
     specs = ckpt.specs(cfg)
+    if held_only:
+        specs = {name: spec for name, spec in specs.items() if name in tensors}
     # V2 (softmax) routing has no selection bias: the project's stays zero.
     unknown = sorted(n for n in set(tensors) - set(specs) if not n.endswith("router.expert_bias"))
     if unknown:

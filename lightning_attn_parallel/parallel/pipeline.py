@@ -79,6 +79,12 @@ class PipelineRunner:
         # every rank: the one-process step differentiates token loss + balance loss
         self.aux_loss: torch.Tensor = torch.zeros(())
 
+    @property
+    def stage_modules(self) -> list[StageModule]:
+        """This rank's stage modules, in stage order (the first one sees every micro-batch's
+        tokens as they enter this rank: the throughput callbacks count them there)."""
+        return [module for _, module in self._modules]
+
     def _schedule_for(self, input_ids: torch.Tensor):
         """The schedule for micro-batches of this shape (this rank's share of the sequence under
         context parallelism), built at the first batch: stages are given their boundary shapes

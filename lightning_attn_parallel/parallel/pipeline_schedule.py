@@ -3,13 +3,18 @@ versions the package supports (2.11 to 2.13), in this one module.
 
 - `return_outputs` (2.9+ `step`): False, so the last stage keeps no copy of every micro-batch's
   output (the loss is all a training step needs); older versions always keep them.
-- `eval` (forward only, no backward): used where the schedule has it, else `step` under no_grad.
+- `eval` (forward only, no backward): used where the schedule has it (taking `target` and
+  `losses`), else `step` under no_grad.
 - 2.12 lets stage boundaries carry DTensors and 2.13 forwards `loss_kwargs`; stages here send
   plain activations and the loss reads its denominator from its own object, so neither is needed.
 - FSDP2 stages (the stage module is an FSDPModule): each supported version runs every
   micro-batch's backward without gradient sync or resharding and reduces once, after the last
   micro-batch, in `PipelineStage.perform_reduce_grad` (the schedules' REDUCE_GRAD action, torch
   2.10+); `AccumulatingStage` lets that reduction wait for the last batch of an accumulation window.
+
+Every branch asks the installed torch what it has (a parameter in a signature, a method), never
+its version string: `step` and `eval` take `**kwargs` for the model, so a keyword they do not
+name would reach the model instead of failing.
 """
 from __future__ import annotations
 
@@ -62,8 +67,18 @@ def build_schedule(name: str, stages: list[PipelineStage], microbatches: int,
     """The schedule `name` over this rank's stages. Gradients are not scaled by the micro-batch
     count (`scale_grads=False`): the loss is already divided by the batch's token count."""
     cls = SCHEDULES[name]
+    if not _accepts(cls.__init__, "scale_grads"):
+        from ..errors import UserError
+
+        raise UserError(f"this torch's {cls.__name__} has no scale_grads argument (torch 2.11 or newer "
+                        "has): install torch>=2.11 for pipeline parallelism")
     target = stages if name in MULTI_STAGE_SCHEDULES else stages[0]
     return cls(target, microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    """Whether `fn` names the keyword `name` (not just `**kwargs`)."""
+    return name in inspect.signature(fn).parameters
 
 
 def run_schedule(schedule, args: tuple, target: Optional[torch.Tensor], losses: list,
@@ -71,16 +86,12 @@ def run_schedule(schedule, args: tuple, target: Optional[torch.Tensor], losses: 
     """One batch through the schedule: forward and backward of every micro-batch (`train`), or
     the forward only."""
     kwargs = {"target": target, "losses": losses}
-    if "return_outputs" in inspect.signature(schedule.step).parameters:
-        kwargs["return_outputs"] = False
-    if train:
-        schedule.step(*args, **kwargs)
-        return
-    if hasattr(schedule, "eval"):
-        kwargs.pop("return_outputs", None)
+    if not train and hasattr(schedule, "eval") and all(_accepts(schedule.eval, k) for k in kwargs):
         schedule.eval(*args, **kwargs)
         return
-    with torch.no_grad() if not torch.is_inference_mode_enabled() else nullcontext():
+    if _accepts(schedule.step, "return_outputs"):
+        kwargs["return_outputs"] = False
+    with nullcontext() if train or torch.is_inference_mode_enabled() else torch.no_grad():
         schedule.step(*args, **kwargs)
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch import nn
 
+from ..models.flops import WHOLE_MODEL_MATMUL_PARAMS, active_matmul_params
 from ..models.protocol import is_expert_module, is_expert_parameter
 from ..pipeline_plan import balanced_layout, num_stages, stage_blocks, stage_ranks_of
 from ..plan import ParallelPlan
@@ -141,6 +144,8 @@ def split_into_stages(transformer: nn.Module, plan: ParallelPlan, pp_rank: int) 
     StageModule) pairs, in stage order (blocks per stage: `layout_of`)."""
     ranges = stage_blocks(layout_of(transformer, plan))
     last = len(ranges) - 1
+    # MFU counts the whole model's FLOPs per token on every stage (models/flops.py)
+    setattr(transformer, WHOLE_MODEL_MATMUL_PARAMS, active_matmul_params(transformer))
     mine = stage_ranks_of(plan)[pp_rank]
     all_blocks = list(transformer.blocks)
     kept = {i: all_blocks[i] for s in mine for i in ranges[s]}
@@ -155,4 +160,49 @@ def split_into_stages(transformer: nn.Module, plan: ParallelPlan, pp_rank: int) 
     return stages
 
 
-__all__ = ["AuxLossBackward", "KeptBlocks", "StageModule", "block_costs", "layout_of", "split_into_stages"]
+def is_pipeline_stage(transformer: nn.Module) -> bool:
+    """Whether `transformer` holds only a pipeline rank's part of the model."""
+    return isinstance(getattr(transformer, "blocks", None), KeptBlocks)
+
+
+def holds_stages(model: nn.Module) -> bool:
+    """Whether `model` (a protocol model or a module around one) is a pipeline rank's part."""
+    return any(isinstance(m, KeptBlocks) for m in model.modules())
+
+
+def gather_stages_to_rank0(model: nn.Module, state: dict) -> dict:
+    """Rank 0's full state dict (`state`, its own stages' tensors on its CPU) completed with the
+    other stages' tensors, sent to it one at a time by the lowest rank holding each; the other
+    ranks return `state` unchanged. Collective over the world; a stage's sharded (DTensor) tensors
+    are gathered over their mesh first. By hand: the state-dict API gathers DTensors over their
+    meshes, but a stage's tensors exist on other ranks only."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    held = get_model_state_dict(model)
+    mine = {name: (tuple(t.shape), t.dtype) for name, t in held.items()}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    owner: dict[str, int] = {}
+    for r, names in enumerate(everyone):
+        for name in names:
+            owner.setdefault(name, r)
+    me = dist.get_rank()
+    for name in sorted(owner):
+        src = owner[name]
+        if src == 0:
+            continue
+        tensor = held.get(name)
+        if isinstance(tensor, DTensor):  # every rank holding a shard joins, in the same order
+            tensor = tensor.full_tensor()
+        if me == src:
+            dist.send(tensor.detach().contiguous(), dst=0)
+        elif me == 0:
+            shape, dtype = everyone[src][name]
+            buffer = torch.empty(shape, dtype=dtype, device=next(model.parameters()).device)
+            dist.recv(buffer, src=src)
+            state[name] = buffer.cpu()
+    return state
+
+
+__all__ = ["AuxLossBackward", "KeptBlocks", "StageModule", "block_costs", "gather_stages_to_rank0", "holds_stages",
+           "is_pipeline_stage", "layout_of", "split_into_stages"]
