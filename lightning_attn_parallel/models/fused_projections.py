@@ -19,13 +19,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 
 def fusable(linears: Sequence[nn.Module]) -> bool:
     """Whether `linears` can run as one GEMM without changing what any of them computes."""
     for layer in linears:
-        if type(layer) is not nn.Linear or layer.bias is not None or isinstance(layer.weight, DTensor):
+        # a plain tensor's data (a DTensor's is a DTensor: its layout is tensor parallelism's)
+        if type(layer) is not nn.Linear or layer.bias is not None or type(layer.weight.data) is not torch.Tensor:
             return False
         if layer._forward_hooks or layer._forward_pre_hooks:
             return False
