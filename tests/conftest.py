@@ -9,6 +9,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def float32_after_each_test():
+    """Tests that train in fp64 switch torch's default dtype; every test after them starts from
+    torch's own."""
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matmuls: threads only add contention on a busy 2-core machine."""

@@ -119,3 +119,17 @@ class PackedDocumentWindows(FixedTokens):
         labels[torch.tensor(lengths).cumsum(0) - 1] = -100
         return {**item, "labels": labels, "document_ids": ids,
                 "positions": torch.cat([torch.arange(n) for n in lengths])}
+
+
+def fp64_causal_lm(model: dict, total_steps: int) -> "L.LightningModule":
+    """The project's CausalLMModule of `model` (ModelConfig fields) built in fp64 from seed 0
+    (AdamW lr 1e-2, one warm-up step): the reference and the parallel runs of a parity test build
+    the same one. Switches torch's default dtype (conftest switches it back after each test)."""
+    import lightning_attn_parallel as lap
+    from lightning_attn_parallel.models import ModelConfig
+
+    L.seed_everything(0, verbose=False)
+    torch.set_default_dtype(torch.float64)
+    module = lap.CausalLMModule(ModelConfig(**model), lr=1e-2, warmup_steps=1, total_steps=total_steps)
+    module.configure_model()
+    return module

@@ -10,13 +10,12 @@ with one process (relative error below 1e-10 in fp64).
 """
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
 
 from dist_utils import assert_close, free_port, run_distributed
-from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_trainer
+from lightning_utils import fp64_causal_lm, FixedTokens, LossRecorder, loader, params_of, quiet_trainer
 
 import lightning_attn_parallel as lap
 from lightning_attn_parallel.models import ModelConfig, build_model
@@ -42,19 +41,9 @@ SAVE_PLAN, LOAD_PLAN = dict(pp=2, pp_microbatches=2), dict(tp=2)
 STEPS_PER_EPOCH, SAVE_STEP, FINAL_STEP = 2, 2, 4
 
 
-@pytest.fixture(autouse=True)
-def float32_after_each_test():
-    """make_module switches the default dtype to fp64; the tests after these keep torch's own."""
-    yield
-    torch.set_default_dtype(torch.float32)
-
 
 def make_module() -> lap.CausalLMModule:
-    L.seed_everything(0, verbose=False)
-    torch.set_default_dtype(torch.float64)
-    module = lap.CausalLMModule(ModelConfig(**TINY_LLAMA), lr=1e-2, warmup_steps=1, total_steps=FINAL_STEP)
-    module.configure_model()
-    return module
+    return fp64_causal_lm(TINY_LLAMA, FINAL_STEP)
 
 
 def fit(plan_kwargs: dict, world: int, rank: int, max_steps: int, accumulate: int = 1, ckpt_path=None,

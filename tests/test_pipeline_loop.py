@@ -31,11 +31,6 @@ NO_PP = dict(tp=2)  # the same 2 ranks and global batch, without a pipeline
 PER_EPOCH, SAVE_STEP, FINAL_STEP = 2, 2, 4
 
 
-@pytest.fixture(autouse=True)
-def float32_after_each_test():
-    yield
-    torch.set_default_dtype(torch.float32)
-
 
 def make_module(pretrained=None) -> lap.CausalLMModule:
     L.seed_everything(0, verbose=False)

@@ -50,11 +50,6 @@ SAVE_PLAN, LOAD_PLAN = dict(pp=2, ep=2, pp_microbatches=2), dict(ep=2)
 STEPS_PER_EPOCH, SAVE_STEP, FINAL_STEP = 2, 2, 4
 
 
-@pytest.fixture(autouse=True)
-def float32_after_each_test():
-    yield
-    torch.set_default_dtype(torch.float32)
-
 
 class LoggedLoss(L.Callback):
     """The logged `train/loss` of every batch, averaged over the ranks."""

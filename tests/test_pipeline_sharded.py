@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from dist_utils import assert_close, free_port, run_distributed
-from lightning_utils import FixedTokens, LossRecorder, loader, quiet_trainer
+from lightning_utils import fp64_causal_lm, FixedTokens, LossRecorder, loader, quiet_trainer
 
 import lightning_attn_parallel as lap
 from lightning_attn_parallel.models import ModelConfig
@@ -55,19 +55,9 @@ HSDP_WORLD = 8
 HSDP = (dict(pp=2, dp_replicate=2, dp_shard=2, pp_microbatches=2, accumulation="defer_all"), 2)
 
 
-@pytest.fixture(autouse=True)
-def float32_after_each_test():
-    """make_module switches the default dtype to fp64; the tests after these keep torch's own."""
-    yield
-    torch.set_default_dtype(torch.float32)
-
 
 def make_module() -> lap.CausalLMModule:
-    L.seed_everything(0, verbose=False)
-    torch.set_default_dtype(torch.float64)
-    module = lap.CausalLMModule(ModelConfig(**TINY_LLAMA), lr=1e-2, warmup_steps=1, total_steps=FINAL_STEP)
-    module.configure_model()
-    return module
+    return fp64_causal_lm(TINY_LLAMA, FINAL_STEP)
 
 
 def full_parameters(module) -> dict[str, torch.Tensor]:

@@ -17,10 +17,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from dist_utils import assert_close, run_distributed
-from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_trainer
+from lightning_utils import fp64_causal_lm, FixedTokens, LossRecorder, loader, params_of, quiet_trainer
 
 import lightning_attn_parallel as lap
-from lightning_attn_parallel.models import ModelConfig
 from lightning_attn_parallel.plan import ParallelPlan, PlanError
 
 TINY_LLAMA = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64,
@@ -39,19 +38,9 @@ SAVE_PLAN, LOAD_PLAN = dict(pp=4, pp_microbatches=4), dict(pp=2, tp=2, pp_microb
 STEPS_PER_EPOCH, SAVE_STEP, FINAL_STEP = 2, 2, 3  # saved at an epoch boundary
 
 
-@pytest.fixture(autouse=True)
-def float32_after_each_test():
-    """make_module switches the default dtype to fp64; the tests after these keep torch's own."""
-    yield
-    torch.set_default_dtype(torch.float32)
-
 
 def make_module() -> lap.CausalLMModule:
-    L.seed_everything(0, verbose=False)
-    torch.set_default_dtype(torch.float64)
-    module = lap.CausalLMModule(ModelConfig(**TINY_LLAMA), lr=1e-2, warmup_steps=1, total_steps=FINAL_STEP)
-    module.configure_model()
-    return module
+    return fp64_causal_lm(TINY_LLAMA, FINAL_STEP)
 
 
 class FirstGradients(L.Callback):

@@ -24,11 +24,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def float32_after_each_test():
-    yield
-    torch.set_default_dtype(torch.float32)
-
 
 def _worker(rank: int, world: int) -> dict:
     return {name: fit(plan, world, rank, STEPS) for name, plan in CASES.items()}
