@@ -67,12 +67,25 @@ def in_flight_microbatches(plan: "ParallelPlan") -> float:
     return min(micro * v, (v - 1) * plan.pp + 2 * (plan.pp - 1) + 1) / v
 
 
+def fsdp_stages(plan: "ParallelPlan") -> str:
+    """Why the stages are FSDP2 units ("" when they are not): sharded data parallelism, or
+    FSDP2's per-forward cast of replicated parameters (parallel/data_parallel.py)."""
+    if plan.dp_shard > 1:
+        return f"dp_shard={plan.dp_shard}"
+    return "mixed_precision='cast_params'" if plan.mixed_precision == "cast_params" else ""
+
+
 def check_pipeline_plan(plan: "ParallelPlan") -> None:
     """The schedule against its stages and micro-batches, and the compositions that run today
     (tensor and context parallelism inside each stage; context parallelism at a fixed degree)."""
     from .plan import PlanError
 
     schedule = plan.pp_schedule
+    if schedule in ZERO_BUBBLE_SCHEDULES and plan.activation_checkpointing == "selective":
+        raise PlanError(f"ParallelPlan pp_schedule={schedule!r} does not run with activation_checkpointing="
+                        "'selective': its split input/weight backward runs the stage's graph in two halves, "
+                        "which op-level selective recomputation does not support; use 'block' or 'attention', "
+                        "or pp_schedule='interleaved_1f1b'")
     if schedule in ZERO_BUBBLE_SCHEDULES and plan.compile != "none":
         raise PlanError(f"ParallelPlan pp_schedule={schedule!r} does not run with compile={plan.compile!r}: "
                         "its split input/weight backward runs the stage's autograd graph in two "
@@ -99,7 +112,7 @@ def check_pipeline_plan(plan: "ParallelPlan") -> None:
                         f"with pp={plan.pp}: use a multiple of {plan.pp}")
     if schedule == "zbv" and micro < plan.pp:
         raise PlanError(f"ParallelPlan pp_microbatches={micro} is too few for pp_schedule='zbv' with "
-                        f"pp={plan.pp}: use at least {plan.pp} (2 x pp - 1 fill the V)")
+                        f"pp={plan.pp}: use at least {plan.pp}; 2 x pp - 1 or more fill the V (fewer leave bubbles)")
     layout = plan.pp_layers_per_stage
     if layout is not None and (len(layout) != num_stages(plan) or any(int(n) < 1 for n in layout)):
         raise PlanError(f"ParallelPlan pp_layers_per_stage={list(layout)} must give {num_stages(plan)} "
@@ -113,10 +126,11 @@ def check_pipeline_plan(plan: "ParallelPlan") -> None:
     # stages with tp, cp and ep; sharded stages that also split blocks are not tested yet
     splitting = [f"{name}={degree}" for name, degree in (("tp", plan.tp), ("cp", plan.cp), ("ep", plan.ep))
                  if degree > 1]
-    if plan.pp > 1 and plan.dp_shard > 1 and splitting:
-        raise PlanError(f"ParallelPlan pp={plan.pp} with dp_shard={plan.dp_shard} and {', '.join(splitting)}: "
-                        "pipeline stages are sharded (FSDP2/HSDP) or split by tp, cp and ep, not both yet; "
-                        "set dp_shard=1 or " + " and ".join(f"{d.split('=')[0]}=1" for d in splitting))
+    if plan.pp > 1 and fsdp_stages(plan) and splitting:
+        raise PlanError(f"ParallelPlan pp={plan.pp} with FSDP2 stages ({fsdp_stages(plan)}) and "
+                        f"{', '.join(splitting)}: pipeline stages are sharded (FSDP2/HSDP) or split by tp, cp "
+                        "and ep, not both yet; use replicated stages (dp_shard=1, mixed_precision other than "
+                        "'cast_params') or set " + " and ".join(f"{d.split('=')[0]}=1" for d in splitting))
 
 
 def check_pipeline_model(plan: "ParallelPlan", model_cfg: Any) -> None:
@@ -125,10 +139,11 @@ def check_pipeline_model(plan: "ParallelPlan", model_cfg: Any) -> None:
     backward (parallel/pipeline_stages.AuxLossBackward)."""
     from .plan import PlanError
 
-    if plan.pp > 1 and plan.dp_shard > 1 and getattr(model_cfg, "n_routed_experts", 0):
-        raise PlanError(f"ParallelPlan pp={plan.pp} with dp_shard={plan.dp_shard} and a mixture-of-experts model: "
-                        "MoE pipeline stages run with replicated data parallelism and ep so far; set "
-                        "dp_shard=1 (and ep to split the experts)")
+    if plan.pp > 1 and fsdp_stages(plan) and getattr(model_cfg, "n_routed_experts", 0):
+        raise PlanError(f"ParallelPlan pp={plan.pp} with FSDP2 stages ({fsdp_stages(plan)}) and a "
+                        "mixture-of-experts model: MoE pipeline stages run with replicated data parallelism "
+                        "and ep so far; set dp_shard=1 and a mixed_precision other than 'cast_params' "
+                        "(and ep to split the experts)")
     stages, layers = num_stages(plan), model_cfg.n_layers
     if stages > layers:
         raise PlanError(f"ParallelPlan pp={plan.pp} x {stages_per_rank(plan)} stage(s) per rank = {stages} "
@@ -186,6 +201,6 @@ def stage_blocks(counts: Sequence[int]) -> list[range]:
     return out
 
 
-__all__ = ["MULTI_STAGE_SCHEDULES", "ZERO_BUBBLE_SCHEDULES", "stages_per_rank", "num_stages", "microbatches", "stage_ranks_of", "bubble_fraction",
+__all__ = ["MULTI_STAGE_SCHEDULES", "ZERO_BUBBLE_SCHEDULES", "fsdp_stages", "stages_per_rank", "num_stages", "microbatches", "stage_ranks_of", "bubble_fraction",
            "in_flight_microbatches", "check_pipeline_plan", "check_pipeline_model", "balanced_layout",
            "stage_blocks"]

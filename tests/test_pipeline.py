@@ -181,6 +181,8 @@ BAD_PLANS = {
     "layout of the wrong length": (dict(pp=2, pp_layers_per_stage=[4]), 2, None, ["2 counts"]),
     "tied embeddings": (dict(pp=2), 2, {**TINY_LLAMA, "tie_embeddings": True}, ["tie_embeddings=false"]),
     "FSDP2 with tensor parallelism": (dict(pp=2, dp_shard=2, tp=2), 8, None, ["dp_shard=2", "tp=2", "tp=1"]),
+    "FSDP2-cast stages with tensor parallelism": (dict(pp=2, tp=2, mixed_precision="cast_params"), 4, None,
+                                                  ["cast_params", "tp=2", "tp=1"]),
     "FSDP2 with a mixture-of-experts model": (dict(pp=2, dp_shard=2), 4, {**TINY_LLAMA, "family": "deepseek",
                                               "n_routed_experts": 4, "moe_top_k": 2, "moe_ffn_dim": 32},
                                               ["dp_shard=2", "mixture-of-experts"]),

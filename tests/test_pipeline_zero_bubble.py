@@ -57,6 +57,7 @@ def test_zbv_places_the_stages_in_a_v():
     (dict(pp=2, pp_schedule="zbv", compile="block"), ["zbv", "compile='block'", "interleaved_1f1b"]),
     (dict(pp=2, pp_schedule="interleaved_zb", compile="block"), ["interleaved_zb", "compile"]),
     (dict(pp=2, pp_schedule="zbv", pp_stages_per_rank=3), ["exactly 2 stages", "pp_stages_per_rank=3"]),
+    (dict(pp=2, pp_schedule="zbv", activation_checkpointing="selective"), ["zbv", "'selective'", "'block'"]),
     (dict(pp=2, pp_schedule="zbv", pp_microbatches=1), ["pp_microbatches=1", "at least 2"]),
     (dict(pp=2, pp_schedule="interleaved_zb", pp_microbatches=3), ["pp_microbatches=3", "multiple of 2"]),
 ])

@@ -76,8 +76,11 @@ class ConsumedTokens:
 
         def count_stage(module: torch.nn.Module, args: tuple) -> None:
             if pl_module.training:  # a stage module's own flag does not follow the LightningModule's
-                rows, seq = args[0].shape[:2]
-                self._pending.append((rows * seq, seq))
+                # the micro-batch's tokens as this rank holds them (after a context-parallel
+                # split), not the stage's input: under sequence parallelism that is 1/tp of them
+                rows, seq = pipeline.microbatch_shape
+                step: Optional[StepBatch] = getattr(trainer.strategy, "step_batch", None)
+                self._pending.append((rows * seq, step.seq_len if step is not None else seq))
 
         pipeline = getattr(trainer.strategy, "pipeline", None)
         if pipeline is not None:

@@ -65,7 +65,10 @@ def apply_activation_checkpointing(model: nn.Module, policy: str = "block", ever
         raise ValueError(f"ac_every_n={every_n} is invalid: it must be >= 1")
     if policy == "none":
         return model
-    for idx, block in enumerate(model.blocks):
+    # a pipeline rank keeps some blocks under their indices in the whole model (KeptBlocks): every
+    # n-th is counted over the whole model, so the same blocks are checkpointed under any pp
+    indices = getattr(model.blocks, "indices", None) or range(len(model.blocks))
+    for idx, block in zip(indices, model.blocks):
         if idx % every_n:
             continue
         target = block.attention if policy == "attention" else block

@@ -85,6 +85,13 @@ class PipelineRunner:
         tokens as they enter this rank: the throughput callbacks count them there)."""
         return [module for _, module in self._modules]
 
+    @property
+    def microbatch_shape(self) -> tuple[int, int]:
+        """(rows, tokens per row) of a micro-batch as this rank holds it: its share of the
+        sequence under context parallelism, the whole sequence otherwise (fixed at the first batch)."""
+        assert self._shape is not None, "the shape is fixed when the first batch runs"
+        return self._shape
+
     def _schedule_for(self, input_ids: torch.Tensor):
         """The schedule for micro-batches of this shape (this rank's share of the sequence under
         context parallelism), built at the first batch: stages are given their boundary shapes
@@ -160,7 +167,7 @@ class PipelineRunner:
         # of its shard are the same for every row
         if step.document_ids is not None or (step.positions is not None and step.positions.dim() > 1):
             raise PlanError(f"ParallelPlan pp={self.plan.pp} does not take packed documents (batches with "
-                            "positions or document_ids) yet: pack without document boundaries, or set pp=1")
+                            "document_ids or per-row positions) yet: pack without document boundaries, or set pp=1")
         rows = step.input_ids.shape[0]
         if rows % self.microbatches:
             raise PlanError(f"a batch of {rows} sequences does not split into pp_microbatches="

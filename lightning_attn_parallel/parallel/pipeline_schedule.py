@@ -70,8 +70,8 @@ def build_schedule(name: str, stages: list[PipelineStage], microbatches: int,
     if not _accepts(cls.__init__, "scale_grads"):
         from ..errors import UserError
 
-        raise UserError(f"this torch's {cls.__name__} has no scale_grads argument (torch 2.11 or newer "
-                        "has): install torch>=2.11 for pipeline parallelism")
+        raise UserError(f"this torch's {cls.__name__} has no scale_grads argument: install a "
+                        "torch this package supports (2.11 to 2.13) for pipeline parallelism")
     target = stages if name in MULTI_STAGE_SCHEDULES else stages[0]
     return cls(target, microbatches, loss_fn=loss_fn, scale_grads=False)
 

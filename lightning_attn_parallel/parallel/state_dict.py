@@ -35,8 +35,8 @@ def split_over_ranks(model: nn.Module) -> bool:
 
 def model_state(model: nn.Module, full: bool) -> dict[str, Any]:
     """A sharded state dict (for a checkpoint folder), or the full one (`full`: rank 0 holds every
-    tensor gathered on its CPU, the other ranks an empty dict, or their own stages' tensors under
-    pipeline parallelism; collective)."""
+    tensor gathered on its CPU, the other ranks an empty dict; under pipeline parallelism rank 0
+    also receives the other stages' tensors; collective)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=full, cpu_offload=True))
     if full:
         from .pipeline_stages import gather_stages_to_rank0, holds_stages
