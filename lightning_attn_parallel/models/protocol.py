@@ -38,14 +38,18 @@ def is_expert_parameter(model: nn.Module, name: str) -> bool:
     return is_expert_module(model.get_submodule(owner)) if owner else is_expert_module(model)
 
 
+def block_indices(model: nn.Module) -> list[int]:
+    """Each of `model.blocks`' index in the whole model, also where a pipeline rank keeps some
+    blocks only (their `indices`, parallel/pipeline_stages.KeptBlocks)."""
+    return list(getattr(model.blocks, "indices", None) or range(len(model.blocks)))
+
+
 def moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(block index, ffn) of every block of `model.blocks` whose ffn holds routed experts. The
-    index is the block's in the whole model, also where a pipeline rank keeps some blocks only
-    (their `indices`, parallel/pipeline_stages.KeptBlocks)."""
-    indices = getattr(model.blocks, "indices", None) or range(len(model.blocks))
-    return [(i, block.ffn) for i, block in zip(indices, model.blocks)
+    """(block index in the whole model, ffn) of every block of `model.blocks` whose ffn holds
+    routed experts."""
+    return [(i, block.ffn) for i, block in zip(block_indices(model), model.blocks)
             if any(is_expert_module(m) for m in block.ffn.modules())]
 
 
-__all__ = ["find_transformer", "is_expert_module", "expert_modules", "is_expert_parameter",
+__all__ = ["block_indices", "find_transformer", "is_expert_module", "expert_modules", "is_expert_parameter",
            "moe_layers"]

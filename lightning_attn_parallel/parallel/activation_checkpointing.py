@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..models.protocol import block_indices
 from ..plan import CHECKPOINT_POLICIES
 
 _SAVE_OPS = {
@@ -67,8 +68,7 @@ def apply_activation_checkpointing(model: nn.Module, policy: str = "block", ever
         return model
     # a pipeline rank keeps some blocks under their indices in the whole model (KeptBlocks): every
     # n-th is counted over the whole model, so the same blocks are checkpointed under any pp
-    indices = getattr(model.blocks, "indices", None) or range(len(model.blocks))
-    for idx, block in zip(indices, model.blocks):
+    for idx, block in zip(block_indices(model), model.blocks):
         if idx % every_n:
             continue
         target = block.attention if policy == "attention" else block

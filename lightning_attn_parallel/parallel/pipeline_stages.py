@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch import nn
 
 from ..models.flops import WHOLE_MODEL_MATMUL_PARAMS, active_matmul_params
-from ..models.protocol import is_expert_module, is_expert_parameter
+from ..models.protocol import moe_layers
 from ..pipeline_plan import balanced_layout, num_stages, stage_blocks, stage_ranks_of
 from ..plan import ParallelPlan
 
@@ -90,7 +90,7 @@ class StageModule(nn.Module):
         self.output = transformer.output if last else None  # run by the loss (docstring)
         self.positions: Optional[torch.Tensor] = None
         # the model protocol's MoE blocks (models.protocol.moe_layers): an ffn holding routed experts
-        self.moe = [block.ffn for block in blocks if any(is_expert_module(m) for m in block.ffn.modules())]
+        self.moe = [ffn for _, ffn in moe_layers(self)]
         self.aux_scale = 1.0
         self.aux_total: Optional[torch.Tensor] = None
 
@@ -116,19 +116,10 @@ class StageModule(nn.Module):
 
 
 def block_costs(transformer: nn.Module) -> tuple[list[float], float]:
-    """(cost of each block, cost of the head) in matmul parameters, the quantity FLOPs per token
-    follow (6 x matmul parameters; routed experts count top_k / n_routed of theirs)."""
-    cfg = getattr(transformer, "config", None)
-    active = (cfg.moe_top_k / cfg.n_routed_experts) if cfg is not None and getattr(cfg, "n_routed_experts", 0) else 1.0
-    costs = []
-    for i, block in enumerate(transformer.blocks):
-        total = 0.0
-        for name, p in block.named_parameters():
-            if p.ndim < 2:
-                continue
-            total += p.numel() * (active if is_expert_parameter(block, name) else 1.0)
-        costs.append(total)
-    return costs, float(transformer.output.weight.numel())
+    """(cost of each block, cost of the head) in matmul parameters a token passes through, the
+    quantity FLOPs per token follow (models.flops.active_matmul_params: routed experts count
+    top_k / n_routed of theirs)."""
+    return [active_matmul_params(block) for block in transformer.blocks], float(transformer.output.weight.numel())
 
 
 def layout_of(transformer: nn.Module, plan: ParallelPlan) -> list[int]:
