@@ -366,26 +366,42 @@ def _precision_key(cfg: Config) -> tuple[str, str]:
     return cfg.precision, cfg.plan.get("fp8", "none")
 
 
-def plain_baseline(cfg: Config, rows: list[tuple[Config, dict]]) -> tuple[Optional[dict], str]:
-    """(the result of the plain row this row compares with, a note when its precision differs).
+def _workload_key(cfg: Config) -> str:
+    """What a ratio must hold fixed besides precision: the model, and the tokens a step takes."""
+    return json.dumps([cfg.model, cfg.micro_batch, cfg.seq_len, cfg.accumulate, cfg.devices], sort_keys=True)
 
-    A row compares with the plain Lightning user's row of the same precision and fp8 setting;
-    without one, with the plain row of the same fp8 setting, and the note names its precision."""
-    plain = [(c, r) for c, r in rows if c.strategy == "plain" and "tokens_per_s" in r]
+
+BASELINES = ("plain", *TORCHTITAN)  # rows the others are compared with, precision by precision
+
+
+def plain_baseline(cfg: Config, rows: list[tuple[Config, dict]]) -> tuple[Optional[dict], str]:
+    """(the result of the baseline row this row compares with, a note when its precision differs).
+
+    A baseline is the plain Lightning user's row or TorchTitan's (`BASELINES`), whichever the
+    suite has, on the same model and tokens a step. A row compares with the baseline row of the
+    same precision and fp8 setting;
+    without one, with the baseline row of the same fp8 setting, and the note names its precision."""
+    plain = [(c, r) for c, r in rows if c.strategy in BASELINES and "tokens_per_s" in r
+             and _workload_key(c) == _workload_key(cfg)]
     same = [r for c, r in plain if _precision_key(c) == _precision_key(cfg)]
     if same:
         return same[0], ""
     fp8 = [(c, r) for c, r in plain if _precision_key(c)[1] == _precision_key(cfg)[1]]
     if fp8:
-        return fp8[0][1], f" (vs plain {fp8[0][0].precision}, another precision)"
+        return fp8[0][1], f" (vs {_baseline_name(fp8[0][0])} {fp8[0][0].precision}, another precision)"
     return None, ""
+
+
+def _baseline_name(cfg: Config) -> str:
+    return "plain" if cfg.strategy == "plain" else "TorchTitan"
 
 
 def table(rows: list[tuple[Config, dict]]) -> str:
     base = next((r for _, r in rows if "tokens_per_s" in r), None)
-    with_plain = any(c.strategy == "plain" for c, _ in rows)
+    baselines = sorted({_baseline_name(c) for c, _ in rows if c.strategy in BASELINES}, reverse=True)
+    with_plain = bool(baselines)
     lines = ["| config | tokens/s | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | vs first | scaling |"
-             + (" vs plain, same precision |" if with_plain else ""),
+             + (f" vs {' or '.join(baselines)}, same precision |" if with_plain else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if with_plain else "")]
     for cfg, r in rows:
         if "tokens_per_s" not in r:

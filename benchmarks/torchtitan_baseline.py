@@ -7,7 +7,9 @@ Run under torchrun (bench.py does, for rows with `strategy: torchtitan` or `torc
 TorchTitan 0.2.2 (0.3.0 needs a newer torch than 2.11). Its model and its own parallelize
 function (`parallelize_llama`, `parallelize_deepseekv3`) apply per-block compile, FSDP2 over the
 data-parallel ranks and, for DeepSeek-V3, expert parallelism over `plan.ep` ranks. On one GPU
-TorchTitan trains under autocast, as its trainer does. The loss is TorchTitan's compiled
+TorchTitan trains under autocast, as its trainer does; a row with `precision: bf16-true` casts the
+parameters (not the buffers: the RoPE table is complex) to bf16 and trains without autocast, the
+same precision as the project's bf16-true rows (TorchTitan has no such switch of its own). The loss is TorchTitan's compiled
 cross-entropy on the full logits; AdamW fused. The loop is a plain PyTorch loop (TorchTitan's
 trainer needs its own data pipeline and tokenizer), with the same synthetic tokens and timing
 window as bench.py. DeepSeek-V3's routing-bias update (an optimizer hook in TorchTitan's trainer)
@@ -104,10 +106,15 @@ def run(row: dict) -> dict:
     model.to_empty(device="cuda")
     with torch.no_grad():
         model.init_weights(buffer_device=torch.device("cuda"))
+    bf16_weights = row.get("precision") == "bf16-true"
+    if bf16_weights:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.to(torch.bfloat16)
     model.train()
     loss_fn = build_cross_entropy_loss(job)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    amp = maybe_enable_amp(dims, job.training.mixed_precision_param, "cuda")
+    amp = None if bf16_weights else maybe_enable_amp(dims, job.training.mixed_precision_param, "cuda")
     steps, warmup = row["steps"], row["warmup"]
     rank = dist.get_rank()
     start = static = 0.0

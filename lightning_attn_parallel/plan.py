@@ -22,7 +22,7 @@ MIXED_PRECISION_MODES = ("autocast", "master_weights", "cast_params")
 # torch.compile: nothing, each block (composes with every plan), or the whole model (replicated only)
 COMPILE_MODES = ("none", "block", "model")
 # torch.compile's mode for either compiled granularity ("default": torch's default)
-COMPILE_TUNING = ("default", "max-autotune-no-cudagraphs", "max-autotune")
+COMPILE_TUNING = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 FP8_MODES = ("none", "tensorwise", "rowwise")  # parallel/float8.py
 ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
 # Pipeline schedules (parallel/pipeline_schedule.py); the zero-bubble ones split each backward into
@@ -90,8 +90,10 @@ class ParallelPlan:
     fp8: str = field(default="none", metadata=_limits(choices=FP8_MODES))
     # a bool is kept for older configs: True is "block", False "none"
     compile: Union[bool, str] = field(default="none", metadata=_limits(choices=COMPILE_MODES))
-    # torch.compile's mode: "max-autotune-no-cudagraphs" benchmarks Triton GEMM templates against
-    # cuBLAS and fuses element-wise neighbours into the chosen templates (minutes of compiling)
+    # torch.compile's mode: "reduce-overhead" replays each compiled graph as a CUDA graph (no
+    # launch gaps); "max-autotune-no-cudagraphs" benchmarks Triton GEMM templates against cuBLAS
+    # and fuses element-wise neighbours into the chosen templates (minutes of compiling);
+    # "max-autotune" does both
     compile_mode: str = field(default="default", metadata=_limits(choices=COMPILE_TUNING))
     # one GEMM for projections sharing an input (q|k|v, gate|up, MLA's down projections); the
     # parameters and their names are unchanged (models/fused_projections.py)

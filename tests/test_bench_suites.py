@@ -136,6 +136,27 @@ def test_rows_compare_with_the_plain_row_of_their_own_precision():
     assert lines[5].endswith("| 1.060x |") and lines[6].endswith("1.000x (vs plain bf16-true, another precision) |")
 
 
+def test_moe_rows_compare_with_torchtitan_of_their_own_precision():
+    """Without a plain row, TorchTitan's row of the same precision is the baseline: autocast
+    against autocast (or master weights), bf16 weights against bf16 weights."""
+    titan = bench.Config(name="titan autocast", strategy="torchtitan_deepseek_v3")
+    titan_bf16 = bench.Config(name="titan bf16", strategy="torchtitan_deepseek_v3", precision="bf16-true")
+    masters = bench.Config(name="masters")
+    true = bench.Config(name="true", precision="bf16-true")
+    result = {"tflops_per_gpu": 1.0, "peak_gib": 1.0}
+    rows = [(titan, {**result, "tokens_per_s": 100.0}), (titan_bf16, {**result, "tokens_per_s": 120.0}),
+            (masters, {**result, "tokens_per_s": 125.0}), (true, {**result, "tokens_per_s": 150.0})]
+    assert bench.plain_baseline(masters, rows) == (rows[0][1], "")
+    assert bench.plain_baseline(true, rows) == (rows[1][1], "")
+    lines = bench.table(rows).splitlines()
+    assert lines[0].endswith("vs TorchTitan, same precision |")
+    assert lines[4].endswith("| 1.250x |") and lines[5].endswith("| 1.250x |")
+    only_autocast = [rows[0], rows[3]]
+    assert bench.plain_baseline(true, only_autocast) == (rows[0][1], " (vs TorchTitan bf16-mixed, another precision)")
+    larger = bench.Config(name="masters mb 8", micro_batch=16)  # another workload: no ratio
+    assert bench.plain_baseline(larger, rows) == (None, "")
+
+
 def test_pending_row_reports_not_available_without_launching():
     cfg = bench.Config(name="t", strategy="no_such_runner", pending="a runner")
     assert bench.launch(cfg, timeout_s=1) == {"error": "not available: a runner"}

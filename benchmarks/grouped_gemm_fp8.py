@@ -1,0 +1,108 @@
+"""The routed experts' SwiGLU, forward and backward, in bf16 grouped GEMMs against torchao's float8
+rowwise grouped GEMMs, at the V2-Lite cut's shapes (one GPU, sm89+).
+
+    python benchmarks/grouped_gemm_fp8.py --out benchmarks/results/grouped_gemm_fp8_h100.json
+
+What it answers: how much of a MoE step fp8 experts could take before any of it is built into the
+model. The rows are the project's `grouped_swiglu` (bf16 `torch._grouped_mm`, weights stored
+(E, D, F) as the model stores them) and torchao 0.18's `_to_fp8_rowwise_then_scaled_grouped_mm`
+(dynamic rowwise scales, e4m3), once with weights stored (E, F, D) so that the column-major
+operand it asks for is a free transpose, and once from the model's layout, paying the copy.
+torchao 0.18 needs every expert's row count to be a multiple of 16 (its padding is not built yet),
+so the routing here is balanced: tokens x top_k / experts rows each (768 at micro-batch 4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lightning_attn_parallel.models.deepseek import grouped_swiglu  # noqa: E402
+
+
+def timed_ms(fn, warmup: int = 5, iters: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def fp8_swiglu(x: torch.Tensor, offs: torch.Tensor, w1_t: torch.Tensor, w3_t: torch.Tensor,
+               w2_t: torch.Tensor) -> torch.Tensor:
+    """The same SwiGLU through torchao's fp8 rowwise grouped GEMM; w*_t are (E, K, N) column-major."""
+    from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm as mm
+
+    def gemm(a, b_t):
+        return mm(a, b_t, offs, pad_token_groups_for_grouped_mm=False)
+
+    return gemm(F.silu(gemm(x, w1_t)) * gemm(x, w3_t), w2_t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens a step (micro-batch x seq)")
+    parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=1408)
+    parser.add_argument("--moe-layers", type=int, default=3, help="MoE layers a step (the cut has 3)")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    dev, e, d, f = "cuda", args.experts, args.dim, args.hidden
+    rows = args.tokens * args.top_k
+    per_expert = rows // e
+    if per_expert % 16:
+        sys.exit(f"error: {rows} rows over {e} experts is {per_expert} each; torchao 0.18 needs a multiple of 16")
+    counts = torch.full((e,), per_expert, device=dev, dtype=torch.int64)
+    offs = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(rows, d, device=dev, dtype=torch.bfloat16)
+
+    def weight(*shape):
+        return (0.02 * torch.randn(*shape, device=dev)).to(torch.bfloat16).requires_grad_()
+
+    model_layout = [weight(e, d, f), weight(e, d, f), weight(e, f, d)]  # as RoutedExperts stores them
+    stored_t = [weight(e, f, d), weight(e, f, d), weight(e, d, f)]  # transposes are column-major (E, K, N)
+
+    def step(fn):
+        def run():
+            for t in [x, *model_layout, *stored_t]:
+                t.grad = None
+            fn().backward(grad_out)
+        return run
+
+    bf16 = step(lambda: grouped_swiglu(x, counts, *model_layout))
+    fp8_free = step(lambda: fp8_swiglu(x, offs, *(w.transpose(-2, -1) for w in stored_t)))
+    fp8_copy = step(lambda: fp8_swiglu(x, offs, *(w.transpose(-2, -1).contiguous().transpose(-2, -1)
+                                                  for w in model_layout)))
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shape": {"rows": rows, "experts": e, "dim": d, "hidden": f, "rows_per_expert": per_expert}}
+    for name, fn in (("bf16 grouped_mm", bf16), ("fp8 rowwise, weights stored (E, F, D)", fp8_free),
+                     ("fp8 rowwise, from the model's (E, D, F) layout", fp8_copy)):
+        try:
+            ms = timed_ms(fn)
+            result[name] = {"ms_per_layer": ms, "ms_per_step": ms * args.moe_layers}
+        except Exception as err:  # noqa: BLE001 - report the row, keep the others
+            result[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    base = result["bf16 grouped_mm"].get("ms_per_layer")
+    for name, row in result.items():
+        if isinstance(row, dict) and "ms_per_layer" in row and base:
+            row["speedup_vs_bf16"] = base / row["ms_per_layer"]
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
