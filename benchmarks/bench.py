@@ -234,6 +234,7 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
               "mixed_precision": getattr(getattr(trainer.strategy, "plan", None), "mixed_precision", "autocast")}
     if cfg.profile:
         result.update(callbacks[-1].summary)
+        result.update(kernel_rates(cfg, result))
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("throughput/")}
     if logged:
         result["callback_metrics"] = logged
@@ -471,6 +472,7 @@ def _launch_torchtitan(cfg: Config, timeout_s: float) -> dict[str, Any]:
         result = _run(cmd, timeout_s, lambda _: json.loads(out.read_text()) if out.exists() else None)
     if "tokens_per_s" in result:
         result.update(flop_metrics(cfg, result["tokens_per_s_per_gpu"]))
+        result.update(kernel_rates(cfg, result))
     return result
 
 
@@ -489,6 +491,30 @@ def flop_metrics(cfg: Config, tokens_per_s_per_gpu: float, device: Any = None) -
     peak = device_peak_tflops(device, cfg.precision)
     return {"flops_per_token": flops_per_token, "tflops_per_gpu": flops_per_token * tokens_per_s_per_gpu / 1e12,
             "mfu": flops_per_token * tokens_per_s_per_gpu / (peak * 1e12) if peak else None}
+
+
+def kernel_rates(cfg: Config, result: dict[str, Any]) -> dict[str, float]:
+    """For a profiled row: the TFLOP/s its matmul and attention kernels reached, from their
+    kernel time per micro-batch and the FLOPs they do (matmuls: 6 x active matmul parameters per
+    token; attention: half of the MFU convention's term, since a causal kernel skips the masked
+    half). Set beside the GEMM ceiling measured at the model's shapes, this is the step's floor."""
+    ms = result.get("kernel_ms_per_step") or {}
+    if not ms:
+        return {}
+    import torch
+
+    from lightning_attn_parallel.models import ModelConfig, build_model
+    from lightning_attn_parallel.models.flops import active_matmul_params, attention_flops_per_token
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig(**cfg.model))
+    tokens = cfg.micro_batch * cfg.seq_len
+    rates = {}
+    if ms.get("matmul"):
+        rates["matmul_tflops"] = 6.0 * active_matmul_params(model) * tokens / (ms["matmul"] * 1e9)
+    if ms.get("attention"):
+        rates["attention_tflops"] = attention_flops_per_token(model.config, cfg.seq_len) / 2 * tokens / (ms["attention"] * 1e9)
+    return rates
 
 
 def _run(cmd: list[str], timeout_s: float, parse) -> dict[str, Any]:

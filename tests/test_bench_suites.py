@@ -190,3 +190,18 @@ def test_each_multi_gpu_run_is_predicted_to_fit_one_10_minute_command():
     for run in suites["multi_gpu_8"]["include"]:
         rows, _ = bench.suite(run)
         assert sum(seconds[c.name] for c in rows) <= 600, run
+
+
+def test_profiled_rows_report_the_rates_their_matmul_and_attention_kernels_reached():
+    """The achieved TFLOP/s of a profiled row's matmuls (6 x active matmul parameters per token)
+    and causal attention (half the MFU convention's attention term), from their kernel time."""
+    from lightning_attn_parallel.models import ModelConfig, build_model
+    from lightning_attn_parallel.models.flops import active_matmul_params
+
+    model = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
+    cfg = bench.Config(name="p", micro_batch=2, seq_len=16, model=model, profile=True)
+    rates = bench.kernel_rates(cfg, {"kernel_ms_per_step": {"matmul": 2.0, "attention": 1.0}})
+    n = active_matmul_params(build_model(ModelConfig(**model)))
+    assert rates["matmul_tflops"] == pytest.approx(6 * n * 32 / 2e9)
+    assert rates["attention_tflops"] == pytest.approx(6 * 2 * 4 * 16 * 16 / 2 * 32 / 1e9)
+    assert bench.kernel_rates(cfg, {}) == {}
