@@ -204,3 +204,133 @@ def test_bf16_mixed_master_weights_compute_in_bf16_and_keep_fp32_masters():
     assert dtypes.compute == {torch.bfloat16} and dtypes.optimizer == {torch.float32}
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert recorder.losses[4] < recorder.losses[0] - 0.1, recorder.losses  # the same batch, an epoch later
+
+
+# ---------------------------------------------------------------------------- the fused step
+# parallel/master_adamw.py: on one rank (no bucket holds a master) torch's Adam/AdamW over the
+# masters is replaced by one update per master from its gradient parts, writing its compute copy.
+# The same run on the unfused path (fused_master_step=False) is the reference.
+class AdamModule(lap.CausalLMModule):
+    """torch's Adam (L2 weight decay) instead of AdamW, with the same groups and schedule."""
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        adamw = config["optimizer"]
+        adam = torch.optim.Adam([dict(g) for g in adamw.param_groups], lr=self.hparams.lr,
+                                betas=tuple(self.hparams.betas))
+        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
+            adam, config["lr_scheduler"]["scheduler"].lr_lambdas[0])
+        config["optimizer"] = adam
+        return config
+
+
+class OptimizerStates(L.Callback):
+    """The optimizer's state at the end, in parameter order, and the gradient norms logged."""
+
+    def __init__(self) -> None:
+        self.states: list[dict] = []
+        self.norms: list[float] = []
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+        norm = trainer.callback_metrics.get("train/grad_norm")
+        if norm is not None:
+            self.norms.append(float(norm))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        opt = trainer.optimizers[0]
+        self.states = [{k: v.clone() for k, v in opt.state[p].items()}
+                       for group in opt.param_groups for p in group["params"]]
+
+
+FUSED_CASES = {  # name: (module class, Trainer arguments, plan)
+    "adamw": (lap.CausalLMModule, {}, {}),
+    "adam_l2": (AdamModule, {}, {}),
+    "adamw_clipped": (lap.CausalLMModule, dict(gradient_clip_val=0.05), {}),
+    "adam_clipped": (AdamModule, dict(gradient_clip_val=0.05), {}),
+    "accumulate_in_master": (lap.CausalLMModule, dict(accumulate_grad_batches=2), {}),
+    "accumulate_in_compute": (lap.CausalLMModule, dict(accumulate_grad_batches=2),
+                              dict(accumulate_grads_in="compute")),
+    "accumulate_clipped": (lap.CausalLMModule, dict(accumulate_grad_batches=2, gradient_clip_val=0.05), {}),
+}
+
+
+def fit_one(cls, trainer_args: dict, plan: dict, fused: bool, steps: int = STEPS, ckpt=None, save=None,
+            callbacks=()):
+    L.seed_everything(0, verbose=False)
+    module = cls(ModelConfig(**LLAMA), lr=1e-2, warmup_steps=2, total_steps=4)
+    module.configure_model()
+    states = OptimizerStates()
+    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=dict(MASTERS, fused_master_step=fused, **plan)),
+                            devices=1, max_steps=steps, plugins=[precision()], callbacks=[states, *callbacks],
+                            **trainer_args)
+    trainer.fit(module, loader(FixedTokens(n=16), 2), ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    masters = trainer.strategy.master_weights
+    assert (masters.fused_optimizer is not None) == fused  # the path under test was taken
+    return {"params": params_of(module), "states": states.states, "norms": states.norms}
+
+
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_master_step_equals_torch_adam_over_the_masters(name):
+    cls, trainer_args, plan = FUSED_CASES[name]
+    fused, reference = (fit_one(cls, trainer_args, plan, f) for f in (True, False))
+    if "gradient_clip_val" in trainer_args:  # the clipping was active, and reported alike
+        assert min(reference["norms"]) > trainer_args["gradient_clip_val"], reference["norms"]
+        for a, b in zip(fused["norms"], reference["norms"], strict=True):
+            assert a == pytest.approx(b, rel=1e-10)
+    for key, expected in reference["params"].items():
+        assert fused["params"][key].dtype == torch.float64
+        assert_close(fused["params"][key], expected, 1e-10, name=f"{name} {key}")
+    assert len(fused["states"]) == len(reference["states"])
+    for i, (a, b) in enumerate(zip(fused["states"], reference["states"])):
+        assert list(a) == list(b) == ["step", "exp_avg", "exp_avg_sq"], (list(a), list(b))
+        assert a["step"].dtype == b["step"].dtype and a["step"].device == b["step"].device
+        assert torch.equal(a["step"], b["step"]), (i, a["step"], b["step"])
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert a[k].dtype == b[k].dtype == torch.float64
+            assert_close(a[k], b[k], 1e-10, name=f"{name} state {i} {k}")
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["fused_then_unfused", "unfused_then_fused"])
+def test_a_checkpoint_resumes_on_the_other_path_bit_for_bit(tmp_path, first):
+    """Two steps on one path, saved; two more on the other: the masters and optimizer states
+    equal four uninterrupted steps on the second path, bit for bit."""
+    cls, epoch = lap.CausalLMModule, dict(limit_train_batches=2)  # saved at an epoch's end
+    fit_one(cls, epoch, {}, first, steps=2, save=f"{tmp_path}/ckpt")
+    resumed = fit_one(cls, epoch, {}, not first, steps=4, ckpt=f"{tmp_path}/ckpt")
+    whole = fit_one(cls, epoch, {}, not first, steps=4)
+    for key, value in whole["params"].items():
+        assert torch.equal(resumed["params"][key], value), key
+    for a, b in zip(resumed["states"], whole["states"], strict=True):
+        for k in b:
+            assert torch.equal(a[k], b[k]), k
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class PoisonedGradient(lap.CausalLMModule):
+    """A finite loss whose gradient is NaN at optimizer step 2."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step + 1 == 2:
+            loss = loss + NaNGradient.apply(next(self.parameters())).sum() * 0
+        return loss
+
+
+def test_the_nonfinite_guard_names_a_nan_gradient_under_the_fused_step():
+    from lightning_attn_parallel.callbacks.nonfinite import NonFiniteGuard, NonFiniteStep
+
+    with pytest.raises(NonFiniteStep, match=r"^step 2 is not finite: gradient norm on rank 0;"):
+        fit_one(PoisonedGradient, dict(log_every_n_steps=1), {}, True, steps=4, callbacks=[NonFiniteGuard()])
