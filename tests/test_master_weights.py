@@ -216,8 +216,9 @@ class AdamModule(lap.CausalLMModule):
     def configure_optimizers(self):
         config = super().configure_optimizers()
         adamw = config["optimizer"]
-        adam = torch.optim.Adam([dict(g) for g in adamw.param_groups], lr=self.hparams.lr,
-                                betas=tuple(self.hparams.betas))
+        adam = torch.optim.Adam([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                 for g in adamw.param_groups], lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        assert not any(g["decoupled_weight_decay"] for g in adam.param_groups)
         config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
             adam, config["lr_scheduler"]["scheduler"].lr_lambdas[0])
         config["optimizer"] = adam
