@@ -335,3 +335,32 @@ def test_the_nonfinite_guard_names_a_nan_gradient_under_the_fused_step():
 
     with pytest.raises(NonFiniteStep, match=r"^step 2 is not finite: gradient norm on rank 0;"):
         fit_one(PoisonedGradient, dict(log_every_n_steps=1), {}, True, steps=4, callbacks=[NonFiniteGuard()])
+
+
+def _fabric_fit(fused: bool) -> dict:
+    from lightning_attn_parallel.precision import FabricMasterWeightsPrecision
+
+    L.seed_everything(0, verbose=False)
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[FabricMasterWeightsPrecision(torch.float32, torch.float64)],
+                      strategy=lap.fabric.AttnHybridFabricStrategy(plan=dict(MASTERS, fused_master_step=fused)))
+    fabric.launch()
+    model = fabric.setup_module(make_module(LLAMA).model)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    assert (fabric.strategy.master_weights.fused_optimizer is not None) == fused
+    norms = []
+    for batch in list(loader(FixedTokens(n=16), 4))[:3]:
+        loss, _ = lap.fabric.training_loss(fabric, model, batch)
+        fabric.backward(loss)
+        norms.append(float(fabric.clip_gradients(model, optimizer, max_norm=0.05)))
+        optimizer.step()
+        optimizer.zero_grad()
+    with fabric.strategy.masters_in_place():
+        return {"params": params_of(model), "norms": norms}
+
+
+def test_fused_master_step_under_fabric_clips_as_torch_adamw():
+    fused, reference = _fabric_fit(True), _fabric_fit(False)
+    assert min(reference["norms"]) > 0.05, reference["norms"]  # every step clipped
+    assert fused["norms"] == pytest.approx(reference["norms"], rel=1e-10)
+    for key, expected in reference["params"].items():
+        assert_close(fused["params"][key], expected, 1e-10, name=key)
