@@ -364,3 +364,28 @@ def test_fused_master_step_under_fabric_clips_as_torch_adamw():
     assert fused["norms"] == pytest.approx(reference["norms"], rel=1e-10)
     for key, expected in reference["params"].items():
         assert_close(fused["params"][key], expected, 1e-10, name=key)
+
+
+class Materialize(L.Callback):
+    """A reader of the masters' `.grad` before the step (and before clipping)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        masters = trainer.strategy.master_weights
+        masters.materialize_grads()
+        self.seen += sum(m.grad is not None for m in masters.master_params)
+
+
+def test_materialized_gradients_step_as_the_unfused_path():
+    """materialize_grads() puts the parts into master.grad: clipping and torch's own step then
+    take them, and the copies are refreshed, as on the unfused path."""
+    args = dict(accumulate_grad_batches=2, gradient_clip_val=0.05)
+    reader = Materialize()
+    fused = fit_one(lap.CausalLMModule, args, {}, True, callbacks=[reader])
+    reference = fit_one(lap.CausalLMModule, args, {}, False)
+    assert reader.seen == STEPS * len(fused["params"])
+    assert fused["norms"] == pytest.approx(reference["norms"], rel=1e-10)
+    for key, expected in reference["params"].items():
+        assert_close(fused["params"][key], expected, 1e-10, name=key)

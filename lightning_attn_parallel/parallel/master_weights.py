@@ -59,6 +59,7 @@ class MasterWeights:
         self.fused_optimizer: Optional[torch.optim.Optimizer] = None  # steps taken by master_adamw
         self.multiplier: Optional[torch.Tensor] = None  # this step's clipping coefficient (fused)
         self._held: dict[int, torch.Tensor] = {}  # fused: earlier micro-batches' sums, set aside
+        self._materialized = False  # this step's gradients were put back into master.grad
         self._slots: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
         copies: dict[int, nn.Parameter] = {}
         for owner in module.modules():
@@ -171,10 +172,9 @@ class MasterWeights:
             yield master, held, grad
 
     def holds_step_gradients(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether `optimizer`'s gradients are (partly) held as parts rather than in `.grad`."""
-        for attr in ("_optimizer", "optimizer"):  # Lightning's and Fabric's wrappers
-            optimizer = getattr(optimizer, attr, optimizer)
-        return optimizer is self.fused_optimizer and optimizer is not None
+        """Whether `optimizer`'s gradients are held as parts rather than in `.grad` this step."""
+        optimizer = _unwrapped(optimizer)
+        return optimizer is self.fused_optimizer and optimizer is not None and not self._materialized
 
     @torch.no_grad()
     def clip_(self, max_norm: float, norm_type: float = 2.0, stage_group=None) -> torch.Tensor:
@@ -208,6 +208,7 @@ class MasterWeights:
             copy.grad = None
         self._held.clear()
         self.multiplier = None
+        self._materialized = self.fused_optimizer is not None
 
     def discard_step_gradients(self) -> None:
         """Drop this step's gradient parts: the step leaves the masters and their states alone."""
@@ -220,6 +221,8 @@ class MasterWeights:
         """The optimizer's post-step hook: the fused update of every master from its gradient
         parts (which also writes the compute copies), or else the copies' refresh."""
         if not self.holds_step_gradients(optimizer):
+            if _unwrapped(optimizer) is self.fused_optimizer:
+                self._materialized = False  # the next step is fused again
             self.refresh()
             return
         from .master_adamw import step_masters
@@ -231,6 +234,13 @@ class MasterWeights:
             step_masters(optimizer, parts, self.multiplier)
         self.discard_step_gradients()
         self.casts += 1
+
+
+def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Lightning's (`_optimizer`) or Fabric's (`optimizer`) wrapper."""
+    for attr in ("_optimizer", "optimizer"):
+        optimizer = getattr(optimizer, attr, optimizer)
+    return optimizer
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
