@@ -389,3 +389,13 @@ def test_materialized_gradients_step_as_the_unfused_path():
     assert fused["norms"] == pytest.approx(reference["norms"], rel=1e-10)
     for key, expected in reference["params"].items():
         assert_close(fused["params"][key], expected, 1e-10, name=key)
+
+
+def test_a_skipped_nonfinite_step_leaves_the_masters_alone_under_the_fused_step():
+    from lightning_attn_parallel.callbacks.nonfinite import NonFiniteGuard
+
+    fused, reference = (fit_one(PoisonedGradient, {}, {}, f, steps=3, callbacks=[NonFiniteGuard(skip_nonfinite=1)])
+                        for f in (True, False))
+    for key, expected in reference["params"].items():
+        assert torch.isfinite(fused["params"][key]).all(), key
+        assert_close(fused["params"][key], expected, 1e-10, name=key)
