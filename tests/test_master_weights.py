@@ -399,3 +399,35 @@ def test_a_skipped_nonfinite_step_leaves_the_masters_alone_under_the_fused_step(
     for key, expected in reference["params"].items():
         assert torch.isfinite(fused["params"][key]).all(), key
         assert_close(fused["params"][key], expected, 1e-10, name=key)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam])
+def test_step_masters_with_steps_beside_the_parameters_matches_torch_fused(cls):
+    """fused=True keeps `step` beside the parameters (here the CPU): the bias corrections, the
+    learning rate and the clipping multiplier reach the update as 0-dim tensors, the form the
+    compiled CUDA kernel takes; torch's fused kernel over the summed gradients is the reference."""
+    from lightning_attn_parallel.parallel.master_adamw import step_masters
+
+    torch.manual_seed(0)
+    shapes = [(5, 7), (13,)]
+    masters = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    twins = [torch.nn.Parameter(m.detach().clone()) for m in masters]
+    opt, ref = (cls(ps, lr=1e-2, weight_decay=0.1, fused=True) for ps in (masters, twins))
+    copies = [torch.empty(s, dtype=torch.float32) for s in shapes]
+    for k in range(1, 4):
+        for o in (opt, ref):
+            o.param_groups[0]["lr"] = 1e-2 * k  # as a scheduler would
+        grads = [torch.randn(s, dtype=torch.float32) for s in shapes]
+        held = [torch.randn(s, dtype=torch.float64) if k > 1 else None for s in shapes]
+        multiplier = torch.tensor(0.5, dtype=torch.float64)
+        for t, g, h in zip(twins, grads, held):
+            t.grad = (g.double() if h is None else h + g) * multiplier
+        ref.step()
+        step_masters(opt, {id(m): (m, h, g, c) for m, h, g, c in zip(masters, held, grads, copies)}, multiplier)
+    for m, t, c in zip(masters, twins, copies):
+        assert_close(m, t, 1e-12, name="master")
+        assert torch.equal(c, m.detach().float())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(opt.state[m][key], ref.state[t][key], 1e-12, name=key)
+        a, b = opt.state[m]["step"], ref.state[t]["step"]
+        assert (a.dtype, a.device, float(a)) == (b.dtype, b.device, float(b)) == (torch.float32, b.device, 3.0)

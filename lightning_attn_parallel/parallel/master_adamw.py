@@ -118,43 +118,46 @@ def step_masters(optimizer: torch.optim.Optimizer, parts: dict, multiplier: Opti
         lr = group["lr"]
         decoupled = type(optimizer) is torch.optim.AdamW or bool(group.get("decoupled_weight_decay"))
         device = todo[0][0].device
-        if steps[0].device.type == device.type and device.type != "cpu":
-            # fused/capturable: the steps live on the device, so do the bias corrections
+        if group["fused"] or group["capturable"]:
+            # the steps live beside the parameters: so do the bias corrections (no host sync)
             torch._foreach_add_(steps, 1)
-            bc1 = torch._foreach_pow(beta1, steps)
+            dtype = todo[0][0].dtype  # in the masters' precision (float32 steps, float64 masters)
+            exponents = steps if steps[0].dtype == dtype else [s.to(dtype) for s in steps]
+            bc1 = torch._foreach_pow(beta1, exponents)
             torch._foreach_neg_(bc1)
             torch._foreach_add_(bc1, 1)
-            bc2 = torch._foreach_pow(beta2, steps)
+            bc2 = torch._foreach_pow(beta2, exponents)
             torch._foreach_neg_(bc2)
             torch._foreach_add_(bc2, 1)
             torch._foreach_sqrt_(bc2)
-            dtype = todo[0][0].dtype
-            bc1 = [b.to(dtype) for b in bc1] if bc1[0].dtype != dtype else bc1
-            bc2 = [b.to(dtype) for b in bc2] if bc2[0].dtype != dtype else bc2
-            lrs = [torch.tensor(float(lr), dtype=dtype, device=device)] * len(todo)
-        else:
+            lrs = [_on(device, dtype, lr)] * len(todo)  # a fill, not a host-to-device copy
+        else:  # torch's own arithmetic on the host (the steps live on the CPU)
             for step in steps:
                 step += 1
-            values = [float(step.item()) for step in steps]
+            values = [step.item() for step in steps]
             bc1 = [1 - beta1 ** s for s in values]
             bc2 = [(1 - beta2 ** s) ** 0.5 for s in values]
             lrs = [lr] * len(todo)
-            if device.type != "cpu":  # one copy to the device for the group's scalars
-                dtype = todo[0][0].dtype
-                scalars = torch.tensor([float(lr)] + bc1 + bc2, dtype=dtype).to(device, non_blocking=True)
-                n = len(todo)
-                lrs = [scalars[0]] * n
-                bc1, bc2 = list(scalars[1:1 + n]), list(scalars[1 + n:])
+            if device.type != "cpu":  # 0-dim device tensors, one per distinct value
+                dtype, made = todo[0][0].dtype, {}
+                for v in (lr, *bc1, *bc2):
+                    if v not in made:
+                        made[v] = _on(device, dtype, v)
+                lrs, bc1, bc2 = ([made[v] for v in vs] for vs in (lrs, bc1, bc2))
         update = _update_for(device)
         mult = multiplier
         if mult is not None:
             mult = mult.to(device=device, dtype=todo[0][0].dtype)
         elif device.type != "cpu":
-            mult = torch.ones((), device=device, dtype=todo[0][0].dtype)  # one graph, clipped or not
+            mult = _on(device, todo[0][0].dtype, 1.0)  # one graph, clipped or not
         for (master, held, grad, copy), state, l, b1, b2 in zip(todo, states, lrs, bc1, bc2):
             update(_flat(master), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]), _flat(held),
                    _flat(grad), mult, _flat(copy), l, beta1, beta2, group["eps"], group["weight_decay"],
                    decoupled, b1, b2)
+
+
+def _on(device: torch.device, dtype: torch.dtype, value: float) -> torch.Tensor:
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def _state(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor) -> dict:
