@@ -431,3 +431,34 @@ def test_step_masters_with_steps_beside_the_parameters_matches_torch_fused(cls):
             assert_close(opt.state[m][key], ref.state[t][key], 1e-12, name=key)
         a, b = opt.state[m]["step"], ref.state[t]["step"]
         assert (a.dtype, a.device, float(a)) == (b.dtype, b.device, float(b)) == (torch.float32, b.device, 3.0)
+
+
+def test_clipping_then_materializing_gives_the_clipped_gradients():
+    """clip_ before materialize_grads: master.grad holds the held sum plus the copy's gradient,
+    times the coefficient, as the unfused path's clipped gradient."""
+    from lightning_attn_parallel.parallel.clipping import clip_grad_norm_
+    from lightning_attn_parallel.parallel.master_weights import MasterWeights
+
+    torch.manual_seed(0)
+    grads = {}
+    for fused in (True, False):
+        module = torch.nn.Linear(4, 3).double()
+        module.load_state_dict({k: torch.ones_like(v) for k, v in module.state_dict().items()})
+        masters = MasterWeights(module, torch.float32)
+        optimizer = torch.optim.AdamW(masters.master_params)
+        masters.fused_optimizer = optimizer if fused else None
+        for synced, seed in ((False, 1), (True, 2)):  # two micro-batches
+            masters.synced = synced
+            module(torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
+            if synced:
+                masters.flush()
+        if fused:
+            norm = masters.clip_(0.01)
+            masters.materialize_grads()
+            assert not masters.holds_step_gradients(optimizer)
+        else:
+            norm = clip_grad_norm_(masters.master_params, 0.01)
+        assert norm > 0.01
+        grads[fused] = [m.grad.clone() for m in masters.master_params]
+    for a, b in zip(grads[True], grads[False], strict=True):
+        assert torch.equal(a, b)
