@@ -90,7 +90,9 @@ def train(model: dict, plan: dict, accumulate: int, world: int, rank: int = 0) -
                             callbacks=[dtypes])
     trainer.fit(module, loader(FixedTokens(), GLOBAL_BATCH // dp // accumulate, replicas=dp,
                                rank=rank // tp_cp))
-    return {"params": params_of(module), "compute": dtypes.compute, "optimizer": dtypes.optimizer}
+    masters = trainer.strategy.master_weights  # None under FSDP2
+    return {"params": params_of(module), "compute": dtypes.compute, "optimizer": dtypes.optimizer,
+            "fused": masters is not None and masters.fused_optimizer is not None}
 
 
 def _worker(rank: int, world: int) -> dict:
@@ -106,8 +108,10 @@ def results():
 def test_master_weights_on_n_ranks_equal_one_process(results, name):
     model, plan, accumulate = CASES[name]
     reference = train(model, plan, accumulate, 1)
+    assert reference["fused"]  # one process: the fused master step (parallel/master_adamw.py) ...
     for rank, result in enumerate(results):
         r = result[name]
+        assert not r["fused"]  # ... and torch's AdamW where buckets reduce the masters' gradients
         if not plan.get("dp_shard"):  # replicated: the module computes on the copies
             assert r["compute"] == {compute_dtype(model)}, (name, r["compute"])
         assert r["optimizer"] == {torch.float64}, (name, r["optimizer"])  # masters and states
