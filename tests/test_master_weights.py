@@ -8,6 +8,11 @@ parallelism (the reducer, in the masters' dtype), tp x dp, cp x dp, ep x dp (MoE
 (FSDP2's MixedPrecisionPolicy). A checkpoint holds the masters and resumes bit for bit, and the
 copies are refreshed once per optimizer step however many micro-batches it has. The real
 bf16-on-fp32 path runs one process on the CPU.
+
+On one rank no bucket reduces the masters' gradients, and AdamW/Adam steps are taken by the fused
+master step (parallel/master_adamw.py): the same runs with fused_master_step=False are its
+reference, with weight decay, a schedule, clipping and accumulation in either dtype, and a
+checkpoint of either path resumes on the other.
 """
 from __future__ import annotations
 

@@ -151,9 +151,8 @@ def step_masters(optimizer: torch.optim.Optimizer, parts: dict, multiplier: Opti
         elif device.type != "cpu":
             mult = _on(device, todo[0][0].dtype, 1.0)  # one graph, clipped or not
         for (master, held, grad, copy), state, l, b1, b2 in zip(todo, states, lrs, bc1, bc2):
-            update(_flat(master), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]), _flat(held),
-                   _flat(grad), mult, _flat(copy), l, beta1, beta2, group["eps"], group["weight_decay"],
-                   decoupled, b1, b2)
+            p, m, v, h, g, c = _flat(master, state["exp_avg"], state["exp_avg_sq"], held, grad, copy)
+            update(p, m, v, h, g, mult, c, l, beta1, beta2, group["eps"], group["weight_decay"], decoupled, b1, b2)
 
 
 def _on(device: torch.device, dtype: torch.dtype, value: float) -> torch.Tensor:
@@ -172,12 +171,13 @@ def _state(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor) -> di
     return state
 
 
-def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A 1-d view (one compiled graph for every parameter shape); non-contiguous tensors as they are."""
-    if t is None:
-        return None
-    t = t.detach()
-    return t.view(-1) if t.is_contiguous() else t
+def _flat(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """1-d views of all (one compiled graph for every parameter shape), or, if one is not
+    contiguous, all as they are."""
+    present = [t.detach() if t is not None else None for t in tensors]
+    if all(t is None or t.is_contiguous() for t in present):
+        return [t.view(-1) if t is not None else None for t in present]
+    return present
 
 
 # ---------------------------------------------------------------------------- gradients' norm
