@@ -199,13 +199,24 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
         if self.gradients is not None:
             self.gradients.after_backward()
 
+    def clip_gradients_value(self, module: nn.Module, optimizer: Optimizer, clip_val: Union[float, int]) -> None:
+        """Per element: under master weights' fused step the gradients are first put in place."""
+        masters = self.master_weights
+        if masters is not None and masters.holds_step_gradients(optimizer):
+            masters.materialize_grads()
+        super().clip_gradients_value(module, optimizer, clip_val)
+
     def clip_gradients_norm(self, module: nn.Module, optimizer: Optimizer, max_norm: Union[float, int],
                             norm_type: Union[float, int] = 2.0, error_if_nonfinite: bool = True) -> torch.Tensor:
         """By the norm over every rank and mesh (parallel/clipping.py): tp, ep and FSDP2 shards."""
         from .parallel.clipping import clip_grad_norm_
 
         self.precision.unscale_gradients(optimizer)
-        norm = clip_grad_norm_(self.precision.main_params(optimizer), max_norm, norm_type)
+        masters = self.master_weights
+        if masters is not None and masters.holds_step_gradients(optimizer):  # the fused step's parts
+            norm = masters.clip_(max_norm, norm_type)
+        else:
+            norm = clip_grad_norm_(self.precision.main_params(optimizer), max_norm, norm_type)
         if error_if_nonfinite and not torch.isfinite(norm):
             raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {norm.item()}: "
                                "pass error_if_nonfinite=False to clip anyway")

@@ -161,10 +161,19 @@ class HybridParallelism:
 
     def _prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Steps over groups that mix plain and DTensor parameters; under master weights, one cast
-        into the compute copies after each step."""
+        into the compute copies after each step, or the fused update of the masters where
+        `parallel.master_adamw.fuses` allows it."""
         step_over_mixed_tensors(optimizer)
-        if self.master_weights is not None:
-            optimizer.register_step_post_hook(lambda *_: self.master_weights.refresh())
+        masters = self.master_weights
+        if masters is not None:
+            from .parallel.master_adamw import fuses
+
+            owned = {id(m) for m in masters.master_params}
+            if any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
+                fused = fuses(optimizer, masters, self.gradient_reducer, self.plan.fused_master_step)
+                masters.fused_optimizer = optimizer if fused else None
+            # the fused update of the masters (which writes the copies), or the copies' refresh
+            optimizer.register_step_post_hook(lambda opt, *_: masters.after_step(opt))
         return optimizer
 
     def step_context(self) -> ContextManager:

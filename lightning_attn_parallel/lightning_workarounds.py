@@ -50,7 +50,7 @@ def share_inf_checks(precision_plugin: Precision, device: torch.device) -> None:
 
 
 def clip_across_ranks(precision_plugin: Precision, on_norm: Callable[[torch.Tensor], None],
-                      stage_group: Optional[dist.ProcessGroup] = None) -> None:
+                      stage_group: Optional[dist.ProcessGroup] = None, master_weights: Any = None) -> None:
     """Make the precision plugin clip by the norm over every rank and mesh, and report that norm.
 
     Lightning clips in the precision plugin with `torch.nn.utils.clip_grad_norm_`, which fails on
@@ -60,12 +60,17 @@ def clip_across_ranks(precision_plugin: Precision, on_norm: Callable[[torch.Tens
     the optimizer (Lightning issue #21435): without a scaler the plain path is taken. Pipeline
     stages (`stage_group`) hold different parameters, so their norms are combined too. Bound to this
     plugin instance (Lightning builds a plugin per Trainer), so clipping stays where Lightning has
-    it and any LightningModule gets it."""
+    it and any LightningModule gets it. Under master weights' fused step (`master_weights`), the
+    gradients are still parts held aside: the norm is taken over them and the coefficient is
+    applied by the fused update (parallel/master_weights.py `clip_`)."""
     from lightning.pytorch.utilities import GradClipAlgorithmType
 
     from .parallel.clipping import clip_grad_norm_
 
     def clip_grad_by_norm(optimizer, clip_val) -> None:
+        if master_weights is not None and master_weights.holds_step_gradients(optimizer):
+            on_norm(master_weights.clip_(clip_val, stage_group=stage_group))
+            return
         on_norm(clip_grad_norm_(precision_plugin.main_params(optimizer), clip_val, stage_group=stage_group))
 
     def clip_gradients(optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
@@ -73,7 +78,13 @@ def clip_across_ranks(precision_plugin: Precision, on_norm: Callable[[torch.Tens
             return Precision.clip_gradients(precision_plugin, optimizer, clip_val, gradient_clip_algorithm)
         return type(precision_plugin).clip_gradients(precision_plugin, optimizer, clip_val, gradient_clip_algorithm)
 
+    def clip_grad_by_value(optimizer, clip_val) -> None:
+        if master_weights is not None and master_weights.holds_step_gradients(optimizer):
+            master_weights.materialize_grads()  # per element: the gradients must be in place
+        Precision.clip_grad_by_value(precision_plugin, optimizer, clip_val)
+
     precision_plugin.clip_grad_by_norm = clip_grad_by_norm
+    precision_plugin.clip_grad_by_value = clip_grad_by_value
     precision_plugin.clip_gradients = clip_gradients
 
 

@@ -80,6 +80,9 @@ class ParallelPlan:
     # master weights: micro-batch gradients added into the fp32 master gradient each time
     # ("master"), or accumulated in the bf16 compute copies and added once ("compute")
     accumulate_grads_in: str = field(default="master", metadata=_limits(choices=("master", "compute")))
+    # master weights: AdamW/Adam steps, refresh included, as one pass reading the bf16 gradients
+    # where no bucket reduces them (parallel/master_adamw.py); False keeps torch's own step
+    fused_master_step: bool = True
     # sharded data parallel: what micro-batches that only accumulate send ("auto": the planner)
     accumulation: str = field(default="auto", metadata=_limits(choices=ACCUMULATION_POLICIES))
     # memory levers

@@ -123,7 +123,8 @@ class AttnHybridStrategy(SplitStateCheckpoints, HybridParallelism, ParallelStrat
         self.setup_precision_plugin()
         share_inf_checks(self.precision_plugin, self.root_device)
         clip_across_ranks(self.precision_plugin, lambda norm: self.lightning_module.log(GRAD_NORM, norm),
-                          stage_group=self.meshes.group("pp") if self.pipeline is not None else None)
+                          stage_group=self.meshes.group("pp") if self.pipeline is not None else None,
+                          master_weights=self.master_weights)
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 

@@ -235,7 +235,8 @@ def test_no_room_for_a_checkpoint_is_refused(monkeypatch, tmp_path):
 @pytest.mark.parametrize("field, value", [("tp", True), ("dp_shard", "2"), ("sequence_parallel", "true"),
                                           ("cp_min_seq_len", -1), ("intra_node_gbps", -1.0),
                                           ("inter_node_gbps", 0), ("ranks_per_node", 0), ("ac_every_n", 1.5),
-                                          ("offload_activations", 1), ("hierarchical", "sometimes")])
+                                          ("offload_activations", 1), ("hierarchical", "sometimes"),
+                                          ("fused_master_step", "yes")])
 def test_parallel_plan_checks_the_type_and_range_of_every_field(field, value):
     with pytest.raises(PlanError) as info:
         ParallelPlan(**{field: value})

@@ -8,6 +8,11 @@ parallelism (the reducer, in the masters' dtype), tp x dp, cp x dp, ep x dp (MoE
 (FSDP2's MixedPrecisionPolicy). A checkpoint holds the masters and resumes bit for bit, and the
 copies are refreshed once per optimizer step however many micro-batches it has. The real
 bf16-on-fp32 path runs one process on the CPU.
+
+On one rank no bucket reduces the masters' gradients, and AdamW/Adam steps are taken by the fused
+master step (parallel/master_adamw.py): the same runs with fused_master_step=False are its
+reference, with weight decay, a schedule, clipping and accumulation in either dtype, and a
+checkpoint of either path resumes on the other.
 """
 from __future__ import annotations
 
@@ -90,7 +95,9 @@ def train(model: dict, plan: dict, accumulate: int, world: int, rank: int = 0) -
                             callbacks=[dtypes])
     trainer.fit(module, loader(FixedTokens(), GLOBAL_BATCH // dp // accumulate, replicas=dp,
                                rank=rank // tp_cp))
-    return {"params": params_of(module), "compute": dtypes.compute, "optimizer": dtypes.optimizer}
+    masters = trainer.strategy.master_weights  # None under FSDP2
+    return {"params": params_of(module), "compute": dtypes.compute, "optimizer": dtypes.optimizer,
+            "fused": masters is not None and masters.fused_optimizer is not None}
 
 
 def _worker(rank: int, world: int) -> dict:
@@ -106,8 +113,10 @@ def results():
 def test_master_weights_on_n_ranks_equal_one_process(results, name):
     model, plan, accumulate = CASES[name]
     reference = train(model, plan, accumulate, 1)
+    assert reference["fused"]  # one process: the fused master step (parallel/master_adamw.py) ...
     for rank, result in enumerate(results):
         r = result[name]
+        assert not r["fused"]  # ... and torch's AdamW where buckets reduce the masters' gradients
         if not plan.get("dp_shard"):  # replicated: the module computes on the copies
             assert r["compute"] == {compute_dtype(model)}, (name, r["compute"])
         assert r["optimizer"] == {torch.float64}, (name, r["optimizer"])  # masters and states
@@ -204,3 +213,261 @@ def test_bf16_mixed_master_weights_compute_in_bf16_and_keep_fp32_masters():
     assert dtypes.compute == {torch.bfloat16} and dtypes.optimizer == {torch.float32}
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert recorder.losses[4] < recorder.losses[0] - 0.1, recorder.losses  # the same batch, an epoch later
+
+
+# ---------------------------------------------------------------------------- the fused step
+# parallel/master_adamw.py: on one rank (no bucket holds a master) torch's Adam/AdamW over the
+# masters is replaced by one update per master from its gradient parts, writing its compute copy.
+# The same run on the unfused path (fused_master_step=False) is the reference.
+class AdamModule(lap.CausalLMModule):
+    """torch's Adam (L2 weight decay) instead of AdamW, with the same groups and schedule."""
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        adamw = config["optimizer"]
+        adam = torch.optim.Adam([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                 for g in adamw.param_groups], lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        assert not any(g["decoupled_weight_decay"] for g in adam.param_groups)
+        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
+            adam, config["lr_scheduler"]["scheduler"].lr_lambdas[0])
+        config["optimizer"] = adam
+        return config
+
+
+class OptimizerStates(L.Callback):
+    """The optimizer's state at the end, in parameter order, and the gradient norms logged."""
+
+    def __init__(self) -> None:
+        self.states: list[dict] = []
+        self.norms: list[float] = []
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+        norm = trainer.callback_metrics.get("train/grad_norm")
+        if norm is not None:
+            self.norms.append(float(norm))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        opt = trainer.optimizers[0]
+        self.states = [{k: v.clone() for k, v in opt.state[p].items()}
+                       for group in opt.param_groups for p in group["params"]]
+
+
+FUSED_CASES = {  # name: (module class, Trainer arguments, plan)
+    "adamw": (lap.CausalLMModule, {}, {}),
+    "adam_l2": (AdamModule, {}, {}),
+    "adamw_clipped": (lap.CausalLMModule, dict(gradient_clip_val=0.05), {}),
+    "adam_clipped": (AdamModule, dict(gradient_clip_val=0.05), {}),
+    "accumulate_in_master": (lap.CausalLMModule, dict(accumulate_grad_batches=2), {}),
+    "accumulate_in_compute": (lap.CausalLMModule, dict(accumulate_grad_batches=2),
+                              dict(accumulate_grads_in="compute")),
+    "accumulate_clipped": (lap.CausalLMModule, dict(accumulate_grad_batches=2, gradient_clip_val=0.05), {}),
+}
+
+
+def fit_one(cls, trainer_args: dict, plan: dict, fused: bool, steps: int = STEPS, ckpt=None, save=None,
+            callbacks=()):
+    L.seed_everything(0, verbose=False)
+    module = cls(ModelConfig(**LLAMA), lr=1e-2, warmup_steps=2, total_steps=4)
+    module.configure_model()
+    states = OptimizerStates()
+    trainer = quiet_trainer(strategy=lap.AttnHybridStrategy(plan=dict(MASTERS, fused_master_step=fused, **plan)),
+                            devices=1, max_steps=steps, plugins=[precision()], callbacks=[states, *callbacks],
+                            **trainer_args)
+    trainer.fit(module, loader(FixedTokens(n=16), 2), ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    masters = trainer.strategy.master_weights
+    assert (masters.fused_optimizer is not None) == fused  # the path under test was taken
+    return {"params": params_of(module), "states": states.states, "norms": states.norms}
+
+
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_master_step_equals_torch_adam_over_the_masters(name):
+    cls, trainer_args, plan = FUSED_CASES[name]
+    fused, reference = (fit_one(cls, trainer_args, plan, f) for f in (True, False))
+    if "gradient_clip_val" in trainer_args:  # the clipping was active, and reported alike
+        assert min(reference["norms"]) > trainer_args["gradient_clip_val"], reference["norms"]
+        for a, b in zip(fused["norms"], reference["norms"], strict=True):
+            assert a == pytest.approx(b, rel=1e-10)
+    for key, expected in reference["params"].items():
+        assert fused["params"][key].dtype == torch.float64
+        assert_close(fused["params"][key], expected, 1e-10, name=f"{name} {key}")
+    assert len(fused["states"]) == len(reference["states"])
+    for i, (a, b) in enumerate(zip(fused["states"], reference["states"])):
+        assert list(a) == list(b) == ["step", "exp_avg", "exp_avg_sq"], (list(a), list(b))
+        assert a["step"].dtype == b["step"].dtype and a["step"].device == b["step"].device
+        assert torch.equal(a["step"], b["step"]), (i, a["step"], b["step"])
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert a[k].dtype == b[k].dtype == torch.float64
+            assert_close(a[k], b[k], 1e-10, name=f"{name} state {i} {k}")
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["fused_then_unfused", "unfused_then_fused"])
+def test_a_checkpoint_resumes_on_the_other_path_bit_for_bit(tmp_path, first):
+    """Two steps on one path, saved; two more on the other: the masters and optimizer states
+    equal four uninterrupted steps on the second path, bit for bit."""
+    cls, epoch = lap.CausalLMModule, dict(limit_train_batches=2)  # saved at an epoch's end
+    fit_one(cls, epoch, {}, first, steps=2, save=f"{tmp_path}/ckpt")
+    resumed = fit_one(cls, epoch, {}, not first, steps=4, ckpt=f"{tmp_path}/ckpt")
+    whole = fit_one(cls, epoch, {}, not first, steps=4)
+    for key, value in whole["params"].items():
+        assert torch.equal(resumed["params"][key], value), key
+    for a, b in zip(resumed["states"], whole["states"], strict=True):
+        for k in b:
+            assert torch.equal(a[k], b[k]), k
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class PoisonedGradient(lap.CausalLMModule):
+    """A finite loss whose gradient is NaN at optimizer step 2."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step + 1 == 2:
+            loss = loss + NaNGradient.apply(next(self.parameters())).sum() * 0
+        return loss
+
+
+def test_the_nonfinite_guard_names_a_nan_gradient_under_the_fused_step():
+    from lightning_attn_parallel.callbacks.nonfinite import NonFiniteGuard, NonFiniteStep
+
+    with pytest.raises(NonFiniteStep, match=r"^step 2 is not finite: gradient norm on rank 0;"):
+        fit_one(PoisonedGradient, dict(log_every_n_steps=1), {}, True, steps=4, callbacks=[NonFiniteGuard()])
+
+
+def _fabric_fit(fused: bool) -> dict:
+    from lightning_attn_parallel.precision import FabricMasterWeightsPrecision
+
+    L.seed_everything(0, verbose=False)
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[FabricMasterWeightsPrecision(torch.float32, torch.float64)],
+                      strategy=lap.fabric.AttnHybridFabricStrategy(plan=dict(MASTERS, fused_master_step=fused)))
+    fabric.launch()
+    model = fabric.setup_module(make_module(LLAMA).model)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    assert (fabric.strategy.master_weights.fused_optimizer is not None) == fused
+    norms = []
+    for batch in list(loader(FixedTokens(n=16), 4))[:3]:
+        loss, _ = lap.fabric.training_loss(fabric, model, batch)
+        fabric.backward(loss)
+        norms.append(float(fabric.clip_gradients(model, optimizer, max_norm=0.05)))
+        optimizer.step()
+        optimizer.zero_grad()
+    with fabric.strategy.masters_in_place():
+        return {"params": params_of(model), "norms": norms}
+
+
+def test_fused_master_step_under_fabric_clips_as_torch_adamw():
+    fused, reference = _fabric_fit(True), _fabric_fit(False)
+    assert min(reference["norms"]) > 0.05, reference["norms"]  # every step clipped
+    assert fused["norms"] == pytest.approx(reference["norms"], rel=1e-10)
+    for key, expected in reference["params"].items():
+        assert_close(fused["params"][key], expected, 1e-10, name=key)
+
+
+class Materialize(L.Callback):
+    """A reader of the masters' `.grad` before the step (and before clipping)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        masters = trainer.strategy.master_weights
+        masters.materialize_grads()
+        self.seen += sum(m.grad is not None for m in masters.master_params)
+
+
+def test_materialized_gradients_step_as_the_unfused_path():
+    """materialize_grads() puts the parts into master.grad: clipping and torch's own step then
+    take them, and the copies are refreshed, as on the unfused path."""
+    args = dict(accumulate_grad_batches=2, gradient_clip_val=0.05)
+    reader = Materialize()
+    fused = fit_one(lap.CausalLMModule, args, {}, True, callbacks=[reader])
+    reference = fit_one(lap.CausalLMModule, args, {}, False)
+    assert reader.seen == STEPS * len(fused["params"])
+    assert fused["norms"] == pytest.approx(reference["norms"], rel=1e-10)
+    for key, expected in reference["params"].items():
+        assert_close(fused["params"][key], expected, 1e-10, name=key)
+
+
+def test_a_skipped_nonfinite_step_leaves_the_masters_alone_under_the_fused_step():
+    from lightning_attn_parallel.callbacks.nonfinite import NonFiniteGuard
+
+    fused, reference = (fit_one(PoisonedGradient, {}, {}, f, steps=3, callbacks=[NonFiniteGuard(skip_nonfinite=1)])
+                        for f in (True, False))
+    for key, expected in reference["params"].items():
+        assert torch.isfinite(fused["params"][key]).all(), key
+        assert_close(fused["params"][key], expected, 1e-10, name=key)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam])
+def test_step_masters_with_steps_beside_the_parameters_matches_torch_fused(cls):
+    """fused=True keeps `step` beside the parameters (here the CPU): the bias corrections, the
+    learning rate and the clipping multiplier reach the update as 0-dim tensors, the form the
+    compiled CUDA kernel takes; torch's fused kernel over the summed gradients is the reference."""
+    from lightning_attn_parallel.parallel.master_adamw import step_masters
+
+    torch.manual_seed(0)
+    shapes = [(5, 7), (13,)]
+    masters = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    twins = [torch.nn.Parameter(m.detach().clone()) for m in masters]
+    opt, ref = (cls(ps, lr=1e-2, weight_decay=0.1, fused=True) for ps in (masters, twins))
+    copies = [torch.empty(s, dtype=torch.float32) for s in shapes]
+    for k in range(1, 4):
+        for o in (opt, ref):
+            o.param_groups[0]["lr"] = 1e-2 * k  # as a scheduler would
+        grads = [torch.randn(s, dtype=torch.float32) for s in shapes]
+        held = [torch.randn(s, dtype=torch.float64) if k > 1 else None for s in shapes]
+        multiplier = torch.tensor(0.5, dtype=torch.float64)
+        for t, g, h in zip(twins, grads, held):
+            t.grad = (g.double() if h is None else h + g) * multiplier
+        ref.step()
+        step_masters(opt, {id(m): (m, h, g, c) for m, h, g, c in zip(masters, held, grads, copies)}, multiplier)
+    for m, t, c in zip(masters, twins, copies):
+        assert_close(m, t, 1e-12, name="master")
+        assert torch.equal(c, m.detach().float())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(opt.state[m][key], ref.state[t][key], 1e-12, name=key)
+        a, b = opt.state[m]["step"], ref.state[t]["step"]
+        assert (a.dtype, a.device, float(a)) == (b.dtype, b.device, float(b)) == (torch.float32, b.device, 3.0)
+
+
+def test_clipping_then_materializing_gives_the_clipped_gradients():
+    """clip_ before materialize_grads: master.grad holds the held sum plus the copy's gradient,
+    times the coefficient, as the unfused path's clipped gradient."""
+    from lightning_attn_parallel.parallel.clipping import clip_grad_norm_
+    from lightning_attn_parallel.parallel.master_weights import MasterWeights
+
+    torch.manual_seed(0)
+    grads = {}
+    for fused in (True, False):
+        module = torch.nn.Linear(4, 3).double()
+        module.load_state_dict({k: torch.ones_like(v) for k, v in module.state_dict().items()})
+        masters = MasterWeights(module, torch.float32)
+        optimizer = torch.optim.AdamW(masters.master_params)
+        masters.fused_optimizer = optimizer if fused else None
+        for synced, seed in ((False, 1), (True, 2)):  # two micro-batches
+            masters.synced = synced
+            module(torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
+            if synced:
+                masters.flush()
+        if fused:
+            norm = masters.clip_(0.01)
+            masters.materialize_grads()
+            assert not masters.holds_step_gradients(optimizer)
+        else:
+            norm = clip_grad_norm_(masters.master_params, 0.01)
+        assert norm > 0.01
+        grads[fused] = [m.grad.clone() for m in masters.master_params]
+    for a, b in zip(grads[True], grads[False], strict=True):
+        assert torch.equal(a, b)

@@ -82,6 +82,9 @@ class NonFiniteGuard(Callback):
             grads = [g.to_local() if isinstance(g, DTensor) else g
                      for g in (p.grad for group in optimizer.param_groups for p in group["params"])
                      if g is not None]
+            masters = _fused_masters(trainer, optimizer)
+            if masters is not None:  # gradient parts held aside for the fused step
+                grads += [g for _, held, grad in masters.step_gradients() for g in (held, grad) if g is not None]
         if grads:  # one pass over the gradients, as the clipping norm's
             self._flag(GRAD, ~torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()))
         if self.skip_nonfinite:
@@ -135,6 +138,9 @@ class NonFiniteGuard(Callback):
         for group in optimizer.param_groups:  # no gradient: the optimizer leaves these alone
             for p in group["params"]:
                 p.grad = None
+        masters = _fused_masters(trainer, optimizer)
+        if masters is not None:  # and nor does the fused step
+            masters.discard_step_gradients()
         if trainer.is_global_zero:
             print(f"warning: skipped step {step}, {_what(kinds)} ({len(self.skipped)} of "
                   f"skip_nonfinite={self.skip_nonfinite})", flush=True)
@@ -169,6 +175,12 @@ def _what(kinds: list[int]) -> str:
         if ranks:
             parts.append(f"{name} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}")
     return ", ".join(parts)
+
+
+def _fused_masters(trainer: L.Trainer, optimizer: torch.optim.Optimizer):
+    """The master weights whose fused step holds `optimizer`'s gradients as parts, or None."""
+    masters = getattr(trainer.strategy, "master_weights", None)
+    return masters if masters is not None and masters.holds_step_gradients(optimizer) else None
 
 
 def _gather(value: torch.Tensor) -> torch.Tensor:

@@ -28,17 +28,32 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
     if not grads and stage_group is None:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
-    group_norms = [_group_norm(group, norm_type) for group in _group_by_mesh(grads).values()]
+    total = total_of([_group_norm(group, norm_type) for group in _group_by_mesh(grads).values()],
+                     norm_type, stage_group)
+    coef = clip_coefficient(total, max_norm)
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g  # same storage under no_grad
+        local.mul_(coef.to(local.device))
+    return total
+
+
+def total_of(group_norms: list[torch.Tensor], norm_type: float,
+             stage_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """The total norm from the norms of groups of gradients (and of the other pipeline stages'):
+    also what master weights' fused step clips by (parallel/master_weights.py `clip_`)."""
+    if not group_norms and stage_group is None:
+        return torch.tensor(0.0)
     device = group_norms[0].device if group_norms else _collective_device(stage_group)
     total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in group_norms]), norm_type) \
         if group_norms else torch.zeros((), device=device)
     if stage_group is not None:
         total = _across_stages(total, norm_type, stage_group)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g  # same storage under no_grad
-        local.mul_(coef.to(local.device))
     return total
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What every gradient is multiplied by so that their total norm is at most `max_norm`."""
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
 def _across_stages(norm: torch.Tensor, norm_type: float, group: dist.ProcessGroup) -> torch.Tensor:
@@ -76,4 +91,4 @@ def _collective_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["clip_grad_norm_"]
+__all__ = ["clip_grad_norm_", "total_of", "clip_coefficient"]

@@ -153,6 +153,10 @@ class GradientReducer:
             for p in bucket.params:
                 p.grad = grad_view_for(p, self._views[id(p)])
 
+    def holds(self, param: nn.Parameter) -> bool:
+        """Whether a bucket holds `param`'s gradient (parameters of one-rank groups are in none)."""
+        return id(param) in self._views
+
     def grad_ready(self, param: nn.Parameter) -> None:
         """`param`'s gradient for this micro-batch is in place (called by its post-accumulate
         hook, or by whoever put it there: master weights add their compute copies' gradients).

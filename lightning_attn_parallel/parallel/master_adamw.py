@@ -1,0 +1,201 @@
+"""One AdamW (or Adam) step of a master weight from its gradient parts, writing its compute copy.
+
+Under master weights an optimizer step used to move, per parameter, 40 bytes: the backward hook
+cast the bf16 gradient into a new fp32 `master.grad` (2 B read, 4 B write), torch's AdamW read
+p, g, m, v and wrote p, m, v (28 B), and the refresh read the fp32 master and wrote the bf16 copy
+(6 B). `adam_update_` does it in one pass over 28 B: it reads the bf16 gradient straight from the
+compute copy (and the fp32 sum of earlier micro-batches, if any), updates p, m, v and writes the
+compute copy. On CUDA it is compiled into a single element-wise kernel.
+
+The arithmetic is torch's `_single_tensor_adam` in the same order, and the optimizer's state
+stays torch's (`{"step", "exp_avg", "exp_avg_sq"}`, `step` placed as torch places it for the
+group's `fused`/`capturable` setting), so a checkpoint written by either path resumes on the
+other. `fuses` decides in one place whether an optimizer's step can be taken this way.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Union
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+Scalar = Union[float, torch.Tensor]
+
+
+@torch.no_grad()
+def adam_update_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 held: Optional[torch.Tensor], grad: Optional[torch.Tensor],
+                 multiplier: Optional[torch.Tensor], copy: Optional[torch.Tensor], lr: Scalar,
+                 beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+                 bias_correction1: Scalar, bias_correction2_sqrt: Scalar) -> None:
+    """One Adam(W) step of `param` in place, with its moments, then its compute copy `copy`.
+
+    The gradient is `held` (earlier micro-batches' sum, in the master's dtype) plus `grad` (the
+    compute copy's, in its dtype), either may be None, times `multiplier` (the clipping
+    coefficient; None for 1). `decoupled`: AdamW's weight decay, else Adam's L2 term. `lr` and
+    the bias corrections are Python floats (eager, exactly torch's scalars) or 0-dim tensors on
+    `param`'s device (compiled: a new learning rate is a new value, not a new graph)."""
+    if held is None:
+        g = grad.to(param.dtype)
+    elif grad is None:
+        g = held
+    else:
+        g = held.add(grad)  # as `master.grad.add_(copy.grad)` promotes
+    if multiplier is not None:
+        g = g.mul(multiplier)
+    if weight_decay != 0:
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(param, alpha=weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    step_size = lr / bias_correction1
+    if isinstance(step_size, torch.Tensor):
+        param.add_((exp_avg / denom) * step_size.neg())  # addcdiv_'s value takes a Number only
+    else:
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+    if copy is not None:
+        copy.copy_(param)
+
+
+# Compiled rather than a hand-written Triton kernel: the update is purely element-wise, and
+# inductor already emits exactly this pointwise kernel (one load of each input, one store of p,
+# m, v and the copy), with none of a hand-written kernel's dtype and layout cases to maintain.
+# dynamic=True: one graph for every parameter size.
+_compiled = None
+
+
+def _update_for(device: torch.device):
+    global _compiled
+    if device.type != "cuda":
+        return adam_update_
+    if _compiled is None:
+        _compiled = torch.compile(adam_update_, dynamic=True)
+    return _compiled
+
+
+# ---------------------------------------------------------------------------- when it applies
+def fuses(optimizer: torch.optim.Optimizer, masters, reducer=None, enabled: bool = True) -> bool:
+    """Whether `optimizer`'s steps can be taken by `adam_update_` from `masters`' gradient parts:
+    the plan allows it; the optimizer is exactly torch's Adam or AdamW without amsgrad, maximize,
+    differentiable or tensor hyperparameters; it holds every trainable master of `masters` and
+    nothing else, all plain tensors; and no reducer bucket holds one of them (a bucket needs the
+    master's gradient in place, to reduce it)."""
+    if not enabled or masters is None or type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    params = []
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):
+            return False
+        if any(isinstance(v, torch.Tensor) for v in (group["lr"], *group["betas"], group["weight_decay"])):
+            return False
+        params += group["params"]
+    trainable = [m for m in masters.master_params if m.requires_grad]
+    if len(params) != len(trainable) or {id(p) for p in params} != {id(m) for m in trainable}:
+        return False
+    if any(isinstance(p, DTensor) or not p.is_contiguous() for p in params):
+        return False
+    return reducer is None or not any(reducer.holds(p) for p in params)
+
+
+# ---------------------------------------------------------------------------- the optimizer's step
+@torch.no_grad()
+def step_masters(optimizer: torch.optim.Optimizer, parts: dict, multiplier: Optional[torch.Tensor]) -> None:
+    """Adam(W) over every master in `parts` ({id(master): (master, held, grad, copy)}), with the
+    hyperparameters `optimizer.param_groups` hold now (the scheduler's learning rate), updating
+    `optimizer.state` exactly as torch's step would."""
+    for group in optimizer.param_groups:
+        todo = [parts[id(p)] for p in group["params"] if id(p) in parts]
+        if not todo:
+            continue
+        states = [_state(optimizer, group, master) for master, *_ in todo]
+        steps = [state["step"] for state in states]
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        decoupled = type(optimizer) is torch.optim.AdamW or bool(group.get("decoupled_weight_decay"))
+        device = todo[0][0].device
+        if group["fused"] or group["capturable"]:
+            # the steps live beside the parameters: so do the bias corrections (no host sync)
+            torch._foreach_add_(steps, 1)
+            dtype = todo[0][0].dtype  # in the masters' precision (float32 steps, float64 masters)
+            exponents = steps if steps[0].dtype == dtype else [s.to(dtype) for s in steps]
+            bc1 = torch._foreach_pow(beta1, exponents)
+            torch._foreach_neg_(bc1)
+            torch._foreach_add_(bc1, 1)
+            bc2 = torch._foreach_pow(beta2, exponents)
+            torch._foreach_neg_(bc2)
+            torch._foreach_add_(bc2, 1)
+            torch._foreach_sqrt_(bc2)
+            lrs = [_on(device, dtype, lr)] * len(todo)  # a fill, not a host-to-device copy
+        else:  # torch's own arithmetic on the host (the steps live on the CPU)
+            for step in steps:
+                step += 1
+            values = [step.item() for step in steps]
+            bc1 = [1 - beta1 ** s for s in values]
+            bc2 = [(1 - beta2 ** s) ** 0.5 for s in values]
+            lrs = [lr] * len(todo)
+            if device.type != "cpu":  # 0-dim device tensors, one per distinct value
+                dtype, made = todo[0][0].dtype, {}
+                for v in (lr, *bc1, *bc2):
+                    if v not in made:
+                        made[v] = _on(device, dtype, v)
+                lrs, bc1, bc2 = ([made[v] for v in vs] for vs in (lrs, bc1, bc2))
+        update = _update_for(device)
+        mult = multiplier
+        if mult is not None:
+            mult = mult.to(device=device, dtype=todo[0][0].dtype)
+        elif device.type != "cpu":
+            mult = _on(device, todo[0][0].dtype, 1.0)  # one graph, clipped or not
+        for (master, held, grad, copy), state, l, b1, b2 in zip(todo, states, lrs, bc1, bc2):
+            p, m, v, h, g, c = _flat(master, state["exp_avg"], state["exp_avg_sq"], held, grad, copy)
+            update(p, m, v, h, g, mult, c, l, beta1, beta2, group["eps"], group["weight_decay"], decoupled, b1, b2)
+
+
+def _on(device: torch.device, dtype: torch.dtype, value: float) -> torch.Tensor:
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def _state(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor) -> dict:
+    """`optimizer.state[p]`, created as torch's Adam creates it on a parameter's first step."""
+    state = optimizer.state[p]
+    if len(state) == 0:
+        state["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
+                         if group["capturable"] or group["fused"]
+                         else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu"))
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+def _flat(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """1-d views of all (one compiled graph for every parameter shape), or, if one is not
+    contiguous, all as they are."""
+    present = [t.detach() if t is not None else None for t in tensors]
+    if all(t is None or t.is_contiguous() for t in present):
+        return [t.view(-1) if t is not None else None for t in present]
+    return present
+
+
+# ---------------------------------------------------------------------------- gradients' norm
+@torch.no_grad()
+def parts_norm(parts: Iterable[tuple], norm_type: float, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The `norm_type` norm of every master's gradient `held + grad` (parts as in step_masters),
+    accumulated in `dtype` (the masters': bf16 -> fp32 is exact), without writing the sums."""
+    singles, summed = [], []
+    for _, held, grad, _ in parts:
+        if held is not None and grad is not None:
+            summed.append(torch.linalg.vector_norm(held.add(grad), norm_type, dtype=dtype))
+        elif held is not None or grad is not None:
+            singles.append(held if held is not None else grad)
+    norms = list(torch._foreach_norm(singles, norm_type, dtype=dtype)) if singles else []
+    norms += summed
+    if not norms:
+        return None
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+__all__ = ["adam_update_", "fuses", "step_masters", "parts_norm"]
