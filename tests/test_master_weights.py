@@ -471,3 +471,27 @@ def test_clipping_then_materializing_gives_the_clipped_gradients():
         grads[fused] = [m.grad.clone() for m in masters.master_params]
     for a, b in zip(grads[True], grads[False], strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_fused_update_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch):
+    """If compiling the update fails on a machine, the step is taken eagerly (the same numbers)
+    with a warning, and later steps go straight to the eager update."""
+    from lightning_attn_parallel.parallel import master_adamw
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(master_adamw, "_compiled", None)
+    update = master_adamw._compiled_or_eager(broken)
+    torch.manual_seed(0)
+    tensors = [torch.randn(16, dtype=torch.float64) for _ in range(2)]
+    expected = [t.clone() for t in tensors]
+    m, v = torch.zeros(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+    m2, v2 = m.clone(), v.clone()
+    grad = torch.randn(16, dtype=torch.float32)
+    args = (0.1, 0.9, 0.999, 1e-8, 0.01, True, 0.1, 0.001 ** 0.5)
+    with pytest.warns(UserWarning, match="could not be compiled.*no compiler here"):
+        update(tensors[0], m, v, None, grad, None, None, *args)
+    master_adamw.adam_update_(expected[0], m2, v2, None, grad, None, None, *args)
+    assert torch.equal(tensors[0], expected[0]) and torch.equal(m, m2) and torch.equal(v, v2)
+    assert master_adamw._compiled is master_adamw.adam_update_

@@ -14,7 +14,7 @@ other. `fuses` decides in one place whether an optimizer's step can be taken thi
 """
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
@@ -74,8 +74,25 @@ def _update_for(device: torch.device):
     if device.type != "cuda":
         return adam_update_
     if _compiled is None:
-        _compiled = torch.compile(adam_update_, dynamic=True)
+        _compiled = _compiled_or_eager(torch.compile(adam_update_, dynamic=True))
     return _compiled
+
+
+def _compiled_or_eager(compiled):
+    """The compiled update, or, if compiling it fails on this machine (a compile error is raised
+    before any tensor is written), the same update run eagerly from then on, with one warning:
+    the step stays exact, only slower."""
+    def update(*args) -> None:
+        global _compiled
+        try:
+            compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compile failure; the eager path is the reference
+            warnings.warn(f"the fused master step could not be compiled ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]}); running it eagerly")
+            _compiled = adam_update_
+            adam_update_(*args)
+
+    return update
 
 
 # ---------------------------------------------------------------------------- when it applies
