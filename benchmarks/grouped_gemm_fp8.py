@@ -22,20 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cuda_timing import timed_ms  # noqa: E402
 from lightning_attn_parallel.models.deepseek import grouped_swiglu  # noqa: E402
-
-
-def timed_ms(fn, warmup: int = 5, iters: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def fp8_swiglu(x: torch.Tensor, offs: torch.Tensor, w1_t: torch.Tensor, w3_t: torch.Tensor,
@@ -91,7 +79,7 @@ def main() -> None:
     for name, fn in (("bf16 grouped_mm", bf16), ("fp8 rowwise, weights stored (E, F, D)", fp8_free),
                      ("fp8 rowwise, from the model's (E, D, F) layout", fp8_copy)):
         try:
-            ms = timed_ms(fn)
+            ms = timed_ms(fn, warmup=5, iters=20)
             result[name] = {"ms_per_layer": ms, "ms_per_step": ms * args.moe_layers}
         except Exception as err:  # noqa: BLE001 - report the row, keep the others
             result[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cuda_timing import timed_ms  # noqa: E402
 from lightning_attn_parallel.parallel.master_adamw import step_masters  # noqa: E402
 
 
@@ -28,19 +29,6 @@ def shapes(moe: bool) -> list[tuple[int, ...]]:
         return [(64, d, 1408), (64, d, 1408), (64, 1408, d)] * 3 + [(102400, d)] * 2
     layer = [(d, d), (256, d), (256, d), (d, d), (5632, d), (5632, d), (d, 5632), (d,), (d,)]
     return layer * 22 + [(32000, d), (32000, d), (d,)]
-
-
-def timed_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> None:
