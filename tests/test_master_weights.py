@@ -495,3 +495,24 @@ def test_a_fused_update_that_cannot_compile_runs_eagerly_with_one_warning(monkey
     master_adamw.adam_update_(expected[0], m2, v2, None, grad, None, None, *args)
     assert torch.equal(tensors[0], expected[0]) and torch.equal(m, m2) and torch.equal(v, v2)
     assert master_adamw._compiled is master_adamw.adam_update_
+
+
+def test_a_failed_compile_is_tried_once_not_per_tensor(monkeypatch):
+    """The rest of the step that saw the failure (which still holds the wrapper) runs eagerly
+    without compiling again."""
+    from lightning_attn_parallel.parallel import master_adamw
+
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(master_adamw, "_compiled", None)
+    update = master_adamw._compiled_or_eager(broken)
+    args = (0.1, 0.9, 0.999, 1e-8, 0.01, True, 0.1, 0.001 ** 0.5)
+    with pytest.warns(UserWarning, match="could not be compiled"):
+        for _ in range(3):
+            p, m, v = (torch.zeros(4, dtype=torch.float64) for _ in range(3))
+            update(p, m, v, None, torch.ones(4), None, None, *args)
+    assert len(calls) == 1

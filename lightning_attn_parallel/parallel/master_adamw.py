@@ -84,12 +84,15 @@ def _compiled_or_eager(compiled):
     the step stays exact, only slower."""
     def update(*args) -> None:
         global _compiled
+        nonlocal compiled
         try:
             compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compile failure; the eager path is the reference
             warnings.warn(f"the fused master step could not be compiled ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200]}); running it eagerly")
-            _compiled = adam_update_
+            # later steps look the update up again; this step's remaining tensors already hold
+            # this wrapper, which must not try to compile once per tensor
+            _compiled = compiled = adam_update_
             adam_update_(*args)
 
     return update
