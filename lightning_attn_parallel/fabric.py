@@ -201,22 +201,21 @@ class AttnHybridFabricStrategy(HybridParallelism, ParallelStrategy):
 
     def clip_gradients_value(self, module: nn.Module, optimizer: Optimizer, clip_val: Union[float, int]) -> None:
         """Per element: under master weights' fused step the gradients are first put in place."""
-        masters = self.master_weights
-        if masters is not None and masters.holds_step_gradients(optimizer):
-            masters.materialize_grads()
+        from .parallel.master_weights import holding
+
+        held = holding(self.master_weights, optimizer)
+        if held is not None:
+            held.materialize_grads()
         super().clip_gradients_value(module, optimizer, clip_val)
 
     def clip_gradients_norm(self, module: nn.Module, optimizer: Optimizer, max_norm: Union[float, int],
                             norm_type: Union[float, int] = 2.0, error_if_nonfinite: bool = True) -> torch.Tensor:
         """By the norm over every rank and mesh (parallel/clipping.py): tp, ep and FSDP2 shards."""
-        from .parallel.clipping import clip_grad_norm_
+        from .parallel.clipping import clip_step_grad_norm_
 
         self.precision.unscale_gradients(optimizer)
-        masters = self.master_weights
-        if masters is not None and masters.holds_step_gradients(optimizer):  # the fused step's parts
-            norm = masters.clip_(max_norm, norm_type)
-        else:
-            norm = clip_grad_norm_(self.precision.main_params(optimizer), max_norm, norm_type)
+        norm = clip_step_grad_norm_(self.precision.main_params(optimizer), optimizer, max_norm, norm_type,
+                                    master_weights=self.master_weights)
         if error_if_nonfinite and not torch.isfinite(norm):
             raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {norm.item()}: "
                                "pass error_if_nonfinite=False to clip anyway")

@@ -65,13 +65,12 @@ def clip_across_ranks(precision_plugin: Precision, on_norm: Callable[[torch.Tens
     applied by the fused update (parallel/master_weights.py `clip_`)."""
     from lightning.pytorch.utilities import GradClipAlgorithmType
 
-    from .parallel.clipping import clip_grad_norm_
+    from .parallel.clipping import clip_step_grad_norm_
+    from .parallel.master_weights import holding
 
     def clip_grad_by_norm(optimizer, clip_val) -> None:
-        if master_weights is not None and master_weights.holds_step_gradients(optimizer):
-            on_norm(master_weights.clip_(clip_val, stage_group=stage_group))
-            return
-        on_norm(clip_grad_norm_(precision_plugin.main_params(optimizer), clip_val, stage_group=stage_group))
+        on_norm(clip_step_grad_norm_(precision_plugin.main_params(optimizer), optimizer, clip_val,
+                                     stage_group=stage_group, master_weights=master_weights))
 
     def clip_gradients(optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
         if getattr(precision_plugin, "scaler", None) is None:  # nothing unscales inside the optimizer
@@ -79,8 +78,9 @@ def clip_across_ranks(precision_plugin: Precision, on_norm: Callable[[torch.Tens
         return type(precision_plugin).clip_gradients(precision_plugin, optimizer, clip_val, gradient_clip_algorithm)
 
     def clip_grad_by_value(optimizer, clip_val) -> None:
-        if master_weights is not None and master_weights.holds_step_gradients(optimizer):
-            master_weights.materialize_grads()  # per element: the gradients must be in place
+        held = holding(master_weights, optimizer)
+        if held is not None:
+            held.materialize_grads()  # per element: the gradients must be in place
         Precision.clip_grad_by_value(precision_plugin, optimizer, clip_val)
 
     precision_plugin.clip_grad_by_norm = clip_grad_by_norm

@@ -37,6 +37,20 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
     return total
 
 
+def clip_step_grad_norm_(parameters: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, max_norm: float,
+                         norm_type: float = 2.0, stage_group: Optional[dist.ProcessGroup] = None,
+                         master_weights=None) -> torch.Tensor:
+    """`clip_grad_norm_` over `optimizer`'s `parameters`, or, while master weights' fused step
+    holds their gradients as parts (parallel/master_weights.py), the parts' norm, whose
+    coefficient the fused update applies. The Trainer's and Fabric's clipping both call this."""
+    from .master_weights import holding
+
+    held = holding(master_weights, optimizer)
+    if held is not None:
+        return held.clip_(max_norm, norm_type, stage_group=stage_group)
+    return clip_grad_norm_(parameters, max_norm, norm_type, stage_group=stage_group)
+
+
 def total_of(group_norms: list[torch.Tensor], norm_type: float,
              stage_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """The total norm from the norms of groups of gradients (and of the other pipeline stages'):
@@ -91,4 +105,4 @@ def _collective_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["clip_grad_norm_", "total_of", "clip_coefficient"]
+__all__ = ["clip_grad_norm_", "clip_step_grad_norm_", "total_of", "clip_coefficient"]

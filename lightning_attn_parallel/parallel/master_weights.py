@@ -236,6 +236,12 @@ class MasterWeights:
         self.casts += 1
 
 
+def holding(masters: Optional[MasterWeights], optimizer: torch.optim.Optimizer) -> Optional[MasterWeights]:
+    """`masters` when its fused step holds `optimizer`'s gradients as parts this step, else None:
+    the check every reader of the step's gradients (clipping, the non-finite guard) makes first."""
+    return masters if masters is not None and masters.holds_step_gradients(optimizer) else None
+
+
 def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside Lightning's (`_optimizer`) or Fabric's (`optimizer`) wrapper."""
     for attr in ("_optimizer", "optimizer"):
@@ -247,4 +253,4 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-__all__ = ["MasterWeights", "ACCUMULATION_DTYPES"]
+__all__ = ["MasterWeights", "ACCUMULATION_DTYPES", "holding"]
