@@ -473,6 +473,57 @@ def test_clipping_then_materializing_gives_the_clipped_gradients():
         assert torch.equal(a, b)
 
 
+def group(params, exp_avgs, exp_avg_sqs, grad, args) -> tuple:
+    """`adam_update_group_`'s arguments for one gradient and no held sum, clipping or copy, from
+    `adam_update_`'s scalars `args` (lr, beta1, beta2, eps, weight_decay, decoupled, bc1, bc2)."""
+    lr, beta1, beta2, eps, weight_decay, decoupled, bc1, bc2 = args
+    n = len(params)
+    return (params, exp_avgs, exp_avg_sqs, [None] * n, [grad] * n, None, [None] * n, [lr] * n,
+            beta1, beta2, eps, weight_decay, decoupled, [bc1] * n, [bc2] * n)
+
+
+def test_the_compiled_step_takes_a_few_graphs_for_a_whole_model_and_none_after_the_first_step(monkeypatch):
+    """The update is compiled over groups of tensors of one signature: a Llama's parameters take
+    one graph per group length (not one per shape or per tensor), a later step with a new learning
+    rate compiles nothing, and the numbers are torch's fused AdamW's."""
+    from torch._dynamo.testing import CompileCounter
+
+    from lightning_attn_parallel.parallel import master_adamw
+
+    counter = CompileCounter()
+    monkeypatch.setattr(master_adamw, "_compiled", None)
+    monkeypatch.setattr(master_adamw, "_compiles", lambda device: True)
+    monkeypatch.setattr(master_adamw, "_BACKEND", counter)
+    torch._dynamo.reset()
+    dim, kv, ffn, vocab, layers = 16, 8, 24, 40, 8
+    per_layer = [(dim,), (dim, dim), (kv, dim), (kv, dim), (dim, dim), (dim,), (ffn, dim), (dim, ffn), (ffn, dim)]
+    shapes = [(vocab, dim)] + per_layer * layers + [(dim,), (vocab, dim)]
+    torch.manual_seed(0)
+    masters = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    twins = [torch.nn.Parameter(m.detach().clone()) for m in masters]
+    opt, ref = (torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True) for ps in (masters, twins))
+    copies = [torch.empty(s, dtype=torch.float32) for s in shapes]
+    for k in range(1, 4):
+        for o in (opt, ref):
+            o.param_groups[0]["lr"] = 1e-2 * k  # as a scheduler would
+        grads = [torch.randn(s, dtype=torch.float32) for s in shapes]
+        for t, g in zip(twins, grads):
+            t.grad = g.double()
+        ref.step()
+        master_adamw.step_masters(opt, {id(m): (m, None, g, c) for m, g, c in zip(masters, grads, copies)}, None)
+        if k == 1:
+            graphs = counter.frame_count
+    batches = master_adamw.groups([(m, None, g, c) for m, g, c in zip(masters, grads, copies)])
+    assert len(batches) < len(shapes) / 4
+    assert graphs == len({(len(b), len(shapes[b[0]])) for b in batches})  # lengths x ranks
+    assert counter.frame_count == graphs  # steps 2 and 3: new learning rates, no new graph
+    for m, t, c in zip(masters, twins, copies):
+        assert_close(m, t, 1e-12, name="master")
+        assert torch.equal(c, m.detach().float())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(opt.state[m][key], ref.state[t][key], 1e-12, name=key)
+
+
 def test_a_fused_update_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch):
     """If compiling the update fails on a machine, the step is taken eagerly (the same numbers)
     with a warning, and later steps go straight to the eager update."""
@@ -491,10 +542,10 @@ def test_a_fused_update_that_cannot_compile_runs_eagerly_with_one_warning(monkey
     grad = torch.randn(16, dtype=torch.float32)
     args = (0.1, 0.9, 0.999, 1e-8, 0.01, True, 0.1, 0.001 ** 0.5)
     with pytest.warns(UserWarning, match="could not be compiled.*no compiler here"):
-        update(tensors[0], m, v, None, grad, None, None, *args)
+        update(*group([tensors[0]], [m], [v], grad, args))
     master_adamw.adam_update_(expected[0], m2, v2, None, grad, None, None, *args)
     assert torch.equal(tensors[0], expected[0]) and torch.equal(m, m2) and torch.equal(v, v2)
-    assert master_adamw._compiled is master_adamw.adam_update_
+    assert master_adamw._compiled is master_adamw.adam_update_group_
 
 
 def test_a_failed_compile_is_tried_once_not_per_tensor(monkeypatch):
@@ -514,5 +565,5 @@ def test_a_failed_compile_is_tried_once_not_per_tensor(monkeypatch):
     with pytest.warns(UserWarning, match="could not be compiled"):
         for _ in range(3):
             p, m, v = (torch.zeros(4, dtype=torch.float64) for _ in range(3))
-            update(p, m, v, None, torch.ones(4), None, None, *args)
+            update(*group([p], [m], [v], torch.ones(4), args))
     assert len(calls) == 1

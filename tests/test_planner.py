@@ -114,6 +114,36 @@ def test_state_bytes_bf16_mixed_master_weights_by_hand():
     assert m.activations == true.activations
 
 
+@pytest.mark.parametrize("accumulate,accumulate_in", [(1, "master"), (3, "master"), (3, "compute")])
+def test_the_fused_master_step_holds_the_gradient_bytes_the_planner_counts(accumulate, accumulate_in):
+    """One process under master weights with the fused AdamW step: after the last micro-batch's
+    backward the gradients are the copies' bf16 ones plus, accumulating in the masters, the fp32
+    sum of the earlier micro-batches; the planner counts exactly those bytes (and 4 per parameter
+    on the unfused path, or with data-parallel replicas)."""
+    from lightning_attn_parallel.parallel.master_adamw import fuses
+    from lightning_attn_parallel.parallel.master_weights import MasterWeights
+
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    masters = MasterWeights(model, torch.bfloat16, accumulate=accumulate_in)
+    optimizer = torch.optim.AdamW(masters.master_params)
+    assert fuses(optimizer, masters)
+    masters.fused_optimizer = optimizer
+    for i in range(accumulate):
+        masters.synced = i == accumulate - 1
+        model.logits(torch.randint(TINY.vocab_size, (1, 8))).float().square().mean().backward()
+    masters.flush()
+    held = [t for m, c in masters._pairs for t in (m.grad, c.grad, masters._held.get(id(m)))
+            if t is not None]
+    plan = ParallelPlan(dp_replicate=1, accumulate_grads_in=accumulate_in)
+    estimate = estimate_memory(TINY, plan, 1, 8, "bf16-mixed", H100_SXM, grad_accum=accumulate,
+                               calibration=NO_SLACK)
+    assert estimate.grads == sum(t.numel() * t.element_size() for t in held)
+    for unfused in (replace(plan, fused_master_step=False), ParallelPlan(dp_replicate=2)):
+        assert estimate_memory(TINY, unfused, 1, 8, "bf16-mixed", H100_SXM, grad_accum=accumulate,
+                               calibration=NO_SLACK).grads == PARAMS * 4
+
+
 def test_autocast_weight_copies_live_only_in_blocks_that_are_not_checkpointed():
     """Autocast's bf16 copy of each matmul weight is saved for the backward: 2 bytes for each
     of the 2 x 640 block weights and the 128 head weights; block checkpointing keeps only the head's."""

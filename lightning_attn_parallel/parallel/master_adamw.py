@@ -5,7 +5,8 @@ cast the bf16 gradient into a new fp32 `master.grad` (2 B read, 4 B write), torc
 p, g, m, v and wrote p, m, v (28 B), and the refresh read the fp32 master and wrote the bf16 copy
 (6 B). `adam_update_` does it in one pass over 28 B: it reads the bf16 gradient straight from the
 compute copy (and the fp32 sum of earlier micro-batches, if any), updates p, m, v and writes the
-compute copy. On CUDA it is compiled into a single element-wise kernel.
+compute copy. On CUDA it is compiled into a single element-wise kernel per tensor, launched in
+groups of tensors from one compiled call.
 
 The arithmetic is torch's `_single_tensor_adam` in the same order, and the optimizer's state
 stays torch's (`{"step", "exp_avg", "exp_avg_sq"}`, `step` placed as torch places it for the
@@ -15,9 +16,11 @@ other. `fuses` decides in one place whether an optimizer's step can be taken thi
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
+import torch._dynamo.config as dynamo_config
+import torch.fx.experimental._config as fx_config
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import _get_scalar_dtype
 
@@ -62,19 +65,77 @@ def adam_update_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.T
         copy.copy_(param)
 
 
+@torch.no_grad()
+def adam_update_group_(params: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                       exp_avg_sqs: Sequence[torch.Tensor], helds: Sequence[Optional[torch.Tensor]],
+                       grads: Sequence[Optional[torch.Tensor]], multiplier: Optional[torch.Tensor],
+                       copies: Sequence[Optional[torch.Tensor]], lrs: Sequence[Scalar], beta1: float,
+                       beta2: float, eps: float, weight_decay: float, decoupled: bool,
+                       bias_corrections1: Sequence[Scalar], bias_corrections2_sqrt: Sequence[Scalar]) -> None:
+    """`adam_update_` over parallel lists of tensors: compiled, one call launches every tensor's
+    kernel (per tensor, the host's cost of a compiled call, about 0.1 ms, exceeded a small
+    tensor's update on the GPU)."""
+    for p, m, v, h, g, c, lr, bc1, bc2 in zip(params, exp_avgs, exp_avg_sqs, helds, grads, copies, lrs,
+                                              bias_corrections1, bias_corrections2_sqrt):
+        adam_update_(p, m, v, h, g, multiplier, c, lr, beta1, beta2, eps, weight_decay, decoupled, bc1, bc2)
+
+
+# The tensors of one compiled call: the same shapes, dtypes and present parts, in groups of
+# these lengths only. Sizes are symbols without duck shaping's equalities, so one graph serves
+# every group of one length, rank and dtypes: a Llama's 201 tensors take 27 calls and 6 graphs.
+GROUP_LENGTHS = (16, 4, 1)
+
+
+def groups(items: Sequence[tuple[Optional[torch.Tensor], ...]]) -> list[list[int]]:
+    """Indices of `items` (tuples of tensors or None) batched for `adam_update_group_`: items
+    of one signature (each tensor's shape and dtype, or None), in order, split into lengths
+    from GROUP_LENGTHS, largest first."""
+    by_signature: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in item)
+        by_signature.setdefault(key, []).append(i)
+    batches = []
+    for indices in by_signature.values():
+        start = 0
+        while start < len(indices):
+            length = next(n for n in GROUP_LENGTHS if n <= len(indices) - start)
+            batches.append(indices[start:start + length])
+            start += length
+    return batches
+
+
 # Compiled rather than a hand-written Triton kernel: the update is purely element-wise, and
-# inductor already emits exactly this pointwise kernel (one load of each input, one store of p,
-# m, v and the copy), with none of a hand-written kernel's dtype and layout cases to maintain.
-# dynamic=True: one graph for every parameter size.
+# inductor already emits exactly this pointwise kernel per tensor (one load of each input, one
+# store of p, m, v and the copy), with none of a hand-written kernel's dtype and layout cases to
+# maintain.
 _compiled = None
+_BACKEND = "inductor"
+_MAX_GRAPHS = 64  # the graphs a model's groups may take, above dynamo's default of 8 per function
+
+
+def _compiles(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _compile(update):
+    """`update` compiled with symbolic sizes (dynamic=True) and no duck shaping: sizes that
+    happen to be equal (a square matrix, two tensors of one size) are not made one symbol, so a
+    graph does not depend on which sizes coincide."""
+    compiled = torch.compile(update, dynamic=True, backend=_BACKEND)
+
+    def call(*args) -> None:
+        with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=_MAX_GRAPHS):
+            compiled(*args)
+
+    return call
 
 
 def _update_for(device: torch.device):
     global _compiled
-    if device.type != "cuda":
-        return adam_update_
+    if not _compiles(device):
+        return adam_update_group_
     if _compiled is None:
-        _compiled = _compiled_or_eager(torch.compile(adam_update_, dynamic=True))
+        _compiled = _compiled_or_eager(_compile(adam_update_group_))
     return _compiled
 
 
@@ -90,10 +151,10 @@ def _compiled_or_eager(compiled):
         except Exception as err:  # noqa: BLE001 - any compile failure; the eager path is the reference
             warnings.warn(f"the fused master step could not be compiled ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200]}); running it eagerly")
-            # later steps look the update up again; this step's remaining tensors already hold
-            # this wrapper, which must not try to compile once per tensor
-            _compiled = compiled = adam_update_
-            adam_update_(*args)
+            # later steps look the update up again; this step's remaining groups already hold
+            # this wrapper, which must not try to compile once per group
+            _compiled = compiled = adam_update_group_
+            adam_update_group_(*args)
 
     return update
 
@@ -170,9 +231,12 @@ def step_masters(optimizer: torch.optim.Optimizer, parts: dict, multiplier: Opti
             mult = mult.to(device=device, dtype=todo[0][0].dtype)
         elif device.type != "cpu":
             mult = _on(device, todo[0][0].dtype, 1.0)  # one graph, clipped or not
-        for (master, held, grad, copy), state, l, b1, b2 in zip(todo, states, lrs, bc1, bc2):
-            p, m, v, h, g, c = _flat(master, state["exp_avg"], state["exp_avg_sq"], held, grad, copy)
-            update(p, m, v, h, g, mult, c, l, beta1, beta2, group["eps"], group["weight_decay"], decoupled, b1, b2)
+        tensors = [_detached(master, state["exp_avg"], state["exp_avg_sq"], held, grad, copy)
+                   for (master, held, grad, copy), state in zip(todo, states)]
+        for batch in groups(tensors):
+            p, m, v, h, g, c = ([tensors[i][k] for i in batch] for k in range(6))
+            update(p, m, v, h, g, mult, c, [lrs[i] for i in batch], beta1, beta2, group["eps"],
+                   group["weight_decay"], decoupled, [bc1[i] for i in batch], [bc2[i] for i in batch])
 
 
 def _on(device: torch.device, dtype: torch.dtype, value: float) -> torch.Tensor:
@@ -191,13 +255,10 @@ def _state(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor) -> di
     return state
 
 
-def _flat(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
-    """1-d views of all (one compiled graph for every parameter shape), or, if one is not
-    contiguous, all as they are."""
-    present = [t.detach() if t is not None else None for t in tensors]
-    if all(t is None or t.is_contiguous() for t in present):
-        return [t.view(-1) if t is not None else None for t in present]
-    return present
+def _detached(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """The tensors without autograd, as they are: not flattened, since a view's base shape would
+    enter the compiled graph's guards."""
+    return [t.detach() if t is not None else None for t in tensors]
 
 
 # ---------------------------------------------------------------------------- gradients' norm
@@ -218,4 +279,4 @@ def parts_norm(parts: Iterable[tuple], norm_type: float, dtype: torch.dtype) -> 
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
-__all__ = ["adam_update_", "fuses", "step_masters", "parts_norm"]
+__all__ = ["adam_update_", "adam_update_group_", "groups", "fuses", "step_masters", "parts_norm"]

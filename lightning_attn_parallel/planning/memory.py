@@ -10,7 +10,10 @@ Precision accounting (bytes per parameter held by one rank, before sharding):
   all-gathers bf16 units instead: they are counted as communication buffers.
 - "bf16-mixed" with master weights (the default under attn_hybrid, replicated parameters): fp32
   masters (4) and their bf16 compute copies (2), fp32 gradients (4), AdamW states (8): 18; the
-  activations are bf16, as under "bf16-true", and there are no autocast weight copies.
+  activations are bf16, as under "bf16-true", and there are no autocast weight copies. Where the
+  optimizer step is fused (one process of plain tensors: `fused_master_step`), the gradients
+  stay bf16 on the copies (2, so 16 in all), plus the fp32 sum of earlier micro-batches (4)
+  when they accumulate in the masters.
 - "bf16-true" / "16-true": bf16 parameters (2), gradients (2) and AdamW states (2 x 2): there
   is no fp32 master copy. 8 in all.
 - "32-true": 4 + 4 + 8 = 16.
@@ -89,6 +92,14 @@ def compute_precision(p: PrecisionSpec, plan: ParallelPlan) -> PrecisionSpec:
     if p.autocast and (casts_parameters(plan) or master_copies(plan, p)):
         return PRECISIONS["bf16-true" if p.name.startswith("bf16") else "16-true"]
     return p
+
+
+def fused_master_step(plan: ParallelPlan, p: PrecisionSpec) -> bool:
+    """Whether master weights take the fused AdamW step (parallel/master_adamw.py `fuses`, for
+    the AdamW the planner assumes): the masters are plain tensors (no tensor or expert
+    parallelism) and no gradient reducer holds them (no data- or context-parallel replicas)."""
+    return (master_copies(plan, p) and plan.fused_master_step and plan.tp == 1 and plan.ep == 1
+            and plan.dp_replicate * plan.cp == 1)
 
 
 def master_copies(plan: ParallelPlan, p: PrecisionSpec) -> bool:
@@ -222,6 +233,10 @@ def _state_bytes(local: LocalParams, plan: ParallelPlan, p: PrecisionSpec,
         grads = local.unsharded * p.grad_bytes
         if master_copies(plan, p):  # the compute copies beside the fp32 masters
             params += local.unsharded * p.compute_bytes
+        if fused_master_step(plan, p):  # the last micro-batch's gradients stay on the copies
+            grads = local.unsharded * p.compute_bytes
+            if grad_accum > 1 and plan.accumulate_grads_in == "master":  # beside the fp32 sum
+                grads += local.unsharded * p.grad_bytes
     optimizer = 2 * p.state_bytes * (local.sharded if plan.sharded else local.unsharded)
     return params + buffers * p.param_bytes, grads, optimizer
 
@@ -544,7 +559,7 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
                           capacity=gpu.memory_bytes * calibration.usable_memory_fraction)
 
 
-__all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "master_copies", "LocalParams", "PRECISIONS", "precision_spec",
+__all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "fused_master_step", "master_copies", "LocalParams", "PRECISIONS", "precision_spec",
            "estimate_memory", "activation_bytes", "local_params", "largest_unit",
            "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags",
            "compiled_loss_kernel", "logits_bytes_per_element", "logits_per_token",
