@@ -8,7 +8,6 @@ one fails the load in the worker).
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import signal
@@ -18,17 +17,16 @@ from pathlib import Path
 import torch
 
 import soak_worker
-from dist_utils import free_port
+from dist_utils import CONTEXT, free_port
 
 TOTAL_STEPS = 40
 CYCLES = 10
 PHASES = ["step", "sync-save", "async-save", "async-in-flight"]
 
 
-# Ranks are forked from a server that has imported torch and the package once: a job start costs
-# milliseconds instead of seconds of imports, so ten kill cycles fit in a CI budget.
-CONTEXT = multiprocessing.get_context("forkserver")
-CONTEXT.set_forkserver_preload(["torch", "lightning_attn_parallel.async_checkpoint"])
+# Ranks are forked from the test ranks' server (dist_utils), which has imported torch and the
+# package once: a job start costs milliseconds instead of seconds of imports, so ten kill cycles
+# fit in a CI budget.
 
 
 def launch(root: Path) -> list:
