@@ -16,7 +16,10 @@ checkpoint of either path resumes on the other.
 """
 from __future__ import annotations
 
+import shutil
+
 import lightning as L
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -522,6 +525,46 @@ def test_the_compiled_step_takes_a_few_graphs_for_a_whole_model_and_none_after_t
         assert torch.equal(c, m.detach().float())
         for key in ("exp_avg", "exp_avg_sq"):
             assert_close(opt.state[m][key], ref.state[t][key], 1e-12, name=key)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor compiles for the CPU with a C++ compiler")
+def test_the_update_compiled_by_inductor_equals_torch_adamw(monkeypatch):
+    """The grouped update through inductor itself (here its CPU code generation): fp32 masters,
+    bf16 gradients and copies, held sums on alternate steps and a clipping multiplier, within
+    fp32's tolerance of torch's fused AdamW, the copies exactly the rounded masters, and a third
+    step that compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from lightning_attn_parallel.parallel import master_adamw
+
+    monkeypatch.setattr(master_adamw, "_compiled", None)
+    monkeypatch.setattr(master_adamw, "_compiles", lambda device: True)
+    torch._dynamo.reset()
+    shapes = [(40, 16), (16,), (16, 16), (8, 16), (8, 16), (16, 16), (16,), (16,), (40, 16)]
+    torch.manual_seed(0)
+    masters = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    twins = [torch.nn.Parameter(m.detach().clone()) for m in masters]
+    opt, ref = (torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True) for ps in (masters, twins))
+    copies = [torch.empty(s, dtype=torch.bfloat16) for s in shapes]
+    multiplier = torch.tensor(0.7)
+    for k in range(1, 4):
+        for o in (opt, ref):
+            o.param_groups[0]["lr"] = 1e-2 * k
+        grads = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+        held = [torch.randn(s) if k == 2 else None for s in shapes]
+        for t, g, h in zip(twins, grads, held):
+            t.grad = (g.float() if h is None else h + g.float()) * multiplier
+        ref.step()
+        master_adamw.step_masters(opt, {id(m): (m, h, g, c) for m, h, g, c in zip(masters, held, grads, copies)},
+                                  multiplier)
+        if k == 2:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+    for m, t, c in zip(masters, twins, copies):
+        assert_close(m, t, 1e-5, name="master")
+        assert torch.equal(c, m.detach().to(torch.bfloat16))
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(opt.state[m][key], ref.state[t][key], 1e-5, name=key)
 
 
 def test_a_fused_update_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch):
