@@ -144,6 +144,22 @@ def test_the_fused_master_step_holds_the_gradient_bytes_the_planner_counts(accum
                                calibration=NO_SLACK).grads == PARAMS * 4
 
 
+@pytest.mark.parametrize("policy", ["block", "none"])
+def test_offloaded_activations_hold_one_layers_saved_tensors_on_the_gpu_whatever_the_depth(policy):
+    """save_on_cpu keeps every layer's saved tensors in host memory until that layer's backward:
+    on the GPU the estimate no longer grows with the number of layers, and it is what the
+    deepest model keeps without offload less all but one layer's share."""
+    plan = ParallelPlan(dp_replicate=1, activation_checkpointing=policy)
+
+    def estimate(layers: int, offload: bool) -> float:
+        return activation_bytes(replace(TINY, n_layers=layers), replace(plan, offload_activations=offload),
+                                1, 8, "bf16-mixed", calibration=NO_SLACK)
+
+    per_layer = estimate(3, False) - estimate(2, False)
+    assert per_layer > 0
+    assert estimate(2, True) == estimate(4, True) == pytest.approx(estimate(4, False) - 3 * per_layer)
+
+
 def test_autocast_weight_copies_live_only_in_blocks_that_are_not_checkpointed():
     """Autocast's bf16 copy of each matmul weight is saved for the backward: 2 bytes for each
     of the 2 x 640 block weights and the 128 head weights; block checkpointing keeps only the head's."""

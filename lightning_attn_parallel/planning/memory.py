@@ -464,7 +464,9 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
     """Activation bytes per rank at the peak of a step: what every layer keeps for the backward,
     plus the larger of the loss's logits chain and one checkpointed layer's recomputation (the
     two are never alive together: the loss's backward finishes before any layer recomputes),
-    plus autocast's weight copies (given `counts`)."""
+    plus autocast's weight copies (given `counts`). With `offload_activations` the layers' saved
+    tensors wait in host memory (torch.autograd.graph.save_on_cpu) and one layer's come back for
+    its backward, so the GPU holds the largest layer's instead of all of them."""
     p = compute_precision(precision_spec(precision), plan)
     s = _Shape(cfg, p, plan.tp, plan.cp, plan.sequence_parallel and plan.tp > 1, plan.compiled,
                plan.cp_kernel == "allgather" and plan.cp > 1)
@@ -476,13 +478,16 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
     compiled_extra = calibration.compiled_saved_elements * s.a * s.d_norm if plan.compiled else 0.0
     fp8_less = (calibration.fp8_saved_bytes_less * s.d_norm
                 if plan.compiled and plan.fp8 == "tensorwise" else 0.0)
-    saved, recompute_peak = 0.0, 0.0
+    saved, recompute_peak, largest = 0.0, 0.0, 0.0
     for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
         ffn = moe if is_moe else dense
         full = _layer_bytes(attn, ffn, "none") + compiled_extra - (0.0 if is_moe else fp8_less)
         kept = _layer_bytes(attn, ffn, plan.activation_checkpointing) if checkpointed else full
         saved += n * kept
+        largest = max(largest, kept)
         recompute_peak = max(recompute_peak, full - kept)
+    if plan.offload_activations:
+        saved = largest
     final, logits = _head_bytes(s, tokens, loss_chunk_tokens, logits_per_token(cfg, plan),
                                 logits_bytes_per_element(cfg, plan, p, calibration, compiled_loss))
     transient = max(logits, tokens * recompute_peak)
