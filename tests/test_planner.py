@@ -558,6 +558,20 @@ def test_nearest_fit_for_a_manual_plan_prefers_checkpointing():
                        plan=plan) == []
 
 
+def test_nearest_fit_offloads_activations_where_checkpointing_alone_does_not_fit():
+    """512k tokens of the 1B model on one H100: block checkpointing alone keeps too much, with
+    the saved tensors in host memory it fits, and that is the change suggested."""
+    long = replace(ANCHOR_1B, max_seq_len=524288)
+    plan = ParallelPlan(dp_replicate=1)
+    block = replace(plan, activation_checkpointing="block")
+    assert not estimate_memory(long, block, 1, 524288, "bf16-mixed", H100_SXM, loss_chunk_tokens=4096).fits
+    suggestions = nearest_fit(long, ClusterSpec(1, 1), H100_SXM, 1, 524288, "bf16-mixed", plan=plan,
+                              loss_chunk_tokens=4096)
+    first = suggestions[0]
+    assert "offload_activations=True" in first.change and first.memory.fits
+    assert first.plan.offload_activations and first.plan.activation_checkpointing != "none"
+
+
 # ---------------------------------------------------------------------------- dry runs
 def _reported_billions(report: str) -> float:
     return float(re.search(r"parameters\s+([\d.,]+)B total", report).group(1).replace(",", ""))

@@ -364,17 +364,29 @@ class FitSuggestion:
 
 
 def _plan_changes(work: Workload, plan: ParallelPlan) -> list[FitSuggestion]:
-    """Changes to a plan, nearest first: checkpointing alone; sequence parallelism (when tp > 1);
-    more sharding with the same tp/cp/ep. Each comes with the least checkpointing that fits."""
+    """Changes to a plan, nearest first: checkpointing alone, or with activation offload where
+    checkpointing alone is not enough; sequence parallelism (when tp > 1); more sharding with the
+    same tp/cp/ep. Each comes with the least checkpointing that fits."""
     options = _options_by_recompute(work)
     found = []
-    for option in options:
-        candidate = _with_checkpointing(plan, option)
-        memory = work.memory(candidate)
-        if memory.fits:
-            found.append(FitSuggestion(f"activation_checkpointing={option[0]!r}"
-                                       + (f", ac_every_n={option[1]}" if option[1] > 1 else ""),
-                                       candidate, memory))
+    for offload in (False, True) if not plan.offload_activations else (True,):
+        # offloaded, only with every block checkpointed: the blocks' inputs are what host memory
+        # holds (4 KB a token per 2048-wide block in bf16), where any other policy's saved
+        # tensors would take hundreds of GiB of host memory per GPU at the lengths that need it
+        for option in options if not offload else [o for o in options if o == ("block", 1)]:
+            candidate = replace(_with_checkpointing(plan, option), offload_activations=offload)
+            memory = work.memory(candidate)
+            if memory.fits:
+                host = ""
+                if offload and not plan.offload_activations:
+                    kept = work.memory(replace(candidate, offload_activations=False)).activations
+                    host = (f", offload_activations=True (about {(kept - memory.activations) / GIB:.0f} "
+                            f"GiB of saved tensors in pinned host memory per GPU)")
+                found.append(FitSuggestion(f"activation_checkpointing={option[0]!r}"
+                                           + (f", ac_every_n={option[1]}" if option[1] > 1 else "")
+                                           + host, candidate, memory))
+                break
+        if found:
             break
     if plan.tp > 1 and not plan.sequence_parallel:
         found += _first_layout_fit(work, [("sequence_parallel=True",
