@@ -364,30 +364,11 @@ class FitSuggestion:
 
 
 def _plan_changes(work: Workload, plan: ParallelPlan) -> list[FitSuggestion]:
-    """Changes to a plan, nearest first: checkpointing alone, or with activation offload where
-    checkpointing alone is not enough; sequence parallelism (when tp > 1); more sharding with the
-    same tp/cp/ep. Each comes with the least checkpointing that fits."""
+    """Changes to a plan, nearest first: checkpointing alone; sequence parallelism (when tp > 1);
+    more sharding with the same tp/cp/ep, each with the least checkpointing that fits; and where
+    none of those fits, block checkpointing with activation offload."""
     options = _options_by_recompute(work)
-    found = []
-    for offload in (False, True) if not plan.offload_activations else (True,):
-        # offloaded, only with every block checkpointed: the blocks' inputs are what host memory
-        # holds (4 KB a token per 2048-wide block in bf16), where any other policy's saved
-        # tensors would take hundreds of GiB of host memory per GPU at the lengths that need it
-        for option in options if not offload else [o for o in options if o == ("block", 1)]:
-            candidate = replace(_with_checkpointing(plan, option), offload_activations=offload)
-            memory = work.memory(candidate)
-            if memory.fits:
-                host = ""
-                if offload and not plan.offload_activations:
-                    kept = work.memory(replace(candidate, offload_activations=False)).activations
-                    host = (f", offload_activations=True (about {(kept - memory.activations) / GIB:.0f} "
-                            f"GiB of saved tensors in pinned host memory per GPU)")
-                found.append(FitSuggestion(f"activation_checkpointing={option[0]!r}"
-                                           + (f", ac_every_n={option[1]}" if option[1] > 1 else "")
-                                           + host, candidate, memory))
-                break
-        if found:
-            break
+    found = _checkpointing_fit(work, plan, options)
     if plan.tp > 1 and not plan.sequence_parallel:
         found += _first_layout_fit(work, [("sequence_parallel=True",
                                            replace(plan, sequence_parallel=True))], options)
@@ -395,7 +376,30 @@ def _plan_changes(work: Workload, plan: ParallelPlan) -> list[FitSuggestion]:
     found += _first_layout_fit(work, [(f"dp_shard={d}", replace(plan, dp_shard=d,
                                                                 dp_replicate=dp // d))
                                       for d in divisors(dp) if d > plan.dp_shard], options)
+    if not found and not plan.offload_activations:
+        # only with every block checkpointed: the blocks' inputs are what host memory then holds
+        # (4 KB a token per 2048-wide block in bf16), where any other policy's saved tensors
+        # would take hundreds of GiB of host memory per GPU at the lengths that need offload
+        found += _checkpointing_fit(work, replace(plan, offload_activations=True), [("block", 1)])
     return found
+
+
+def _checkpointing_fit(work: Workload, plan: ParallelPlan,
+                       options: list[tuple[str, int]]) -> list[FitSuggestion]:
+    """The first checkpointing option (in the order given) with which `plan` fits, as a change;
+    under activation offload the change says how much host memory the saved tensors take."""
+    for option in options:
+        candidate = _with_checkpointing(plan, option)
+        memory = work.memory(candidate)
+        if not memory.fits:
+            continue
+        change = f"activation_checkpointing={option[0]!r}" + (f", ac_every_n={option[1]}" if option[1] > 1 else "")
+        if plan.offload_activations:
+            kept = work.memory(replace(candidate, offload_activations=False)).activations
+            change += (f", offload_activations=True (about {(kept - memory.activations) / GIB:.0f} GiB "
+                       f"of saved tensors in pinned host memory per GPU)")
+        return [FitSuggestion(change, candidate, memory)]
+    return []
 
 
 def _first_layout_fit(work: Workload, trials: list[tuple[str, ParallelPlan]],
