@@ -144,6 +144,18 @@ def test_the_fused_master_step_holds_the_gradient_bytes_the_planner_counts(accum
                                calibration=NO_SLACK).grads == PARAMS * 4
 
 
+def test_the_optimizer_step_is_priced_by_the_bytes_each_path_moves():
+    """AdamW over fp32 weights moves 28 bytes a parameter; unfused master weights add the
+    gradient's cast and the copies' refresh (40); the fused master step reads the bf16 gradient
+    and writes the copy in the same pass (28)."""
+    def optimizer_s(plan: ParallelPlan) -> float:
+        return estimate_time(ANCHOR_1B, plan, ClusterSpec(1, 1), H100_SXM, 1, 2048, "bf16-mixed").optimizer_s
+
+    autocast = optimizer_s(ParallelPlan(dp_replicate=1, mixed_precision="autocast"))
+    assert optimizer_s(ParallelPlan(dp_replicate=1, fused_master_step=False)) == pytest.approx(autocast * 40 / 28)
+    assert optimizer_s(ParallelPlan(dp_replicate=1)) == pytest.approx(autocast)
+
+
 @pytest.mark.parametrize("policy", ["block", "none"])
 def test_offloaded_activations_hold_one_layers_saved_tensors_on_the_gpu_whatever_the_depth(policy):
     """save_on_cpu keeps every layer's saved tensors in host memory until that layer's backward:

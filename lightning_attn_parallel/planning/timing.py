@@ -27,8 +27,8 @@ from ..collective_cost import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, collective
 from ..hardware import ClusterSpec, GpuSpec
 from .memory import (MIB, PrecisionSpec, accumulation_policy, checkpointed_layers,
                      compiled_loss_kernel, compute_precision, logits_per_token,
-                     expert_shard_degree, kv_width, largest_unit, local_params, moe_layer_flags,
-                     precision_spec)
+                     expert_shard_degree, fused_master_step, kv_width, largest_unit,
+                     local_params, master_copies, moe_layer_flags, precision_spec)
 
 GB = collective_cost.GB
 
@@ -351,10 +351,17 @@ def _step_reduce_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec,
 
 def _optimizer_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec, gpu: GpuSpec,
                     cal: Calibration) -> float:
-    """AdamW is bandwidth bound: read param, grad and both states, write param and states."""
+    """AdamW is bandwidth bound: read param, grad and both states, write param and states.
+    Replicated master weights add the compute copies: unfused, the gradient's cast into the fp32
+    master gradient and the copies' refresh (12 bytes more); fused (parallel/master_adamw.py), one
+    pass reads the bf16 gradient and writes the copy (28 bytes in all for fp32 masters)."""
     local = local_params(counts, plan)
     updated = local.sharded if plan.sharded else local.unsharded
     moved = 2 * p.param_bytes + p.grad_bytes + 4 * p.state_bytes
+    if fused_master_step(plan, p):
+        moved += p.compute_bytes - p.grad_bytes + p.compute_bytes
+    elif master_copies(plan, p):
+        moved += (p.compute_bytes + p.grad_bytes) + (p.param_bytes + p.compute_bytes)
     return updated * moved / (gpu.hbm_gbps * GB * cal.hbm_efficiency)
 
 
