@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 # Ranks are forked from a server that has imported torch, Lightning and the package once (per
 # test session): starting a rank then costs milliseconds, where a spawned one spent about 6 s of
 # a 2-core CPU on imports before its first collective. Each rank still gets its parent's
-# current environment (the server's is the one it started with).
+# current environment (the server's is the one it started with), but what torch and Lightning
+# read from the environment at import time comes from the first call's.
 CONTEXT = mp.get_context("forkserver")
 CONTEXT.set_forkserver_preload(["torch", "lightning", "lightning_attn_parallel",
                                 "lightning_attn_parallel.async_checkpoint"])

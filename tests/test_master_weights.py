@@ -17,6 +17,7 @@ checkpoint of either path resumes on the other.
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import lightning as L
 
@@ -520,6 +521,17 @@ def test_the_compiled_step_takes_a_few_graphs_for_a_whole_model_and_none_after_t
     assert len(batches) < len(shapes) / 4
     assert graphs == len({(len(b), len(shapes[b[0]])) for b in batches})  # lengths x ranks
     assert counter.frame_count == graphs  # steps 2 and 3: new learning rates, no new graph
+    # sizes that coincide (a square matrix) do not split a graph: groups of 4 (16, 16) and then
+    # 4 (8, 16) tensors share one (duck shaping would make the square's two sizes one symbol)
+    torch._dynamo.reset()
+    counter.clear()
+    update = master_adamw._compile(master_adamw.adam_update_group_)
+    for shape in ((16, 16), (8, 16)):
+        p, m, v = ([torch.zeros(shape, dtype=torch.float64) for _ in range(4)] for _ in range(3))
+        lr = torch.tensor(0.1, dtype=torch.float64)
+        update(p, m, v, [None] * 4, [torch.ones(shape)] * 4, None, [None] * 4, [lr] * 4, 0.9, 0.999,
+               1e-8, 0.0, True, [lr] * 4, [lr] * 4)
+    assert counter.frame_count == 1
     for m, t, c in zip(masters, twins, copies):
         assert_close(m, t, 1e-12, name="master")
         assert torch.equal(c, m.detach().float())
@@ -555,11 +567,14 @@ def test_the_update_compiled_by_inductor_equals_torch_adamw(monkeypatch):
         for t, g, h in zip(twins, grads, held):
             t.grad = (g.float() if h is None else h + g.float()) * multiplier
         ref.step()
-        master_adamw.step_masters(opt, {id(m): (m, h, g, c) for m, h, g, c in zip(masters, held, grads, copies)},
-                                  multiplier)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", "the fused master step could not be compiled")  # no eager fallback
+            master_adamw.step_masters(opt, {id(m): (m, h, g, c) for m, h, g, c in zip(masters, held, grads, copies)},
+                                      multiplier)
         if k == 2:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
+    assert master_adamw._compiled is not master_adamw.adam_update_group_  # compiled, not fallen back
     for m, t, c in zip(masters, twins, copies):
         assert_close(m, t, 1e-5, name="master")
         assert torch.equal(c, m.detach().to(torch.bfloat16))

@@ -22,7 +22,7 @@ from lightning_attn_parallel.planning import (H100_SXM, Calibration, ClusterSpec
                                               nearest_fit, parameter_counts,
                                               precision_spec, reduce_scatter_time, select_plan)
 from lightning_attn_parallel.planning.counts import count_model
-from lightning_attn_parallel.planning.memory import activation_bytes
+from lightning_attn_parallel.planning.memory import activation_bytes, host_activation_bytes
 from lightning_attn_parallel.hardware import GIB
 
 MODELS_DIR = os.path.join(os.path.dirname(__file__), "..", "lightning_attn_parallel", "models")
@@ -170,6 +170,13 @@ def test_offloaded_activations_hold_one_layers_saved_tensors_on_the_gpu_whatever
     per_layer = estimate(3, False) - estimate(2, False)
     assert per_layer > 0
     assert estimate(2, True) == estimate(4, True) == pytest.approx(estimate(4, False) - 3 * per_layer)
+
+    def host(layers: int) -> float:
+        return host_activation_bytes(replace(TINY, n_layers=layers), replace(plan, offload_activations=True),
+                                     1, 8, "bf16-mixed", calibration=NO_SLACK)
+
+    assert host(4) - host(3) == pytest.approx(per_layer)  # every layer's share waits on the host
+    assert host_activation_bytes(TINY, plan, 1, 8, "bf16-mixed") == 0.0
 
 
 def test_autocast_weight_copies_live_only_in_blocks_that_are_not_checkpointed():
@@ -581,7 +588,11 @@ def test_nearest_fit_offloads_activations_where_checkpointing_alone_does_not_fit
                               loss_chunk_tokens=4096)
     first = suggestions[0]
     assert "offload_activations=True" in first.change and first.memory.fits
-    assert first.plan.offload_activations and first.plan.activation_checkpointing != "none"
+    assert first.plan.offload_activations and first.plan.activation_checkpointing == "block"
+    # the host holds each block's bf16 input and the final norm's and LM head's inputs
+    tokens, width = 524288, 2 * long.d_model
+    assert first.memory.host_activations == pytest.approx(tokens * width * (long.n_layers + 2))
+    assert f"about {first.memory.host_activations / GIB:.0f} GiB" in first.change
 
 
 # ---------------------------------------------------------------------------- dry runs

@@ -82,7 +82,8 @@ def adam_update_group_(params: Sequence[torch.Tensor], exp_avgs: Sequence[torch.
 
 # The tensors of one compiled call: the same shapes, dtypes and present parts, in groups of
 # these lengths only. Sizes are symbols without duck shaping's equalities, so one graph serves
-# every group of one length, rank and dtypes: a Llama's 201 tensors take 27 calls and 6 graphs.
+# every group of one length, rank, dtypes and set of parts: a Llama's 201 tensors take 27 calls
+# and 6 graphs (as many more where earlier micro-batches' sums are held).
 GROUP_LENGTHS = (16, 4, 1)
 
 

@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from ..models.config import ModelConfig
 from ..models.flops import attention_dims
@@ -127,6 +127,7 @@ class MemoryEstimate:
     comm: float
     overhead: float  # CUDA context and the caching allocator's slack: not in allocated
     capacity: float  # what a plan may use: the card's memory less the calibrated headroom
+    host_activations: float = 0.0  # saved tensors in pinned host memory (offload_activations)
 
     @property
     def static(self) -> float:
@@ -456,17 +457,19 @@ def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: Precisi
     return copies * p.compute_bytes
 
 
-def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
-                     precision: object, *, loss_chunk_tokens: Optional[int] = None,
-                     calibration: Calibration = DEFAULT_CALIBRATION,
-                     counts: Optional[ParamCounts] = None,
-                     compiled_loss: Optional[bool] = None) -> float:
-    """Activation bytes per rank at the peak of a step: what every layer keeps for the backward,
-    plus the larger of the loss's logits chain and one checkpointed layer's recomputation (the
-    two are never alive together: the loss's backward finishes before any layer recomputes),
-    plus autocast's weight copies (given `counts`). With `offload_activations` the layers' saved
-    tensors wait in host memory (torch.autograd.graph.save_on_cpu) and one layer's come back for
-    its backward, so the GPU holds the largest layer's instead of all of them."""
+class _Activations(NamedTuple):
+    """Activation bytes per rank, by where they live (see activation_bytes)."""
+
+    layers: float  # what every layer keeps for its backward
+    largest_layer: float  # the most one layer keeps
+    final: float  # the final norm's and the LM head's inputs
+    transient: float  # the loss's logits chain or one checkpointed layer's recomputation
+    weight_copies: float  # autocast's low-precision weight copies
+
+
+def _activations(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
+                 precision: object, loss_chunk_tokens: Optional[int], calibration: Calibration,
+                 counts: Optional[ParamCounts], compiled_loss: Optional[bool]) -> _Activations:
     p = compute_precision(precision_spec(precision), plan)
     s = _Shape(cfg, p, plan.tp, plan.cp, plan.sequence_parallel and plan.tp > 1, plan.compiled,
                plan.cp_kernel == "allgather" and plan.cp > 1)
@@ -486,12 +489,43 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
         saved += n * kept
         largest = max(largest, kept)
         recompute_peak = max(recompute_peak, full - kept)
-    if plan.offload_activations:
-        saved = largest
     final, logits = _head_bytes(s, tokens, loss_chunk_tokens, logits_per_token(cfg, plan),
                                 logits_bytes_per_element(cfg, plan, p, calibration, compiled_loss))
-    transient = max(logits, tokens * recompute_peak)
-    return tokens * saved + final + transient + _weight_copies(counts, plan, p, cfg)
+    return _Activations(tokens * saved, tokens * largest, final, max(logits, tokens * recompute_peak),
+                        _weight_copies(counts, plan, p, cfg))
+
+
+def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
+                     precision: object, *, loss_chunk_tokens: Optional[int] = None,
+                     calibration: Calibration = DEFAULT_CALIBRATION,
+                     counts: Optional[ParamCounts] = None,
+                     compiled_loss: Optional[bool] = None) -> float:
+    """Activation bytes per rank at the peak of a step: what every layer keeps for the backward,
+    plus the larger of the loss's logits chain and one checkpointed layer's recomputation (the
+    two are never alive together: the loss's backward finishes before any layer recomputes),
+    plus autocast's weight copies (given `counts`). With `offload_activations` the layers' saved
+    tensors wait in host memory (host_activation_bytes) and one layer's come back for its
+    backward, so the GPU holds the largest layer's instead of all of them (the head's inputs
+    and the weight copies, offloaded too, are still counted here: a small over-count)."""
+    a = _activations(cfg, plan, micro_batch, seq_len, precision, loss_chunk_tokens, calibration,
+                     counts, compiled_loss)
+    layers = a.largest_layer if plan.offload_activations else a.layers
+    return layers + a.final + a.transient + a.weight_copies
+
+
+def host_activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
+                          precision: object, *, loss_chunk_tokens: Optional[int] = None,
+                          calibration: Calibration = DEFAULT_CALIBRATION,
+                          counts: Optional[ParamCounts] = None,
+                          compiled_loss: Optional[bool] = None) -> float:
+    """Pinned host memory per rank at the end of the forward under `offload_activations`
+    (torch.autograd.graph.save_on_cpu holds everything saved for the backward: every layer's
+    share, the head's inputs and any autocast weight copies); 0 without it."""
+    if not plan.offload_activations:
+        return 0.0
+    a = _activations(cfg, plan, micro_batch, seq_len, precision, loss_chunk_tokens, calibration,
+                     counts, compiled_loss)
+    return a.layers + a.final + a.weight_copies
 
 
 # ------------------------------------------------------------------------- communication
@@ -557,15 +591,19 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
     activations = activation_bytes(model_cfg, plan, micro_batch, seq_len, p.name,
                                    loss_chunk_tokens=loss_chunk_tokens, calibration=calibration,
                                    counts=counts, compiled_loss=compiled_loss)
+    host = host_activation_bytes(model_cfg, plan, micro_batch, seq_len, p.name,
+                                 loss_chunk_tokens=loss_chunk_tokens, calibration=calibration,
+                                 counts=counts, compiled_loss=compiled_loss)
     comm = comm_bytes(model_cfg, counts, plan, micro_batch, seq_len, p, calibration)
     slack = calibration.fragmentation * (activations + comm)
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
                           comm=comm, overhead=calibration.cuda_context_gib * GIB + slack,
-                          capacity=gpu.memory_bytes * calibration.usable_memory_fraction)
+                          capacity=gpu.memory_bytes * calibration.usable_memory_fraction,
+                          host_activations=host)
 
 
 __all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "fused_master_step", "master_copies", "LocalParams", "PRECISIONS", "precision_spec",
-           "estimate_memory", "activation_bytes", "local_params", "largest_unit",
+           "estimate_memory", "activation_bytes", "host_activation_bytes", "local_params", "largest_unit",
            "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags",
            "compiled_loss_kernel", "logits_bytes_per_element", "logits_per_token",
            "vocab_parallel_head"]

@@ -395,8 +395,7 @@ def _checkpointing_fit(work: Workload, plan: ParallelPlan,
             continue
         change = f"activation_checkpointing={option[0]!r}" + (f", ac_every_n={option[1]}" if option[1] > 1 else "")
         if plan.offload_activations:
-            kept = work.memory(replace(candidate, offload_activations=False)).activations
-            change += (f", offload_activations=True (about {(kept - memory.activations) / GIB:.0f} GiB "
+            change += (f", offload_activations=True (about {memory.host_activations / GIB:.0f} GiB "
                        f"of saved tensors in pinned host memory per GPU)")
         return [FitSuggestion(change, candidate, memory)]
     return []
