@@ -5,7 +5,9 @@
 Per parameter tensor, "unfused" is what a step under master weights did before the fused step:
 the bf16 gradient cast into a new fp32 `master.grad`, torch's fused AdamW over the fp32 masters,
 and the refresh of the bf16 compute copy. "fused" is `parallel.master_adamw.step_masters`, one
-compiled kernel per tensor reading the bf16 gradient and writing master, moments and copy. The
+compiled kernel per tensor reading the bf16 gradient and writing master, moments and copy,
+launched from one compiled call per group of same-shape tensors (the calls, the graphs and the
+first step's compile time are reported). The
 tensors have the shapes of the 1B Llama of `benchmarks/suites.yaml` (or of the V2-Lite cut's
 experts with --moe), so launch counts are a real model's. Milliseconds per step, CUDA events.
 """
@@ -14,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cuda_timing import timed_ms  # noqa: E402
-from lightning_attn_parallel.parallel.master_adamw import step_masters  # noqa: E402
+from lightning_attn_parallel.parallel.master_adamw import groups, step_masters  # noqa: E402
 
 
 def shapes(moe: bool) -> list[tuple[int, ...]]:
@@ -54,7 +58,12 @@ def main() -> None:
 
     n = sum(m.numel() for m in masters)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "parameters": n,
-              "tensors": len(masters)}
+              "tensors": len(masters), "compiled_calls": len(groups([(m, g, c) for m, g, c in zip(masters, grads, copies)]))}
+    start = time.perf_counter()
+    fused()  # the first step compiles its graphs
+    torch.cuda.synchronize()
+    result["first_fused_step_s"] = time.perf_counter() - start
+    result["graphs"] = counters["stats"]["unique_graphs"]
     for name, fn in (("unfused: cast + torch fused AdamW + refresh", unfused), ("fused master step", fused)):
         result[name] = {"ms_per_step": timed_ms(fn)}
     base = result["unfused: cast + torch fused AdamW + refresh"]["ms_per_step"]
