@@ -12,8 +12,9 @@ Precision accounting (bytes per parameter held by one rank, before sharding):
   masters (4) and their bf16 compute copies (2), fp32 gradients (4), AdamW states (8): 18; the
   activations are bf16, as under "bf16-true", and there are no autocast weight copies. Where the
   optimizer step is fused (one process of plain tensors: `fused_master_step`), the gradients
-  stay bf16 on the copies (2, so 16 in all), plus the fp32 sum of earlier micro-batches (4)
-  when they accumulate in the masters.
+  stay bf16 on the copies (2) and are dropped with the step: they grow while the backward frees
+  the activations, so they count at the peak only beyond the activations; the fp32 sum of
+  earlier micro-batches (4), when they accumulate in the masters, counts in full.
 - "bf16-true" / "16-true": bf16 parameters (2), gradients (2) and AdamW states (2 x 2): there
   is no fp32 master copy. 8 in all.
 - "32-true": 4 + 4 + 8 = 16.
@@ -594,6 +595,12 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
     host = host_activation_bytes(model_cfg, plan, micro_batch, seq_len, p.name,
                                  loss_chunk_tokens=loss_chunk_tokens, calibration=calibration,
                                  counts=counts, compiled_loss=compiled_loss)
+    if fused_master_step(plan, p):
+        # the fused step drops its gradients with the step, so none lives through the forward
+        # (only an fp32 sum of earlier micro-batches does); the last micro-batch's bf16 ones fill
+        # in as the backward frees the activations and add to the peak only beyond them
+        last = local.unsharded * p.compute_bytes
+        grads = grads - last + max(0.0, last - activations)
     comm = comm_bytes(model_cfg, counts, plan, micro_batch, seq_len, p, calibration)
     slack = calibration.fragmentation * (activations + comm)
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
