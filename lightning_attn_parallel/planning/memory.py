@@ -160,9 +160,11 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         g = self.gib()
+        host = (f"; {self.host_activations / GIB:.1f} GiB of saved activations in pinned host memory"
+                if self.host_activations else "")
         return (f"{g['total']:.1f} GiB (params {g['params']:.1f}, grads {g['grads']:.1f}, optimizer "
                 f"{g['optimizer']:.1f}, activations {g['activations']:.1f}, comm {g['comm']:.1f}, "
-                f"CUDA overhead {g['overhead']:.1f}) of {g['capacity']:.1f} GiB usable")
+                f"CUDA overhead {g['overhead']:.1f}) of {g['capacity']:.1f} GiB usable{host}")
 
 
 # ------------------------------------------------------------------------- sharding
