@@ -30,6 +30,7 @@ from lightning_utils import FixedTokens, LossRecorder, loader, params_of, quiet_
 
 import lightning_attn_parallel as lap
 from lightning_attn_parallel.models import ModelConfig
+from lightning_attn_parallel.planning.memory import fused_master_step, precision_spec
 from lightning_attn_parallel.precision import MasterWeightsPrecision
 
 LLAMA = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
@@ -117,10 +118,14 @@ def results():
 def test_master_weights_on_n_ranks_equal_one_process(results, name):
     model, plan, accumulate = CASES[name]
     reference = train(model, plan, accumulate, 1)
-    assert reference["fused"]  # one process: the fused master step (parallel/master_adamw.py) ...
+    # one process: the fused master step (parallel/master_adamw.py); torch's AdamW where buckets
+    # reduce the masters' gradients or the masters are DTensors; the planner's memory model
+    # (planning.memory.fused_master_step) agrees on each plan
+    spec = precision_spec("bf16-mixed")
+    assert reference["fused"] and fused_master_step(lap.ParallelPlan(**MASTERS).resolve(1), spec)
     for rank, result in enumerate(results):
         r = result[name]
-        assert not r["fused"]  # ... and torch's AdamW where buckets reduce the masters' gradients
+        assert not r["fused"] and not fused_master_step(lap.ParallelPlan(**plan).resolve(4), spec)
         if not plan.get("dp_shard"):  # replicated: the module computes on the copies
             assert r["compute"] == {compute_dtype(model)}, (name, r["compute"])
         assert r["optimizer"] == {torch.float64}, (name, r["optimizer"])  # masters and states
