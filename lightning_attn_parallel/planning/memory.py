@@ -237,10 +237,6 @@ def _state_bytes(local: LocalParams, plan: ParallelPlan, p: PrecisionSpec,
         grads = local.unsharded * p.grad_bytes
         if master_copies(plan, p):  # the compute copies beside the fp32 masters
             params += local.unsharded * p.compute_bytes
-        if fused_master_step(plan, p):  # the last micro-batch's gradients stay on the copies
-            grads = local.unsharded * p.compute_bytes
-            if grad_accum > 1 and plan.accumulate_grads_in == "master":  # beside the fp32 sum
-                grads += local.unsharded * p.grad_bytes
     optimizer = 2 * p.state_bytes * (local.sharded if plan.sharded else local.unsharded)
     return params + buffers * p.param_bytes, grads, optimizer
 
@@ -461,13 +457,19 @@ def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: Precisi
 
 
 class _Activations(NamedTuple):
-    """Activation bytes per rank, by where they live (see activation_bytes)."""
+    """Activation bytes per rank, by what keeps them (see activation_bytes)."""
 
     layers: float  # what every layer keeps for its backward
     largest_layer: float  # the most one layer keeps
     final: float  # the final norm's and the LM head's inputs
     transient: float  # the loss's logits chain or one checkpointed layer's recomputation
     weight_copies: float  # autocast's low-precision weight copies
+
+    def on_gpu(self, offload: bool) -> float:
+        return (self.largest_layer if offload else self.layers) + self.final + self.transient + self.weight_copies
+
+    def on_host(self, offload: bool) -> float:
+        return self.layers + self.final + self.weight_copies if offload else 0.0
 
 
 def _activations(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
@@ -510,10 +512,8 @@ def activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq
     tensors wait in host memory (host_activation_bytes) and one layer's come back for its
     backward, so the GPU holds the largest layer's instead of all of them (the head's inputs
     and the weight copies, offloaded too, are still counted here: a small over-count)."""
-    a = _activations(cfg, plan, micro_batch, seq_len, precision, loss_chunk_tokens, calibration,
-                     counts, compiled_loss)
-    layers = a.largest_layer if plan.offload_activations else a.layers
-    return layers + a.final + a.transient + a.weight_copies
+    return _activations(cfg, plan, micro_batch, seq_len, precision, loss_chunk_tokens, calibration,
+                        counts, compiled_loss).on_gpu(plan.offload_activations)
 
 
 def host_activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
@@ -526,9 +526,8 @@ def host_activation_bytes(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
     share, the head's inputs and any autocast weight copies); 0 without it."""
     if not plan.offload_activations:
         return 0.0
-    a = _activations(cfg, plan, micro_batch, seq_len, precision, loss_chunk_tokens, calibration,
-                     counts, compiled_loss)
-    return a.layers + a.final + a.weight_copies
+    return _activations(cfg, plan, micro_batch, seq_len, precision, loss_chunk_tokens, calibration,
+                        counts, compiled_loss).on_host(True)
 
 
 # ------------------------------------------------------------------------- communication
@@ -591,18 +590,16 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
     counts = counts or parameter_counts(model_cfg)
     local = local_params(counts, plan)
     params, grads, optimizer = _state_bytes(local, plan, p, grad_accum, counts.buffers)
-    activations = activation_bytes(model_cfg, plan, micro_batch, seq_len, p.name,
-                                   loss_chunk_tokens=loss_chunk_tokens, calibration=calibration,
-                                   counts=counts, compiled_loss=compiled_loss)
-    host = host_activation_bytes(model_cfg, plan, micro_batch, seq_len, p.name,
-                                 loss_chunk_tokens=loss_chunk_tokens, calibration=calibration,
-                                 counts=counts, compiled_loss=compiled_loss)
+    saved = _activations(model_cfg, plan, micro_batch, seq_len, p.name, loss_chunk_tokens, calibration,
+                         counts, compiled_loss)
+    activations, host = saved.on_gpu(plan.offload_activations), saved.on_host(plan.offload_activations)
     if fused_master_step(plan, p):
         # the fused step drops its gradients with the step, so none lives through the forward
-        # (only an fp32 sum of earlier micro-batches does); the last micro-batch's bf16 ones fill
-        # in as the backward frees the activations and add to the peak only beyond them
-        last = local.unsharded * p.compute_bytes
-        grads = grads - last + max(0.0, last - activations)
+        # but an fp32 sum of earlier micro-batches (when they accumulate in the masters); the
+        # last micro-batch's bf16 ones fill in as the backward frees the activations and add to
+        # the peak only beyond them
+        held = grads if grad_accum > 1 and plan.accumulate_grads_in == "master" else 0.0
+        grads = held + max(0.0, local.unsharded * p.compute_bytes - activations)
     comm = comm_bytes(model_cfg, counts, plan, micro_batch, seq_len, p, calibration)
     slack = calibration.fragmentation * (activations + comm)
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,

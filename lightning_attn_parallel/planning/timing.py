@@ -358,9 +358,9 @@ def _optimizer_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec, g
     local = local_params(counts, plan)
     updated = local.sharded if plan.sharded else local.unsharded
     moved = 2 * p.param_bytes + p.grad_bytes + 4 * p.state_bytes
-    if fused_master_step(plan, p):
-        moved += p.compute_bytes - p.grad_bytes + p.compute_bytes
-    elif master_copies(plan, p):
+    if fused_master_step(plan, p):  # the bf16 gradient read instead of the fp32 one; the copy written
+        moved += 2 * p.compute_bytes - p.grad_bytes
+    elif master_copies(plan, p):  # the cast (bf16 read, fp32 write) and the refresh (fp32 read, bf16 write)
         moved += (p.compute_bytes + p.grad_bytes) + (p.param_bytes + p.compute_bytes)
     return updated * moved / (gpu.hbm_gbps * GB * cal.hbm_efficiency)
 
