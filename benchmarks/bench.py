@@ -168,7 +168,7 @@ def run_one(cfg: Config) -> Optional[dict[str, Any]]:
                 synchronize()
                 self.end = time.perf_counter()
 
-    model_cfg = ModelConfig(**cfg.model)
+    model_cfg = _model_for(cfg)  # RoPE tables as long as the row's sequence
 
     class Module(lap.CausalLMModule):
         def configure_model(self) -> None:
