@@ -31,6 +31,7 @@ class GpuSpec:
     fp32_tflops: float  # plain fp32 (torch's default "highest" matmul precision)
     hbm_gbps: float  # GB/s
     fp8_tflops: Optional[float] = None  # dense fp8 tensor-core peak, where the card has one
+    host_link_gbps: float = 64.0  # GB/s each way to host memory (PCIe Gen5 x16; Gen4 x16: 32)
     match: tuple[str, ...] = ()  # lower-case fragments of torch.cuda.get_device_name
 
     @property
@@ -66,7 +67,7 @@ H100_SXM = GpuSpec("H100 SXM", memory_gib=79.1, bf16_tflops=989.4, tf32_tflops=4
 H200 = GpuSpec("H200", memory_gib=139.8, bf16_tflops=989.4, tf32_tflops=494.7, fp32_tflops=66.9,
                hbm_gbps=4800.0, fp8_tflops=1978.9, match=("h200",))
 A100_80GB = GpuSpec("A100 80GB", memory_gib=79.2, bf16_tflops=312.0, tf32_tflops=156.0, fp32_tflops=19.5,
-                    hbm_gbps=2039.0, match=("a100",))
+                    hbm_gbps=2039.0, host_link_gbps=32.0, match=("a100",))
 # A stand-in so CPU runs of the planner have numbers; nobody should plan a real run with it.
 CPU = GpuSpec("CPU", memory_gib=64.0, bf16_tflops=1.0, tf32_tflops=1.0, fp32_tflops=1.0,
               hbm_gbps=100.0, match=("cpu",))

@@ -619,6 +619,27 @@ def test_nearest_fit_offloads_activations_where_checkpointing_alone_does_not_fit
     assert f"about {first.memory.host_activations / GIB:.0f} GiB" in first.change
 
 
+
+def test_activation_offload_costs_each_saved_byte_twice_over_the_host_link():
+    """save_on_cpu copies out in the forward and back in the backward, on the compute stream:
+    the step grows by twice the pinned bytes at the link's rate, and by nothing else."""
+    long = replace(ANCHOR_1B, max_seq_len=65536)
+    block = ParallelPlan(dp_replicate=1, activation_checkpointing="block")
+    offload = replace(block, offload_activations=True)
+    cal = Calibration(host_link_efficiency=0.5)
+
+    def timing(plan: ParallelPlan, gpu: GpuSpec = H100_SXM):
+        return estimate_time(long, plan, ClusterSpec(1, 1), gpu, 1, 65536, "bf16-mixed",
+                             loss_chunk_tokens=4096, calibration=cal, grad_accum=2)
+
+    host = host_activation_bytes(long, offload, 1, 65536, "bf16-mixed", loss_chunk_tokens=4096,
+                                 calibration=cal)
+    assert host > 0 and timing(block).offload_s == 0.0
+    assert timing(offload).offload_s == pytest.approx(2 * 2 * host / (64e9 * 0.5))
+    assert timing(offload).step_s - timing(block).step_s == pytest.approx(timing(offload).offload_s)
+    slower_link = replace(H100_SXM, host_link_gbps=32.0)
+    assert timing(offload, slower_link).offload_s == pytest.approx(2 * timing(offload).offload_s)
+
 # ---------------------------------------------------------------------------- dry runs
 def _reported_billions(report: str) -> float:
     return float(re.search(r"parameters\s+([\d.,]+)B total", report).group(1).replace(",", ""))

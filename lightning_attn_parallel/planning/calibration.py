@@ -66,6 +66,8 @@ class Calibration:
     # chunk-pair kernels and fp32 log-sum-exp merges outside them
     # ---- optimizer step: AdamW is memory bound
     hbm_efficiency: float = 0.7  # fraction of HBM bandwidth a fused AdamW reaches
+    # ---- activation offload: save_on_cpu's copies to and from pinned host memory
+    host_link_efficiency: float = 0.8  # fraction of the host link's datasheet rate a copy reaches
     # ---- communication
     collective_efficiency: float = 0.8  # NCCL bus bandwidth / link bandwidth
     dp_overlap: float = 1.0  # fraction of backward time that can hide gradient reduction

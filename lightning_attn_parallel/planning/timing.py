@@ -26,7 +26,7 @@ from .. import collective_cost
 from ..collective_cost import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, collective_time
 from ..hardware import ClusterSpec, GpuSpec
 from .memory import (MIB, PrecisionSpec, accumulation_policy, checkpointed_layers,
-                     compiled_loss_kernel, compute_precision, logits_per_token,
+                     compiled_loss_kernel, compute_precision, host_activation_bytes, logits_per_token,
                      expert_shard_degree, fused_master_step, kv_width, largest_unit,
                      local_params, master_copies, moe_layer_flags, precision_spec)
 
@@ -117,11 +117,12 @@ class TimingEstimate:
     world_size: int
     flops_per_token: float
     peak_flops: float
+    offload_s: float = 0.0  # activation offload's copies to host memory and back, not hidden
 
     @property
     def step_s(self) -> float:
         return (self.compute_s + self.recompute_s + self.tp_s + self.cp_s + self.ep_s
-                + self.fsdp_exposed_s + self.dp_exposed_s + self.optimizer_s)
+                + self.fsdp_exposed_s + self.dp_exposed_s + self.optimizer_s + self.offload_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -138,7 +139,7 @@ class TimingEstimate:
 
     def breakdown(self) -> dict[str, float]:
         keys = ("compute_s", "recompute_s", "tp_s", "cp_s", "ep_s", "fsdp_exposed_s",
-                "dp_exposed_s", "optimizer_s")
+                "dp_exposed_s", "optimizer_s", "offload_s")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -365,6 +366,13 @@ def _optimizer_time(counts: ParamCounts, plan: ParallelPlan, p: PrecisionSpec, g
     return updated * moved / (gpu.hbm_gbps * GB * cal.hbm_efficiency)
 
 
+def _offload_time(host_bytes: float, gpu: GpuSpec, cal: Calibration) -> float:
+    """Activation offload's copies, out in the forward and back in the backward. torch's
+    save_on_cpu copies on the compute stream (the copy out blocks the host), so nothing hides
+    them: each byte crosses the host link twice."""
+    return 2 * host_bytes / (gpu.host_link_gbps * GB * cal.host_link_efficiency)
+
+
 def _exposed(total: float, window: float, floor: float) -> float:
     """Communication left visible after hiding it behind `window`, never below `floor`."""
     return min(total, max(total - window, floor))
@@ -414,7 +422,11 @@ def estimate_time(model_cfg: ModelConfig, plan: ParallelPlan, cluster: ClusterSp
         fsdp_exposed_s=grad_accum * fsdp_exposed, dp_reduce_s=reduce, dp_exposed_s=dp_exposed,
         optimizer_s=_optimizer_time(counts, plan, p, gpu, cal),
         tokens_per_step=mb_tokens * grad_accum * plan.dp, world_size=plan.world_size,
-        flops_per_token=flops_per_token, peak_flops=peak)
+        flops_per_token=flops_per_token, peak_flops=peak,
+        offload_s=grad_accum * _offload_time(
+            host_activation_bytes(model_cfg, plan, micro_batch, seq_len, precision,
+                                  loss_chunk_tokens=loss_chunk_tokens, calibration=cal,
+                                  counts=counts, compiled_loss=compiled_loss), gpu, cal))
 
 
 __all__ = ["Group", "TimingEstimate", "estimate_time", "recompute_share", "compute_terms",
