@@ -67,7 +67,9 @@ class Calibration:
     # ---- optimizer step: AdamW is memory bound
     hbm_efficiency: float = 0.7  # fraction of HBM bandwidth a fused AdamW reaches
     # ---- activation offload: save_on_cpu's copies to and from pinned host memory
-    host_link_efficiency: float = 0.8  # fraction of the host link's datasheet rate a copy reaches
+    # fraction of the host link's datasheet rate a pinned copy reaches: 55.1 GB/s out and 55.3 back
+    # of PCIe Gen5's 64 on one H100 (results/host_copy_h100.json, benchmarks/host_copy.py)
+    host_link_efficiency: float = 0.86
     # ---- communication
     collective_efficiency: float = 0.8  # NCCL bus bandwidth / link bandwidth
     dp_overlap: float = 1.0  # fraction of backward time that can hide gradient reduction
