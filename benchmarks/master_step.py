@@ -10,12 +10,20 @@ launched from one compiled call per group of same-shape tensors (the calls, the 
 first step's compile time are reported). The
 tensors have the shapes of the 1B Llama of `benchmarks/suites.yaml` (or of the V2-Lite cut's
 experts with --moe), so launch counts are a real model's. Milliseconds per step, CUDA events.
+
+    python benchmarks/master_step.py --cpu-compile
+
+times the first steps' compile alone on the CPU, from an empty inductor cache: the same tensor
+layout at 1/32 of the widths (the graphs have symbolic sizes, so sizes do not change them), with
+the step compiled as on a GPU (on the CPU the product runs it eagerly).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,19 +35,49 @@ from cuda_timing import timed_ms  # noqa: E402
 from lightning_attn_parallel.parallel.master_adamw import groups, step_masters  # noqa: E402
 
 
-def shapes(moe: bool) -> list[tuple[int, ...]]:
-    d = 2048
+def shapes(moe: bool, divisor: int = 1) -> list[tuple[int, ...]]:
+    d, f, v = 2048 // divisor, 5632 // divisor, 32000 // divisor
     if moe:  # the V2-Lite cut's 3 MoE layers: 64 routed experts' stacked w1, w3, w2
-        return [(64, d, 1408), (64, d, 1408), (64, 1408, d)] * 3 + [(102400, d)] * 2
-    layer = [(d, d), (256, d), (256, d), (d, d), (5632, d), (5632, d), (d, 5632), (d,), (d,)]
-    return layer * 22 + [(32000, d), (32000, d), (d,)]
+        e = 1408 // divisor
+        return [(64, d, e), (64, d, e), (64, e, d)] * 3 + [(102400 // divisor, d)] * 2
+    kv = 256 // divisor
+    layer = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f), (d,), (d,)]
+    return layer * 22 + [(v, d), (v, d), (d,)]
+
+
+def cpu_compile(moe: bool) -> dict:
+    """Seconds of each of the first three fused steps on the CPU with the step compiled, from an
+    empty inductor cache, and the graphs compiled by then."""
+    import lightning_attn_parallel.parallel.master_adamw as master_adamw
+
+    master_adamw._compiles = lambda device: True  # what a GPU does; the product's CPU path is eager
+    masters = [torch.nn.Parameter(0.02 * torch.randn(s)) for s in shapes(moe, divisor=32)]
+    copies = [m.detach().to(torch.bfloat16) for m in masters]
+    grads = [torch.randn_like(c) for c in copies]
+    opt = torch.optim.AdamW(masters, lr=1e-4, weight_decay=0.1, fused=True)
+    result = {"device": "cpu", "torch": torch.__version__, "tensors": len(masters), "steps": []}
+    for _ in range(3):
+        start = time.perf_counter()
+        step_masters(opt, {id(m): (m, None, g, c) for m, g, c in zip(masters, grads, copies)}, None)
+        result["steps"].append({"s": time.perf_counter() - start,
+                                "graphs": counters["stats"]["unique_graphs"]})
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--moe", action="store_true", help="the V2-Lite cut's expert and embedding tensors")
+    parser.add_argument("--cpu-compile", action="store_true",
+                        help="time the first steps' compile on the CPU, from an empty cache")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.cpu_compile:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # before the first compile
+        result = cpu_compile(args.moe)
+        print(json.dumps(result, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        return
     masters = [torch.nn.Parameter(0.02 * torch.randn(s, device="cuda")) for s in shapes(args.moe)]
     copies = [m.detach().to(torch.bfloat16) for m in masters]
     grads = [torch.randn_like(c) for c in copies]
