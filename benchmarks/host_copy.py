@@ -14,16 +14,11 @@ from pathlib import Path
 
 import torch
 
+from cuda_timing import timed_ms  # the script's folder is on sys.path
 
-def gb_per_s(copy, nbytes: int, iters: int = 5) -> float:
-    copy()  # first touch of the pinned pages
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        copy()
-    end.record()
-    torch.cuda.synchronize()
-    return nbytes * iters / (start.elapsed_time(end) / 1e3) / 1e9
+
+def gb_per_s(copy, nbytes: int) -> float:
+    return nbytes / (timed_ms(copy, warmup=1, iters=5) / 1e3) / 1e9  # warm-up: first touch of the pages
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cuda_timing import timed_ms  # noqa: E402
+from lightning_attn_parallel.parallel import master_adamw  # noqa: E402
 from lightning_attn_parallel.parallel.master_adamw import groups, step_masters  # noqa: E402
 
 
@@ -45,22 +46,61 @@ def shapes(moe: bool, divisor: int = 1) -> list[tuple[int, ...]]:
     return layer * 22 + [(v, d), (v, d), (d,)]
 
 
+class Model:
+    """Fp32 masters of `shapes`, their bf16 compute copies and bf16 gradients, and fused AdamW."""
+
+    def __init__(self, moe: bool, device: str, divisor: int = 1) -> None:
+        self.masters = [torch.nn.Parameter(0.02 * torch.randn(s, device=device)) for s in shapes(moe, divisor)]
+        self.copies = [m.detach().to(torch.bfloat16) for m in self.masters]
+        self.grads = [torch.randn_like(c) for c in self.copies]
+        self.opt = torch.optim.AdamW(self.masters, lr=1e-4, weight_decay=0.1, fused=True)
+
+    def fused(self) -> None:
+        step_masters(self.opt, {id(m): (m, None, g, c) for m, g, c in zip(self.masters, self.grads, self.copies)},
+                     None)
+
+    def unfused(self) -> None:
+        for m, g in zip(self.masters, self.grads):
+            m.grad = g.to(torch.float32)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        torch._foreach_copy_(self.copies, [m.detach() for m in self.masters])
+
+
 def cpu_compile(moe: bool) -> dict:
     """Seconds of each of the first three fused steps on the CPU with the step compiled, from an
     empty inductor cache, and the graphs compiled by then."""
-    import lightning_attn_parallel.parallel.master_adamw as master_adamw
-
     master_adamw._compiles = lambda device: True  # what a GPU does; the product's CPU path is eager
-    masters = [torch.nn.Parameter(0.02 * torch.randn(s)) for s in shapes(moe, divisor=32)]
-    copies = [m.detach().to(torch.bfloat16) for m in masters]
-    grads = [torch.randn_like(c) for c in copies]
-    opt = torch.optim.AdamW(masters, lr=1e-4, weight_decay=0.1, fused=True)
-    result = {"device": "cpu", "torch": torch.__version__, "tensors": len(masters), "steps": []}
+    model = Model(moe, "cpu", divisor=32)
+    result = {"device": "cpu", "torch": torch.__version__, "tensors": len(model.masters), "steps": []}
     for _ in range(3):
         start = time.perf_counter()
-        step_masters(opt, {id(m): (m, None, g, c) for m, g, c in zip(masters, grads, copies)}, None)
+        model.fused()
         result["steps"].append({"s": time.perf_counter() - start,
                                 "graphs": counters["stats"]["unique_graphs"]})
+    return result
+
+
+def gpu_steps(moe: bool) -> dict:
+    """Milliseconds per step of both paths on the GPU, after the fused step's first (compiling) one."""
+    model = Model(moe, "cuda")
+    n = sum(m.numel() for m in model.masters)
+    calls = len(groups(list(zip(model.masters, model.grads, model.copies))))
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "parameters": n,
+              "tensors": len(model.masters), "compiled_calls": calls}
+    start = time.perf_counter()
+    model.fused()  # the first step compiles its graphs
+    torch.cuda.synchronize()
+    result["first_fused_step_s"] = time.perf_counter() - start
+    result["graphs"] = counters["stats"]["unique_graphs"]
+    unfused, fused = "unfused: cast + torch fused AdamW + refresh", "fused master step"
+    for name, fn in ((unfused, model.unfused), (fused, model.fused)):
+        result[name] = {"ms_per_step": timed_ms(fn)}
+    base = result[unfused]["ms_per_step"]
+    result[fused]["speedup"] = base / result[fused]["ms_per_step"]
+    # bytes a step at HBM speed: 40 per parameter unfused, 28 fused (parallel/master_adamw.py)
+    result[unfused]["gb_per_s"] = 40 * n / base / 1e6
+    result[fused]["gb_per_s"] = 28 * n / result[fused]["ms_per_step"] / 1e6
     return result
 
 
@@ -73,46 +113,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu_compile:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # before the first compile
-        result = cpu_compile(args.moe)
-        print(json.dumps(result, indent=1))
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
-        return
-    masters = [torch.nn.Parameter(0.02 * torch.randn(s, device="cuda")) for s in shapes(args.moe)]
-    copies = [m.detach().to(torch.bfloat16) for m in masters]
-    grads = [torch.randn_like(c) for c in copies]
-    opt = torch.optim.AdamW(masters, lr=1e-4, weight_decay=0.1, fused=True)
-
-    def unfused() -> None:
-        for m, g in zip(masters, grads):
-            m.grad = g.to(torch.float32)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch._foreach_copy_(copies, [m.detach() for m in masters])
-
-    def fused() -> None:
-        parts = {id(m): (m, None, g, c) for m, g, c in zip(masters, grads, copies)}
-        step_masters(opt, parts, None)
-
-    n = sum(m.numel() for m in masters)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "parameters": n,
-              "tensors": len(masters), "compiled_calls": len(groups([(m, g, c) for m, g, c in zip(masters, grads, copies)]))}
-    start = time.perf_counter()
-    fused()  # the first step compiles its graphs
-    torch.cuda.synchronize()
-    result["first_fused_step_s"] = time.perf_counter() - start
-    result["graphs"] = counters["stats"]["unique_graphs"]
-    for name, fn in (("unfused: cast + torch fused AdamW + refresh", unfused), ("fused master step", fused)):
-        result[name] = {"ms_per_step": timed_ms(fn)}
-    base = result["unfused: cast + torch fused AdamW + refresh"]["ms_per_step"]
-    result["fused master step"]["speedup"] = base / result["fused master step"]["ms_per_step"]
-    # bytes a step at HBM speed: 40 per parameter unfused, 28 fused (parallel/master_adamw.py)
-    result["unfused: cast + torch fused AdamW + refresh"]["gb_per_s"] = 40 * n / base / 1e6
-    result["fused master step"]["gb_per_s"] = 28 * n / result["fused master step"]["ms_per_step"] / 1e6
+    result = cpu_compile(args.moe) if args.cpu_compile else gpu_steps(args.moe)
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-
 
 if __name__ == "__main__":
     main()
