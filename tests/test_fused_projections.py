@@ -139,3 +139,112 @@ def test_fused_projections_under_fsdp2_and_tp_equal_one_process():
     for case in ("fsdp2", "tp2"):
         for n, ref in reference["params"].items():
             assert_close(ranks[0][case]["params"][n], ref, rtol=1e-5, name=f"{case} {n}")
+
+
+# --------------------------------------------------------------------------- fp8 (torchao, emulated on the CPU)
+def _float8_layers(widths: list[int], recipe: str = "tensorwise") -> list[nn.Module]:
+    """Float8Linear layers of the given output widths on one input width, whose weights share one
+    largest magnitude (so a group's tensorwise scale equals each layer's own)."""
+    from lightning_attn_parallel.parallel.float8 import apply_float8
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    for i, width in enumerate(widths):
+        layer = nn.Linear(32, width, bias=False)
+        with torch.no_grad():
+            layer.weight.uniform_(-0.5, 0.5)
+            layer.weight[i % width, 0] = 1.0
+        holder.add_module(f"w{i}", layer)
+    names = tuple(f"w{i}" for i in range(len(widths)))
+    assert apply_float8(holder, recipe, fsdp_all_gather=False, min_features=16, emulate=True,
+                        fused_groups=[names]) == list(names)
+    return [getattr(holder, n) for n in names]
+
+
+def _project_with_grads(layers, x, grads, fuse):
+    x = x.clone().requires_grad_(True)
+    for layer in layers:
+        layer.weight.grad = None
+    outs = project(x, layers, fuse)
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs], x.grad, [layer.weight.grad.clone() for layer in layers]
+
+
+def test_fp8_group_runs_as_one_gemm_with_the_separate_layers_numbers(monkeypatch):
+    """q|k|v as torchao Float8Linear layers: one fp8 GEMM (the input cast once), and where the
+    group's tensorwise scales equal each layer's own (equal largest magnitudes in the weights and in
+    each output's gradient) it computes what the three fp8 layers compute, forward and backward."""
+    pytest.importorskip("torchao.float8")
+    from lightning_attn_parallel.parallel import float8
+
+    layers = _float8_layers([32, 16, 16])
+    assert fusable(layers)
+    x = torch.randn(5, 7, 32, generator=torch.Generator().manual_seed(2))
+    grads = [torch.randn(5, 7, w.out_features, generator=torch.Generator().manual_seed(3 + i)).clamp(-2, 2)
+             for i, w in enumerate(layers)]
+    for i, g in enumerate(grads):
+        g[0, i, 0] = 3.0
+    calls = []
+    real = float8._fused_float8_gemm
+    monkeypatch.setitem(fused_projections._FUSED_GEMMS, type(layers[0]),
+                        lambda *a: calls.append(1) or real(*a))
+    fused = _project_with_grads(layers, x, grads, fuse=True)
+    separate = _project_with_grads(layers, x, grads, fuse=False)
+    assert calls == [1]  # one GEMM for the group, none when fusion is off
+    for kind, a, b in zip(("output", "input grad", "weight grad"), fused, separate):
+        for i, (u, v) in enumerate(zip(a, b) if isinstance(a, list) else [(a, b)]):
+            assert_close(u, v, rtol=1e-5, name=f"{kind} {i}")
+    # and it is fp8: the bf16-free fp32 product differs by fp8's rounding
+    exact = x @ torch.cat([layer.weight for layer in layers]).t()
+    assert (torch.cat(fused[0], dim=-1) - exact).abs().max() > 1e-3
+
+
+def test_fp8_judges_fused_groups_by_their_gemm():
+    """With fusion on, the narrow GQA key and value projections convert with their queries (the
+    group's GEMM is wide), so the group can fuse; without it they stay in bf16."""
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    from lightning_attn_parallel.models.fused_projections import projection_groups
+    from lightning_attn_parallel.parallel.float8 import apply_float8
+
+    def converted(fused: bool) -> set[str]:
+        model = build_model(ModelConfig(**LLAMA))  # wq 32 -> 32, wk and wv 32 -> 16, w1 and w3 32 -> 64
+        groups = list(projection_groups(model)) if fused else ()
+        apply_float8(model, "tensorwise", fsdp_all_gather=False, min_features=32, emulate=True,
+                     fused_groups=groups)
+        return {n.split(".", 2)[-1] for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+
+    assert converted(False) == {"attention.wq", "attention.wo", "ffn.w1", "ffn.w2", "ffn.w3"}
+    assert converted(True) == {"attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                               "ffn.w1", "ffn.w2", "ffn.w3"}
+    mla = build_model(ModelConfig(**MODELS["deepseek_mla_q_latent"]))
+    assert next(projection_groups(mla)) == ("blocks.0.attention.wq_a", "blocks.0.attention.wkv_a")
+
+
+def test_fp8_model_with_fused_groups_trains_every_projection():
+    """A Llama in emulated fp8 (rowwise: the forward's scales are per row, so fusing changes no
+    number there) gives the unfused fp8 model's loss, and every projection gets its gradient."""
+    pytest.importorskip("torchao.float8")
+    from lightning_attn_parallel.models.fused_projections import projection_groups
+    from lightning_attn_parallel.parallel.float8 import apply_float8
+
+    def run(fuse: bool):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**LLAMA))
+        apply_float8(model, "rowwise", fsdp_all_gather=False, min_features=16, emulate=True,
+                     fused_groups=list(projection_groups(model)))
+        set_fused_projections(model, fuse)
+        tokens = torch.randint(0, LLAMA["vocab_size"], (3, 13), generator=torch.Generator().manual_seed(1))
+        total, count = cross_entropy_sum(model(tokens[:, :-1]), model.output, tokens[:, 1:],
+                                         kernel=model.loss_kernel)
+        (total / count).backward()
+        return (total / count).detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss, grads = run(True)
+    ref_loss, ref_grads = run(False)
+    assert_close(loss, ref_loss, rtol=1e-5, name="loss")
+    for n, g in grads.items():
+        # the backward's rowwise scales span the group's concatenated gradient rows: fp8-close only
+        rel = (g - ref_grads[n]).norm() / ref_grads[n].norm()
+        assert rel < 0.1, (n, float(rel))

@@ -43,6 +43,9 @@ class MultiHeadLatentAttention(nn.Module):
     stay replicated. Reshapes use -1 for the head count for that reason.
     """
 
+    # what `fuse_projections` runs as one GEMM: the queries' first projection with wkv_a
+    projection_groups = (("wq", "wkv_a"), ("wq_a", "wkv_a"))
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.nope_dim = cfg.qk_nope_head_dim

@@ -61,6 +61,8 @@ class LocalAttentionKernel(nn.Module):
 class SwiGLU(nn.Module):
     """Gated MLP used by Llama and by DeepSeek's dense layers and experts."""
 
+    projection_groups = (("w1", "w3"),)  # what `fuse_projections` runs as one GEMM
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate

@@ -34,6 +34,8 @@ def run_kernel(kernel: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 class GroupedQueryAttention(nn.Module):
+    projection_groups = (("wq", "wk", "wv"),)  # what `fuse_projections` runs as one GEMM
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..hardware import ClusterSpec
 from ..mesh import ParallelMeshes, add_expert_mesh
-from ..models.fused_projections import set_fused_projections
+from ..models.fused_projections import projection_groups, set_fused_projections
 from ..models.loss import TokenCrossEntropy
 from ..models.protocol import moe_layers
 from ..plan import ParallelPlan, PlanError
@@ -61,7 +61,8 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
     if plan.fp8 != "none":  # before checkpointing, compile and FSDP2, as torchao requires
         from .float8 import apply_float8
 
-        apply_float8(transformer, plan.fp8, fsdp_all_gather=plan.sharded)
+        apply_float8(transformer, plan.fp8, fsdp_all_gather=plan.sharded,
+                     fused_groups=projection_groups(transformer) if plan.fuse_projections else ())
     if plan.tp > 1:
         from .tensor_parallel import apply_tensor_parallel
 

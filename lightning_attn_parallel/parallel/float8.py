@@ -6,12 +6,17 @@ weights are also all-gathered in fp8 (`enable_fsdp_float8_all_gather`), halving 
 Left in bf16: the LM head (its logits feed the loss, where fp8's error hurts most) and layers
 with a dimension under `min_features` or not a multiple of 16 (fp8 GEMMs need the multiple;
 on small shapes the casts cost more than the faster GEMM saves, e.g. the KV projections of GQA).
+
+With fused projections a group (q|k|v, gate|up) is judged as the GEMM it becomes: the GQA key and
+value projections convert with their queries, and the group runs as one fp8 GEMM whose input is
+cast once instead of once per projection. Under tensorwise scaling the group's weight has one
+scale (its largest magnitude across the group); rowwise scales are per output row either way.
 """
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -20,16 +25,35 @@ FP8_RECIPES = ("tensorwise", "rowwise")
 MIN_FEATURES = 1024  # torchao's own guidance: fp8 pays off from about this width at these shapes
 
 
-def float8_module_filter(min_features: int = MIN_FEATURES,
-                         skip: tuple[str, ...] = ("output",)) -> Callable[[nn.Module, str], bool]:
-    """torchao's `module_filter_fn`: True for the linear layers to convert."""
+def float8_module_filter(min_features: int = MIN_FEATURES, skip: tuple[str, ...] = ("output",),
+                         groups: Iterable[tuple[str, ...]] = (),
+                         model: Optional[nn.Module] = None) -> Callable[[nn.Module, str], bool]:
+    """torchao's `module_filter_fn`: True for the linear layers to convert. A layer in one of
+    `groups` (qualified names of projections fused into one GEMM, in `model`) is judged by the
+    group's GEMM: the shared input width and the sum of the output widths."""
+    widths = {}  # fqn -> the output width of the GEMM it runs in
+    for group in groups:
+        layers = [model.get_submodule(name) for name in group]
+        if all(isinstance(layer, nn.Linear) and layer.out_features % 16 == 0 for layer in layers):
+            widths.update(dict.fromkeys(group, sum(layer.out_features for layer in layers)))
+
     def convert(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear) or fqn.split(".")[-1] in skip:
             return False
-        dims = (module.in_features, module.out_features)
+        dims = (module.in_features, widths.get(fqn, module.out_features))
         return all(d % 16 == 0 and d >= min_features for d in dims)
 
     return convert
+
+
+def _fused_float8_gemm(x: torch.Tensor, weight: torch.Tensor, first: nn.Module) -> torch.Tensor:
+    """A group of Float8Linear layers as one fp8 GEMM: what `Float8Linear.forward` does, on the
+    group's concatenated weight (torchao has no public call for a weight that no module holds)."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+    if torch.is_autocast_enabled():  # as Float8Linear: the output keeps autocast's dtype
+        x = x.to(torch.get_autocast_gpu_dtype())
+    return matmul_with_hp_or_float8_args.apply(x, weight.t(), first.linear_mm_config, first.config)
 
 
 def float8_unavailable(device: torch.device) -> Optional[str]:
@@ -47,11 +71,16 @@ def float8_unavailable(device: torch.device) -> Optional[str]:
 
 
 def apply_float8(model: nn.Module, recipe: str, fsdp_all_gather: bool,
-                 min_features: int = MIN_FEATURES, emulate: bool = False) -> list[str]:
+                 min_features: int = MIN_FEATURES, emulate: bool = False,
+                 fused_groups: Iterable[tuple[str, ...]] = ()) -> list[str]:
     """Convert `model`'s chosen linear layers in place; returns their names. Apply before
     activation checkpointing, compile and FSDP2 (as torchao requires), without tensor parallelism.
-    `emulate` runs the fp8 arithmetic in higher precision (for CPU tests)."""
+    `fused_groups`: the projections that will run as one GEMM each (`projection_groups`), judged
+    as groups. `emulate` runs the fp8 arithmetic in higher precision (for CPU tests)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+
+    from ..models.fused_projections import register_fused_gemm
 
     if recipe not in FP8_RECIPES:
         raise ValueError(f"fp8={recipe!r} is unknown: use one of {', '.join(FP8_RECIPES)}")
@@ -59,7 +88,8 @@ def apply_float8(model: nn.Module, recipe: str, fsdp_all_gather: bool,
     # fp8 all-gather exists for tensorwise scales only (a rowwise scale is per gathered row)
     config = replace(config, enable_fsdp_float8_all_gather=fsdp_all_gather and recipe == "tensorwise",
                      emulate=emulate)
-    convert = float8_module_filter(min_features)
+    register_fused_gemm(Float8Linear, _fused_float8_gemm)
+    convert = float8_module_filter(min_features, groups=fused_groups, model=model)
     chosen = [name for name, module in model.named_modules() if convert(module, name)]
     convert_to_float8_training(model, config=config, module_filter_fn=convert)
     return chosen
