@@ -89,6 +89,10 @@ def apply_float8(model: nn.Module, recipe: str, fsdp_all_gather: bool,
     config = replace(config, enable_fsdp_float8_all_gather=fsdp_all_gather and recipe == "tensorwise",
                      emulate=emulate)
     register_fused_gemm(Float8Linear, _fused_float8_gemm)
+    if config.enable_fsdp_float8_all_gather:
+        # FSDP2 then unshards each weight into torchao's fp8 tensor, which a group cannot
+        # concatenate: the layers run one by one, so each is judged alone
+        fused_groups = ()
     convert = float8_module_filter(min_features, groups=fused_groups, model=model)
     chosen = [name for name, module in model.named_modules() if convert(module, name)]
     convert_to_float8_training(model, config=config, module_filter_fn=convert)
