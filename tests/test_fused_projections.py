@@ -96,7 +96,7 @@ def test_fusion_steps_aside_where_it_cannot_apply():
     project(x, (a, hooked), fuse=True)
     assert seen == [1]  # the hook ran: the layer went through its own module
 
-    class Float8Like(nn.Linear):  # a subclass (torchao's Float8Linear) computes differently
+    class Float8Like(nn.Linear):  # a subclass with no fused GEMM registered computes its own way
         pass
 
     assert not fusable([a, Float8Like(4, 2, bias=False)])
