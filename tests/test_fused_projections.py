@@ -142,6 +142,20 @@ def test_fused_projections_under_fsdp2_and_tp_equal_one_process():
 
 
 # --------------------------------------------------------------------------- fp8 (torchao, emulated on the CPU)
+@contextmanager
+def counting_fused_gemms_of(model: nn.Module) -> Iterator[list[int]]:
+    """A 1 per fused GEMM run by the layer classes of `model` that registered one."""
+    calls: list[int] = []
+    saved = dict(fused_projections._FUSED_GEMMS)
+    for cls in {type(m) for m in model.modules()} & saved.keys() - {nn.Linear}:
+        fused_projections._FUSED_GEMMS[cls] = lambda *a, real=saved[cls]: calls.append(1) or real(*a)
+    try:
+        yield calls
+    finally:
+        fused_projections._FUSED_GEMMS.clear()
+        fused_projections._FUSED_GEMMS.update(saved)
+
+
 def _float8_layers(widths: list[int], recipe: str = "tensorwise") -> list[nn.Module]:
     """Float8Linear layers of the given output widths on one input width, whose weights share one
     largest magnitude (so a group's tensorwise scale equals each layer's own)."""
@@ -170,13 +184,11 @@ def _project_with_grads(layers, x, grads, fuse):
     return [o.detach() for o in outs], x.grad, [layer.weight.grad.clone() for layer in layers]
 
 
-def test_fp8_group_runs_as_one_gemm_with_the_separate_layers_numbers(monkeypatch):
+def test_fp8_group_runs_as_one_gemm_with_the_separate_layers_numbers():
     """q|k|v as torchao Float8Linear layers: one fp8 GEMM (the input cast once), and where the
     group's tensorwise scales equal each layer's own (equal largest magnitudes in the weights and in
     each output's gradient) it computes what the three fp8 layers compute, forward and backward."""
     pytest.importorskip("torchao.float8")
-    from lightning_attn_parallel.parallel import float8
-
     layers = _float8_layers([32, 16, 16])
     assert fusable(layers)
     x = torch.randn(5, 7, 32, generator=torch.Generator().manual_seed(2))
@@ -184,12 +196,10 @@ def test_fp8_group_runs_as_one_gemm_with_the_separate_layers_numbers(monkeypatch
              for i, w in enumerate(layers)]
     for i, g in enumerate(grads):
         g[0, i, 0] = 3.0
-    calls = []
-    real = float8._fused_float8_gemm
-    monkeypatch.setitem(fused_projections._FUSED_GEMMS, type(layers[0]),
-                        lambda *a: calls.append(1) or real(*a))
-    fused = _project_with_grads(layers, x, grads, fuse=True)
-    separate = _project_with_grads(layers, x, grads, fuse=False)
+    holder = nn.ModuleList(layers)
+    with counting_fused_gemms_of(holder) as calls:
+        fused = _project_with_grads(layers, x, grads, fuse=True)
+        separate = _project_with_grads(layers, x, grads, fuse=False)
     assert calls == [1]  # one GEMM for the group, none when fusion is off
     for kind, a, b in zip(("output", "input grad", "weight grad"), fused, separate):
         for i, (u, v) in enumerate(zip(a, b) if isinstance(a, list) else [(a, b)]):
@@ -248,3 +258,22 @@ def test_fp8_model_with_fused_groups_trains_every_projection():
         # the backward's rowwise scales span the group's concatenated gradient rows: fp8-close only
         rel = (g - ref_grads[n]).norm() / ref_grads[n].norm()
         assert rel < 0.1, (n, float(rel))
+
+
+def test_fp8_fused_groups_compile_without_graph_breaks():
+    """The whole-model compile traces the fused fp8 groups as one graph (fullgraph), equal to eager."""
+    pytest.importorskip("torchao.float8")
+    from lightning_attn_parallel.models.fused_projections import projection_groups
+    from lightning_attn_parallel.parallel.float8 import apply_float8
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**LLAMA))
+    apply_float8(model, "tensorwise", fsdp_all_gather=False, min_features=16, emulate=True,
+                 fused_groups=list(projection_groups(model)))
+    set_fused_projections(model, True)
+    tokens = torch.randint(0, LLAMA["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with counting_fused_gemms_of(model) as calls:
+        eager = model(tokens)
+    assert calls == [1] * 2 * LLAMA["n_layers"]  # q|k|v and gate|up in each block
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(tokens)
+    assert_close(compiled, eager, rtol=1e-5, name="logits")

@@ -49,7 +49,10 @@ def fusable(linears: Sequence[nn.Module]) -> bool:
         # a plain tensor's data (a DTensor's is a DTensor: its layout is tensor parallelism's)
         if type(layer) is not cls or layer.bias is not None or type(layer.weight.data) is not torch.Tensor:
             return False
-        if layer._forward_hooks or layer._forward_pre_hooks or getattr(layer, "config", None) != config:
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            return False
+        own = getattr(layer, "config", None)
+        if own is not config and own != config:  # one config object is shared as a rule
             return False
     return True
 
