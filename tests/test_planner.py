@@ -22,7 +22,7 @@ from lightning_attn_parallel.planning import (H100_SXM, Calibration, ClusterSpec
                                               nearest_fit, parameter_counts,
                                               precision_spec, reduce_scatter_time, select_plan)
 from lightning_attn_parallel.planning.counts import count_model
-from lightning_attn_parallel.planning.memory import activation_bytes, host_activation_bytes
+from lightning_attn_parallel.planning.memory import activation_bytes, fused_group_weights, host_activation_bytes
 from lightning_attn_parallel.hardware import GIB
 
 MODELS_DIR = os.path.join(os.path.dirname(__file__), "..", "lightning_attn_parallel", "models")
@@ -639,6 +639,44 @@ def test_activation_offload_costs_each_saved_byte_twice_over_the_host_link():
     assert timing(offload).step_s - timing(block).step_s == pytest.approx(timing(offload).offload_s)
     slower_link = replace(H100_SXM, host_link_gbps=32.0)
     assert timing(offload, slower_link).offload_s == pytest.approx(2 * timing(offload).offload_s)
+
+def test_fused_projections_keep_their_concatenated_weights_for_the_backward():
+    """bf16 weights: each block keeps its q|k|v and gate|up concatenations (what the fused GEMMs
+    saved); under autocast they stand in for the casts already counted; under tp nothing fuses;
+    checkpointed blocks keep nothing."""
+    def activations(plan: ParallelPlan, precision: str = "bf16-true") -> float:
+        return estimate_memory(ANCHOR_1B, plan, 8, 2048, precision, H100_SXM, loss_chunk_tokens=8192).activations
+
+    compiled = ParallelPlan(dp_replicate=1, compile="model")
+    fused = replace(compiled, fuse_projections=True)
+    d, hd = ANCHOR_1B.d_model, ANCHOR_1B.head_dim
+    per_block = d * (32 + 2 * 4) * hd + 2 * d * ANCHOR_1B.ffn_dim  # 2048 x 2560 + 2 x 2048 x 5632
+    assert fused_group_weights(ANCHOR_1B, False) == (d * 2560, 2 * d * 5632)
+    assert activations(fused) - activations(compiled) == pytest.approx(22 * per_block * 2)  # 1.25 GB
+    # master weights (bf16-mixed's default) compute on bf16 copies: the same as bf16-true
+    assert activations(fused, "bf16-mixed") - activations(compiled, "bf16-mixed") == pytest.approx(22 * per_block * 2)
+    autocast = replace(compiled, mixed_precision="autocast")
+    assert activations(replace(autocast, fuse_projections=True), "bf16-mixed") == activations(autocast, "bf16-mixed")
+    tp = ParallelPlan(dp_replicate=1, tp=2, compile="block")
+    assert estimate_memory(ANCHOR_1B, replace(tp, fuse_projections=True), 8, 2048, "bf16-true", H100_SXM).activations \
+        == estimate_memory(ANCHOR_1B, tp, 8, 2048, "bf16-true", H100_SXM).activations
+    checkpointed = replace(compiled, activation_checkpointing="block")
+    assert activations(replace(checkpointed, fuse_projections=True)) == activations(checkpointed)
+
+
+def test_fused_fp8_groups_keep_the_attention_input_once():
+    """Compiled fp8 tensorwise: the fused groups keep their weights in fp8 (one byte), and GQA's key
+    and value projections, now fp8 with their queries, no longer keep a bf16 copy of the attention's
+    input: 2 x d_model bytes a token a block less (benchmarks/fused_projection_graphs.py)."""
+    def activations(plan: ParallelPlan) -> float:
+        return estimate_memory(ANCHOR_1B, plan, 8, 2048, "bf16-true", H100_SXM, loss_chunk_tokens=8192).activations
+
+    fp8 = ParallelPlan(dp_replicate=1, compile="model", fp8="tensorwise")
+    attention, mlp = fused_group_weights(ANCHOR_1B, False)
+    tokens = 8 * 2048
+    expected = 22 * ((attention + mlp) * 1 - 2 * ANCHOR_1B.d_model * tokens)  # -38.8 MB a block
+    assert activations(replace(fp8, fuse_projections=True)) - activations(fp8) == pytest.approx(expected)
+
 
 # ---------------------------------------------------------------------------- dry runs
 def _reported_billions(report: str) -> float:

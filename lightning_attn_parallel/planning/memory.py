@@ -432,16 +432,50 @@ def _head_bytes(s: _Shape, tokens: float, loss_chunk_tokens: Optional[int], logi
     return final, rows * logits * per_element
 
 
+def fused_group_weights(cfg: ModelConfig, is_moe: bool) -> tuple[int, int]:
+    """(attention, MLP) weights of one block that `fuse_projections` concatenates: q|k|v (MLA: the
+    queries' first projection with wkv_a), and the dense or shared experts' gate|up."""
+    d = cfg.d_model
+    if cfg.attention == "gqa":
+        attention = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    else:
+        q = cfg.q_lora_rank or cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        attention = d * (q + cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    hidden = cfg.n_shared_experts * cfg.moe_ffn_dim if is_moe else cfg.ffn_dim
+    return attention, 2 * d * hidden
+
+
+def _fused_group_copies(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionSpec) -> float:
+    """The concatenated weights that fused projections keep for the backward (the fused GEMM saves
+    its weight input; separate layers save the parameters themselves, which cost nothing extra).
+    Under autocast that copy stands in for the layers' own casts, counted in `_weight_copies`; under
+    tensor parallelism, and under fp8 with FSDP2's fp8 all-gather, nothing fuses. Compiled fp8
+    tensorwise keeps the fp8 cast (one byte an element, counted in the compiled graphs by
+    benchmarks/fused_projection_graphs.py), everything else the compute dtype."""
+    if not plan.fuse_projections or p.autocast or plan.tp > 1 or (plan.fp8 == "tensorwise" and plan.sharded):
+        return 0.0
+    element = 1 if plan.fp8 == "tensorwise" and plan.compiled else p.compute_bytes
+    policy, total = plan.activation_checkpointing, 0.0
+    for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
+        attention, mlp = fused_group_weights(cfg, is_moe)
+        if not checkpointed or policy == "none":
+            total += n * (attention + mlp)
+        elif policy == "attention":
+            total += n * mlp
+    return total * element
+
+
 def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: PrecisionSpec,
                    cfg: ModelConfig) -> float:
-    """Autocast's low-precision copies of replicated weights that autograd keeps for the backward.
+    """Low-precision copies of replicated weights that autograd keeps for the backward: autocast's
+    casts, or fused projections' concatenations (`_fused_group_copies`).
 
     A matmul saves the cast weight it used; a checkpointed block (or sublayer) keeps nothing and
     re-casts during its recompute. Under FSDP2 the all-gathered low-precision units replace
-    these copies (counted as communication buffers) and under "-true" precisions there are none.
+    autocast's copies (counted as communication buffers) and under "-true" precisions there are none.
     """
     if not p.autocast or plan.sharded or counts is None:
-        return 0.0
+        return _fused_group_copies(cfg, plan, p)
     policy = plan.activation_checkpointing
     # the LM head (vocabulary-parallel under tp; a chunked loss recomputes it, a small saving ignored)
     copies = counts.head / plan.tp
@@ -463,13 +497,26 @@ class _Activations(NamedTuple):
     largest_layer: float  # the most one layer keeps
     final: float  # the final norm's and the LM head's inputs
     transient: float  # the loss's logits chain or one checkpointed layer's recomputation
-    weight_copies: float  # autocast's low-precision weight copies
+    weight_copies: float  # autocast's low-precision weight copies, fused projections' concatenations
 
     def on_gpu(self, offload: bool) -> float:
         return (self.largest_layer if offload else self.layers) + self.final + self.transient + self.weight_copies
 
     def on_host(self, offload: bool) -> float:
         return self.layers + self.final + self.weight_copies if offload else 0.0
+
+
+def _fused_fp8_saved_less(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionSpec, s: _Shape) -> float:
+    """Bytes per token per layer that compiled fp8 keeps less with fused projections: GQA's key and
+    value projections, too narrow for fp8 alone, convert with their queries (parallel/float8.py),
+    so the attention's input is no longer also kept in the compute dtype for them (counted in the
+    compiled graphs by benchmarks/fused_projection_graphs.py: 4,096 bytes a token on the 1B Llama)."""
+    from ..parallel.float8 import MIN_FEATURES
+
+    if (not plan.fuse_projections or cfg.attention != "gqa" or plan.tp > 1 or plan.sharded
+            or cfg.n_kv_heads * cfg.head_dim >= MIN_FEATURES):
+        return 0.0
+    return p.compute_bytes * s.d_norm
 
 
 def _activations(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len: int,
@@ -486,10 +533,12 @@ def _activations(cfg: ModelConfig, plan: ParallelPlan, micro_batch: int, seq_len
     compiled_extra = calibration.compiled_saved_elements * s.a * s.d_norm if plan.compiled else 0.0
     fp8_less = (calibration.fp8_saved_bytes_less * s.d_norm
                 if plan.compiled and plan.fp8 == "tensorwise" else 0.0)
+    fused_fp8_less = _fused_fp8_saved_less(cfg, plan, p, s) if fp8_less else 0.0
     saved, recompute_peak, largest = 0.0, 0.0, 0.0
     for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
         ffn = moe if is_moe else dense
-        full = _layer_bytes(attn, ffn, "none") + compiled_extra - (0.0 if is_moe else fp8_less)
+        full = (_layer_bytes(attn, ffn, "none") + compiled_extra - (0.0 if is_moe else fp8_less)
+                - fused_fp8_less)
         kept = _layer_bytes(attn, ffn, plan.activation_checkpointing) if checkpointed else full
         saved += n * kept
         largest = max(largest, kept)
@@ -608,7 +657,7 @@ def estimate_memory(model_cfg: ModelConfig, plan: ParallelPlan, micro_batch: int
                           host_activations=host)
 
 
-__all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "fused_master_step", "master_copies", "LocalParams", "PRECISIONS", "precision_spec",
+__all__ = ["MemoryEstimate", "PrecisionSpec", "accumulation_policy", "casts_parameters", "compute_precision", "fused_group_weights", "fused_master_step", "master_copies", "LocalParams", "PRECISIONS", "precision_spec",
            "estimate_memory", "activation_bytes", "host_activation_bytes", "local_params", "largest_unit",
            "expert_shard_degree", "checkpointed_layers", "kv_width", "moe_layer_flags",
            "compiled_loss_kernel", "logits_bytes_per_element", "logits_per_token",
