@@ -175,6 +175,19 @@ def _float8_layers(widths: list[int], recipe: str = "tensorwise") -> list[nn.Mod
     return [getattr(holder, n) for n in names]
 
 
+def _fp8_llama(recipe: str, fuse: bool) -> nn.Module:
+    """The tiny Llama with every projection in emulated fp8, its groups judged as fused GEMMs."""
+    from lightning_attn_parallel.models.fused_projections import projection_groups
+    from lightning_attn_parallel.parallel.float8 import apply_float8
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**LLAMA))
+    apply_float8(model, recipe, fsdp_all_gather=False, min_features=16, emulate=True,
+                 fused_groups=list(projection_groups(model)))
+    set_fused_projections(model, fuse)
+    return model
+
+
 def _project_with_grads(layers, x, grads, fuse):
     x = x.clone().requires_grad_(True)
     for layer in layers:
@@ -236,15 +249,9 @@ def test_fp8_model_with_fused_groups_trains_every_projection():
     """A Llama in emulated fp8 (rowwise: the forward's scales are per row, so fusing changes no
     number there) gives the unfused fp8 model's loss, and every projection gets its gradient."""
     pytest.importorskip("torchao.float8")
-    from lightning_attn_parallel.models.fused_projections import projection_groups
-    from lightning_attn_parallel.parallel.float8 import apply_float8
 
     def run(fuse: bool):
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(**LLAMA))
-        apply_float8(model, "rowwise", fsdp_all_gather=False, min_features=16, emulate=True,
-                     fused_groups=list(projection_groups(model)))
-        set_fused_projections(model, fuse)
+        model = _fp8_llama("rowwise", fuse)
         tokens = torch.randint(0, LLAMA["vocab_size"], (3, 13), generator=torch.Generator().manual_seed(1))
         total, count = cross_entropy_sum(model(tokens[:, :-1]), model.output, tokens[:, 1:],
                                          kernel=model.loss_kernel)
@@ -263,14 +270,7 @@ def test_fp8_model_with_fused_groups_trains_every_projection():
 def test_fp8_fused_groups_compile_without_graph_breaks():
     """The whole-model compile traces the fused fp8 groups as one graph (fullgraph), equal to eager."""
     pytest.importorskip("torchao.float8")
-    from lightning_attn_parallel.models.fused_projections import projection_groups
-    from lightning_attn_parallel.parallel.float8 import apply_float8
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**LLAMA))
-    apply_float8(model, "tensorwise", fsdp_all_gather=False, min_features=16, emulate=True,
-                 fused_groups=list(projection_groups(model)))
-    set_fused_projections(model, True)
+    model = _fp8_llama("tensorwise", fuse=True)
     tokens = torch.randint(0, LLAMA["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
     with counting_fused_gemms_of(model) as calls:
         eager = model(tokens)
