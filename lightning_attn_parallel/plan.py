@@ -24,6 +24,9 @@ COMPILE_MODES = ("none", "block", "model")
 # torch.compile's mode for either compiled granularity ("default": torch's default)
 COMPILE_TUNING = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 FP8_MODES = ("none", "tensorwise", "rowwise")  # parallel/float8.py
+# the narrowest linear layer fp8 converts (torchao's own guidance: fp8 pays off from about this
+# width at these shapes); the planner reads it to know which layers run in fp8
+FP8_MIN_FEATURES = 1024
 ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
 # Pipeline schedules (parallel/pipeline_schedule.py); the zero-bubble ones split each backward into
 # its input and weight halves and fill the bubble with weight halves
@@ -329,4 +332,4 @@ def as_plan(value: Any) -> ParallelPlan:
 
 
 __all__ = ["ParallelPlan", "PlanError", "as_plan", "CP_KERNELS", "CHECKPOINT_POLICIES",
-           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES", "COMPILE_MODES", "FP8_MODES", "PP_SCHEDULES"]
+           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES", "COMPILE_MODES", "FP8_MIN_FEATURES", "FP8_MODES", "PP_SCHEDULES"]

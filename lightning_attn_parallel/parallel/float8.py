@@ -21,11 +21,12 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from ..plan import FP8_MIN_FEATURES
+
 FP8_RECIPES = ("tensorwise", "rowwise")
-MIN_FEATURES = 1024  # torchao's own guidance: fp8 pays off from about this width at these shapes
 
 
-def float8_module_filter(min_features: int = MIN_FEATURES, skip: tuple[str, ...] = ("output",),
+def float8_module_filter(min_features: int = FP8_MIN_FEATURES, skip: tuple[str, ...] = ("output",),
                          groups: Iterable[tuple[str, ...]] = (),
                          model: Optional[nn.Module] = None) -> Callable[[nn.Module, str], bool]:
     """torchao's `module_filter_fn`: True for the linear layers to convert. A layer in one of
@@ -71,7 +72,7 @@ def float8_unavailable(device: torch.device) -> Optional[str]:
 
 
 def apply_float8(model: nn.Module, recipe: str, fsdp_all_gather: bool,
-                 min_features: int = MIN_FEATURES, emulate: bool = False,
+                 min_features: int = FP8_MIN_FEATURES, emulate: bool = False,
                  fused_groups: Iterable[tuple[str, ...]] = ()) -> list[str]:
     """Convert `model`'s chosen linear layers in place; returns their names. Apply before
     activation checkpointing, compile and FSDP2 (as torchao requires), without tensor parallelism.

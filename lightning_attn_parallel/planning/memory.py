@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 
 from ..models.config import ModelConfig
 from ..models.flops import attention_dims
-from ..plan import ParallelPlan, PlanError
+from ..plan import FP8_MIN_FEATURES, ParallelPlan, PlanError
 from .calibration import DEFAULT_CALIBRATION, Calibration
 from .counts import ParamCounts, parameter_counts
 from ..hardware import GIB, GpuSpec
@@ -511,10 +511,8 @@ def _fused_fp8_saved_less(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionSpec
     value projections, too narrow for fp8 alone, convert with their queries (parallel/float8.py),
     so the attention's input is no longer also kept in the compute dtype for them (counted in the
     compiled graphs by benchmarks/fused_projection_graphs.py: 4,096 bytes a token on the 1B Llama)."""
-    from ..parallel.float8 import MIN_FEATURES
-
     if (not plan.fuse_projections or cfg.attention != "gqa" or plan.tp > 1 or plan.sharded
-            or cfg.n_kv_heads * cfg.head_dim >= MIN_FEATURES):
+            or cfg.n_kv_heads * cfg.head_dim >= FP8_MIN_FEATURES):
         return 0.0
     return p.compute_bytes * s.d_norm
 
