@@ -61,8 +61,9 @@ def saved_bytes(forward: torch.fx.GraphModule, user_outputs: int = 1) -> int:
                if isinstance(n, torch.fx.Node) and not n.name.startswith("primals"))
 
 
-def block_graphs(fuse: bool, fp8: bool, seq: int) -> dict[str, Counter]:
-    """Op counts and saved bytes of one bf16 block's forward and backward graphs."""
+def block_graphs(fuse: bool, fp8: bool, seq: int, block: dict = BLOCK) -> dict[str, Counter]:
+    """Op counts and saved bytes of one bf16 block's forward and backward graphs (`block`: the
+    model's fields, one layer)."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
@@ -77,16 +78,16 @@ def block_graphs(fuse: bool, fp8: bool, seq: int) -> dict[str, Counter]:
         return compile_graph
 
     torch._dynamo.reset()
-    model = build_model(ModelConfig(**BLOCK)).to(torch.bfloat16)
+    model = build_model(ModelConfig(**block)).to(torch.bfloat16)
     if fp8:
         apply_float8(model, "tensorwise", fsdp_all_gather=False, emulate=True,
                      fused_groups=list(projection_groups(model)) if fuse else ())
     set_fused_projections(model, fuse)
     backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"),
                            partition_fn=min_cut_rematerialization_partition)
-    block = torch.compile(model.blocks[0], backend=backend, fullgraph=True)
-    x = torch.randn(1, seq, BLOCK["d_model"], dtype=torch.bfloat16, requires_grad=True)
-    block(x, torch.arange(seq)).sum().backward()
+    compiled = torch.compile(model.blocks[0], backend=backend, fullgraph=True)
+    x = torch.randn(1, seq, block["d_model"], dtype=torch.bfloat16, requires_grad=True)
+    compiled(x, torch.arange(seq)).sum().backward()
     return graphs
 
 

@@ -5,7 +5,9 @@ weights are plain tensors, so fusion runs there: 2 gloo ranks with fusion equal 
 without it."""
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import lightning as L
@@ -21,6 +23,8 @@ from lightning_attn_parallel.models import ModelConfig, build_model
 from lightning_attn_parallel.models import fused_projections
 from lightning_attn_parallel.models.fused_projections import fusable, project, set_fused_projections
 from lightning_attn_parallel.models.loss import cross_entropy_sum
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 LLAMA = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
 DEEPSEEK = dict(LLAMA, family="deepseek", attention="mla", kv_lora_rank=16, qk_nope_head_dim=8,
@@ -277,3 +281,41 @@ def test_fp8_fused_groups_compile_without_graph_breaks():
     assert calls == [1] * 2 * LLAMA["n_layers"]  # q|k|v and gate|up in each block
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(tokens)
     assert_close(compiled, eager, rtol=1e-5, name="logits")
+
+
+@pytest.mark.parametrize("policy", ["none", "block", "selective"])
+def test_compiled_fused_projections_keep_no_concatenation_and_equal_the_separate_ones(policy):
+    """Compiled, a plain group recomputes its concatenated weight in the backward instead of keeping
+    it (a selective checkpoint inside the GEMM), under every activation-checkpointing policy around
+    it, and the gradients are the separate projections' (fp64)."""
+    from lightning_attn_parallel.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    def run(fuse: bool):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**LLAMA)).double()
+        set_fused_projections(model, fuse)
+        apply_activation_checkpointing(model, policy)
+        tokens = torch.randint(0, LLAMA["vocab_size"], (3, 13), generator=torch.Generator().manual_seed(1))
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        total, count = cross_entropy_sum(compiled(tokens[:, :-1]), model.output, tokens[:, 1:],
+                                         kernel=model.loss_kernel)
+        (total / count).backward()
+        return (total / count).detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    loss, grads = run(True)
+    ref_loss, ref_grads = run(False)
+    assert_close(loss, ref_loss, rtol=1e-10, name="loss")
+    for n in grads:
+        assert_close(grads[n], ref_grads[n], rtol=1e-10, name=n)
+
+
+def test_compiled_bf16_block_keeps_what_the_separate_projections_keep():
+    """What the compiled graphs keep for the backward (benchmarks/fused_projection_graphs.py, at a
+    small width): fused plain groups keep no more than separate projections."""
+    import fused_projection_graphs as graphs
+
+    small = dict(vocab_size=64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=1, ffn_dim=128, max_seq_len=64)
+    kept = {fuse: graphs.block_graphs(fuse, fp8=False, seq=16, block=small)["forward"]["bytes saved for the backward"]
+            for fuse in (False, True)}
+    assert kept[True] == kept[False] > 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import replace
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -47,14 +47,14 @@ def float8_module_filter(min_features: int = FP8_MIN_FEATURES, skip: tuple[str, 
     return convert
 
 
-def _fused_float8_gemm(x: torch.Tensor, weight: torch.Tensor, first: nn.Module) -> torch.Tensor:
+def _fused_float8_gemm(x: torch.Tensor, weights: Sequence[torch.Tensor], first: nn.Module) -> torch.Tensor:
     """A group of Float8Linear layers as one fp8 GEMM: what `Float8Linear.forward` does, on the
     group's concatenated weight (torchao has no public call for a weight that no module holds)."""
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
     if torch.is_autocast_enabled():  # as Float8Linear: the output keeps autocast's dtype
         x = x.to(torch.get_autocast_gpu_dtype())
-    return matmul_with_hp_or_float8_args.apply(x, weight.t(), first.linear_mm_config, first.config)
+    return matmul_with_hp_or_float8_args.apply(x, torch.cat(weights).t(), first.linear_mm_config, first.config)
 
 
 def float8_unavailable(device: torch.device) -> Optional[str]:

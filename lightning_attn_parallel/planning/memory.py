@@ -449,10 +449,12 @@ def _fused_group_copies(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionSpec) 
     """The concatenated weights that fused projections keep for the backward (the fused GEMM saves
     its weight input; separate layers save the parameters themselves, which cost nothing extra).
     Under autocast that copy stands in for the layers' own casts, counted in `_weight_copies`; under
-    tensor parallelism, and under fp8 with FSDP2's fp8 all-gather, nothing fuses. Compiled fp8
-    tensorwise keeps the fp8 cast (one byte an element, counted in the compiled graphs by
-    benchmarks/fused_projection_graphs.py), everything else the compute dtype."""
+    tensor parallelism, and under fp8 with FSDP2's fp8 all-gather, nothing fuses; compiled bf16
+    groups recompute it. Compiled fp8 tensorwise keeps the fp8 cast (one byte an element), the
+    rest the compute dtype (counted in the compiled graphs by benchmarks/fused_projection_graphs.py)."""
     if not plan.fuse_projections or p.autocast or plan.tp > 1 or (plan.fp8 == "tensorwise" and plan.sharded):
+        return 0.0
+    if plan.compiled and plan.fp8 == "none":
         return 0.0
     element = 1 if plan.fp8 == "tensorwise" and plan.compiled else p.compute_bytes
     policy, total = plan.activation_checkpointing, 0.0
