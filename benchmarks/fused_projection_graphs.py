@@ -36,7 +36,7 @@ TOKENS = 16384
 
 
 def _tensor_bytes(node: torch.fx.Node) -> int:
-    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    value = node.meta.get("val")
     return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 

@@ -35,20 +35,21 @@ MODELS = {"llama": LLAMA, "deepseek_mla": DEEPSEEK, "deepseek_mla_q_latent": dic
 
 @contextmanager
 def counting_fused_gemms() -> Iterator[list[int]]:
-    """The output widths of the GEMMs run on concatenated weights (no module's Parameter)."""
+    """The output widths of the fused GEMMs run, by every layer class registered for fusion."""
     widths: list[int] = []
-    real_linear = fused_projections.F.linear
+    saved = dict(fused_projections._FUSED_GEMMS)
 
-    def counting(x, weight, *args):
-        if not isinstance(weight, nn.Parameter):
-            widths.append(weight.shape[0])
-        return real_linear(x, weight, *args)
+    def counting(real):
+        def gemm(x, weights, first):
+            widths.append(sum(w.shape[0] for w in weights))
+            return real(x, weights, first)
+        return gemm
 
-    fused_projections.F.linear = counting
+    fused_projections._FUSED_GEMMS.update({cls: counting(real) for cls, real in saved.items()})
     try:
         yield widths
     finally:
-        fused_projections.F.linear = real_linear
+        fused_projections._FUSED_GEMMS.update(saved)
 
 
 def _loss_and_grads(cfg: dict, fuse: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -146,20 +147,6 @@ def test_fused_projections_under_fsdp2_and_tp_equal_one_process():
 
 
 # --------------------------------------------------------------------------- fp8 (torchao, emulated on the CPU)
-@contextmanager
-def counting_fused_gemms_of(model: nn.Module) -> Iterator[list[int]]:
-    """A 1 per fused GEMM run by the layer classes of `model` that registered one."""
-    calls: list[int] = []
-    saved = dict(fused_projections._FUSED_GEMMS)
-    for cls in {type(m) for m in model.modules()} & saved.keys() - {nn.Linear}:
-        fused_projections._FUSED_GEMMS[cls] = lambda *a, real=saved[cls]: calls.append(1) or real(*a)
-    try:
-        yield calls
-    finally:
-        fused_projections._FUSED_GEMMS.clear()
-        fused_projections._FUSED_GEMMS.update(saved)
-
-
 def _float8_layers(widths: list[int], recipe: str = "tensorwise") -> list[nn.Module]:
     """Float8Linear layers of the given output widths on one input width, whose weights share one
     largest magnitude (so a group's tensorwise scale equals each layer's own)."""
@@ -213,11 +200,10 @@ def test_fp8_group_runs_as_one_gemm_with_the_separate_layers_numbers():
              for i, w in enumerate(layers)]
     for i, g in enumerate(grads):
         g[0, i, 0] = 3.0
-    holder = nn.ModuleList(layers)
-    with counting_fused_gemms_of(holder) as calls:
+    with counting_fused_gemms() as widths:
         fused = _project_with_grads(layers, x, grads, fuse=True)
         separate = _project_with_grads(layers, x, grads, fuse=False)
-    assert calls == [1]  # one GEMM for the group, none when fusion is off
+    assert widths == [64]  # one GEMM for the group, none when fusion is off
     for kind, a, b in zip(("output", "input grad", "weight grad"), fused, separate):
         for i, (u, v) in enumerate(zip(a, b) if isinstance(a, list) else [(a, b)]):
             assert_close(u, v, rtol=1e-5, name=f"{kind} {i}")
@@ -276,9 +262,9 @@ def test_fp8_fused_groups_compile_without_graph_breaks():
     pytest.importorskip("torchao.float8")
     model = _fp8_llama("tensorwise", fuse=True)
     tokens = torch.randint(0, LLAMA["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
-    with counting_fused_gemms_of(model) as calls:
+    with counting_fused_gemms() as widths:
         eager = model(tokens)
-    assert calls == [1] * 2 * LLAMA["n_layers"]  # q|k|v and gate|up in each block
+    assert len(widths) == 2 * LLAMA["n_layers"]  # q|k|v and gate|up in each block
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(tokens)
     assert_close(compiled, eager, rtol=1e-5, name="logits")
 

@@ -445,26 +445,33 @@ def fused_group_weights(cfg: ModelConfig, is_moe: bool) -> tuple[int, int]:
     return attention, 2 * d * hidden
 
 
+def _projections_fuse(plan: ParallelPlan) -> bool:
+    """Whether `fuse_projections` fuses anything: not under tensor parallelism (DTensor layers), nor
+    under fp8 with FSDP2's fp8 all-gather (tensorwise and sharded: the weights cannot be joined)."""
+    return plan.fuse_projections and plan.tp == 1 and not (plan.fp8 == "tensorwise" and plan.sharded)
+
+
+def _weights_kept(plan: ParallelPlan, checkpointed: bool, attention: float, ffn: float) -> float:
+    """Of a layer's attention and MLP weights, those its matmuls keep for the backward: none where
+    the block recomputes, the MLP's where only the attention does."""
+    policy = plan.activation_checkpointing
+    if not checkpointed or policy == "none":
+        return attention + ffn
+    return ffn if policy == "attention" else 0.0
+
+
 def _fused_group_copies(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionSpec) -> float:
     """The concatenated weights that fused projections keep for the backward (the fused GEMM saves
     its weight input; separate layers save the parameters themselves, which cost nothing extra).
-    Under autocast that copy stands in for the layers' own casts, counted in `_weight_copies`; under
-    tensor parallelism, and under fp8 with FSDP2's fp8 all-gather, nothing fuses; compiled bf16
-    groups recompute it. Compiled fp8 tensorwise keeps the fp8 cast (one byte an element), the
-    rest the compute dtype (counted in the compiled graphs by benchmarks/fused_projection_graphs.py)."""
-    if not plan.fuse_projections or p.autocast or plan.tp > 1 or (plan.fp8 == "tensorwise" and plan.sharded):
-        return 0.0
-    if plan.compiled and plan.fp8 == "none":
+    Under autocast that copy stands in for the layers' own casts, counted in `_weight_copies`;
+    compiled bf16 groups recompute it. Compiled fp8 tensorwise keeps the fp8 cast (one byte an
+    element), the rest the compute dtype (counted in the compiled graphs by
+    benchmarks/fused_projection_graphs.py)."""
+    if not _projections_fuse(plan) or p.autocast or (plan.compiled and plan.fp8 == "none"):
         return 0.0
     element = 1 if plan.fp8 == "tensorwise" and plan.compiled else p.compute_bytes
-    policy, total = plan.activation_checkpointing, 0.0
-    for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
-        attention, mlp = fused_group_weights(cfg, is_moe)
-        if not checkpointed or policy == "none":
-            total += n * (attention + mlp)
-        elif policy == "attention":
-            total += n * mlp
-    return total * element
+    return element * sum(n * _weights_kept(plan, checkpointed, *fused_group_weights(cfg, is_moe))
+                         for is_moe, checkpointed, n in _layer_kinds(cfg, plan))
 
 
 def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: PrecisionSpec,
@@ -478,17 +485,13 @@ def _weight_copies(counts: Optional[ParamCounts], plan: ParallelPlan, p: Precisi
     """
     if not p.autocast or plan.sharded or counts is None:
         return _fused_group_copies(cfg, plan, p)
-    policy = plan.activation_checkpointing
     # the LM head (vocabulary-parallel under tp; a chunked loss recomputes it, a small saving ignored)
     copies = counts.head / plan.tp
     for is_moe, checkpointed, n in _layer_kinds(cfg, plan):
         block = next(b for b in counts.blocks if (b.experts > 0) == is_moe)
         attention = block.attention / plan.tp + block.attention_small
         ffn = block.ffn_dense / plan.tp + block.ffn_shared + block.experts / plan.ep
-        if not checkpointed or policy == "none":
-            copies += n * (attention + ffn)
-        elif policy == "attention":
-            copies += n * ffn
+        copies += n * _weights_kept(plan, checkpointed, attention, ffn)
     return copies * p.compute_bytes
 
 
@@ -513,7 +516,7 @@ def _fused_fp8_saved_less(cfg: ModelConfig, plan: ParallelPlan, p: PrecisionSpec
     value projections, too narrow for fp8 alone, convert with their queries (parallel/float8.py),
     so the attention's input is no longer also kept in the compute dtype for them (counted in the
     compiled graphs by benchmarks/fused_projection_graphs.py: 4,096 bytes a token on the 1B Llama)."""
-    if (not plan.fuse_projections or cfg.attention != "gqa" or plan.tp > 1 or plan.sharded
+    if (not _projections_fuse(plan) or cfg.attention != "gqa"
             or cfg.n_kv_heads * cfg.head_dim >= FP8_MIN_FEATURES):
         return 0.0
     return p.compute_bytes * s.d_norm
