@@ -94,6 +94,9 @@ class ParallelPlan:
     offload_activations: bool = False
     # fp8 matmuls in the blocks' large linear layers (torchao float8): "tensorwise" or "rowwise" scales
     fp8: str = field(default="none", metadata=_limits(choices=FP8_MODES))
+    # the routed experts' grouped GEMMs in fp8 with rowwise scales (torchao, sm90+); the rows
+    # each expert gets are padded to a multiple of 16 (models/token_groups.py)
+    fp8_experts: bool = False
     # a bool is kept for older configs: True is "block", False "none"
     compile: Union[bool, str] = field(default="none", metadata=_limits(choices=COMPILE_MODES))
     # torch.compile's mode: "reduce-overhead" replays each compiled graph as a CUDA graph (no
@@ -126,6 +129,10 @@ class ParallelPlan:
         if self.fp8 != "none" and self.tp > 1:
             raise PlanError(f"ParallelPlan fp8={self.fp8!r} does not compose with tensor parallelism "
                             f"(tp={self.tp}) yet: set tp=1 or fp8='none'")
+        if self.fp8_experts and not self.grouped_gemm:
+            raise PlanError("ParallelPlan fp8_experts=True runs the experts' grouped GEMMs in fp8; "
+                            "grouped_gemm=False loops over the experts instead: set grouped_gemm=True "
+                            "or fp8_experts=False")
         if self.compile == "model" and (max(self.tp, self.cp, self.ep, self.dp_shard) > 1
                                         or self.mixed_precision == "cast_params"):
             raise PlanError("ParallelPlan compile='model' composes with replicated data parallelism "
@@ -240,12 +247,26 @@ class ParallelPlan:
         if not model_cfg.n_routed_experts and self.ep > 1:
             raise PlanError(f"ParallelPlan ep={self.ep} needs a mixture-of-experts model; this model "
                             "has no routed experts: set ep=1")
+        if self.fp8_experts:
+            self._check_fp8_experts(model_cfg)
         if self.pp > 1:
             from .pipeline_plan import check_pipeline_model
 
             check_pipeline_model(self, model_cfg)
         if seq_len is not None:
             self.check_sequence(seq_len, micro_batch_size)
+
+    def _check_fp8_experts(self, model_cfg: Any) -> None:
+        if not model_cfg.n_routed_experts:
+            raise PlanError("ParallelPlan fp8_experts=True needs a mixture-of-experts model; this model "
+                            "has no routed experts: set fp8_experts=False (fp8='tensorwise' converts "
+                            "dense layers)")
+        dims = {"d_model": model_cfg.d_model, "moe_ffn_dim": model_cfg.moe_ffn_dim}
+        odd = {name: value for name, value in dims.items() if value % 16}
+        if odd:
+            shown = ", ".join(f"{name}={value}" for name, value in odd.items())
+            raise PlanError(f"ParallelPlan fp8_experts=True needs the experts' dimensions in multiples "
+                            f"of 16 (fp8 GEMMs); the model has {shown}: set fp8_experts=False")
 
     def check_sequence(self, seq_len: int, micro_batch_size: Optional[int] = None) -> None:
         """A batch of `micro_batch_size` sequences of `seq_len` tokens splits evenly under the plan."""

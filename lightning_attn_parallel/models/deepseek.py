@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -28,6 +29,7 @@ from .layers import LocalAttentionKernel, RMSNorm, SwiGLU
 from .llama import CausalTransformer, GroupedQueryAttention, TransformerBlock, run_kernel
 from .protocol import moe_layers
 from .rope import RopeScaling, RotaryEmbedding, softmax_scale_factor
+from .token_groups import pad_rows, padded_groups, unpad_rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,13 +182,35 @@ def sequence_balance_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts:
 
 _GROUPED_MM_FAILED = False
 
+# a grouped GEMM: (a (N, K) rows grouped by expert, b (G, K, M) as the experts store it,
+# int32 end offsets of the groups (G,)) -> (N, M)
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """bf16 `torch._grouped_mm`, called as torch 2.11 to 2.13 take it (`bias`, `out_dtype` follow)."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@dataclass(frozen=True)
+class GroupedGemm:
+    """How the routed experts' grouped GEMMs run: the kernel, the multiple each expert's row
+    count must be (rows are padded up to it, models/token_groups.py) and the multiple the
+    weights' dimensions must be. parallel/ swaps it (fp8 experts, parallel/float8.py)."""
+
+    mm: GroupedMM = torch_grouped_mm
+    row_multiple: int = 1
+    dim_multiple: int = 8  # CUDA's grouped GEMM needs 16-byte aligned bf16 rows
+
+
+BF16_GROUPED_GEMM = GroupedGemm()
+
 
 def _grouped_mm_dtype(x: torch.Tensor, experts: "RoutedExperts") -> Optional[torch.dtype]:
-    """bf16 when `torch._grouped_mm` can run these rows on this GPU; None means loop instead.
+    """bf16 when the experts' grouped GEMM can run these rows on this GPU; None means loop instead.
 
-    Called as `_grouped_mm(mat_a (N, K), mat_b (G, K, M), offs=int32 end offsets (G,))`, the
-    signature of torch 2.13 (`bias` and `out_dtype` follow); CUDA needs bf16 operands whose rows
-    are 16-byte aligned. A kernel that still refuses the call makes us loop from then on.
+    CUDA needs bf16 operands whose rows are aligned (`GroupedGemm.dim_multiple`). A kernel that
+    still refuses the call makes us loop from then on.
     """
     if (_GROUPED_MM_FAILED or not experts.use_grouped_mm or not x.is_cuda or x.shape[0] == 0
             or not hasattr(torch, "_grouped_mm")):
@@ -194,18 +218,28 @@ def _grouped_mm_dtype(x: torch.Tensor, experts: "RoutedExperts") -> Optional[tor
     autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
     if not (autocast_bf16 or x.dtype == torch.bfloat16):
         return None
-    if experts.w1.shape[1] % 8 or experts.w1.shape[2] % 8:
+    multiple = experts.grouped_gemm.dim_multiple
+    if experts.w1.shape[1] % multiple or experts.w1.shape[2] % multiple:
         return None
     return torch.bfloat16
 
 
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                   w2: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Every expert's SwiGLU in three grouped GEMMs; rows of x are grouped by expert by `counts`."""
-    offs = counts.cumsum(0).to(torch.int32)
+                   w2: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                   gemm: GroupedGemm = BF16_GROUPED_GEMM) -> torch.Tensor:
+    """Every expert's SwiGLU in three grouped GEMMs; rows of x are grouped by expert by `counts`.
+    Where the kernel needs row counts in multiples, the groups are padded with zero rows and the
+    padding dropped from the output."""
     x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
-    hidden = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
-    return torch._grouped_mm(hidden, w2, offs=offs)
+    layout = None
+    if gemm.row_multiple > 1:
+        layout = padded_groups(counts, x.shape[0], gemm.row_multiple)
+        x, offs = pad_rows(x, layout), layout.ends
+    else:
+        offs = counts.cumsum(0).to(torch.int32)
+    hidden = F.silu(gemm.mm(x, w1, offs)) * gemm.mm(x, w3, offs)
+    out = gemm.mm(hidden, w2, offs)
+    return out if layout is None else unpad_rows(out, layout)
 
 
 def looped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
@@ -239,6 +273,7 @@ class RoutedExperts(nn.Module):
         self.active_fraction = top_k / n_experts
         self.init_std = init_std
         self.use_grouped_mm = True  # False: always the per-expert loop (ParallelPlan.grouped_gemm)
+        self.grouped_gemm = BF16_GROUPED_GEMM  # slot: the grouped GEMMs' kernel (parallel/ fills it)
         self.local_view: Callable[[torch.Tensor], torch.Tensor] = _whole  # slot (parallel/ fills it)
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
@@ -262,10 +297,11 @@ class RoutedExperts(nn.Module):
         dtype = _grouped_mm_dtype(x, self)
         if dtype is not None:
             try:
-                return grouped_swiglu(x, counts, w1, w3, w2, dtype)
+                return grouped_swiglu(x, counts, w1, w3, w2, dtype, self.grouped_gemm)
             except RuntimeError as err:  # e.g. a GPU generation the kernel does not support
                 _GROUPED_MM_FAILED = True
-                warnings.warn(f"torch._grouped_mm failed ({err}); running experts one by one")
+                warnings.warn(f"the experts' grouped GEMM failed ({err}); running experts one by one in "
+                              f"{dtype}")
         return looped_swiglu(x, counts, w1, w3, w2)
 
 

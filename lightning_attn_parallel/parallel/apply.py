@@ -87,6 +87,10 @@ def parallelize(module: nn.Module, transformer: Optional[nn.Module], plan: Paral
         for sub in transformer.modules():
             if hasattr(sub, "use_grouped_mm"):
                 sub.use_grouped_mm = plan.grouped_gemm
+        if plan.fp8_experts:
+            from .float8 import apply_float8_experts
+
+            apply_float8_experts(transformer)
         set_fused_projections(transformer, plan.fuse_projections)
         apply_activation_checkpointing(transformer, plan.activation_checkpointing, plan.ac_every_n)
         apply_compile(transformer, plan.compile, [m for _, m in stages] if stages is not None else (),
@@ -115,18 +119,21 @@ def check_plan(plan: ParallelPlan, world_size: int, model_cfg: Optional[object],
         resolved = plan.resolve(world_size)
         if model_cfg is not None:
             resolved.check_model(model_cfg)
-    if plan.fp8 != "none":
-        from .float8 import float8_unavailable
+    checks = [(plan.fp8 != "none", "linear", f"fp8={plan.fp8!r}", "fp8='none'"),
+              (plan.fp8_experts, "grouped", "fp8_experts=True", "fp8_experts=False")]
+    for wanted, kind, setting, off in checks:
+        if wanted:
+            from .float8 import float8_unavailable
 
-        reason = float8_unavailable(device)
-        if reason is not None:
-            raise PlanError(f"ParallelPlan fp8={plan.fp8!r} cannot run: {reason}; or set fp8='none'")
+            reason = float8_unavailable(device, kind)
+            if reason is not None:
+                raise PlanError(f"ParallelPlan {setting} cannot run: {reason}; or set {off}")
 
 
 def _check_protocol(transformer: Optional[nn.Module], plan: ParallelPlan) -> None:
     """Plans beyond data parallelism need the model protocol, and the model must fit the plan."""
     needs_protocol = (plan.pp > 1 or plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.activation_checkpointing != "none"
-                      or plan.compiled or plan.fp8 != "none")
+                      or plan.compiled or plan.fp8 != "none" or plan.fp8_experts)
     if transformer is None and needs_protocol:
         raise PlanError(
             f"{plan.describe()} with activation_checkpointing={plan.activation_checkpointing!r} and "

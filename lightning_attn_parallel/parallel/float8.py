@@ -11,6 +11,10 @@ With fused projections a group (q|k|v, gate|up) is judged as the GEMM it becomes
 value projections convert with their queries, and the group runs as one fp8 GEMM whose input is
 cast once instead of once per projection. Under tensorwise scaling the group's weight has one
 scale (its largest magnitude across the group); rowwise scales are per output row either way.
+
+Routed experts (`ParallelPlan.fp8_experts`) run their grouped GEMMs through torchao's fp8
+rowwise grouped GEMM instead (dynamic per-row scales, e4m3, `torch._scaled_grouped_mm`, sm90+).
+Their parameters stay as they are; only the experts' kernel changes.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..models.deepseek import GroupedGemm
 from ..plan import FP8_MIN_FEATURES
 
 FP8_RECIPES = ("tensorwise", "rowwise")
@@ -57,17 +62,23 @@ def _fused_float8_gemm(x: torch.Tensor, weights: Sequence[torch.Tensor], first: 
     return matmul_with_hp_or_float8_args.apply(x, torch.cat(weights).t(), first.linear_mm_config, first.config)
 
 
-def float8_unavailable(device: torch.device) -> Optional[str]:
-    """Why fp8 cannot run on `device` (None when it can): torchao missing, or no sm89+ GPU."""
+# fp8 linear layers run from Ada on; fp8 grouped GEMMs (torch._scaled_grouped_mm) from Hopper on
+FP8_CAPABILITY = {"linear": ((8, 9), "Ada, Hopper, Blackwell"), "grouped": ((9, 0), "Hopper, Blackwell")}
+
+
+def float8_unavailable(device: torch.device, kind: str = "linear") -> Optional[str]:
+    """Why fp8 `kind` ("linear" or "grouped") cannot run on `device` (None when it can):
+    torchao missing, or no GPU of the compute capability it needs."""
     if importlib.util.find_spec("torchao") is None:
         return "torchao is not installed (pip install -e '.[fp8]')"
+    (major, minor), names = FP8_CAPABILITY[kind]
+    needs = f"compute capability {major}.{minor} or newer ({names})"
     if device.type != "cuda":
-        return f"fp8 matmuls need an NVIDIA GPU of compute capability 8.9 or newer; this run is on {device.type}"
+        return f"fp8 {kind} GEMMs need an NVIDIA GPU of {needs}; this run is on {device.type}"
     capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9):
+    if capability < (major, minor):
         name = torch.cuda.get_device_name(device)
-        return (f"fp8 matmuls need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
-                f"{name} has {capability[0]}.{capability[1]}")
+        return f"fp8 {kind} GEMMs need {needs}; {name} has {capability[0]}.{capability[1]}"
     return None
 
 
@@ -100,4 +111,33 @@ def apply_float8(model: nn.Module, recipe: str, fsdp_all_gather: bool,
     return chosen
 
 
-__all__ = ["FP8_RECIPES", "float8_module_filter", "float8_unavailable", "apply_float8"]
+def _float8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torchao's fp8 rowwise grouped GEMM on experts stored (G, K, N) row-major. torchao reads
+    its right operand column-major, so it gets a column-major copy of each weight (one bf16
+    pass a step; benchmarks/grouped_gemm_fp8.py times it against weights stored that way)."""
+    from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
+
+    # the rows are padded to multiples of 16 already (models/token_groups.py): torchao 0.18
+    # refuses to pad them itself
+    return _to_fp8_rowwise_then_scaled_grouped_mm(a, b.mT.contiguous().mT, offs,
+                                                  pad_token_groups_for_grouped_mm=False)
+
+
+# the experts' fp8 kernel: groups of rows and weight dimensions in multiples of 16 (16 bytes)
+FLOAT8_GROUPED_GEMM = GroupedGemm(mm=_float8_grouped_mm, row_multiple=16, dim_multiple=16)
+
+
+def apply_float8_experts(model: nn.Module, gemm: GroupedGemm = FLOAT8_GROUPED_GEMM) -> list[str]:
+    """Run every routed-experts module's grouped GEMMs with `gemm` (torchao's fp8 by default);
+    returns their names. Parameters are untouched, so it composes with every parallelism in any
+    order, as long as it comes before compile."""
+    chosen = []
+    for name, module in model.named_modules():
+        if getattr(module, "is_expert", False):
+            module.grouped_gemm = gemm
+            chosen.append(name)
+    return chosen
+
+
+__all__ = ["FP8_RECIPES", "float8_module_filter", "float8_unavailable", "apply_float8",
+           "apply_float8_experts", "FLOAT8_GROUPED_GEMM"]

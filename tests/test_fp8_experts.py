@@ -1,0 +1,215 @@
+"""fp8 routed experts (ParallelPlan.fp8_experts): the padded layout each expert's rows need, the
+operands torchao's fp8 grouped GEMM is handed, the plan's checks, and, on an sm90 GPU, torchao's
+kernel itself against the bf16 grouped GEMM.
+
+On the CPU the fp8 kernel is replaced by a stand-in that asserts torchao's contract and then
+multiplies exactly (tests/fp8_experts_reference.py), so padded and unpadded paths must agree
+within fp32's 1e-5.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_utils import assert_close
+from fp8_experts_reference import reference_fp8_experts
+from lightning_attn_parallel.models.config import ModelConfig
+from lightning_attn_parallel.models.deepseek import (
+    DeepSeekMoE, GroupedGemm, build_deepseek, grouped_swiglu, looped_swiglu, torch_grouped_mm,
+)
+from lightning_attn_parallel.models.token_groups import pad_rows, padded_groups, unpad_rows
+from lightning_attn_parallel.plan import ParallelPlan, PlanError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COUNTS = [3, 0, 17, 16, 1, 0, 40, 5]  # empty experts, exact multiples, one row past a multiple
+
+
+def _cfg(**over) -> ModelConfig:
+    base = dict(family="deepseek", vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_dim=48,
+                max_seq_len=64, attention="mla", kv_lora_rank=16, qk_nope_head_dim=8,
+                qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
+                moe_top_k=2, moe_ffn_dim=16, init_std=0.1, first_k_dense_replace=0)
+    base.update(over)
+    return ModelConfig(**base)
+
+
+def _cpu_grouped_mm_or_skip() -> None:
+    try:
+        torch._grouped_mm(torch.ones(16, 16), torch.ones(1, 16, 16), offs=torch.tensor([16], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError, AttributeError) as err:
+        pytest.skip(f"torch._grouped_mm does not run fp32 on this CPU: {err}")
+
+
+@pytest.mark.parametrize("multiple", [1, 16, 32])
+def test_padded_layout_places_each_group_in_its_own_multiple(multiple):
+    counts = torch.tensor(COUNTS)
+    n = int(counts.sum())
+    layout = padded_groups(counts, n, multiple)
+    ends = layout.ends.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    sizes = ends - starts
+    assert layout.ends.dtype == torch.int32 and int(ends[-1]) == layout.capacity
+    assert bool((sizes % multiple == 0).all()) and bool((sizes >= multiple).all())
+    assert bool((sizes >= counts).all())
+    # row i of expert e lands at its padded group's start + its place in the group, in order
+    expected = torch.cat([starts[e] + torch.arange(c) for e, c in enumerate(COUNTS)])
+    assert layout.rows.tolist() == expected.tolist()
+    x = torch.randn(n, 4)
+    padded = pad_rows(x, layout)
+    assert padded.shape == (layout.capacity, 4)
+    between = torch.ones(layout.capacity, dtype=torch.bool)
+    between[layout.rows] = False
+    assert int(between.sum()) == layout.capacity - n and not padded[between].any()
+    assert torch.equal(unpad_rows(padded, layout), x)
+
+
+def test_padded_layout_has_a_size_fixed_by_rows_and_groups():
+    """The same number of rows routed differently gives the same buffer: static shapes."""
+    n = sum(COUNTS)
+    capacities = {padded_groups(torch.tensor(c), n, 16).capacity
+                  for c in (COUNTS, [n, 0, 0, 0, 0, 0, 0, 0], [n // 8] * 7 + [n - 7 * (n // 8)])}
+    assert len(capacities) == 1
+
+
+def _expert_weights(e: int = 8, d: int = 32, f: int = 16):
+    torch.manual_seed(0)
+    w1, w3 = (0.1 * torch.randn(e, d, f)).requires_grad_(), (0.1 * torch.randn(e, d, f)).requires_grad_()
+    w2 = (0.1 * torch.randn(e, f, d)).requires_grad_()
+    return w1, w3, w2
+
+
+def _swiglu_and_grads(fn, x, counts, weights):
+    x = x.clone().requires_grad_(True)
+    out = fn(x, counts, *weights)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = [x.grad] + [w.grad.clone() for w in weights]
+    for w in weights:
+        w.grad = None
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("multiple", [16, 32])
+def test_padded_grouped_swiglu_equals_the_expert_loop(multiple):
+    """Padding rows are zeros whose outputs and gradients are dropped: output, input gradient
+    and every expert's weight gradients equal the unpadded loop (fp32, 1e-5), empty experts'
+    gradients included."""
+    _cpu_grouped_mm_or_skip()
+    weights = _expert_weights()
+    counts = torch.tensor(COUNTS)
+    x = torch.randn(int(counts.sum()), 32)
+    gemm = GroupedGemm(torch_grouped_mm, row_multiple=multiple)
+    padded = _swiglu_and_grads(lambda *a: grouped_swiglu(*a, dtype=torch.float32, gemm=gemm), x, counts, weights)
+    looped = _swiglu_and_grads(looped_swiglu, x, counts, weights)
+    assert_close(padded[0], looped[0], name="output")
+    for name, got, want in zip(("x", "w1", "w3", "w2"), padded[1], looped[1]):
+        assert_close(got, want, name=f"grad {name}")
+
+
+def test_fp8_experts_hand_torchao_row_major_rows_in_groups_of_16_and_column_major_weights():
+    """The layer with fp8 experts, through the contract-checking stand-in, equals the bf16-path
+    layer looping over experts (fp32, 1e-5); the stand-in fails on any operand torchao refuses."""
+    from lightning_attn_parallel.parallel.float8 import FLOAT8_GROUPED_GEMM, apply_float8_experts
+
+    _cpu_grouped_mm_or_skip()
+    torch.manual_seed(0)
+    model = build_deepseek(_cfg())
+    torch.manual_seed(0)
+    reference = build_deepseek(_cfg())
+    for sub in reference.modules():
+        if hasattr(sub, "use_grouped_mm"):
+            sub.use_grouped_mm = False
+    assert apply_float8_experts(model) == ["blocks.0.ffn.experts", "blocks.1.ffn.experts"]
+    assert all(layer.ffn.experts.grouped_gemm is FLOAT8_GROUPED_GEMM for layer in model.blocks)
+    tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    calls = []
+    with reference_fp8_experts():
+        import torchao.prototype.moe_training as moe_training
+
+        checked = moe_training._to_fp8_rowwise_then_scaled_grouped_mm
+
+        def counted(*args, **kwargs):
+            calls.append(args[0].shape)
+            return checked(*args, **kwargs)
+
+        moe_training._to_fp8_rowwise_then_scaled_grouped_mm = counted
+        loss = model.logits(tokens).float().square().mean()
+        loss.backward()
+    assert len(calls) == 2 * 3  # three grouped GEMMs a layer, two MoE layers
+    ref_loss = reference.logits(tokens).float().square().mean()
+    ref_loss.backward()
+    assert_close(loss, ref_loss, name="loss")
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, ref.grad, name=f"grad {name}")
+
+
+def test_fp8_experts_compile_to_one_graph_a_block():
+    """The padded layout keeps shapes static: a compiled MoE block on the fp8 path has no graph
+    break, and equals eager (the same kernels: aot_eager)."""
+    import torch._dynamo
+
+    from lightning_attn_parallel.parallel.float8 import apply_float8_experts
+
+    _cpu_grouped_mm_or_skip()
+    torch.manual_seed(0)
+    block = build_deepseek(_cfg(n_layers=1)).blocks[0]
+    apply_float8_experts(block)
+    x, positions = torch.randn(2, 16, 32), torch.arange(16).expand(2, 16)
+    with reference_fp8_experts(torch.bfloat16):  # the grouped GEMM's meta kernel takes bf16 only
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(block)(x, positions)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+        assert_close(compiled(x, positions), block(x, positions), name="compiled block")
+
+
+def test_fp8_experts_plan_checks():
+    with pytest.raises(PlanError, match="grouped_gemm=False"):
+        ParallelPlan(fp8_experts=True, grouped_gemm=False)
+    plan = ParallelPlan(fp8_experts=True)
+    with pytest.raises(PlanError, match="no routed experts"):
+        plan.check_model(ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                                     ffn_dim=48, max_seq_len=64))
+    with pytest.raises(PlanError, match="moe_ffn_dim=24"):
+        plan.check_model(_cfg(moe_ffn_dim=24))
+    plan.check_model(_cfg())
+
+
+def test_fp8_experts_need_an_sm90_gpu_before_anything_starts():
+    from lightning_attn_parallel.parallel.apply import check_plan
+
+    with pytest.raises(PlanError, match=r"fp8_experts=True cannot run: .*compute capability 9\.0"):
+        check_plan(ParallelPlan(fp8_experts=True), 1, _cfg(), torch.device("cpu"))
+
+
+def _sm90_torchao_or_skip() -> None:
+    from lightning_attn_parallel.parallel.float8 import float8_unavailable
+
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    reason = float8_unavailable(torch.device("cuda"), "grouped")
+    if reason:
+        pytest.skip(reason)
+
+
+def test_torchao_fp8_experts_track_the_bf16_layer_on_the_gpu():
+    """On sm90: the same layer with torchao's fp8 experts stays within fp8's error of the bf16
+    grouped GEMM (e4m3 keeps 3 mantissa bits: a few percent), gradients included."""
+    from lightning_attn_parallel.parallel.float8 import apply_float8_experts
+
+    _sm90_torchao_or_skip()
+    cfg = _cfg(d_model=256, moe_ffn_dim=128, n_routed_experts=8, n_heads=4)
+    results = []
+    for fp8 in (False, True):
+        torch.manual_seed(0)
+        layer = DeepSeekMoE(cfg).cuda().to(torch.bfloat16)
+        if fp8:
+            apply_float8_experts(layer)
+        torch.manual_seed(1)
+        x = torch.randn(4, 100, 256, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        out = layer(x)
+        out.float().square().mean().backward()
+        results.append((out.detach(), x.grad, layer.experts.w1.grad, layer.experts.w2.grad))
+    for name, fp8, bf16 in zip(("output", "x grad", "w1 grad", "w2 grad"), results[1], results[0]):
+        assert_close(fp8, bf16, rtol=0.1, name=name)
+        assert not torch.equal(fp8, bf16), f"{name}: fp8 experts ran the bf16 kernel"
