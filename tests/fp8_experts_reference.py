@@ -40,7 +40,7 @@ def reference_fp8_experts(dtype: torch.dtype = torch.float32) -> Iterator[None]:
 
     saved = moe_training._to_fp8_rowwise_then_scaled_grouped_mm, deepseek._grouped_mm_dtype
     moe_training._to_fp8_rowwise_then_scaled_grouped_mm = contract_checked_grouped_mm
-    deepseek._grouped_mm_dtype = lambda x, experts: dtype if experts.use_grouped_mm else None
+    deepseek._grouped_mm_dtype = lambda x, experts: dtype if experts.use_grouped_mm and x.shape[0] else None
     try:
         yield
     finally:

@@ -8,6 +8,8 @@ All cases run in one spawn of 4 processes, because a spawn costs seconds on a sm
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,12 +17,14 @@ from torch.distributed.tensor import DTensor
 import torch.nn.functional as F
 
 from dist_utils import assert_close, run_distributed
+from fp8_experts_reference import reference_fp8_experts
 from lightning_attn_parallel.models.config import ModelConfig
 from lightning_attn_parallel.models.deepseek import (
     DeepSeekMoE, build_deepseek, collect_aux_loss, update_moe_biases,
 )
 from lightning_attn_parallel.models.protocol import moe_layers
 from lightning_attn_parallel.parallel.expert_parallel import apply_expert_parallel
+from lightning_attn_parallel.parallel.float8 import apply_float8_experts
 
 WORLD = 4
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -45,7 +49,11 @@ LAYER_CASES = {
     "uneven_ep4": (4, {}, {1: -100.0, 4: -100.0, 5: -100.0, 6: -100.0, 7: -100.0}),
     "sigmoid_ep2": (2, dict(score_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
                             n_expert_groups=2, topk_groups=1), {}),
+    # fp8 experts' plumbing (rows padded per local expert, tests/fp8_experts_reference.py), with
+    # experts 4 and 5 never selected: rank 2 pads only empty groups
+    "fp8_experts_ep4": (4, {}, {4: -100.0, 5: -100.0}),
 }
+FP8_EXPERT_CASES = ("fp8_experts_ep4",)
 MODEL_CASE = dict(ep=2, over=dict(first_k_dense_replace=0, bias_update_speed=0.01))
 
 
@@ -55,7 +63,13 @@ def _make_layer(name: str) -> DeepSeekMoE:
     layer = DeepSeekMoE(_cfg(**over))
     for expert, value in bias.items():
         layer.router.expert_bias[expert] = value
+    if name in FP8_EXPERT_CASES:
+        apply_float8_experts(layer)
     return layer
+
+
+def _kernels(name: str) -> contextlib.AbstractContextManager:
+    return reference_fp8_experts() if name in FP8_EXPERT_CASES else contextlib.nullcontext()
 
 
 def _layer_inputs(name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +122,9 @@ def _run_layer_case(name: str, rank: int, groups: dict[int, dist.ProcessGroup]) 
     layer = apply_expert_parallel(_make_layer(name), groups[LAYER_CASES[name][0]])
     x, g = _layer_inputs(name, rank)
     x.requires_grad_(True)
-    out = layer(x)
-    ((out * g).sum() + layer.aux_loss).backward()
+    with _kernels(name):
+        out = layer(x)
+        ((out * g).sum() + layer.aux_loss).backward()
     return dict(out=out.detach(), x_grad=x.grad, experts=_expert_grads(layer),
                 n_local=_n_local(layer), gate=_summed(layer.router.gate.weight.grad),
                 shared={n: _summed(p.grad) for n, p in layer.shared_experts.named_parameters()})
@@ -173,9 +188,10 @@ def test_layer_matches_single_process(ranks, name):
     inputs = [_layer_inputs(name, r) for r in range(WORLD)]
     x = torch.cat([xi for xi, _ in inputs]).requires_grad_(True)
     g = torch.cat([gi for _, gi in inputs])
-    out = layer(x)
-    # Per-sequence balance loss averages over sequences: the rank losses sum to WORLD x this one.
-    ((out * g).sum() + WORLD * layer.aux_loss).backward()
+    with _kernels(name):
+        out = layer(x)
+        # Per-sequence balance loss averages over sequences: the rank losses sum to WORLD x this one.
+        ((out * g).sum() + WORLD * layer.aux_loss).backward()
     res = [r[name] for r in ranks]
     assert all(r["n_local"] == 8 // ep for r in res)
     assert_close(torch.cat([r["out"] for r in res]), out, name=f"{name} output")
