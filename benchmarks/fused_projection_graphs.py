@@ -54,11 +54,24 @@ def count_ops(gm: torch.fx.GraphModule) -> Counter:
     return counts
 
 
-def saved_bytes(forward: torch.fx.GraphModule, user_outputs: int = 1) -> int:
-    """What the forward graph hands to the backward beyond its outputs, parameters left out."""
+def _aliases_an_input(node: torch.fx.Node) -> bool:
+    """A graph input (parameter or the block's input), or a view of one: it holds no memory of its own."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view:
+        node = node.args[0]
+    return node.op == "placeholder"
+
+
+def kept_for_backward(forward: torch.fx.GraphModule, user_outputs: int = 1) -> list[torch.fx.Node]:
+    """The tensors the forward graph hands to the backward beyond its outputs, inputs and their
+    views (parameters, transposed weights) left out: they are held anyway."""
     (outputs,) = [n.args[0] for n in forward.graph.nodes if n.op == "output"]
-    return sum(_tensor_bytes(n) for n in outputs[user_outputs:]
-               if isinstance(n, torch.fx.Node) and not n.name.startswith("primals"))
+    return [n for n in outputs[user_outputs:] if isinstance(n, torch.fx.Node) and not _aliases_an_input(n)
+            and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def saved_bytes(forward: torch.fx.GraphModule, user_outputs: int = 1) -> int:
+    """Bytes of `kept_for_backward`."""
+    return sum(_tensor_bytes(n) for n in kept_for_backward(forward, user_outputs))
 
 
 def block_graphs(fuse: bool, fp8: bool, seq: int, block: dict = BLOCK) -> dict[str, Counter]:

@@ -134,8 +134,9 @@ def test_fp8_experts_hand_torchao_row_major_rows_in_groups_of_16_and_column_majo
 
         moe_training._to_fp8_rowwise_then_scaled_grouped_mm = counted
         loss = model.logits(tokens).float().square().mean()
+        assert len(calls) == 2 * 3  # three grouped GEMMs a layer, two MoE layers
         loss.backward()
-    assert len(calls) == 2 * 3  # three grouped GEMMs a layer, two MoE layers
+    assert len(calls) == 2 * 2 * 3  # the backward redoes the forward's copies (a checkpoint)
     ref_loss = reference.logits(tokens).float().square().mean()
     ref_loss.backward()
     assert_close(loss, ref_loss, name="loss")
@@ -161,6 +162,42 @@ def test_fp8_experts_compile_to_one_graph_a_block():
         assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
         compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
         assert_close(compiled(x, positions), block(x, positions), name="compiled block")
+
+
+def test_compiled_fp8_experts_keep_no_copy_of_the_weights_for_the_backward():
+    """torchao keeps its column-major operand for the backward; the selective checkpoint around
+    the kernel makes the backward copy it again, so no expert-weight-sized tensor (other than
+    the parameters themselves) crosses from the compiled forward to the backward."""
+    import sys
+    from pathlib import Path
+
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from lightning_attn_parallel.parallel.float8 import apply_float8_experts
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fused_projection_graphs import kept_for_backward
+
+    _cpu_grouped_mm_or_skip()
+    torch.manual_seed(0)
+    block = build_deepseek(_cfg(n_layers=1)).blocks[0].to(torch.bfloat16)
+    apply_float8_experts(block)
+    kept = []
+
+    def forward_compiler(gm, _inputs):
+        kept.extend(tuple(node.meta["val"].shape) for node in kept_for_backward(gm))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           partition_fn=min_cut_rematerialization_partition)
+    x = torch.randn(2, 16, 32, dtype=torch.bfloat16, requires_grad=True)
+    with reference_fp8_experts(torch.bfloat16):
+        torch._dynamo.reset()
+        torch.compile(block, backend=backend, fullgraph=True)(x, torch.arange(16)).sum().backward()
+    assert kept, "the forward graph was not seen"
+    weight_shapes = {(8, 32, 16), (8, 16, 32)}
+    assert not weight_shapes & set(kept), sorted(weight_shapes & set(kept))
 
 
 def test_fp8_experts_plan_checks():

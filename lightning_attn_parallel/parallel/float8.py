@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import replace
+from functools import partial
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..models.deepseek import GroupedGemm
 from ..plan import FP8_MIN_FEATURES
@@ -111,16 +113,38 @@ def apply_float8(model: nn.Module, recipe: str, fsdp_all_gather: bool,
     return chosen
 
 
-def _float8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torchao's fp8 rowwise grouped GEMM on experts stored (G, K, N) row-major. torchao reads
-    its right operand column-major, so it gets a column-major copy of each weight (one bf16
-    pass a step; benchmarks/grouped_gemm_fp8.py times it against weights stored that way)."""
+def _gemm_on_column_major_copy(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
 
     # the rows are padded to multiples of 16 already (models/token_groups.py): torchao 0.18
     # refuses to pad them itself
     return _to_fp8_rowwise_then_scaled_grouped_mm(a, b.mT.contiguous().mT, offs,
                                                   pad_token_groups_for_grouped_mm=False)
+
+
+def _keep_only_gemms(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpoint policy: keep the GEMMs' outputs, redo the copy and the casts."""
+    return CheckpointPolicy.MUST_SAVE if op in _GROUPED_GEMM_OPS else CheckpointPolicy.MUST_RECOMPUTE
+
+
+_GROUPED_GEMM_OPS = {getattr(torch.ops.aten, name).default for name in ("_scaled_grouped_mm", "_grouped_mm")
+                     if hasattr(torch.ops.aten, name)}
+
+
+def _float8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torchao's fp8 rowwise grouped GEMM on experts stored (G, K, N) row-major.
+
+    torchao reads its right operand column-major, so it gets a column-major copy of each weight.
+    torchao keeps that operand for its backward, which would hold a second copy of every
+    expert weight from forward to backward (and pin FSDP2's gathered weights): a selective
+    checkpoint makes the backward copy and cast it again from the weight instead (two
+    memory-bound passes over the weights). benchmarks/grouped_gemm_fp8.py times the copy against
+    weights stored column-major.
+    """
+    if not torch.is_grad_enabled():
+        return _gemm_on_column_major_copy(a, b, offs)
+    return checkpoint(_gemm_on_column_major_copy, a, b, offs, use_reentrant=False,
+                      context_fn=partial(create_selective_checkpoint_contexts, _keep_only_gemms))
 
 
 # the experts' fp8 kernel: groups of rows and weight dimensions in multiples of 16 (16 bytes)
