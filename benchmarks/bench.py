@@ -364,7 +364,9 @@ def _reduction_prediction(cfg: Config, plan: Any, host: Any) -> dict[str, float]
 
 
 def _precision_key(cfg: Config) -> tuple[str, str]:
-    return cfg.precision, cfg.plan.get("fp8", "none")
+    """(precision, fp8 setting): the dense layers' fp8 recipe, and whether the experts run in fp8."""
+    experts = " + fp8 experts" if cfg.plan.get("fp8_experts") else ""
+    return cfg.precision, cfg.plan.get("fp8", "none") + experts
 
 
 def _workload_key(cfg: Config) -> str:

@@ -9,7 +9,11 @@ function (`parallelize_llama`, `parallelize_deepseekv3`) apply per-block compile
 data-parallel ranks and, for DeepSeek-V3, expert parallelism over `plan.ep` ranks. On one GPU
 TorchTitan trains under autocast, as its trainer does; a row with `precision: bf16-true` casts the
 parameters (not the buffers: the RoPE table is complex) to bf16 and trains without autocast, the
-same precision as the project's bf16-true rows (TorchTitan has no such switch of its own). The loss is TorchTitan's compiled
+same precision as the project's bf16-true rows (TorchTitan has no such switch of its own). A row
+with `plan: {fp8_experts: true}` runs DeepSeek-V3's routed experts through torchao's fp8 rowwise
+grouped GEMMs as TorchTitan's `quantize.grouped_mm.float8` converter does (token groups aligned to
+16, the experts' weights wrapped by torchao's `quantize_`); the converter of 0.2.2 names the
+config class torchao 0.18 renamed, so the row calls torchao itself. The loss is TorchTitan's compiled
 cross-entropy on the full logits; AdamW fused. The loop is a plain PyTorch loop (TorchTitan's
 trainer needs its own data pipeline and tokenizer), with the same synthetic tokens and timing
 window as bench.py. DeepSeek-V3's routing-bias update (an optimizer hook in TorchTitan's trainer)
@@ -79,7 +83,20 @@ def build(row: dict, dims, job):
         args, model_cls, parallelize = llama_args(row["model"], seq_len), Transformer, parallelize_llama
     with torch.device("meta"):
         model = model_cls(args)
+    if row.get("plan", {}).get("fp8_experts"):
+        fp8_experts(model)
     return parallelize(model, dims, job), args.vocab_size
+
+
+def fp8_experts(model) -> None:
+    """DeepSeek-V3's routed experts (the `moe.experts` modules, not the shared experts) in
+    torchao's fp8 rowwise grouped GEMMs, as TorchTitan's grouped-mm float8 converter sets them up."""
+    from torchao.prototype.moe_training.config import Float8TrainingOpConfig
+    from torchao.quantization.quant_api import quantize_
+    from torchtitan.models.moe.utils import set_token_group_alignment_size_m
+
+    set_token_group_alignment_size_m(16)
+    quantize_(model, config=Float8TrainingOpConfig(), filter_fn=lambda module, fqn: fqn.endswith("moe.experts"))
 
 
 def run(row: dict) -> dict:

@@ -157,6 +157,20 @@ def test_moe_rows_compare_with_torchtitan_of_their_own_precision():
     assert bench.plain_baseline(larger, rows) == (None, "")
 
 
+def test_fp8_expert_rows_compare_with_torchtitan_fp8_experts():
+    """Experts in fp8 are another precision: such a row's baseline is TorchTitan's row with fp8
+    experts, and a bf16 row keeps TorchTitan's bf16 row."""
+    titan = bench.Config(name="titan", strategy="torchtitan_deepseek_v3", precision="bf16-true")
+    titan_fp8 = bench.Config(name="titan fp8 experts", strategy="torchtitan_deepseek_v3", precision="bf16-true",
+                             plan={"fp8_experts": True})
+    ours = bench.Config(name="ours", precision="bf16-true")
+    ours_fp8 = bench.Config(name="ours fp8 experts", precision="bf16-true", plan={"fp8_experts": True})
+    result = {"tflops_per_gpu": 1.0, "peak_gib": 1.0}
+    rows = [(titan, {**result, "tokens_per_s": 100.0}), (titan_fp8, {**result, "tokens_per_s": 110.0})]
+    assert bench.plain_baseline(ours, rows) == (rows[0][1], "")
+    assert bench.plain_baseline(ours_fp8, rows) == (rows[1][1], "")
+
+
 def test_pending_row_reports_not_available_without_launching():
     cfg = bench.Config(name="t", strategy="no_such_runner", pending="a runner")
     assert bench.launch(cfg, timeout_s=1) == {"error": "not available: a runner"}
