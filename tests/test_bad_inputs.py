@@ -161,6 +161,7 @@ CASES = {
                           "model.n_kv_heads=3", "model.d_model=96"], ["ulysses", "cp=2"]),
     "ep vs experts": (["+recipe=tiny_moe", *CPU3, "strategy.plan.ep=3"], ["ep=3", "n_routed_experts=8", "[1, 2, 4, 8]"]),
     "ep on a dense model": ([*CPU2, "strategy.plan.ep=2"], ["ep=2", "set ep=1"]),
+    "fp8 experts on a dense model": (["strategy.plan.fp8_experts=true"], ["fp8_experts=True", "no routed experts"]),
     "pp vs world": ([*CPU3, "strategy.plan.pp=2"], ["pp=2", "world size 3"]),
     "pp vs layers": ([*CPU2, "strategy.plan.pp=2", "strategy.plan.pp_schedule=interleaved_1f1b",
                       "strategy.plan.pp_stages_per_rank=3"], ["6 stages", "n_layers=4"]),
