@@ -247,6 +247,9 @@ def test_torchao_fp8_experts_track_the_bf16_layer_on_the_gpu():
         out = layer(x)
         out.float().square().mean().backward()
         results.append((out.detach(), x.grad, layer.experts.w1.grad, layer.experts.w2.grad))
+    from lightning_attn_parallel.models import deepseek
+
+    assert not deepseek._GROUPED_MM_FAILED, "a grouped GEMM failed and the layer fell back to the loop"
     for name, fp8, bf16 in zip(("output", "x grad", "w1 grad", "w2 grad"), results[1], results[0]):
         assert_close(fp8, bf16, rtol=0.1, name=name)
         assert not torch.equal(fp8, bf16), f"{name}: fp8 experts ran the bf16 kernel"

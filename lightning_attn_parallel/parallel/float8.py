@@ -137,9 +137,10 @@ def _float8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> 
     torchao reads its right operand column-major, so it gets a column-major copy of each weight.
     torchao keeps that operand for its backward, which would hold a second copy of every
     expert weight from forward to backward (and pin FSDP2's gathered weights): a selective
-    checkpoint makes the backward copy and cast it again from the weight instead (two
-    memory-bound passes over the weights). benchmarks/grouped_gemm_fp8.py times the copy against
-    weights stored column-major.
+    checkpoint makes the backward copy the weight again instead. Compiled, that copy is all the
+    backward redoes; in eager the replay also redoes the forward's casts. Either way each step
+    pays memory-bound passes over the expert weights that weights stored (G, N, K) would not:
+    benchmarks/grouped_gemm_fp8.py times the copy against that layout.
     """
     if not torch.is_grad_enabled():
         return _gemm_on_column_major_copy(a, b, offs)
