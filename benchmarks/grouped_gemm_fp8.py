@@ -3,13 +3,14 @@ rowwise grouped GEMMs, at the V2-Lite cut's shapes (one GPU, sm89+).
 
     python benchmarks/grouped_gemm_fp8.py --out benchmarks/results/grouped_gemm_fp8_h100.json
 
-What it answers: how much of a MoE step fp8 experts could take before any of it is built into the
-model. The rows are the project's `grouped_swiglu` (bf16 `torch._grouped_mm`, weights stored
-(E, D, F) as the model stores them) and torchao 0.18's `_to_fp8_rowwise_then_scaled_grouped_mm`
-(dynamic rowwise scales, e4m3), once with weights stored (E, F, D) so that the column-major
-operand it asks for is a free transpose, and once from the model's layout, paying the copy.
-torchao 0.18 needs every expert's row count to be a multiple of 16 (its padding is not built yet),
-so the routing here is balanced: tokens x top_k / experts rows each (768 at micro-batch 4).
+What it answers: what fp8 experts (`ParallelPlan.fp8_experts`) take off a MoE layer, and whether
+the experts' storage should change for it. The rows are the project's `grouped_swiglu` in bf16
+(`torch._grouped_mm`, weights stored (E, D, F) as the model stores them); the model's fp8 path
+(`FLOAT8_GROUPED_GEMM`: torchao 0.18's `_to_fp8_rowwise_then_scaled_grouped_mm` on groups padded
+to 16 rows, with column-major copies of the weights made again in the backward); and torchao's
+kernel on weights stored (E, F, D), where the column-major operand is a free transpose. Each row
+runs compiled (`--eager` to compare without). The routing is balanced, tokens x top_k / experts
+rows each (768 at micro-batch 4), because the last row calls torchao without padding.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cuda_timing import timed_ms  # noqa: E402
 from lightning_attn_parallel.models.deepseek import grouped_swiglu  # noqa: E402
+from lightning_attn_parallel.parallel.float8 import FLOAT8_GROUPED_GEMM  # noqa: E402
 
 
 def fp8_swiglu(x: torch.Tensor, offs: torch.Tensor, w1_t: torch.Tensor, w3_t: torch.Tensor,
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=1408)
     parser.add_argument("--moe-layers", type=int, default=3, help="MoE layers a step (the cut has 3)")
+    parser.add_argument("--eager", action="store_true", help="run the rows without torch.compile")
     parser.add_argument("--out")
     args = parser.parse_args()
     dev, e, d, f = "cuda", args.experts, args.dim, args.hidden
@@ -53,7 +56,6 @@ def main() -> None:
     if per_expert % 16:
         sys.exit(f"error: {rows} rows over {e} experts is {per_expert} each; torchao 0.18 needs a multiple of 16")
     counts = torch.full((e,), per_expert, device=dev, dtype=torch.int64)
-    offs = counts.cumsum(0).to(torch.int32)
     x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(rows, d, device=dev, dtype=torch.bfloat16)
 
@@ -63,21 +65,24 @@ def main() -> None:
     model_layout = [weight(e, d, f), weight(e, d, f), weight(e, f, d)]  # as RoutedExperts stores them
     stored_t = [weight(e, f, d), weight(e, f, d), weight(e, d, f)]  # transposes are column-major (E, K, N)
 
-    def step(fn):
+    def step(forward):
+        forward = forward if args.eager else torch.compile(forward)
+
         def run():
             for t in [x, *model_layout, *stored_t]:
                 t.grad = None
-            fn().backward(grad_out)
+            forward(x, counts).backward(grad_out)
         return run
 
-    bf16 = step(lambda: grouped_swiglu(x, counts, *model_layout))
-    fp8_free = step(lambda: fp8_swiglu(x, offs, *(w.transpose(-2, -1) for w in stored_t)))
-    fp8_copy = step(lambda: fp8_swiglu(x, offs, *(w.transpose(-2, -1).contiguous().transpose(-2, -1)
-                                                  for w in model_layout)))
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    bf16 = step(lambda x, counts: grouped_swiglu(x, counts, *model_layout))
+    fp8_model = step(lambda x, counts: grouped_swiglu(x, counts, *model_layout, gemm=FLOAT8_GROUPED_GEMM))
+    fp8_stored = step(lambda x, counts: fp8_swiglu(x, counts.cumsum(0).to(torch.int32),
+                                                   *(w.transpose(-2, -1) for w in stored_t)))
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "compiled": not args.eager,
               "shape": {"rows": rows, "experts": e, "dim": d, "hidden": f, "rows_per_expert": per_expert}}
-    for name, fn in (("bf16 grouped_mm", bf16), ("fp8 rowwise, weights stored (E, F, D)", fp8_free),
-                     ("fp8 rowwise, from the model's (E, D, F) layout", fp8_copy)):
+    for name, fn in (("bf16 grouped_mm", bf16),
+                     ("fp8 rowwise, the model's path (padded groups, column-major copies of (E, D, F))", fp8_model),
+                     ("fp8 rowwise, weights stored (E, F, D)", fp8_stored)):
         try:
             ms = timed_ms(fn, warmup=5, iters=20)
             result[name] = {"ms_per_layer": ms, "ms_per_step": ms * args.moe_layers}

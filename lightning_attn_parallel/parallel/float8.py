@@ -65,7 +65,8 @@ def _fused_float8_gemm(x: torch.Tensor, weights: Sequence[torch.Tensor], first: 
 
 
 # fp8 linear layers run from Ada on; fp8 grouped GEMMs (torch._scaled_grouped_mm) from Hopper on
-FP8_CAPABILITY = {"linear": ((8, 9), "Ada, Hopper, Blackwell"), "grouped": ((9, 0), "Hopper, Blackwell")}
+FP8_CAPABILITY = {"linear": ((8, 9), "fp8 matmuls", "Ada, Hopper, Blackwell"),
+                  "grouped": ((9, 0), "fp8 grouped GEMMs", "Hopper, Blackwell")}
 
 
 def float8_unavailable(device: torch.device, kind: str = "linear") -> Optional[str]:
@@ -73,14 +74,14 @@ def float8_unavailable(device: torch.device, kind: str = "linear") -> Optional[s
     torchao missing, or no GPU of the compute capability it needs."""
     if importlib.util.find_spec("torchao") is None:
         return "torchao is not installed (pip install -e '.[fp8]')"
-    (major, minor), names = FP8_CAPABILITY[kind]
+    (major, minor), what, names = FP8_CAPABILITY[kind]
     needs = f"compute capability {major}.{minor} or newer ({names})"
     if device.type != "cuda":
-        return f"fp8 {kind} GEMMs need an NVIDIA GPU of {needs}; this run is on {device.type}"
+        return f"{what} need an NVIDIA GPU of {needs}; this run is on {device.type}"
     capability = torch.cuda.get_device_capability(device)
     if capability < (major, minor):
         name = torch.cuda.get_device_name(device)
-        return f"fp8 {kind} GEMMs need {needs}; {name} has {capability[0]}.{capability[1]}"
+        return f"{what} need {needs}; {name} has {capability[0]}.{capability[1]}"
     return None
 
 
