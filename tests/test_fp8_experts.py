@@ -13,6 +13,7 @@ import torch
 
 from dist_utils import assert_close
 from fp8_experts_reference import reference_fp8_experts
+from test_expert_parallel import _cfg as tiny_deepseek
 from lightning_attn_parallel.models.config import ModelConfig
 from lightning_attn_parallel.models.deepseek import (
     DeepSeekMoE, GroupedGemm, build_deepseek, grouped_swiglu, looped_swiglu, torch_grouped_mm,
@@ -26,12 +27,8 @@ COUNTS = [3, 0, 17, 16, 1, 0, 40, 5]  # empty experts, exact multiples, one row 
 
 
 def _cfg(**over) -> ModelConfig:
-    base = dict(family="deepseek", vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_dim=48,
-                max_seq_len=64, attention="mla", kv_lora_rank=16, qk_nope_head_dim=8,
-                qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
-                moe_top_k=2, moe_ffn_dim=16, init_std=0.1, first_k_dense_replace=0)
-    base.update(over)
-    return ModelConfig(**base)
+    """expert parallelism's tiny DeepSeek, every layer MoE."""
+    return tiny_deepseek(**{"first_k_dense_replace": 0, **over})
 
 
 def _cpu_grouped_mm_or_skip() -> None:
