@@ -45,3 +45,21 @@ def reference_fp8_experts(dtype: torch.dtype = torch.float32) -> Iterator[None]:
         yield
     finally:
         moe_training._to_fp8_rowwise_then_scaled_grouped_mm, deepseek._grouped_mm_dtype = saved
+
+
+@contextlib.contextmanager
+def counting_fp8_calls() -> Iterator[list]:
+    """Inside `reference_fp8_experts`: the row counts of each call of the fp8 kernel, in order."""
+    import torchao.prototype.moe_training as moe_training
+
+    inner, calls = moe_training._to_fp8_rowwise_then_scaled_grouped_mm, []
+
+    def counted(a: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        calls.append(a.shape[0])
+        return inner(a, *args, **kwargs)
+
+    moe_training._to_fp8_rowwise_then_scaled_grouped_mm = counted
+    try:
+        yield calls
+    finally:
+        moe_training._to_fp8_rowwise_then_scaled_grouped_mm = inner

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dist_utils import assert_close
-from fp8_experts_reference import reference_fp8_experts
+from fp8_experts_reference import counting_fp8_calls, reference_fp8_experts
 from test_expert_parallel import _cfg as tiny_deepseek
 from lightning_attn_parallel.models.config import ModelConfig
 from lightning_attn_parallel.models.deepseek import (
@@ -119,17 +119,7 @@ def test_fp8_experts_hand_torchao_row_major_rows_in_groups_of_16_and_column_majo
     assert apply_float8_experts(model) == ["blocks.0.ffn.experts", "blocks.1.ffn.experts"]
     assert all(layer.ffn.experts.grouped_gemm is FLOAT8_GROUPED_GEMM for layer in model.blocks)
     tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
-    calls = []
-    with reference_fp8_experts():
-        import torchao.prototype.moe_training as moe_training
-
-        checked = moe_training._to_fp8_rowwise_then_scaled_grouped_mm
-
-        def counted(*args, **kwargs):
-            calls.append(args[0].shape)
-            return checked(*args, **kwargs)
-
-        moe_training._to_fp8_rowwise_then_scaled_grouped_mm = counted
+    with reference_fp8_experts(), counting_fp8_calls() as calls:
         loss = model.logits(tokens).float().square().mean()
         assert len(calls) == 2 * 3  # three grouped GEMMs a layer, two MoE layers
         loss.backward()
@@ -139,6 +129,33 @@ def test_fp8_experts_hand_torchao_row_major_rows_in_groups_of_16_and_column_majo
     assert_close(loss, ref_loss, name="loss")
     for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, ref.grad, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("policy", ["block", "selective"])
+def test_fp8_experts_under_activation_checkpointing_equal_the_run_without(policy):
+    """The kernel's own selective checkpoint nests inside the block's checkpoint: the loss and
+    every gradient equal the uncheckpointed fp8-experts model (fp32, 1e-5)."""
+    from lightning_attn_parallel.parallel.activation_checkpointing import apply_activation_checkpointing
+    from lightning_attn_parallel.parallel.float8 import apply_float8_experts
+
+    _cpu_grouped_mm_or_skip()
+    tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(5))
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_deepseek(_cfg())
+        apply_float8_experts(model)
+        if checkpointed:
+            apply_activation_checkpointing(model, policy)
+        with reference_fp8_experts(), counting_fp8_calls() as calls:
+            loss = model.logits(tokens).float().square().mean()
+            loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()], len(calls)))
+    if policy == "block":  # the block's recompute ran the experts' forward once more
+        assert results[1][2] > results[0][2], (results[1][2], results[0][2])
+    assert_close(results[1][0], results[0][0], name="loss")
+    for i, (got, want) in enumerate(zip(results[1][1], results[0][1])):
+        assert_close(got, want, name=f"grad {i}")
 
 
 def test_fp8_experts_compile_to_one_graph_a_block():
