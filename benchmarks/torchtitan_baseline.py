@@ -127,7 +127,12 @@ def run(row: dict) -> dict:
     if bf16_weights:
         with torch.no_grad():
             for param in model.parameters():
-                param.data = param.data.to(torch.bfloat16)
+                if type(param.data).__name__.endswith("WeightWrapperTensor"):
+                    # torchao's fp8 wrapper: assigning .data would cast the wrapper, not the
+                    # tensor it wraps (the fp8 GEMMs would read fp32 weights)
+                    torch.utils.swap_tensors(param, torch.nn.Parameter(param.data.to(torch.bfloat16)))
+                else:
+                    param.data = param.data.to(torch.bfloat16)
     model.train()
     loss_fn = build_cross_entropy_loss(job)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)

@@ -178,10 +178,12 @@ def test_fp8_experts_compile_to_one_graph_a_block():
         assert_close(compiled(x, positions), block(x, positions), name="compiled block")
 
 
-def test_compiled_fp8_experts_keep_no_copy_of_the_weights_for_the_backward():
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])
+def test_compiled_fp8_experts_keep_no_copy_of_the_weights_for_the_backward(weights):
     """torchao keeps its column-major operand for the backward; the selective checkpoint around
     the kernel makes the backward copy it again, so no expert-weight-sized tensor (other than
-    the parameters themselves) crosses from the compiled forward to the backward."""
+    the parameters themselves) crosses from the compiled forward to the backward: with fp32
+    weights (autocast) the cast to bf16 is made again too."""
     import sys
     from pathlib import Path
 
@@ -195,7 +197,7 @@ def test_compiled_fp8_experts_keep_no_copy_of_the_weights_for_the_backward():
 
     _cpu_grouped_mm_or_skip()
     torch.manual_seed(0)
-    block = build_deepseek(_cfg(n_layers=1)).blocks[0].to(torch.bfloat16)
+    block = build_deepseek(_cfg(n_layers=1)).blocks[0].to(weights)
     apply_float8_experts(block)
     kept = []
 
@@ -205,13 +207,50 @@ def test_compiled_fp8_experts_keep_no_copy_of_the_weights_for_the_backward():
 
     backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
                            partition_fn=min_cut_rematerialization_partition)
-    x = torch.randn(2, 16, 32, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 16, 32, dtype=weights, requires_grad=True)
     with reference_fp8_experts(torch.bfloat16):
         torch._dynamo.reset()
         torch.compile(block, backend=backend, fullgraph=True)(x, torch.arange(16)).sum().backward()
     assert kept, "the forward graph was not seen"
     weight_shapes = {(8, 32, 16), (8, 16, 32)}
     assert not weight_shapes & set(kept), sorted(weight_shapes & set(kept))
+
+
+def test_padded_experts_take_a_rank_without_rows():
+    """Under expert parallelism a rank may receive no rows: the padded kernel returns none, and
+    every weight gets a zero gradient (the reducers wait for each)."""
+    _cpu_grouped_mm_or_skip()
+    weights = _expert_weights(e=3)
+    x = torch.zeros(0, 32, requires_grad=True)
+    out = grouped_swiglu(x, torch.zeros(3, dtype=torch.long), *weights, dtype=torch.float32,
+                         gemm=GroupedGemm(torch_grouped_mm, row_multiple=16))
+    assert out.shape == (0, 32)
+    (out.sum() + 0 * sum(w.sum() for w in weights)).backward()
+    assert all(w.grad is not None and not w.grad.any() for w in weights)
+
+
+def test_a_failing_fp8_kernel_falls_back_to_the_bf16_grouped_gemm():
+    """A kernel that refuses the call (a GPU it does not support) leaves the experts on the bf16
+    grouped GEMM, with a warning, not on the per-expert loop."""
+    from lightning_attn_parallel.models import deepseek
+
+    _cpu_grouped_mm_or_skip()
+
+    def refuses(a, b, offs):
+        raise RuntimeError("no kernel for this GPU")
+
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(_cfg())
+    torch.manual_seed(0)
+    reference = DeepSeekMoE(_cfg())
+    layer.experts.grouped_gemm = GroupedGemm(refuses, row_multiple=16, dim_multiple=16)
+    x = torch.randn(2, 12, 32)
+    with reference_fp8_experts(), pytest.warns(UserWarning, match="fp8 grouped GEMM failed"):
+        out = layer(x)
+    with reference_fp8_experts():
+        expected = reference(x)
+    assert layer.experts.grouped_gemm is deepseek.BF16_GROUPED_GEMM and not deepseek._GROUPED_MM_FAILED
+    assert_close(out, expected, name="output")
 
 
 def test_fp8_experts_plan_checks():
@@ -231,6 +270,18 @@ def test_fp8_experts_need_an_sm90_gpu_before_anything_starts():
 
     with pytest.raises(PlanError, match=r"fp8_experts=True cannot run: .*compute capability 9\.0"):
         check_plan(ParallelPlan(fp8_experts=True), 1, _cfg(), torch.device("cpu"))
+
+
+def test_a_torchao_without_the_padded_grouped_gemm_is_named_before_anything_starts(monkeypatch):
+    import torchao
+    import torchao.prototype.moe_training as moe_training
+
+    from lightning_attn_parallel.parallel.float8 import float8_unavailable
+
+    monkeypatch.setattr(moe_training, "_to_fp8_rowwise_then_scaled_grouped_mm", lambda a, b_t, offs: a)
+    assert f"torchao {torchao.__version__} has no fp8 rowwise grouped GEMM" in float8_unavailable(
+        torch.device("cuda", 0), "grouped")
+    assert "torchao" not in float8_unavailable(torch.device("cpu"), "linear")
 
 
 def _sm90_torchao_or_skip() -> None:

@@ -182,14 +182,14 @@ def sequence_balance_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts:
 
 _GROUPED_MM_FAILED = False
 
-# a grouped GEMM: (a (N, K) rows grouped by expert, b (G, K, M) as the experts store it,
-# int32 end offsets of the groups (G,)) -> (N, M)
+# a grouped GEMM: (a (N, K) rows grouped by expert, b (G, K, M) as the experts store it, in any
+# float dtype (the kernel casts it to a's), int32 end offsets of the groups (G,)) -> (N, M)
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """bf16 `torch._grouped_mm`, called as torch 2.11 to 2.13 take it (`bias`, `out_dtype` follow)."""
-    return torch._grouped_mm(a, b, offs=offs)
+    return torch._grouped_mm(a, b.to(a.dtype), offs=offs)
 
 
 @dataclass(frozen=True)
@@ -229,8 +229,9 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: 
                    gemm: GroupedGemm = BF16_GROUPED_GEMM) -> torch.Tensor:
     """Every expert's SwiGLU in three grouped GEMMs; rows of x are grouped by expert by `counts`.
     Where the kernel needs row counts in multiples, the groups are padded with zero rows and the
-    padding dropped from the output."""
-    x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
+    padding dropped from the output. The kernel casts the weights (fp32 under autocast) itself,
+    so a kernel that copies them anyway does both in one pass."""
+    x = x.to(dtype)
     layout = None
     if gemm.row_multiple > 1:
         layout = padded_groups(counts, x.shape[0], gemm.row_multiple)
@@ -299,6 +300,10 @@ class RoutedExperts(nn.Module):
             try:
                 return grouped_swiglu(x, counts, w1, w3, w2, dtype, self.grouped_gemm)
             except RuntimeError as err:  # e.g. a GPU generation the kernel does not support
+                if self.grouped_gemm is not BF16_GROUPED_GEMM:  # fp8: try the bf16 kernel next
+                    warnings.warn(f"the experts' fp8 grouped GEMM failed ({err}); running them in bf16")
+                    self.grouped_gemm = BF16_GROUPED_GEMM
+                    return self.forward(x, counts)
                 _GROUPED_MM_FAILED = True
                 warnings.warn(f"the experts' grouped GEMM failed ({err}); running experts one by one in "
                               f"{dtype}")

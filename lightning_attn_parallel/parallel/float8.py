@@ -69,11 +69,28 @@ FP8_CAPABILITY = {"linear": ((8, 9), "fp8 matmuls", "Ada, Hopper, Blackwell"),
                   "grouped": ((9, 0), "fp8 grouped GEMMs", "Hopper, Blackwell")}
 
 
+def _torchao_has_grouped_fp8() -> bool:
+    """torchao's `_to_fp8_rowwise_then_scaled_grouped_mm` with the `pad_token_groups_for_grouped_mm`
+    switch (0.18 on): older releases differ, and would fail only at the first forward."""
+    import inspect
+
+    try:
+        from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm as mm
+    except ImportError:
+        return False
+    return "pad_token_groups_for_grouped_mm" in inspect.signature(mm).parameters
+
+
 def float8_unavailable(device: torch.device, kind: str = "linear") -> Optional[str]:
     """Why fp8 `kind` ("linear" or "grouped") cannot run on `device` (None when it can):
     torchao missing, or no GPU of the compute capability it needs."""
     if importlib.util.find_spec("torchao") is None:
         return "torchao is not installed (pip install -e '.[fp8]')"
+    if kind == "grouped" and not _torchao_has_grouped_fp8():
+        from torchao import __version__
+
+        return (f"torchao {__version__} has no fp8 rowwise grouped GEMM that takes padded groups "
+                f"(pip install 'torchao>=0.18')")
     (major, minor), what, names = FP8_CAPABILITY[kind]
     needs = f"compute capability {major}.{minor} or newer ({names})"
     if device.type != "cuda":
@@ -119,8 +136,9 @@ def _gemm_on_column_major_copy(a: torch.Tensor, b: torch.Tensor, offs: torch.Ten
 
     # the rows are padded to multiples of 16 already (models/token_groups.py): torchao 0.18
     # refuses to pad them itself
-    return _to_fp8_rowwise_then_scaled_grouped_mm(a, b.mT.contiguous().mT, offs,
-                                                  pad_token_groups_for_grouped_mm=False)
+    # cast and copy in one pass (`.to(memory_format=...)` skips the copy when the dtype matches)
+    column_major = b.new_empty(b.mT.shape, dtype=a.dtype).copy_(b.mT).mT
+    return _to_fp8_rowwise_then_scaled_grouped_mm(a, column_major, offs, pad_token_groups_for_grouped_mm=False)
 
 
 def _keep_only_gemms(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -138,10 +156,13 @@ def _float8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> 
     torchao reads its right operand column-major, so it gets a column-major copy of each weight.
     torchao keeps that operand for its backward, which would hold a second copy of every
     expert weight from forward to backward (and pin FSDP2's gathered weights): a selective
-    checkpoint makes the backward copy the weight again instead. Compiled, that copy is all the
-    backward redoes; in eager the replay also redoes the forward's casts. Either way each step
-    pays memory-bound passes over the expert weights that weights stored (G, N, K) would not:
-    benchmarks/grouped_gemm_fp8.py times the copy against that layout.
+    checkpoint makes the backward copy the weight again instead (the cast to bf16 of fp32
+    weights included, so autocast keeps no bf16 copy either). Compiled, that copy is all the
+    backward redoes. In eager the replay also redoes the forward's fp8 casts, and the checkpoint
+    holds the last GEMM's padded output until the backward (rows x d_model in bf16, about 0.2 GB
+    a layer on the V2-Lite cut at micro-batch 4), which the compiled graph drops. Either way each
+    step pays memory-bound passes over the expert weights that weights stored (G, N, K) would
+    not: benchmarks/grouped_gemm_fp8.py times the copy against that layout.
     """
     if not torch.is_grad_enabled():
         return _gemm_on_column_major_copy(a, b, offs)
