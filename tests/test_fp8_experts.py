@@ -294,10 +294,13 @@ def _sm90_torchao_or_skip() -> None:
         pytest.skip(reason)
 
 
-def test_torchao_fp8_experts_track_the_bf16_layer_on_the_gpu():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_torchao_fp8_experts_track_the_bf16_layer_on_the_gpu(compiled):
     """On sm90: the same layer with torchao's fp8 experts stays within fp8's error of the bf16
-    grouped GEMM (e4m3 keeps 3 mantissa bits: a few percent), gradients included."""
-    from lightning_attn_parallel.parallel.float8 import apply_float8_experts
+    grouped GEMM (e4m3 keeps 3 mantissa bits: a few percent), gradients included, in eager and
+    compiled (torchao's custom ops under the kernel's selective checkpoint)."""
+    from lightning_attn_parallel.models import deepseek
+    from lightning_attn_parallel.parallel.float8 import FLOAT8_GROUPED_GEMM, apply_float8_experts
 
     _sm90_torchao_or_skip()
     cfg = _cfg(d_model=256, moe_ffn_dim=128, n_routed_experts=8, n_heads=4)
@@ -307,13 +310,14 @@ def test_torchao_fp8_experts_track_the_bf16_layer_on_the_gpu():
         layer = DeepSeekMoE(cfg).cuda().to(torch.bfloat16)
         if fp8:
             apply_float8_experts(layer)
+        run = torch.compile(layer, fullgraph=True) if compiled else layer
         torch.manual_seed(1)
         x = torch.randn(4, 100, 256, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        out = layer(x)
+        out = run(x)
         out.float().square().mean().backward()
         results.append((out.detach(), x.grad, layer.experts.w1.grad, layer.experts.w2.grad))
-    from lightning_attn_parallel.models import deepseek
-
+        if fp8:
+            assert layer.experts.grouped_gemm is FLOAT8_GROUPED_GEMM, "the fp8 kernel failed and fell back"
     assert not deepseek._GROUPED_MM_FAILED, "a grouped GEMM failed and the layer fell back to the loop"
     for name, fp8, bf16 in zip(("output", "x grad", "w1 grad", "w2 grad"), results[1], results[0]):
         assert_close(fp8, bf16, rtol=0.1, name=name)
