@@ -750,3 +750,24 @@ def test_reducer_choice_and_planner_use_one_cost_model():
         assert all_reduce_time(1e9, Group(16), links, EXACT) == pytest.approx(chosen)
         choices[links.intra_node_gbps] = hierarchical
     assert choices == {450.0: True, 1.0: False}
+
+
+def test_fp8_experts_are_timed_at_their_measured_speed():
+    """fp8 experts change the routed experts' term alone, by the measured factor (a slow-down at
+    the one shape measured), and nothing for a dense model."""
+    from lightning_attn_parallel.planning.calibration import FP8_EXPERTS_SPEEDUP
+    from lightning_attn_parallel.planning.counts import parameter_counts
+    from lightning_attn_parallel.planning.timing import compute_terms
+
+    cut = replace(DEEPSEEK_V2, n_layers=4)
+    counts = parameter_counts(cut)
+    bf16, _ = compute_terms(cut, counts, ParallelPlan().resolve(1), H100_SXM, 2048, "bf16-true")
+    fp8, _ = compute_terms(cut, counts, ParallelPlan(fp8_experts=True).resolve(1), H100_SXM, 2048, "bf16-true")
+    assert FP8_EXPERTS_SPEEDUP < 1
+    assert fp8["experts"] == pytest.approx(bf16["experts"] / FP8_EXPERTS_SPEEDUP, rel=1e-12)
+    assert {k: v for k, v in fp8.items() if k != "experts"} == {k: v for k, v in bf16.items() if k != "experts"}
+    base = estimate_time(cut, ParallelPlan(dp_replicate=1, compile="block"), ClusterSpec(1, 1), H100_SXM, 4, 2048,
+                         "bf16-true")
+    slower = estimate_time(cut, ParallelPlan(dp_replicate=1, compile="block", fp8_experts=True), ClusterSpec(1, 1),
+                           H100_SXM, 4, 2048, "bf16-true")
+    assert slower.tokens_per_s < base.tokens_per_s
