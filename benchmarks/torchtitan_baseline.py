@@ -125,9 +125,12 @@ def run(row: dict) -> dict:
         model.init_weights(buffer_device=torch.device("cuda"))
     bf16_weights = row.get("precision") == "bf16-true"
     if bf16_weights:
+        wrapper = ()  # torchao's fp8 weight wrapper, where the row's experts have it
+        if row.get("plan", {}).get("fp8_experts"):
+            from torchao.prototype.moe_training.tensor import TrainingWeightWrapperBaseTensor as wrapper
         with torch.no_grad():
             for param in model.parameters():
-                if type(param.data).__name__.endswith("WeightWrapperTensor"):
+                if isinstance(param.data, wrapper):
                     # torchao's fp8 wrapper: assigning .data would cast the wrapper, not the
                     # tensor it wraps (the fp8 GEMMs would read fp32 weights)
                     torch.utils.swap_tensors(param, torch.nn.Parameter(param.data.to(torch.bfloat16)))

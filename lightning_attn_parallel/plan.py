@@ -27,6 +27,9 @@ FP8_MODES = ("none", "tensorwise", "rowwise")  # parallel/float8.py
 # the narrowest linear layer fp8 converts (torchao's own guidance: fp8 pays off from about this
 # width at these shapes); the planner reads it to know which layers run in fp8
 FP8_MIN_FEATURES = 1024
+# fp8 GEMMs need every dimension (and each expert's row count) in multiples of 16: 16 bytes at one
+# byte an element
+FP8_MULTIPLE = 16
 ACCUMULATION_POLICIES = ("auto", "defer_all", "reduce_scatter_each", "defer_all_reduce")
 # Pipeline schedules (parallel/pipeline_schedule.py); the zero-bubble ones split each backward into
 # its input and weight halves and fill the bubble with weight halves
@@ -262,11 +265,11 @@ class ParallelPlan:
                             "has no routed experts: set fp8_experts=False (fp8='tensorwise' converts "
                             "dense layers)")
         dims = {"d_model": model_cfg.d_model, "moe_ffn_dim": model_cfg.moe_ffn_dim}
-        odd = {name: value for name, value in dims.items() if value % 16}
+        odd = {name: value for name, value in dims.items() if value % FP8_MULTIPLE}
         if odd:
             shown = ", ".join(f"{name}={value}" for name, value in odd.items())
             raise PlanError(f"ParallelPlan fp8_experts=True needs the experts' dimensions in multiples "
-                            f"of 16 (fp8 GEMMs); the model has {shown}: set fp8_experts=False")
+                            f"of {FP8_MULTIPLE} (fp8 GEMMs); the model has {shown}: set fp8_experts=False")
 
     def check_sequence(self, seq_len: int, micro_batch_size: Optional[int] = None) -> None:
         """A batch of `micro_batch_size` sequences of `seq_len` tokens splits evenly under the plan."""
@@ -353,4 +356,4 @@ def as_plan(value: Any) -> ParallelPlan:
 
 
 __all__ = ["ParallelPlan", "PlanError", "as_plan", "CP_KERNELS", "CHECKPOINT_POLICIES",
-           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES", "COMPILE_MODES", "FP8_MIN_FEATURES", "FP8_MODES", "PP_SCHEDULES"]
+           "ACCUMULATION_POLICIES", "MIXED_PRECISION_MODES", "COMPILE_MODES", "FP8_MIN_FEATURES", "FP8_MODES", "FP8_MULTIPLE", "PP_SCHEDULES"]

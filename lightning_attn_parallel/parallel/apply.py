@@ -121,13 +121,12 @@ def check_plan(plan: ParallelPlan, world_size: int, model_cfg: Optional[object],
             resolved.check_model(model_cfg)
     checks = [(plan.fp8 != "none", "linear", f"fp8={plan.fp8!r}", "fp8='none'"),
               (plan.fp8_experts, "grouped", "fp8_experts=True", "fp8_experts=False")]
-    for wanted, kind, setting, off in checks:
-        if wanted:
-            from .float8 import float8_unavailable
+    for kind, setting, off in [check[1:] for check in checks if check[0]]:
+        from .float8 import float8_unavailable
 
-            reason = float8_unavailable(device, kind)
-            if reason is not None:
-                raise PlanError(f"ParallelPlan {setting} cannot run: {reason}; or set {off}")
+        reason = float8_unavailable(device, kind)
+        if reason is not None:
+            raise PlanError(f"ParallelPlan {setting} cannot run: {reason}; or set {off}")
 
 
 def _check_protocol(transformer: Optional[nn.Module], plan: ParallelPlan) -> None:

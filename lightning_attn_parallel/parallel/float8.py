@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..models.deepseek import GroupedGemm
-from ..plan import FP8_MIN_FEATURES
+from ..models.protocol import is_expert_module
+from ..plan import FP8_MIN_FEATURES, FP8_MULTIPLE
 
 FP8_RECIPES = ("tensorwise", "rowwise")
 
@@ -42,14 +43,14 @@ def float8_module_filter(min_features: int = FP8_MIN_FEATURES, skip: tuple[str, 
     widths = {}  # fqn -> the output width of the GEMM it runs in
     for group in groups:
         layers = [model.get_submodule(name) for name in group]
-        if all(isinstance(layer, nn.Linear) and layer.out_features % 16 == 0 for layer in layers):
+        if all(isinstance(layer, nn.Linear) and layer.out_features % FP8_MULTIPLE == 0 for layer in layers):
             widths.update(dict.fromkeys(group, sum(layer.out_features for layer in layers)))
 
     def convert(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear) or fqn.split(".")[-1] in skip:
             return False
         dims = (module.in_features, widths.get(fqn, module.out_features))
-        return all(d % 16 == 0 and d >= min_features for d in dims)
+        return all(d % FP8_MULTIPLE == 0 and d >= min_features for d in dims)
 
     return convert
 
@@ -134,20 +135,20 @@ def apply_float8(model: nn.Module, recipe: str, fsdp_all_gather: bool,
 def _gemm_on_column_major_copy(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
 
-    # the rows are padded to multiples of 16 already (models/token_groups.py): torchao 0.18
-    # refuses to pad them itself
     # cast and copy in one pass (`.to(memory_format=...)` skips the copy when the dtype matches)
     column_major = b.new_empty(b.mT.shape, dtype=a.dtype).copy_(b.mT).mT
+    # the rows are padded to multiples of 16 already (models/token_groups.py): torchao 0.18
+    # refuses to pad them itself
     return _to_fp8_rowwise_then_scaled_grouped_mm(a, column_major, offs, pad_token_groups_for_grouped_mm=False)
+
+
+_GROUPED_GEMM_OPS = {getattr(torch.ops.aten, name).default for name in ("_scaled_grouped_mm", "_grouped_mm")
+                     if hasattr(torch.ops.aten, name)}
 
 
 def _keep_only_gemms(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Selective checkpoint policy: keep the GEMMs' outputs, redo the copy and the casts."""
     return CheckpointPolicy.MUST_SAVE if op in _GROUPED_GEMM_OPS else CheckpointPolicy.MUST_RECOMPUTE
-
-
-_GROUPED_GEMM_OPS = {getattr(torch.ops.aten, name).default for name in ("_scaled_grouped_mm", "_grouped_mm")
-                     if hasattr(torch.ops.aten, name)}
 
 
 def _float8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -170,20 +171,18 @@ def _float8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> 
                       context_fn=partial(create_selective_checkpoint_contexts, _keep_only_gemms))
 
 
-# the experts' fp8 kernel: groups of rows and weight dimensions in multiples of 16 (16 bytes)
-FLOAT8_GROUPED_GEMM = GroupedGemm(mm=_float8_grouped_mm, row_multiple=16, dim_multiple=16)
+# the experts' fp8 kernel: groups of rows and weight dimensions in fp8's multiples
+FLOAT8_GROUPED_GEMM = GroupedGemm(mm=_float8_grouped_mm, row_multiple=FP8_MULTIPLE, dim_multiple=FP8_MULTIPLE)
 
 
 def apply_float8_experts(model: nn.Module, gemm: GroupedGemm = FLOAT8_GROUPED_GEMM) -> list[str]:
     """Run every routed-experts module's grouped GEMMs with `gemm` (torchao's fp8 by default);
     returns their names. Parameters are untouched, so it composes with every parallelism in any
     order, as long as it comes before compile."""
-    chosen = []
-    for name, module in model.named_modules():
-        if getattr(module, "is_expert", False):
-            module.grouped_gemm = gemm
-            chosen.append(name)
-    return chosen
+    experts = {name: module for name, module in model.named_modules() if is_expert_module(module)}
+    for module in experts.values():
+        module.grouped_gemm = gemm
+    return list(experts)
 
 
 __all__ = ["FP8_RECIPES", "float8_module_filter", "float8_unavailable", "apply_float8",
